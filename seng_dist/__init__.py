@@ -1,0 +1,11 @@
+"""seng-dist: the Sketchy Empirical Natural Gradient method for (distributed) PyTorch training.
+
+``import seng_dist`` needs only torch.
+"""
+
+from . import schedules, solver
+from .config import SENGConfig
+from .optimizer import SENG
+
+__all__ = ["SENG", "SENGConfig", "schedules", "solver"]
+__version__ = "0.1.0"

@@ -1,0 +1,73 @@
+"""Shared models and helpers for the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seng_dist import SENG
+
+
+class MixedNet(nn.Module):
+    """Conv2d (stride 2, padding) + BatchNorm + a Linear on a token sequence + a Linear head."""
+
+    def __init__(self, channels: int = 4, width: int = 6, classes: int = 5) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.act = nn.ReLU(inplace=True)
+        self.seq = nn.Linear(channels, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn(self.conv(x)))        # (B, C, 4, 4)
+        tokens = h.flatten(2).transpose(1, 2)       # (B, 16, C): a sequence of 16 tokens
+        t = torch.relu(self.seq(tokens))            # sequence Linear, κ = 16
+        return self.head(t.mean(1))
+
+
+LAYERS = ["conv", "seq", "head"]
+
+
+def make_mixed(seed: int = 0) -> MixedNet:
+    torch.manual_seed(seed)
+    m = MixedNet()
+    with torch.no_grad():  # non-trivial running statistics for eval-mode BatchNorm
+        m.bn.running_mean.uniform_(-0.2, 0.2)
+        m.bn.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def batch(n: int = 12, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def seng_directions(opt: SENG, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+    """The direction SENG takes on (x, y), per block, read off an update with lr=1 from θ=0.
+
+    The parameters are zeroed after the backward pass so that θ_new = 0 + d holds d exactly
+    in fp32, and restored afterwards.
+    """
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    saved = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    opt.step()
+    out = {b.name: b.param_matrix() for b in opt.blocks}
+    out.update({n: p.detach().clone() for n, p in model.named_parameters()
+                if n.rsplit(".", 1)[0] not in out})
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), saved):
+            p.copy_(s)
+    return out
+
+
+@pytest.fixture
+def mixed():
+    return make_mixed()
