@@ -37,11 +37,15 @@ class Block:
         return self.n_G * self.n_A
 
     def grad_matrix(self) -> Tensor:
-        """The block's gradient as an ``(n_G, n_A)`` matrix (a new tensor)."""
-        g = self.weight.grad.reshape(self.n_G, -1)
-        if self.bias is None:
+        """The block's gradient as an ``(n_G, n_A)`` matrix (a new tensor); a missing
+        (None) weight or bias gradient counts as zero."""
+        w, b = self.weight, self.bias
+        g = torch.zeros_like(w) if w.grad is None else w.grad
+        g = g.reshape(self.n_G, -1)
+        if b is None:
             return g.clone()
-        return torch.cat([g, self.bias.grad.reshape(self.n_G, 1)], dim=1)
+        gb = torch.zeros_like(b) if b.grad is None else b.grad
+        return torch.cat([g, gb.reshape(self.n_G, 1)], dim=1)
 
     def param_matrix(self) -> Tensor:
         """The block's parameters as an ``(n_G, n_A)`` matrix (a new tensor)."""

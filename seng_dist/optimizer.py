@@ -186,9 +186,9 @@ class SENG(torch.optim.Optimizer):
         params, dirs = [], []
         decoupled = self.config.decoupled_weight_decay
         for block in self.blocks:
-            if any(p.grad is None for p in block.params):
+            if all(p.grad is None for p in block.params):
                 continue
-            if any(p.grad.is_sparse for p in block.params):
+            if any(p.grad is not None and p.grad.is_sparse for p in block.params):
                 raise ValueError(f"SENG does not support sparse gradients (layer {block.name})")
             g = block.grad_matrix()
             if wd and not decoupled:
@@ -357,7 +357,14 @@ class SENG(torch.optim.Optimizer):
         if diff:
             raise ValueError("state_dict was saved with other SENG settings: " + ", ".join(
                 f"{k}={extra['config'].get(k)!r} (here {mine[k]!r})" for k in diff))
+        # torch casts every state tensor to its parameter's dtype on load; the sketches' row
+        # indices must stay integers, so they are put back as saved.
+        indices = {(i, k): v for i, st in state_dict["state"].items() for k, v in st.items()
+                   if torch.is_tensor(v) and not v.is_floating_point()}
         super().load_state_dict(state_dict)
+        params = self.param_groups[0]["params"]
+        for (i, k), v in indices.items():
+            self.state[params[i]][k] = v.to(params[i].device)
         self._generator.set_state(extra["rng"])
         self._seng = {k: extra[k] for k in ("step", "curvature_updates", "curvature_skips")}
         self._chol.clear()

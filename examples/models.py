@@ -1,0 +1,100 @@
+"""Models for the examples and benchmarks: a small CNN and CIFAR-style ResNet18 / VGG16_bn.
+
+The ResNet follows torchvision's BasicBlock (ReLU(inplace=True), ``out += identity``) with the
+CIFAR stem (3×3 conv, no max-pool) for 32×32 inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """Two conv layers and two linear layers for 28×28 single-channel images (~0.4M params)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 128),
+                                        nn.ReLU(inplace=True), nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
+                                            nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    def __init__(self, layers: list[int], num_classes: int = 10, width: int = 64,
+                 in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        stages, inplanes = [], width
+        for i, blocks in enumerate(layers):
+            planes = width * 2 ** i
+            stage = [BasicBlock(inplanes, planes, 1 if i == 0 else 2)]
+            stage += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
+            stages.append(nn.Sequential(*stage))
+            inplanes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18(num_classes: int = 10, width: int = 64, in_channels: int = 3) -> ResNet:
+    """CIFAR-style ResNet18 (11.2M parameters at width 64)."""
+    return ResNet([2, 2, 2, 2], num_classes, width, in_channels)
+
+
+_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+          512, 512, 512, "M"]
+
+
+def vgg16_bn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """CIFAR-style VGG16 with BatchNorm (one 512→classes linear head)."""
+    layers: list[nn.Module] = []
+    c = in_channels
+    for v in _VGG16:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            c = v
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(512, num_classes))
+
+
+MODELS = {"cnn": SmallCNN, "resnet18": resnet18, "vgg16_bn": vgg16_bn}

@@ -1,0 +1,173 @@
+"""Capture on stock modules: in-place activations, conv variants, reuse between updates."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import seng_directions
+from seng_dist import SENG
+from seng_dist.testing import reference_directions, relative_error
+
+EXACT = dict(explicit_threshold=10**9, sketch_size=None, lr=1.0, damping=0.3, momentum=0.0)
+
+
+def _check_exact(model, layers, x, y, **kw):
+    opt = SENG(model, **{**EXACT, **kw})
+    ref = reference_directions(model, x, y, layers, 0.3)
+    d = seng_directions(opt, model, x, y)
+    for layer in layers:
+        assert relative_error(d[layer], ref[layer]) < 1e-5, layer
+    return opt
+
+
+def _data(shape, n=10, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def test_inplace_relu_directly_on_layer_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(3 * 4 * 4, 8), nn.ReLU(inplace=True), nn.Linear(8, 4))
+    x, y = _data((2, 6, 6))
+    _check_exact(model, ["0", "3", "5"], x, y)
+
+
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=3, dilation=2, padding=2, bias=False),
+    dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 0)),
+    dict(kernel_size=4, padding="same"),  # even kernel: asymmetric padding
+], ids=["stride-pad", "dilation-nobias", "rect", "same-even"])
+def test_conv2d_variants_are_exact(conv):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, **conv), nn.Flatten(), nn.LazyLinear(4))
+    x, y = _data((2, 7, 7))
+    model(x)  # materialise the lazy head
+    _check_exact(model, ["0", "2"], x, y)
+
+
+class SharedLinear(nn.Module):
+    """One Linear called twice per forward: its per-sample gradient sums both calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+def test_module_called_twice_is_exact():
+    torch.manual_seed(0)
+    x, y = _data((5,), classes=3)
+    _check_exact(SharedLinear(), ["lin", "head"], x, y)
+
+
+def test_sequence_linear_on_3d_and_4d_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Flatten(), nn.Linear(4 * 2 * 5, 3))
+    x, y = _data((2, 5, 3), classes=3)  # Linear on (B, 2, 5, 3): κ = 10
+    _check_exact(model, ["0", "2"], x, y)
+
+
+def test_curvature_reused_between_updates_and_no_capture_in_between():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = SENG(model, lr=0.1, curvature_update_interval=3, sketch_size=None)
+    x, y = _data((6,), classes=3)
+    seen = []
+    for step in range(7):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        seen.append((opt._capture.armed, len(opt._capture.records)))
+        opt.step()
+        u = opt.state[model[0].weight]["U"]
+        if step % 3 == 0:
+            current = u
+        assert u is current  # reused object between updates, replaced at updates
+    assert seen == [(True, 2), (False, 0), (False, 0)] * 2 + [(True, 2)]
+    assert opt.curvature_updates == 3
+
+
+def test_interval_schedule_callable():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3))
+    opt = SENG(model, curvature_update_interval=lambda s: 1 if s < 2 else 4)
+    x, y = _data((6,), classes=3)
+    for _ in range(9):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert opt.curvature_updates == 4  # steps 0, 1, 4, 8
+
+
+def test_eval_forward_without_grad_does_not_disturb_capture():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3))
+    opt = SENG(model, sketch_size=None)
+    x, y = _data((6,), classes=3)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with torch.no_grad():
+        model(torch.randn(4, 6))
+    assert opt._capture.records[opt.blocks[0]].complete()
+    opt.step()
+    assert opt.state[model[0].weight]["U"].shape[0] == 10
+
+
+def test_uncalled_layer_falls_back_with_warning():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(4, 3)
+            self.spare = nn.Linear(4, 3)
+
+        def forward(self, x):
+            # The spare layer's parameters are used functionally: its hooks never fire.
+            return self.used(x) + F.linear(x, self.spare.weight, self.spare.bias)
+
+    torch.manual_seed(0)
+    model = Unused()
+    opt = SENG(model, lr=1.0, momentum=0.0, damping=1.0)
+    x, y = _data((4,), classes=3)
+    before = model.spare.weight.detach().clone()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(UserWarning, match="'spare' has no curvature"):
+        opt.step()
+    assert not torch.equal(model.spare.weight, before)  # still updated (fallback rule)
+
+
+def test_grouped_conv_and_skip_layers_go_to_fallback():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2),
+                          nn.Linear(2, 2))
+    with pytest.warns(UserWarning, match="2 groups"):
+        opt = SENG(model, skip_layers=["3"])
+    assert [b.name for b in opt.blocks] == ["2"]
+    with pytest.raises(ValueError, match="skip_layers"):
+        SENG(model, skip_layers=[3])
+
+
+def test_torchvision_style_resnet_runs_with_inplace_ops():
+    # BasicBlocks with ReLU(inplace=True) and `out += identity` after the last conv's BN.
+    from examples.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=4, width=8)
+    opt = SENG(model, lr=0.05, curvature_update_interval=2)
+    x, y = _data((3, 32, 32), n=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert all("K" in opt.state[b.weight] for b in opt.blocks)
+    assert opt.curvature_updates == 2

@@ -1,0 +1,232 @@
+"""Optimizer behaviour: settings, schedules, variants, state and resume."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import LAYERS, MixedNet, batch, make_mixed, seng_directions
+from seng_dist import SENG, schedules
+from seng_dist.testing import block_matrix, per_sample_gradients, relative_error
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=0.0), "lr must be > 0"),
+    (dict(lr=-1), "lr must be > 0"),
+    (dict(lr=float("nan")), "lr must be finite"),
+    (dict(lr="fast"), "lr must be a number"),
+    (dict(damping=0), "damping must be > 0"),
+    (dict(damping=lambda s: -1.0), "damping must be > 0"),
+    (dict(momentum=1.0), "momentum must be < 1"),
+    (dict(momentum=-0.1), "momentum must be >= 0"),
+    (dict(weight_decay=-1e-4), "weight_decay must be >= 0"),
+    (dict(curvature_update_interval=0), "curvature_update_interval must be > 0"),
+    (dict(curvature_update_interval=2.5), "curvature_update_interval must be an int"),
+    (dict(curvature_batch_size=0), "curvature_batch_size must be None or an int >= 1"),
+    (dict(explicit_threshold=-1), "explicit_threshold must be an int >= 0"),
+    (dict(sketch_size=0), "sketch_size must be None or an int >= 1"),
+    (dict(sketch_size=10**6, explicit_threshold=1000), "sketch_size must be None or smaller"),
+    (dict(sketch_method="gaussian"), "sketch_method must be one of 'uniform', 'leverage'"),
+    (dict(rank=0), "rank must be None or an int >= 1"),
+    (dict(factor_sketch_size=-3), "factor_sketch_size must be None or an int >= 1"),
+    (dict(uc="approx"), "uc must be one of 'factored', 'exact'"),
+    (dict(variant="async"), "variant must be one of 'blockdiag', 'lagged'"),
+    (dict(loss_reduction="none"), "loss_reduction must be one of 'mean', 'sum'"),
+    (dict(decoupled_weight_decay="yes"), "decoupled_weight_decay must be True or False"),
+    (dict(sketch_replacement=1), "sketch_replacement must be True or False"),
+    (dict(comm="horovod"), "comm must be None or 'local'"),
+    (dict(seed=1.5), "seed must be an int"),
+])
+def test_bad_settings_raise_naming_the_setting(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        SENG(_net(), **kwargs)
+
+
+def test_model_without_trainable_parameters_is_rejected():
+    model = _net().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        SENG(model)
+    with pytest.raises(ValueError, match="must be a torch.nn.Module"):
+        SENG([torch.zeros(2, requires_grad=True)])
+
+
+def _train(model, opt, batches, scheduler=None):
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _batches(n, size=16, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 8, 8, generator=g), torch.randint(0, 5, (size,), generator=g))
+            for _ in range(n)]
+
+
+RESUME_SETTINGS = dict(lr=0.05, damping=0.5, momentum=0.9, weight_decay=1e-3,
+                       curvature_update_interval=3, explicit_threshold=40, sketch_size=24,
+                       sketch_method="leverage", rank=2, factor_sketch_size=4,
+                       curvature_batch_size=10)
+
+
+@pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
+def test_resume_is_bit_exact(variant):
+    batches = _batches(10)
+    model = make_mixed().train()
+    opt = SENG(model, variant=variant, **RESUME_SETTINGS)
+    assert {b.path for b in opt.blocks} == {"explicit", "implicit"}
+    head = _train(model, opt, batches[:4])  # stops right after a curvature update (step 3)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    tail = _train(model, opt, batches[4:])
+    final = [p.detach().clone() for p in model.parameters()]
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    model2 = MixedNet()
+    model2.load_state_dict(ckpt["model"])
+    opt2 = SENG(model2.train(), variant=variant, **RESUME_SETTINGS)
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.step_count == 4
+    tail2 = _train(model2, opt2, batches[4:])
+    assert head and tail == tail2
+    for a, b in zip(final, model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_of_another_model_or_setting_is_rejected():
+    model = make_mixed()
+    opt = SENG(model, **RESUME_SETTINGS)
+    _train(model, opt, _batches(1))
+    sd = opt.state_dict()
+    other = SENG(nn.Sequential(nn.Flatten(), nn.Linear(192, 5)))
+    with pytest.raises(ValueError, match="another model"):
+        other.load_state_dict(sd)
+    changed = SENG(make_mixed(), **{**RESUME_SETTINGS, "rank": 3})
+    with pytest.raises(ValueError, match="rank=2 \\(here 3\\)"):
+        changed.load_state_dict(sd)
+    with pytest.raises(ValueError, match="not saved by SENG"):
+        changed.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
+
+
+def test_lagged_uses_previous_gradient_for_coefficients():
+    model = make_mixed()
+    lam = 0.5
+    opt = SENG(model, lr=1.0, damping=lam, momentum=0.0, variant="lagged",
+               curvature_update_interval=1, explicit_threshold=10**9, sketch_size=None)
+    (x1, y1), (x2, y2) = batch(seed=1), batch(seed=2)
+    seng_directions(opt, model, x1, y1)  # step 0 (blockdiag rule), parameters restored
+    d = seng_directions(opt, model, x2, y2)
+    g1, g2 = per_sample_gradients(model, x1, y1), per_sample_gradients(model, x2, y2)
+    for layer in LAYERS:
+        u2 = block_matrix(g2, layer)
+        shape = u2.shape[1:]
+        U = u2.reshape(u2.shape[0], -1).T / u2.shape[0] ** 0.5
+        prev = block_matrix(g1, layer).mean(0).reshape(-1)
+        cur = u2.mean(0).reshape(-1)
+        b = torch.linalg.solve(lam * torch.eye(U.shape[1], dtype=U.dtype) + U.T @ U, U.T @ prev)
+        expected = (-(cur - U @ b) / lam).reshape(shape)
+        assert relative_error(d[layer], expected) < 1e-5, layer
+
+
+def test_momentum_weight_decay_and_scheduler():
+    model = _net()
+    x = torch.randn(8, 6)
+    y = torch.randint(0, 3, (8,))
+    opt = SENG(model, lr=0.1, momentum=0.5, weight_decay=0.1, sketch_size=None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.0 if s >= 1 else 1.0)
+    _train(model, opt, [(x, y)], sched)
+    frozen = [p.detach().clone() for p in model.parameters()]
+    _train(model, opt, [(x, y)], sched)  # lr 0 from the scheduler: nothing moves
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model.parameters()))
+    # Heavy ball: the buffer after two steps is μ·d_0 + d_1.
+    assert all("momentum_buffer" in opt.state[p] for p in model.parameters())
+
+
+def test_decoupled_weight_decay_shrinks_parameters_without_gradient_term():
+    model = nn.Sequential(nn.Linear(4, 2))
+    opt = SENG(model, lr=0.5, momentum=0.0, weight_decay=0.2, decoupled_weight_decay=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # no curvature was captured: the fallback rule with a zero gradient
+    for a, b in zip(before, model.parameters()):
+        assert torch.allclose(b, a * (1 - 0.5 * 0.2))
+
+
+def test_callable_hyper_parameters_follow_the_step():
+    model = _net()
+    opt = SENG(model, lr=lambda s: 0.1 / (s + 1), damping=schedules.damping_decay(2.0, 0.5, 1),
+               momentum=0.0)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    _train(model, opt, [(x, y)] * 3)
+    group = opt.param_groups[0]
+    assert group["lr"] == pytest.approx(0.1 / 3)
+    assert group["damping"] == pytest.approx(2.0 * 0.5 ** 0.2)
+
+
+def test_schedules_match_the_paper():
+    cos = schedules.cosine(0.1, max_epochs=10, steps_per_epoch=5)
+    assert cos(0) == pytest.approx(0.1)
+    assert cos(25) == pytest.approx(0.001 + 0.5 * 0.099 * (1 + math.cos(math.pi * 0.5)))
+    assert cos(10**6) == pytest.approx(0.001)
+    exp = schedules.exponential(0.2, max_epochs=10, steps_per_epoch=2, decay_rate=6)
+    assert exp(4) == pytest.approx(0.2 * 0.8 ** 6)
+    warm = schedules.linear_warmup(exp, warmup_steps=4, start=0.01)
+    assert warm(0) == pytest.approx(0.01)
+    assert warm(2) == pytest.approx(0.01 + (exp(4) - 0.01) / 2)
+    assert warm(6) == exp(6)
+    damp = schedules.damping_decay(0.17, 0.9, steps_per_epoch=3)
+    assert damp(30 * 3) == pytest.approx(0.17 * 0.9 ** 3)
+    with pytest.raises(ValueError, match="max_epochs"):
+        schedules.cosine(0.1, max_epochs=0, steps_per_epoch=5)
+
+
+def test_non_finite_factors_never_enter_curvature():
+    model = _net()
+    opt = SENG(model, lr=0.1, curvature_update_interval=1, sketch_size=None)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    _train(model, opt, [(x, y)])
+    kept = opt.state[model[0].weight]["U"]
+    opt.zero_grad()
+    bad = x.clone()
+    bad[0, 0] = float("inf")
+    F.cross_entropy(model(bad), y).backward()
+    for p in model.parameters():  # as a loss scaler would, the update itself is neutralised
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert opt.curvature_skips == 2  # both layers refused the non-finite factors
+    assert opt.state[model[0].weight]["U"] is kept
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_sum_reduction_matches_mean_reduction_curvature():
+    x, y = batch()
+    dirs = []
+    for reduction in ("mean", "sum"):
+        model = make_mixed()
+        opt = SENG(model, lr=1.0, damping=0.5, momentum=0.0, loss_reduction=reduction,
+                   explicit_threshold=10**9, sketch_size=None)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y, reduction=reduction)
+        (loss if reduction == "sum" else loss).backward()
+        opt.step()
+        st = opt.state[model.head.weight]
+        dirs.append(st["U"])
+    assert torch.allclose(dirs[0], dirs[1], rtol=1e-5, atol=1e-6)
