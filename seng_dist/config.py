@@ -68,8 +68,8 @@ class SENGConfig:
     weight_decay: Schedule = 0.0
     decoupled_weight_decay: bool = False
     curvature_update_interval: IntSchedule = 200
-    curvature_batch_size: int | None = None
-    explicit_threshold: int = 16_384
+    curvature_batch_size: int | None = 32
+    explicit_threshold: int = 65_536
     sketch_size: int | None = 4096
     sketch_method: str = "uniform"
     sketch_replacement: bool = False

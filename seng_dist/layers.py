@@ -71,23 +71,28 @@ class Block:
         """
         gs, As = [], []
         for x, gy in zip(inputs, grads):
-            a, g = _factor(self.module, x, gy)
+            a, g = _factor(self.module, x, gy, self.bias is not None)
             gs.append(g)
             As.append(a)
         g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
         a = torch.cat(As, dim=1) if len(As) > 1 else As[0]
-        if self.bias is not None:
-            a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
         if scale != 1.0:
             g = g * scale
         return g, a
 
 
-def _factor(module: nn.Module, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
-    """``(Â without ones, Ĝ)`` for one call: shapes ``(B, κ, in)`` and ``(B, κ, out)``."""
+def _factor(module: nn.Module, x: Tensor, gy: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
+    """``(Â, Ĝ)`` for one call: shapes ``(B, κ, n_A)`` and ``(B, κ, n_G)``.
+
+    For a convolution both are transposed views of ``(B, ·, κ)`` tensors: the ones row of the
+    bias is appended in unfold's own layout, where it is a plain block copy.
+    """
     b = x.shape[0]
     if isinstance(module, nn.Linear):
-        return x.reshape(b, -1, x.shape[-1]), gy.reshape(b, -1, gy.shape[-1])
+        a = x.reshape(b, -1, x.shape[-1])
+        if bias:
+            a = torch.cat([a, a.new_ones(b, a.shape[1], 1)], dim=2)
+        return a, gy.reshape(b, -1, gy.shape[-1])
     conv: nn.Conv2d = module  # only Linear and Conv2d are ever blocks
     padding = conv.padding
     if isinstance(padding, str):
@@ -95,7 +100,9 @@ def _factor(module: nn.Module, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
         x = F.pad(x, conv._reversed_padding_repeated_twice)
         padding = 0
     cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding,
-                    stride=conv.stride)  # (B, C·kh·kw, L)
+                    stride=conv.stride)  # (B, C·kh·kw, κ)
+    if bias:
+        cols = torch.cat([cols, cols.new_ones(b, 1, cols.shape[2])], dim=1)
     return cols.transpose(1, 2), gy.reshape(b, gy.shape[1], -1).transpose(1, 2)
 
 

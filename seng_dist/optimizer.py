@@ -15,8 +15,8 @@ from .config import SENGConfig, resolve
 from .layers import Block, find_blocks
 
 _SCHEDULED = ("lr", "damping", "momentum", "weight_decay")
-_CURVATURE_KEYS = ("U", "X", "sketch_idx", "sketch_scale", "Gf", "Af", "XG", "XA",
-                   "sketch_g_idx", "sketch_g_scale", "sketch_a_idx", "sketch_a_scale", "K")
+_CURVATURE_KEYS = ("U", "Xz", "sketch_idx", "Gf", "Af", "YG", "YA", "sketch_g_idx",
+                   "sketch_a_idx", "K")
 
 
 class SENG(torch.optim.Optimizer):
@@ -44,7 +44,7 @@ class SENG(torch.optim.Optimizer):
             between. The sketches are drawn at each rebuild and kept until the next, so the
             damped Gram matrix's Cholesky factor is cached while ``damping`` is unchanged.
         curvature_batch_size: ``ϱ``: the first ϱ samples of the local batch build ``U``
-            (None: all).
+            (default 32, chosen for cost and memory: see README; None: the whole batch).
         explicit_threshold: block size ``n`` below which ``U`` is kept explicitly.
         sketch_size: rows ``q`` sampled from an explicit ``U`` (None: exact; blocks with
             ``n <= q`` are solved exactly).
@@ -70,7 +70,7 @@ class SENG(torch.optim.Optimizer):
                  weight_decay: float | Callable[[int], float] = 0.0, *,
                  decoupled_weight_decay: bool = False,
                  curvature_update_interval: int | Callable[[int], int] = 200,
-                 curvature_batch_size: int | None = None,
+                 curvature_batch_size: int | None = SENGConfig.curvature_batch_size,
                  explicit_threshold: int = SENGConfig.explicit_threshold,
                  sketch_size: int | None = SENGConfig.sketch_size,
                  sketch_method: str = "uniform",
@@ -117,7 +117,7 @@ class SENG(torch.optim.Optimizer):
         block_params = {id(p) for b in self.blocks for p in b.params}
         self._fallback = [p for p in params if id(p) not in block_params]
         self._generator = torch.Generator().manual_seed(seed)
-        self._chol: dict[Block, tuple[float, Tensor]] = {}
+        self._inverse: dict[Block, tuple[float, Tensor]] = {}
         self._warned: set[str] = set()
         self._seng: dict[str, Any] = {"step": 0, "curvature_updates": 0,
                                       "curvature_skips": 0}
@@ -147,7 +147,7 @@ class SENG(torch.optim.Optimizer):
             st = self.state.get(b.weight, {})
             total += sum(st[k].numel() * st[k].element_size()
                          for k in _CURVATURE_KEYS if k in st)
-        total += sum(c.numel() * c.element_size() for _, c in self._chol.values())
+        total += sum(c.numel() * c.element_size() for _, c in self._inverse.values())
         return total
 
     # ------------------------------------------------------------------ the step
@@ -251,28 +251,26 @@ class SENG(torch.optim.Optimizer):
             # b from the previous step's gradient (eq. 27); the first step has none.
             z = st.get("prev_g", g)
             st["prev_g"] = g.clone()
-        chol = self._cholesky(block, lam)
+        inverse = self._damped_inverse(block, lam)
         if block.path == "explicit":
-            sk = _sketch(st, "sketch")
-            coeff = solver.explicit_utz(st["X"], z.reshape(-1), sk)
-            b = solver.solve_coefficients(chol, coeff.unsqueeze(0))[0]
-            uc = solver.explicit_uc(st["U"], b).view_as(g)
+            U = st["U"]
+            coeff = solver.explicit_utz(st.get("Xz", U), z.view(-1), st.get("sketch_idx"))
+            uc = solver.explicit_uc(U, inverse @ coeff).view_as(g)
         else:
-            r = st["Gf"].shape[0] // st["K"].shape[0]
-            coeff = solver.implicit_utz(st["XG"], st["XA"], z, r, _sketch(st, "sketch_g"),
-                                        _sketch(st, "sketch_a"))
-            b = solver.solve_coefficients(chol, coeff.unsqueeze(0))[0]
-            if self.config.uc == "exact":
-                uc = solver.implicit_uc_exact(st["Gf"], st["Af"], b, r)
-            else:
-                uc = solver.implicit_uc_factored(st["Gf"], st["Af"], b, r)
+            Gf, Af = st["Gf"], st["Af"]
+            r = Gf.shape[0] // st["K"].shape[0]
+            coeff = solver.implicit_utz(st.get("YG", Gf), st.get("YA", Af), z, r,
+                                        st.get("sketch_g_idx"), st.get("sketch_a_idx"))
+            uc_fn = (solver.implicit_uc_exact if self.config.uc == "exact"
+                     else solver.implicit_uc_factored)
+            uc = uc_fn(Gf, Af, inverse @ coeff, r)
         return solver.direction(g, uc, lam)
 
-    def _cholesky(self, block: Block, lam: float) -> Tensor:
-        cached = self._chol.get(block)
+    def _damped_inverse(self, block: Block, lam: float) -> Tensor:
+        cached = self._inverse.get(block)
         if cached is None or cached[0] != lam:
-            cached = (lam, solver.damped_cholesky(self.state[block.weight]["K"], lam))
-            self._chol[block] = cached
+            cached = (lam, solver.damped_inverse(self.state[block.weight]["K"], lam))
+            self._inverse[block] = cached
         return cached[1]
 
     # ------------------------------------------------------------------ curvature
@@ -300,7 +298,7 @@ class SENG(torch.optim.Optimizer):
             for key in _CURVATURE_KEYS:
                 st.pop(key, None)
             st.update(new)
-            self._chol.pop(block, None)
+            self._inverse.pop(block, None)
             updated = True
         if updated:
             self._seng["curvature_updates"] += 1
@@ -311,27 +309,28 @@ class SENG(torch.optim.Optimizer):
         weights = Ut.pow(2).sum(0) if cfg.sketch_method == "leverage" else None
         sk = solver.sample_rows(Ut.shape[1], cfg.sketch_size, cfg.sketch_method,
                                 cfg.sketch_replacement, self._generator, weights, Ut.device)
-        X = solver.explicit_sketch(Ut, sk)
-        out = {"U": Ut, "X": X, "K": X @ X.T}
-        out.update(_sketch_entries("sketch", sk, Ut.dtype))
+        X = solver.sketch_columns(Ut, sk)
+        out = {"U": Ut, "K": X @ X.T}
+        if sk is not None:
+            out.update(Xz=solver.sketch_columns(Ut, sk, power=2), sketch_idx=sk[0])
         return out
 
     def _implicit_state(self, G_hat: Tensor, A_hat: Tensor) -> dict[str, Tensor]:
         cfg = self.config
-        G, A = solver.low_rank_factors(G_hat, A_hat, cfg.rank)
+        G, A = solver.low_rank_factors(G_hat, A_hat, cfg.rank, self._generator)
         Gf = G.reshape(-1, G.shape[2]).contiguous()
         Af = A.reshape(-1, A.shape[2]).contiguous()
-        r = G.shape[1]
         out = {"Gf": Gf, "Af": Af}
         xs = []
-        for prefix, F in (("sketch_g", Gf), ("sketch_a", Af)):
+        for side, F in (("g", Gf), ("a", Af)):
             weights = F.pow(2).sum(0) if cfg.sketch_method == "leverage" else None
             sk = solver.sample_rows(F.shape[1], cfg.factor_sketch_size, cfg.sketch_method,
                                     cfg.sketch_replacement, self._generator, weights, F.device)
-            out.update(_sketch_entries(prefix, sk, F.dtype))
-            xs.append(solver.implicit_sketch(F, sk))
-        out["XG"], out["XA"] = xs
-        out["K"] = solver.implicit_gram(xs[0], xs[1], r)
+            xs.append(solver.sketch_columns(F, sk))
+            if sk is not None:
+                out[f"Y{side.upper()}"] = solver.sketch_columns(F, sk, power=2)
+                out[f"sketch_{side}_idx"] = sk[0]
+        out["K"] = solver.implicit_gram(xs[0], xs[1], G.shape[1])
         return out
 
     # ------------------------------------------------------------------ state
@@ -367,19 +366,8 @@ class SENG(torch.optim.Optimizer):
             self.state[params[i]][k] = v.to(params[i].device)
         self._generator.set_state(extra["rng"])
         self._seng = {k: extra[k] for k in ("step", "curvature_updates", "curvature_skips")}
-        self._chol.clear()
+        self._inverse.clear()
         self._arm_for(self._seng["step"])
 
     def _block_signature(self) -> list[tuple[str, int, int, str]]:
         return [(b.name, b.n_G, b.n_A, b.path) for b in self.blocks]
-
-
-def _sketch_entries(prefix: str, sk: solver.Sketch | None, dtype: torch.dtype) -> dict:
-    if sk is None:
-        return {}
-    return {f"{prefix}_idx": sk[0], f"{prefix}_scale": sk[1].to(dtype)}
-
-
-def _sketch(st: dict, prefix: str) -> solver.Sketch | None:
-    idx = st.get(f"{prefix}_idx")
-    return None if idx is None else (idx, st[f"{prefix}_scale"])
