@@ -1,10 +1,13 @@
 """Step-time and memory benchmark: SENG against SGD and ASDL's K-FAC and SENG, in one run.
 
 Each (model, optimizer) pair runs in its own process, one after another, so that its peak
-resident memory is its own; timings are medians of wall-clock steps (forward, backward and
-optimizer step) after a warm-up step, on synthetic data of the model's input shape. The curvature
-interval is set so the run holds two measured curvature steps and the plain steps between them;
-the amortised cost at T is ``(curvature + (T-1)·plain) / T``.
+resident memory is its own. Step times on this shared 2-core machine drift by 10-20% between
+processes, so every process also trains an SGD twin of the model and alternates one SGD step
+with each measured step: the ratios are against the SGD steps of the same process. Timings are
+medians of wall-clock steps (forward, backward and optimizer step) after a warm-up step, on
+synthetic data of the model's input shape. The curvature interval is set so the run holds two
+measured curvature steps and the plain steps between them; the amortised cost at T is
+``(curvature + (T-1)·plain) / T``.
 
     python examples/bench_step.py                       # small CNN (b64) and ResNet18 (b128)
     python examples/bench_step.py --models cnn --plain-steps 20
@@ -13,6 +16,7 @@ the amortised cost at T is ``(curvature + (T-1)·plain) / T``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -35,19 +39,27 @@ SETUPS = {  # model: (input shape, batch, plain steps measured per curvature int
 OPTIMIZERS = ["sgd", "seng", "asdl-kfac", "asdl-seng"]
 
 
-def _steps(model, make_step, interval: int, shape, batch: int) -> tuple[float, float]:
-    """Run 2·interval+1 steps; return (median curvature step, median plain step) in seconds."""
+def _steps(model, make_step, interval: int, shape, batch: int) -> tuple[float, float, float]:
+    """Run 2·interval+1 steps, each followed by an SGD-twin step; return the medians of the
+    curvature steps, the plain steps and the twin's steps, in seconds."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *shape, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
-    times = []
+    twin = copy.deepcopy(model)
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.01, momentum=0.9)
+    times, twin_times = [], []
     for _ in range(2 * interval + 1):
         t0 = time.perf_counter()
         make_step(x, y)
-        times.append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        sgd.zero_grad()
+        F.cross_entropy(twin(x), y).backward()
+        sgd.step()
+        times.append(t1 - t0)
+        twin_times.append(time.perf_counter() - t1)
     curv = [times[interval], times[2 * interval]]
     plain = [t for i, t in enumerate(times) if i % interval]
-    return statistics.median(curv), statistics.median(plain)
+    return statistics.median(curv), statistics.median(plain), statistics.median(twin_times[1:])
 
 
 def worker(model_name: str, opt_name: str, seng_kwargs: dict) -> dict:
@@ -56,14 +68,21 @@ def worker(model_name: str, opt_name: str, seng_kwargs: dict) -> dict:
     model = MODELS[model_name](num_classes=10, in_channels=shape[0])
     interval = plain_steps + 1
     out: dict = {"params": sum(p.numel() for p in model.parameters())}
+    step_only: list[float] = []  # opt.step() alone, for optimizers where it is separable
+
+    def timed_step(opt):
+        t0 = time.perf_counter()
+        opt.step()
+        step_only.append(time.perf_counter() - t0)
+
     if opt_name == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step(x, y):
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
-            opt.step()
-        out["curv_s"], out["plain_s"] = _steps(model, step, interval, shape, batch)
+            timed_step(opt)
+        out["curv_s"], out["plain_s"], out["sgd_s"] = _steps(model, step, interval, shape, batch)
         out["curv_s"] = out["plain_s"] = statistics.median([out["curv_s"], out["plain_s"]])
     elif opt_name == "seng":
         from seng_dist import SENG
@@ -73,8 +92,8 @@ def worker(model_name: str, opt_name: str, seng_kwargs: dict) -> dict:
         def step(x, y):
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
-            opt.step()
-        out["curv_s"], out["plain_s"] = _steps(model, step, interval, shape, batch)
+            timed_step(opt)
+        out["curv_s"], out["plain_s"], out["sgd_s"] = _steps(model, step, interval, shape, batch)
         out["state_bytes"] = opt.curvature_state_bytes()
         out["paths"] = {p: sum(b.path == p for b in opt.blocks) for p in ("explicit", "implicit")}
     else:
@@ -92,7 +111,11 @@ def worker(model_name: str, opt_name: str, seng_kwargs: dict) -> dict:
             maker.setup_loss_call(F.cross_entropy, dummy, y)
             maker.forward_and_backward()
             opt.step()
-        out["curv_s"], out["plain_s"] = _steps(model, step, interval, shape, batch)
+        out["curv_s"], out["plain_s"], out["sgd_s"] = _steps(model, step, interval, shape, batch)
+    if step_only:
+        out["step_only_plain_s"] = statistics.median(
+            [t for i, t in enumerate(step_only) if i % interval])
+        out["step_only_curv_s"] = statistics.median(step_only[interval::interval])
     out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
 
@@ -135,19 +158,21 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SENG settings "
           f"{seng_kwargs or 'defaults'}\n")
+    print("Times: ms per step (ratio to the same process's SGD-twin step). Peak RSS: the "
+          "process's maximum resident memory, each process holding its optimizer's model and "
+          "the SGD twin (ratio to the SGD process).\n")
     print("| model (batch) | optimizer | curvature step | plain step | amortised T=10 | "
           "amortised T=200 | peak RSS | curvature state |")
     print("|---|---|---|---|---|---|---|---|")
     for model in args.models:
         sgd = results.get((model, "sgd"))
-        base = sgd["plain_s"] if sgd else None
         for opt in args.optimizers:
             r = results[(model, opt)]
-            c, p = r["curv_s"], r["plain_s"]
+            c, p, base = r["curv_s"], r["plain_s"], r["sgd_s"]
             am10, am200 = (c + 9 * p) / 10, (c + 199 * p) / 200
             cells = [f"{model} ({SETUPS[model][1]})", opt]
             for v in (c, p, am10, am200):
-                cells.append(f"{v * 1e3:.0f} ms" + (f" ({_fmt_ratio(v, base)})" if base else ""))
+                cells.append(f"{v * 1e3:.0f} ms ({_fmt_ratio(v, base)})")
             rss = f"{r['peak_rss'] / 2**20:.0f} MiB"
             if sgd:
                 rss += f" ({_fmt_ratio(r['peak_rss'], sgd['peak_rss'])})"
@@ -160,6 +185,24 @@ def main() -> None:
             else:
                 cells.append("")
             print("| " + " | ".join(cells) + " |")
+    print("\nopt.step() alone (median; forward/backward excluded). Single steps on this shared "
+          "machine vary by ±10%, so for SENG vs SGD the step-only times are the low-noise "
+          "measure: the plain-step ratio below is (fwd+bwd + SENG step) / (fwd+bwd + SGD step) "
+          "with fwd+bwd = the SGD process's median step minus its step() time.\n")
+    print("| model | SGD step() | SENG plain step() | SENG curvature step() | "
+          "plain-step ratio | amortised T=200 ratio |")
+    print("|---|---|---|---|---|---|")
+    for model in args.models:
+        sgd, seng = results.get((model, "sgd")), results.get((model, "seng"))
+        if not (sgd and seng):
+            continue
+        sgd_step = sgd["step_only_plain_s"]
+        fb = sgd["plain_s"] - sgd_step
+        plain = (fb + seng["step_only_plain_s"]) / (fb + sgd_step)
+        curv = (fb + seng["step_only_curv_s"]) / (fb + sgd_step)
+        print(f"| {model} | {sgd_step * 1e3:.1f} ms | {seng['step_only_plain_s'] * 1e3:.1f} ms | "
+              f"{seng['step_only_curv_s'] * 1e3:.0f} ms | {plain:.3f}× | "
+              f"{(curv + 199 * plain) / 200:.3f}× |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({f"{m}/{o}": r for (m, o), r in results.items()}, f, indent=1)

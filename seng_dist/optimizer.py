@@ -155,7 +155,11 @@ class SENG(torch.optim.Optimizer):
         for key in _SCHEDULED:
             value = getattr(self.config, key)
             if callable(value):
-                group[key] = float(value(step))
+                v = float(value(step))
+                if not (math.isfinite(v) and (v > 0 if key in ("lr", "damping") else v >= 0)):
+                    raise ValueError(f"{key} schedule returned {v!r} at step {step}; it must "
+                                     f"be finite and {'> 0' if key in ('lr', 'damping') else '>= 0'}")
+                group[key] = v
         return group
 
     def _arm_for(self, step: int) -> None:

@@ -181,6 +181,15 @@ def test_callable_hyper_parameters_follow_the_step():
     assert group["damping"] == pytest.approx(2.0 * 0.5 ** 0.2)
 
 
+def test_schedule_turning_invalid_mid_run_raises():
+    model = _net()
+    opt = SENG(model, damping=lambda s: 1.0 if s < 1 else 0.0)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    _train(model, opt, [(x, y)])
+    with pytest.raises(ValueError, match="damping schedule returned 0.0 at step 1"):
+        _train(model, opt, [(x, y)])
+
+
 def test_schedules_match_the_paper():
     cos = schedules.cosine(0.1, max_epochs=10, steps_per_epoch=5)
     assert cos(0) == pytest.approx(0.1)
