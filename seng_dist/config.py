@@ -19,7 +19,6 @@ SKETCH_METHODS = ("uniform", "leverage")
 UC_MODES = ("factored", "exact")
 VARIANTS = ("blockdiag", "lagged")
 LOSS_REDUCTIONS = ("mean", "sum")
-FALLBACK_NOTE = "unsupported parameters follow d = -g / (1 + damping)"
 
 
 def resolve(value: Any, step: int) -> Any:
