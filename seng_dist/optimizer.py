@@ -42,7 +42,8 @@ class SENG(torch.optim.Optimizer):
         curvature_update_interval: ``T``: the curvature is rebuilt on steps ``k`` with
             ``k % T == 0`` from the forward/backward that precedes ``step()``, and reused in
             between. The sketches are drawn at each rebuild and kept until the next, so the
-            damped Gram matrix's Cholesky factor is cached while ``damping`` is unchanged.
+            damped Gram matrix's inverse (through Cholesky) is cached while ``damping`` is
+            unchanged.
         curvature_batch_size: ``ϱ``: the first ϱ samples of the local batch build ``U``
             (default 32, chosen for cost and memory: see README; None: the whole batch).
         explicit_threshold: block size ``n`` below which ``U`` is kept explicitly.
@@ -294,8 +295,10 @@ class SENG(torch.optim.Optimizer):
                 new = self._explicit_state(G_hat, A_hat)
             else:
                 new = self._implicit_state(G_hat, A_hat)
-            if not all(bool(torch.isfinite(t).all()) for t in new.values()
-                       if t.is_floating_point()):
+            # One host sync per block, not one per tensor.
+            finite = torch.stack([torch.isfinite(t).all() for t in new.values()
+                                  if t.is_floating_point()]).all()
+            if not bool(finite):
                 self._seng["curvature_skips"] += 1
                 continue
             st = self.state[block.weight]
