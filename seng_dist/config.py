@@ -19,6 +19,7 @@ SKETCH_METHODS = ("uniform", "leverage")
 UC_MODES = ("factored", "exact")
 VARIANTS = ("blockdiag", "lagged")
 LOSS_REDUCTIONS = ("mean", "sum")
+COMM_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def resolve(value: Any, step: int) -> Any:
@@ -77,6 +78,7 @@ class SENGConfig:
     uc: str = "factored"
     variant: str = "blockdiag"
     loss_reduction: str = "mean"
+    comm_dtype: str | None = None
 
     def __post_init__(self) -> None:
         _check_number("lr", self.lr, positive=True)
@@ -109,6 +111,10 @@ class SENGConfig:
         _check_choice("uc", self.uc, UC_MODES)
         _check_choice("variant", self.variant, VARIANTS)
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+        if self.comm_dtype is not None and self.comm_dtype not in COMM_DTYPE_NAMES:
+            raise ValueError("comm_dtype must be None (the gradients' dtype) or one of "
+                             f"{', '.join(map(repr, COMM_DTYPE_NAMES))} (or the torch dtype), "
+                             f"got {self.comm_dtype!r}")
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that shape the curvature state, for checkpoint and rank checks.

@@ -8,9 +8,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import solver
 from .capture import Capture
+from .comm import COMM_DTYPES, Communicator, make_communicator
 from .config import SENGConfig, resolve
 from .layers import Block, find_blocks
 
@@ -55,14 +57,28 @@ class SENG(torch.optim.Optimizer):
         factor_sketch_size: rows sampled from each factor matrix on the implicit path.
         uc: ``"factored"`` (eq. 23) or ``"exact"`` (``Σ c_i G_iᵀ A_i``, one matrix product).
         variant: ``"blockdiag"`` or ``"lagged"`` (``b`` from the previous step's gradient).
-        comm: None or ``"local"``: this release runs on one process.
+        comm: the engine for the collectives: None (torch.distributed when a process group
+            is initialised, else one process), ``"local"``, ``"torch"``, or a
+            :class:`seng_dist.comm.Communicator`.
+        comm_dtype: dtype of the communication buffer: None (the gradients' dtype),
+            ``"bfloat16"``/``"float16"`` (or the torch dtypes) to halve the bytes sent.
         skip_layers: module names (prefixes) or classes left to the fallback rule.
         loss_reduction: ``"mean"`` (per-sample gradients are rescaled by the batch size) or
             ``"sum"``: the reduction of the loss whose gradient the user computes.
         seed: seed of the sketch generator (its state is part of ``state_dict``).
 
-    With ``variant="lagged"`` on one process, step ``k`` uses ``b`` from step ``k-1``'s
-    gradient; the first step uses the block-diagonal rule.
+    Distributed (DESIGN.md section 2): every rank keeps its own curvature ``U_w`` from its
+    local batch; SENG averages the gradients itself (do not wrap the model in
+    ``DistributedDataParallel``; if you do, pass the wrapped model and SENG leaves the gradient
+    averaging to DDP). ``variant="blockdiag"`` (eq. 26) averages ``g``, then averages each
+    rank's correction ``U_w b_w`` (two collectives per step). ``variant="lagged"`` (eq. 27)
+    computes ``b_w`` from the previous step's averaged gradient, so the gradient and the
+    correction travel in ONE collective; its first step uses the block-diagonal rule. Implicit
+    blocks with ``uc="factored"`` send the partial factors ``Gᶜ_w, Aᶜ_w`` (eq. 28) instead of an
+    ``n``-sized correction. At construction every rank checks that the settings and the model
+    structure agree (``ValueError`` on every rank naming what differs) and takes rank 0's
+    parameters and buffers, as DDP does. On one process ``variant="lagged"`` is SENG with a
+    one-step lag.
     """
 
     def __init__(self, model: nn.Module, lr: float | Callable[[int], float] = 0.1,
@@ -80,7 +96,8 @@ class SENG(torch.optim.Optimizer):
                  factor_sketch_size: int | None = SENGConfig.factor_sketch_size,
                  uc: str = "factored",
                  variant: str = "blockdiag",
-                 comm: Any = None,
+                 comm: str | Communicator | None = None,
+                 comm_dtype: str | torch.dtype | None = None,
                  skip_layers: Iterable[str | type] = (),
                  loss_reduction: str = "mean",
                  seed: int = 0) -> None:
@@ -94,14 +111,7 @@ class SENG(torch.optim.Optimizer):
             sketch_size=sketch_size, sketch_method=sketch_method,
             sketch_replacement=sketch_replacement, rank=rank,
             factor_sketch_size=factor_sketch_size, uc=uc, variant=variant,
-            loss_reduction=loss_reduction)
-        if comm not in (None, "local"):
-            raise ValueError(f"comm must be None or 'local' in this release, got {comm!r}")
-        if (comm is None and torch.distributed.is_available()
-                and torch.distributed.is_initialized()
-                and torch.distributed.get_world_size() > 1):
-            raise ValueError("comm=None found an initialised torch.distributed process group "
-                             "with several ranks; this release of SENG runs on one process")
+            loss_reduction=loss_reduction, comm_dtype=_dtype_name(comm_dtype))
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         params = [p for p in model.parameters() if p.requires_grad]
@@ -111,6 +121,16 @@ class SENG(torch.optim.Optimizer):
         cfg = self.config
         defaults = {k: resolve(getattr(cfg, k), 0) for k in _SCHEDULED}
         super().__init__(params, defaults)
+        # DDP averages the gradients in backward: SENG then only averages its corrections.
+        self._grads_averaged = isinstance(model, DistributedDataParallel)
+        if self._grads_averaged:
+            model = model.module
+            if cfg.variant == "lagged":
+                warnings.warn("SENG: the model is wrapped in DistributedDataParallel, which "
+                              "averages gradients in backward; variant='lagged' then costs "
+                              "DDP's collectives plus SENG's one per step. Pass the unwrapped "
+                              "model to let SENG send gradient and correction together.",
+                              stacklevel=2)
         self.model = model
         self.blocks: list[Block] = find_blocks(model, tuple(skip_layers))
         for b in self.blocks:
@@ -123,6 +143,12 @@ class SENG(torch.optim.Optimizer):
         self._seng: dict[str, Any] = {"step": 0, "curvature_updates": 0,
                                       "curvature_skips": 0}
         self._capture = Capture(model, self.blocks)
+        self._comm = make_communicator(comm)
+        self._comm_dtype = COMM_DTYPES[cfg.comm_dtype] if cfg.comm_dtype else None
+        if self._comm.world_size > 1:
+            self._comm.check_consistent(self._consistency_settings())
+            self._comm.broadcast_([t.detach() for t in model.parameters()]
+                                  + list(model.buffers()), name="seng.init")
         self._arm_for(0)
 
     # ------------------------------------------------------------------ public helpers
@@ -140,6 +166,11 @@ class SENG(torch.optim.Optimizer):
     def curvature_updates(self) -> int:
         """Curvature updates done."""
         return self._seng["curvature_updates"]
+
+    @property
+    def communicator(self) -> Communicator:
+        """The communicator this optimizer runs its collectives on."""
+        return self._comm
 
     def curvature_state_bytes(self) -> int:
         """Bytes held by curvature state: ``U``/factors, their sketches and Gram matrices."""
@@ -184,38 +215,20 @@ class SENG(torch.optim.Optimizer):
         k = self._seng["step"]
         group = self._hyper(self.param_groups[0], k)
         lr, lam, mu, wd = group["lr"], group["damping"], group["momentum"], group["weight_decay"]
-        if self._capture.armed:
-            self._update_curvature()
-            self._capture.disarm()
-
-        params, dirs = [], []
+        self._refresh_curvature()
         decoupled = self.config.decoupled_weight_decay
-        for block in self.blocks:
-            if all(p.grad is None for p in block.params):
-                continue
-            if any(p.grad is not None and p.grad.is_sparse for p in block.params):
-                raise ValueError(f"SENG does not support sparse gradients (layer {block.name})")
-            g = block.grad_matrix()
-            if wd and not decoupled:
-                g.add_(block.param_matrix(), alpha=wd)
-            d = self._block_direction(block, g, lam)
-            params.extend(block.params)
-            dirs.extend(block.split(d))
-        fb = [p for p in self._fallback if p.grad is not None]
-        if fb:
-            if any(p.grad.is_sparse for p in fb):
-                raise ValueError("SENG does not support sparse gradients "
-                                 "(use nn.Embedding(sparse=False))")
-            grads = [p.grad for p in fb]
-            if wd and not decoupled:
-                grads = torch._foreach_add(grads, fb, alpha=wd)
-            dirs.extend(torch._foreach_mul(grads, -1.0 / (1.0 + lam)))
-            params.extend(fb)
+        params, dirs = self._directions(lam, 0.0 if decoupled else wd)
         self._apply(params, dirs, lr, mu, wd if decoupled else 0.0)
 
         self._seng["step"] = k + 1
         self._arm_for(k + 1)
         return loss
+
+    def _refresh_curvature(self) -> None:
+        """Rebuild the curvature from the captured pass, if this is a curvature step."""
+        if self._capture.armed:
+            self._update_curvature()
+            self._capture.disarm()
 
     def _apply(self, params: list[Tensor], dirs: list[Tensor], lr: float, mu: float,
                decoupled_wd: float) -> None:
@@ -241,35 +254,154 @@ class SENG(torch.optim.Optimizer):
             dirs = bufs
         torch._foreach_add_(params, dirs, alpha=lr)
 
-    def _block_direction(self, block: Block, g: Tensor, lam: float) -> Tensor:
-        """The SENG direction of one block for its ``(n_G, n_A)`` gradient ``g``."""
+    def _directions(self, lam: float, l2: float) -> tuple[list[Tensor], list[Tensor]]:
+        """Every parameter with a gradient and its direction, running this step's collectives.
+
+        ``l2`` is the weight decay added to the (averaged) gradient before preconditioning.
+        """
+        comm, blocks, fb = self._comm, self.blocks, self._fallback
+        for p in self.param_groups[0]["params"]:
+            if p.grad is not None and p.grad.is_sparse:
+                raise ValueError("SENG does not support sparse gradients (use "
+                                 "nn.Embedding(sparse=False))")
+        multi = comm.world_size > 1
+        states = [self.state[b.weight] for b in blocks]
+        present = [any(p.grad is not None for p in b.params) for b in blocks]
+        present += [p.grad is not None for p in fb]
+        lagged = self.config.variant == "lagged" and any("prev_g" in st for st in states)
+        have_curv = ["K" in st and (not lagged or "prev_g" in st) for st in states]
+        gs = [b.grad_matrix() for b in blocks]
+        if multi:
+            # SENG never changes .grad: the fallback gradients are averaged in copies.
+            fgs = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in fb]
+        else:
+            fgs = [p.grad for p in fb]
+        flags = self._flags(present + have_curv)
+        send_grads = multi and not self._grads_averaged
+        values: list[float] | None = None
+        if lagged:
+            # eq. 27: b_w from the previous step's averaged gradient, so the gradient, the
+            # correction and the flags travel in ONE collective.
+            slots = [self._correction(b, st.get("prev_g"), lam) for b, st in zip(blocks, states)]
+            comm.allreduce_mean_((gs + fgs if send_grads else []) + _flat(slots)
+                                 + ([flags] if flags is not None else []),
+                                 name="seng.step", comm_dtype=self._comm_dtype)
+            zs = self._with_l2(blocks, gs, l2)
+        else:
+            if send_grads:
+                comm.allreduce_mean_(gs + fgs + [flags], name="seng.grad",
+                                     comm_dtype=self._comm_dtype)
+                values = self._flag_values(flags, present + have_curv)
+            here = values if values is not None else present
+            zs = self._with_l2(blocks, gs, l2)
+            slots = [self._correction(b, z if h else None, lam)
+                     for b, z, h in zip(blocks, zs, here)]
+            if multi:
+                comm.allreduce_mean_(_flat(slots) + ([] if send_grads else [flags]),
+                                     name="seng.correction", comm_dtype=self._comm_dtype)
+        if values is None:
+            values = self._flag_values(flags, present + have_curv)
+        present_all, curv_all = values[:len(present)], values[len(present):]
+
+        params: list[Tensor] = []
+        dirs: list[Tensor] = []
+        for i, (block, st, z, slot) in enumerate(zip(blocks, states, zs, slots)):
+            if not present_all[i]:
+                continue
+            if curv_all[i] >= 1.0:
+                d = solver.direction(z, self._combine(block, slot), lam)
+            else:
+                self._warn_no_curvature(block, "K" in st)
+                d = z.mul(-1.0 / (1.0 + lam))
+            if self.config.variant == "lagged":
+                st["prev_g"] = z
+            params.extend(block.params)
+            dirs.extend(block.split(d))
+        kept = [(p, g) for j, (p, g) in enumerate(zip(fb, fgs)) if present_all[len(blocks) + j]]
+        if kept:
+            fps, grads = [p for p, _ in kept], [g for _, g in kept]
+            if l2:
+                grads = torch._foreach_add(grads, fps, alpha=l2)
+            dirs.extend(torch._foreach_mul(grads, -1.0 / (1.0 + lam)))
+            params.extend(fps)
+        return params, dirs
+
+    def _flags(self, values: list[bool]) -> Tensor | None:
+        """0/1 flags to average with a round (None on one process: nothing to agree on)."""
+        if self._comm.world_size == 1 or not values:
+            return None
+        device = self.param_groups[0]["params"][0].device
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    def _flag_values(self, flags: Tensor | None, local: list[bool]) -> list[float]:
+        """Averaged flags as ``[1.0]`` (every rank), ``(0, 1)`` (some) or ``0.0`` (none)."""
+        if flags is None:
+            return [float(v) for v in local]
+        m = self._comm.world_size
+        # Tolerances, not equality: a bf16/fp16 buffer rounds the mean of 0/1 flags.
+        return [1.0 if v > 1.0 - 0.5 / m else (0.5 if v > 0.5 / m else 0.0)
+                for v in flags.tolist()]
+
+    @staticmethod
+    def _with_l2(blocks: list[Block], gs: list[Tensor], l2: float) -> list[Tensor]:
+        """``z = ḡ + l2·θ`` per block, in place on the (fresh) gradient matrices."""
+        if l2:
+            for b, g in zip(blocks, gs):
+                g.add_(b.param_matrix(), alpha=l2)
+        return gs
+
+    def _correction(self, block: Block, z: Tensor | None, lam: float) -> list[Tensor]:
+        """This rank's correction ``U_w b_w`` for ``b_w = (λI + U_wᵀU_w)⁻¹ U_wᵀ z``.
+
+        Explicit blocks and ``uc="exact"`` give one ``(n_G, n_A)`` matrix; ``uc="factored"``
+        gives the partial factors ``Gᶜ_w (r, n_G)``, ``Aᶜ_w (r, n_A)`` of eq. 28, zero-padded to
+        the rank every rank can agree on. Zeros when there is no curvature or no ``z``, so every
+        rank packs the same shapes.
+        """
         st = self.state[block.weight]
-        if "K" not in st:
-            if block.name not in self._warned:
-                self._warned.add(block.name)
-                warnings.warn(f"SENG: layer {block.name!r} has no curvature yet (it was not "
-                              "called with gradients on a curvature step); it follows the "
-                              "fallback rule d = -g/(1+damping) until it has", stacklevel=3)
-            return g.mul_(-1.0 / (1.0 + lam))
-        z = g
-        if self.config.variant == "lagged":
-            # b from the previous step's gradient (eq. 27); the first step has none.
-            z = st.get("prev_g", g)
-            st["prev_g"] = g.clone()
+        w = block.weight
+        r_slot = self._slot_rank(block)
+        if z is None or "K" not in st:
+            if block.path == "implicit" and self.config.uc == "factored":
+                return [w.new_zeros(r_slot, block.n_G), w.new_zeros(r_slot, block.n_A)]
+            return [w.new_zeros(block.n_G, block.n_A)]
         inverse = self._damped_inverse(block, lam)
         if block.path == "explicit":
             U = st["U"]
-            coeff = solver.explicit_utz(st.get("Xz", U), z.view(-1), st.get("sketch_idx"))
-            uc = solver.explicit_uc(U, inverse @ coeff).view_as(g)
-        else:
-            Gf, Af = st["Gf"], st["Af"]
-            r = Gf.shape[0] // st["K"].shape[0]
-            coeff = solver.implicit_utz(st.get("YG", Gf), st.get("YA", Af), z, r,
-                                        st.get("sketch_g_idx"), st.get("sketch_a_idx"))
-            uc_fn = (solver.implicit_uc_exact if self.config.uc == "exact"
-                     else solver.implicit_uc_factored)
-            uc = uc_fn(Gf, Af, inverse @ coeff, r)
-        return solver.direction(g, uc, lam)
+            coeff = solver.explicit_utz(st.get("Xz", U), z.reshape(-1), st.get("sketch_idx"))
+            return [solver.explicit_uc(U, inverse @ coeff).view(block.n_G, block.n_A)]
+        Gf, Af = st["Gf"], st["Af"]
+        r = Gf.shape[0] // st["K"].shape[0]
+        coeff = solver.implicit_utz(st.get("YG", Gf), st.get("YA", Af), z, r,
+                                    st.get("sketch_g_idx"), st.get("sketch_a_idx"))
+        c = inverse @ coeff
+        if self.config.uc == "exact":
+            return [solver.implicit_uc_exact(Gf, Af, c, r)]
+        gc, ac = solver.partial_factors(Gf, Af, c, r)
+        if r < r_slot:
+            gc = torch.cat([gc, gc.new_zeros(r_slot - r, block.n_G)])
+            ac = torch.cat([ac, ac.new_zeros(r_slot - r, block.n_A)])
+        return [gc, ac]
+
+    def _slot_rank(self, block: Block) -> int:
+        """The most factors a sample of ``block`` can have: ``min(rank, n_G, n_A)``."""
+        rank = self.config.rank
+        return min(block.n_G, block.n_A) if rank is None else min(rank, block.n_G, block.n_A)
+
+    def _combine(self, block: Block, slot: list[Tensor]) -> Tensor:
+        """``mean_w U_w b_w``: the averaged matrix, or eq. 28's product of averaged factors."""
+        if len(slot) == 1:
+            return slot[0]
+        return slot[0].T @ slot[1]
+
+    def _warn_no_curvature(self, block: Block, local: bool) -> None:
+        if block.name in self._warned:
+            return
+        self._warned.add(block.name)
+        why = ("it has curvature here but not on every rank" if local else
+               "it was not called with gradients on a curvature step")
+        warnings.warn(f"SENG: layer {block.name!r} has no curvature yet ({why}); it follows "
+                      "the fallback rule d = -g/(1+damping) until it has", stacklevel=6)
 
     def _damped_inverse(self, block: Block, lam: float) -> Tensor:
         cached = self._inverse.get(block)
@@ -376,5 +508,31 @@ class SENG(torch.optim.Optimizer):
         self._inverse.clear()
         self._arm_for(self._seng["step"])
 
+    def _consistency_settings(self) -> dict[str, str]:
+        """What every rank must agree on: settings, engine and model structure."""
+        out = {f"setting {k}": repr(v) for k, v in self.config.fingerprint().items()}
+        out["engine"] = type(self._comm).__name__
+        out["model wrapped in DistributedDataParallel"] = repr(self._grads_averaged)
+        out["number of preconditioned layers"] = repr(len(self.blocks))
+        for i, b in enumerate(self.blocks):
+            out[f"preconditioned layer {i}"] = f"{b.name} ({b.n_G}x{b.n_A}, {b.path})"
+        shapes = [(n, tuple(p.shape), str(p.dtype)) for n, p in self.model.named_parameters()
+                  if p.requires_grad]
+        out["number of trainable parameters"] = repr(len(shapes))
+        for i, s in enumerate(shapes):
+            out[f"trainable parameter {i}"] = repr(s)
+        return out
+
     def _block_signature(self) -> list[tuple[str, int, int, str]]:
         return [(b.name, b.n_G, b.n_A, b.path) for b in self.blocks]
+
+
+def _flat(slots: list[list[Tensor]]) -> list[Tensor]:
+    return [t for slot in slots for t in slot]
+
+
+def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    """``comm_dtype`` as a name (torch dtypes accepted); validation is SENGConfig's."""
+    if isinstance(dtype, torch.dtype):
+        return next((k for k, v in COMM_DTYPES.items() if v == dtype), str(dtype))
+    return dtype

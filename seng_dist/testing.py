@@ -1,20 +1,35 @@
-"""An independent float64 reference for SENG directions, for tests and accuracy reports.
+"""Test helpers: an independent float64 reference, a distributed emulation, a rank launcher.
 
-It shares nothing with the solver: per-sample gradients come from ``torch.func``
-(``vmap(grad(...))``) on a float64 copy of the model, and each layer's direction is a dense
-solve ``-(U Uᵀ + λI)⁻¹ g``. Models with BatchNorm must be in eval mode: in train mode the batch
-statistics couple the samples and a per-sample gradient is not defined.
+* :func:`reference_directions` shares nothing with the solver: per-sample gradients come from
+  ``torch.func`` (``vmap(grad(...))``) on a float64 copy of the model, and each layer's
+  direction is a dense solve ``-(U Uᵀ + λI)⁻¹ g``. Models with BatchNorm must be in eval mode:
+  in train mode the batch statistics couple the samples and a per-sample gradient is not
+  defined.
+* :func:`emulate_distributed` runs distributed SENG's formulas (DESIGN.md section 2) for M
+  workers in one process, with no communicator: each worker's curvature is built by the
+  (communication-free) single-process code on its shard, and the averaging, the two variants
+  and eq. 28 are written out here with plain tensor means.
+* :func:`run_ranks` starts real processes joined by a Gloo process group, bounded by a timeout.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Callable
+import os
+import socket
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+
+from . import solver
+from .config import resolve
+from .optimizer import SENG
 
 
 def per_sample_gradients(model: nn.Module, x: Tensor, y: Tensor,
@@ -68,3 +83,164 @@ def relative_error(a: Tensor, b: Tensor) -> float:
     """``‖a - b‖ / ‖b‖`` in float64."""
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
+
+
+# --------------------------------------------------------------------------- distributed
+
+def emulate_distributed(model: nn.Module, shards: list[list[tuple[Tensor, Tensor]]],
+                        loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+                        **seng_kwargs: Any) -> list[dict[str, Tensor]]:
+    """Distributed SENG on ``shards[k][w]`` (step k, worker w), emulated in one process.
+
+    Returns the parameters (by name) after every step. Every worker has a replica of
+    ``model``; its curvature comes from a one-process SENG on that replica (so sketches and
+    randomized factors draw from the same seeded generator as a real rank would). The rest is
+    DESIGN.md section 2 written out: ``ḡ = mean_w g_w``; ``z = ḡ + wd·θ``; each worker's
+    ``c_w = (λI + K_w)⁻¹ U_wᵀ z_src`` with ``z_src = z`` (blockdiag, and the first lagged step)
+    or the previous step's ``z`` (lagged); ``d = -(z - mean_w U_w c_w)/λ``, with eq. 28's
+    ``(mean_w Gᶜ_w)ᵀ (mean_w Aᶜ_w)`` on implicit blocks with ``uc="factored"``; the fallback
+    ``-z/(1+λ)``; heavy-ball momentum and ``θ ← θ + lr·v``. Every gradient must be present.
+    """
+    workers = len(shards[0])
+    replicas = [copy.deepcopy(model) for _ in range(workers)]
+    opts = [SENG(r, comm="local", **seng_kwargs) for r in replicas]
+    cfg = opts[0].config
+    names = {id(p): n for n, p in replicas[0].named_parameters()}
+    momentum: dict[str, Tensor] = {}
+    previous: list[Tensor] | None = None
+    history = []
+    for k, step_shards in enumerate(shards):
+        for opt, rep, (x, y) in zip(opts, replicas, step_shards):
+            opt.zero_grad()
+            loss_fn(rep(x), y).backward()
+            opt._refresh_curvature()
+        lr, lam, mu, wd = (float(resolve(getattr(cfg, h), k))
+                           for h in ("lr", "damping", "momentum", "weight_decay"))
+        l2 = 0.0 if cfg.decoupled_weight_decay else wd
+        per_block = list(zip(*(o.blocks for o in opts)))  # block i of every worker
+        # The same operation forms as the optimizer (alpha-adds, products with reciprocals),
+        # so that only the order of the ranks' sums can differ from a real run.
+        zs = [torch.stack([b.grad_matrix() for b in bs]).mean(0).add_(bs[0].param_matrix(),
+                                                                     alpha=l2)
+              for bs in per_block]
+        sources = previous if cfg.variant == "lagged" and previous is not None else zs
+        update: dict[str, Tensor] = {}
+        for bs, z, src in zip(per_block, zs, sources):
+            parts = [_worker_correction(o, b, src, lam, cfg.uc) for o, b in zip(opts, bs)]
+            if len(parts[0]) == 1:
+                uc = torch.stack([p[0] for p in parts]).mean(0)
+            else:
+                uc = (torch.stack([p[0] for p in parts]).mean(0).T
+                      @ torch.stack([p[1] for p in parts]).mean(0))
+            d = (uc - z) / lam
+            for p, piece in zip(bs[0].params, bs[0].split(d)):
+                update[names[id(p)]] = piece
+        fallback = list(zip(*(o._fallback for o in opts)))
+        for ps in fallback:
+            g = torch.stack([p.grad for p in ps]).mean(0).add_(ps[0].detach(), alpha=l2)
+            update[names[id(ps[0])]] = g * (-1.0 / (1.0 + lam))
+        previous = zs
+        params = dict(replicas[0].named_parameters())
+        with torch.no_grad():
+            for name, d in update.items():
+                if mu:
+                    v = momentum[name] = (d.clone() if name not in momentum
+                                          else momentum[name].mul_(mu).add_(d))
+                else:
+                    v = d
+                p = params[name]
+                if cfg.decoupled_weight_decay and wd:
+                    p.mul_(1.0 - lr * wd)
+                p.add_(v, alpha=lr)
+            for rep in replicas[1:]:
+                for mine, theirs in zip(rep.parameters(), replicas[0].parameters()):
+                    mine.copy_(theirs)
+        for opt in opts:
+            opt._seng["step"] = k + 1
+            opt._arm_for(k + 1)
+        history.append({n: p.detach().clone() for n, p in params.items()})
+    return history
+
+
+def _worker_correction(opt: SENG, block: Any, z: Tensor, lam: float, uc: str
+                       ) -> tuple[Tensor, ...]:
+    """One worker's ``U_w c_w`` (a matrix), or its partial factors ``(Gᶜ_w, Aᶜ_w)``."""
+    st = opt.state[block.weight]
+    inverse = solver.damped_inverse(st["K"], lam)
+    if block.path == "explicit":
+        U = st["U"]
+        c = inverse @ solver.explicit_utz(st.get("Xz", U), z.reshape(-1), st.get("sketch_idx"))
+        return (solver.explicit_uc(U, c).view_as(z),)
+    Gf, Af = st["Gf"], st["Af"]
+    r = Gf.shape[0] // st["K"].shape[0]
+    c = inverse @ solver.implicit_utz(st.get("YG", Gf), st.get("YA", Af), z, r,
+                                      st.get("sketch_g_idx"), st.get("sketch_a_idx"))
+    if uc == "exact":
+        return (solver.implicit_uc_exact(Gf, Af, c, r),)
+    return solver.partial_factors(Gf, Af, c, r)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, outdir: str, fn: Callable,
+               args: tuple) -> None:
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        dist.destroy_process_group()
+        torch.save(result, os.path.join(outdir, f"{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(outdir, f"{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0
+              ) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` new processes joined by Gloo.
+
+    ``fn`` must be importable (a module-level function). Returns each rank's result. A rank
+    that fails raises ``RuntimeError`` with its traceback; if the ranks are not all done
+    within ``timeout`` seconds, all are killed and ``TimeoutError`` is raised, so a bug that
+    deadlocks a collective fails a test instead of hanging it.
+    """
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as outdir:
+        port = _free_port()
+        procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, outdir, fn, args),
+                             daemon=True) for r in range(world_size)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        alive = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        errors = []
+        for r in range(world_size):
+            path = os.path.join(outdir, f"{r}.err")
+            if os.path.exists(path):
+                with open(path) as f:
+                    errors.append(f"rank {r}:\n{f.read()}")
+        if errors:
+            raise RuntimeError("\n".join(errors))
+        if alive:
+            raise TimeoutError(f"ranks {alive} of {world_size} still running after "
+                               f"{timeout:.0f} s; killed")
+        bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+        if bad:
+            raise RuntimeError(f"ranks exited abnormally (rank, exit code): {bad}")
+        return [torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False)
+                for r in range(world_size)]

@@ -1,0 +1,35 @@
+"""Backend-neutral communication for distributed SENG.
+
+``make_communicator(comm)`` turns the optimizer's ``comm`` argument into a
+:class:`Communicator`: None picks torch.distributed when a process group is initialised and
+the local (one-process) communicator otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import COMM_DTYPES, Communicator, CountingCommunicator, LocalCommunicator
+
+ENGINES = ("local", "torch")
+
+__all__ = ["COMM_DTYPES", "Communicator", "CountingCommunicator", "LocalCommunicator",
+           "ENGINES", "make_communicator"]
+
+
+def make_communicator(comm: Any) -> Communicator:
+    """The communicator for ``comm``: None, one of :data:`ENGINES`, or a Communicator."""
+    if isinstance(comm, Communicator):
+        return comm
+    if comm is None:
+        dist = torch.distributed
+        comm = "torch" if dist.is_available() and dist.is_initialized() else "local"
+    if comm == "local":
+        return LocalCommunicator()
+    if comm == "torch":
+        from .torch_dist import TorchCommunicator
+        return TorchCommunicator()
+    raise ValueError(f"comm must be None, one of {', '.join(map(repr, ENGINES))}, or a "
+                     f"seng_dist.comm.Communicator instance, got {comm!r}")

@@ -1,0 +1,191 @@
+"""The communication seam: one small abstract class every engine implements.
+
+The distributed SENG variants talk only to :class:`Communicator`. An engine implements four
+primitives on ONE flat, contiguous buffer (sum-allreduce, broadcast, allgather, barrier); the
+public methods here pack a list of tensors into that buffer (optionally cast to a lower
+``comm_dtype``), run one collective, and unpack, so every round is one call to the engine.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+#: ``comm_dtype`` names and the dtypes they mean.
+COMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Communicator(ABC):
+    """Collectives over the ranks of one job, fused into one flat buffer per call.
+
+    Subclasses set ``rank`` and ``world_size`` and implement the four primitives; ``name`` is a
+    deterministic label for engines that match operations by name across ranks (Horovod).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    # ------------------------------------------------------------------ engine primitives
+    @abstractmethod
+    def _allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
+        """Sum ``buf`` (1-D, contiguous) over all ranks, in place."""
+
+    @abstractmethod
+    def _broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
+        """Overwrite ``buf`` (1-D, contiguous) with rank ``src``'s copy."""
+
+    @abstractmethod
+    def _allgather_flat(self, buf: Tensor, name: str) -> Tensor:
+        """Every rank's ``buf`` (same length on all ranks) stacked: ``(world_size, len)``."""
+
+    @abstractmethod
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+
+    # ------------------------------------------------------------------ fused public API
+    def allreduce_mean_(self, tensors: Sequence[Tensor], *, name: str,
+                        comm_dtype: torch.dtype | None = None) -> None:
+        """Replace each tensor by its mean over ranks, in place, with one collective.
+
+        Tensors are packed into one flat buffer of ``comm_dtype`` (default: their own dtype;
+        tensors of several dtypes without a ``comm_dtype`` take one buffer per dtype).
+        """
+        if self.world_size == 1 or not tensors:
+            return
+        for i, (dtype, group) in enumerate(_by_dtype(tensors, comm_dtype).items()):
+            buf = _pack(group, dtype)
+            self._allreduce_sum_flat_(buf, f"{name}.{i}")
+            # Sum then divide (not divide then sum): a mean of equal values stays exact, which
+            # the 0/1 flags packed with the gradients rely on.
+            buf.div_(self.world_size)
+            _unpack(buf, group)
+
+    def broadcast_(self, tensors: Sequence[Tensor], *, name: str, src: int = 0) -> None:
+        """Overwrite each tensor with rank ``src``'s copy, in place, one collective per dtype."""
+        if self.world_size == 1 or not tensors:
+            return
+        for i, (dtype, group) in enumerate(_by_dtype(tensors, None).items()):
+            buf = _pack(group, dtype)
+            self._broadcast_flat_(buf, src, f"{name}.{i}")
+            _unpack(buf, group)
+
+    def allgather(self, tensor: Tensor, *, name: str) -> Tensor:
+        """``(world_size, *tensor.shape)``: every rank's ``tensor`` (same shape everywhere)."""
+        if self.world_size == 1:
+            return tensor.unsqueeze(0).clone()
+        flat = tensor.detach().reshape(-1).contiguous()
+        return self._allgather_flat(flat, name).view(self.world_size, *tensor.shape)
+
+    def check_consistent(self, settings: dict[str, str], what: str = "SENG") -> None:
+        """Raise ``ValueError`` on every rank if ``settings`` differ between ranks.
+
+        The message names each differing setting with every rank's value, so a job launched
+        with a wrong flag on one node says which flag.
+        """
+        if self.world_size == 1:
+            return
+        data = torch.tensor(list(json.dumps(settings, sort_keys=True).encode()),
+                            dtype=torch.uint8)
+        lengths = self.allgather(torch.tensor([data.numel()], dtype=torch.int64),
+                                 name=f"{what}.consistency.len").view(-1).tolist()
+        padded = torch.zeros(max(lengths), dtype=torch.uint8)
+        padded[:data.numel()] = data
+        rows = self.allgather(padded, name=f"{what}.consistency.data")
+        views = [json.loads(bytes(rows[r, :lengths[r]].tolist()).decode())
+                 for r in range(self.world_size)]
+        keys = sorted(set().union(*views))
+        diff = [k for k in keys if len({json.dumps(v.get(k)) for v in views}) > 1]
+        if diff:
+            lines = [f"  {k}: " + ", ".join(f"rank {r}: {_short(v.get(k, '<missing>'))}"
+                                            for r, v in enumerate(views)) for k in diff]
+            raise ValueError(f"{what} settings or model structure differ across the "
+                             f"{self.world_size} ranks; every rank must build the same model "
+                             "and pass the same settings:\n" + "\n".join(lines))
+
+
+class LocalCommunicator(Communicator):
+    """One process: every collective is the identity."""
+
+    def _allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
+        pass
+
+    def _broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
+        pass
+
+    def _allgather_flat(self, buf: Tensor, name: str) -> Tensor:
+        return buf.unsqueeze(0).clone()
+
+    def barrier(self) -> None:
+        pass
+
+
+class CountingCommunicator(Communicator):
+    """Wraps a communicator and counts the collectives and payload bytes it runs.
+
+    Counting happens at the flat-buffer level, so one count is one call into the engine and
+    the bytes are those of the packed buffer (in ``comm_dtype`` when one is used).
+    """
+
+    def __init__(self, inner: Communicator) -> None:
+        if not isinstance(inner, Communicator):
+            raise TypeError(f"CountingCommunicator wraps a Communicator, got {type(inner)}")
+        self.inner = inner
+        self.rank, self.world_size = inner.rank, inner.world_size
+        self.calls: list[tuple[str, str, int]] = []  # (kind, name, bytes)
+
+    def reset(self) -> None:
+        self.calls.clear()
+
+    @property
+    def collectives(self) -> int:
+        return len(self.calls)
+
+    @property
+    def bytes(self) -> int:
+        return sum(c[2] for c in self.calls)
+
+    def _record(self, kind: str, name: str, buf: Tensor) -> None:
+        self.calls.append((kind, name, buf.numel() * buf.element_size()))
+
+    def _allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
+        self._record("allreduce", name, buf)
+        self.inner._allreduce_sum_flat_(buf, name)
+
+    def _broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
+        self._record("broadcast", name, buf)
+        self.inner._broadcast_flat_(buf, src, name)
+
+    def _allgather_flat(self, buf: Tensor, name: str) -> Tensor:
+        self._record("allgather", name, buf)
+        return self.inner._allgather_flat(buf, name)
+
+    def barrier(self) -> None:
+        self.inner.barrier()
+
+
+def _by_dtype(tensors: Sequence[Tensor], comm_dtype: torch.dtype | None
+              ) -> dict[torch.dtype, list[Tensor]]:
+    groups: dict[torch.dtype, list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        groups[comm_dtype or t.dtype].append(t)
+    return groups
+
+
+def _pack(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+
+
+def _unpack(buf: Tensor, tensors: list[Tensor]) -> None:
+    chunks = torch.split(buf, [t.numel() for t in tensors])
+    torch._foreach_copy_([t.detach() for t in tensors],
+                         [c.view(t.shape) for c, t in zip(chunks, tensors)])
+
+
+def _short(value: object, limit: int = 120) -> str:
+    text = repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -1,0 +1,49 @@
+"""The torch.distributed engine: NCCL on GPU, Gloo on CPU, through a process group."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .base import Communicator
+
+
+class TorchCommunicator(Communicator):
+    """Collectives through ``torch.distributed`` on ``group`` (default: the world group).
+
+    Needs ``torch.distributed.init_process_group`` first (``torchrun`` sets the environment
+    for it). With NCCL, buffers must live on the current CUDA device; small bookkeeping
+    tensors (the consistency check) are moved there.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "comm='torch' needs an initialised torch.distributed process group: call "
+                "torch.distributed.init_process_group('gloo' or 'nccl') first (torchrun sets "
+                "RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for it)")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        backend = str(dist.get_backend(group)).lower()
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if "nccl" in backend and torch.cuda.is_available()
+                       else torch.device("cpu"))
+
+    def _allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+
+    def _broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
+        dist.broadcast(buf, src=dist.get_global_rank(self.group, src)
+                       if self.group is not None else src, group=self.group)
+
+    def _allgather_flat(self, buf: Tensor, name: str) -> Tensor:
+        local = buf.to(self.device)
+        out = torch.empty(self.world_size * local.numel(), dtype=local.dtype,
+                          device=self.device)
+        dist.all_gather_into_tensor(out, local, group=self.group)
+        return out.to(buf.device)
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)

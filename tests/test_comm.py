@@ -1,0 +1,94 @@
+"""The communicator seam: fused packing, the engines' primitives on real Gloo ranks, counting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seng_dist.comm import (Communicator, CountingCommunicator, LocalCommunicator,
+                            make_communicator)
+from seng_dist.comm.base import _pack, _unpack
+from seng_dist.comm.torch_dist import TorchCommunicator
+from seng_dist.testing import run_ranks
+
+
+def test_pack_and_unpack_round_trip_shapes_and_dtypes():
+    tensors = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 1, 2)]
+    buf = _pack(tensors, torch.float32)
+    assert buf.shape == (12 + 5 + 4,)
+    targets = [torch.empty_like(t) for t in tensors]
+    _unpack(buf, targets)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, targets))
+    half = _pack(tensors, torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    _unpack(half, targets)  # back into float32 tensors, rounded through bf16
+    assert all(torch.allclose(a, b, rtol=1e-2, atol=1e-2) for a, b in zip(tensors, targets))
+
+
+def test_make_communicator_choices():
+    assert isinstance(make_communicator(None), LocalCommunicator)  # no process group here
+    assert isinstance(make_communicator("local"), LocalCommunicator)
+    mine = LocalCommunicator()
+    assert make_communicator(mine) is mine
+    with pytest.raises(ValueError, match="comm must be None, one of 'local', 'torch'"):
+        make_communicator("nccl")
+    with pytest.raises(ValueError, match="init_process_group"):
+        make_communicator("torch")
+    with pytest.raises(TypeError, match="wraps a Communicator"):
+        CountingCommunicator("torch")
+
+
+def test_one_process_collectives_are_the_identity():
+    comm = CountingCommunicator(LocalCommunicator())
+    t = torch.arange(4.0)
+    comm.allreduce_mean_([t], name="x")
+    comm.broadcast_([t], name="y")
+    assert torch.equal(t, torch.arange(4.0))
+    assert torch.equal(comm.allgather(t, name="z"), t.unsqueeze(0))
+    comm.check_consistent({"a": "1"})
+    assert comm.collectives == 0  # nothing to send on one process
+
+
+def _collectives(rank: int, world: int) -> dict:
+    comm = CountingCommunicator(TorchCommunicator())
+    assert isinstance(comm, Communicator) and (comm.rank, comm.world_size) == (rank, world)
+    a = torch.full((2, 3), float(rank))
+    b = torch.full((4,), float(10 * rank), dtype=torch.float64)
+    c = torch.full((5,), float(rank + 1))
+    comm.allreduce_mean_([a, b, c], name="mixed")
+    mixed = (a.clone(), b.clone(), c.clone(), list(comm.calls))
+    comm.reset()
+    d = torch.full((3,), float(rank + 1))
+    e = torch.full((2,), float(-rank), dtype=torch.float64)
+    comm.allreduce_mean_([d, e], name="cast", comm_dtype=torch.bfloat16)
+    cast = (d.clone(), e.clone(), list(comm.calls))
+    comm.reset()
+    f = torch.full((3,), float(rank))
+    comm.broadcast_([f], name="bcast", src=world - 1)
+    gathered = comm.allgather(torch.tensor([rank, 7 * rank]), name="gather")
+    try:
+        comm.check_consistent({"same": "x", "rank-dependent": f"r{rank}"}, what="Test")
+        mismatch = ""
+    except ValueError as err:
+        mismatch = str(err)
+    return {"mixed": mixed, "cast": cast, "bcast": f, "gathered": gathered,
+            "mismatch": mismatch}
+
+
+def test_fused_collectives_on_three_gloo_ranks():
+    world = 3
+    for rank, res in enumerate(run_ranks(_collectives, world, timeout=120)):
+        a, b, c, calls = res["mixed"]
+        assert torch.equal(a, torch.full((2, 3), 1.0))  # mean of 0, 1, 2
+        assert torch.equal(b, torch.full((4,), 10.0, dtype=torch.float64))
+        assert torch.equal(c, torch.full((5,), 2.0))
+        # one buffer per dtype: float32 (a and c, 11 values) and float64 (b, 4 values)
+        assert sorted(n for _, _, n in calls) == [4 * 8, 11 * 4]
+        d, e, calls = res["cast"]
+        assert torch.equal(d, torch.full((3,), 2.0)) and e.dtype == torch.float64
+        assert torch.equal(e, torch.full((2,), -1.0, dtype=torch.float64))
+        assert [n for _, _, n in calls] == [5 * 2]  # one bf16 buffer for both dtypes
+        assert torch.equal(res["bcast"], torch.full((3,), 2.0))
+        assert res["gathered"].tolist() == [[0, 0], [1, 7], [2, 14]]
+        assert "rank-dependent: rank 0: r0, rank 1: r1, rank 2: r2" in res["mismatch"]
+        assert "same" not in res["mismatch"].split("\n", 1)[1]
