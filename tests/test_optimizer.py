@@ -46,7 +46,7 @@ def _net():
     (dict(sketch_replacement=1), "sketch_replacement must be True or False"),
     (dict(comm="horovod"), "comm must be None, one of 'local', 'torch'"),
     (dict(seed=1.5), "seed must be an int"),
-    (dict(comm_dtype="int8"), "comm_dtype must be None (the gradients' dtype) or one of"),
+    (dict(comm_dtype="int8"), "comm_dtype must be None .* or one of 'float32', 'bfloat16'"),
     (dict(comm_dtype=torch.float64), "comm_dtype must be None"),
 ])
 def test_bad_settings_raise_naming_the_setting(kwargs, message):
