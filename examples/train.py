@@ -1,10 +1,13 @@
-"""Train a model on Fashion-MNIST with SENG (or SGD / Adam for comparison), one process.
+"""Train a model on Fashion-MNIST with SENG (or SGD / Adam for comparison).
 
     python examples/train.py                                  # small CNN, 1 epoch, SENG
     python examples/train.py --optimizer sgd --lr 0.05 --epochs 3
     python examples/train.py --model resnet18 --batch-size 128 --train-limit 5000
+    torchrun --nproc_per_node 2 examples/train.py --variant lagged   # 2 Gloo ranks on CPU
 
-Prints one JSON line of metrics per epoch and ends with the test accuracy.
+Under torchrun every rank trains on its own shard of each global batch (``--batch-size`` per
+rank), SENG averages the gradients itself (SGD and Adam use DistributedDataParallel), and rank
+0 prints one JSON line of metrics per epoch and ends with the test accuracy.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import load_fashion_mnist  # noqa: E402
@@ -49,8 +54,18 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--schedule", default="cosine", choices=["cosine", "exp", "constant"])
     ap.add_argument("--train-limit", type=int, default=None, help="use the first N images")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variant", default="blockdiag", choices=["blockdiag", "lagged"],
+                    help="distributed SENG variant (eq. 26 or eq. 27)")
+    ap.add_argument("--comm-dtype", default=None, choices=["bfloat16", "float16"],
+                    help="dtype of SENG's communication buffer (default: the gradients')")
     args = ap.parse_args(argv)
 
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        dist.init_process_group("gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.manual_seed(args.seed)
     cifar = args.model != "cnn"
     x_train, y_train = load_fashion_mnist(True, cifar_style=cifar)
@@ -58,7 +73,7 @@ def main(argv: list[str] | None = None) -> float:
     if args.train_limit:
         x_train, y_train = x_train[:args.train_limit], y_train[:args.train_limit]
     model = MODELS[args.model](num_classes=10, in_channels=x_train.shape[1])
-    steps_per_epoch = len(x_train) // args.batch_size
+    steps_per_epoch = len(x_train) // (args.batch_size * world)
     lr = args.lr if args.lr is not None else (1e-3 if args.optimizer == "adam" else 0.05)
     if args.schedule == "cosine":
         lr_fn = schedules.cosine(lr, args.epochs, steps_per_epoch, final=lr * 0.01)
@@ -69,9 +84,12 @@ def main(argv: list[str] | None = None) -> float:
     if args.optimizer == "seng":
         opt = SENG(model, lr=lr_fn, damping=args.damping, momentum=0.9,
                    weight_decay=args.weight_decay,
-                   curvature_update_interval=args.curvature_interval)
+                   curvature_update_interval=args.curvature_interval,
+                   variant=args.variant, comm_dtype=args.comm_dtype)
         scheduler = None
     else:
+        if distributed:
+            model = DistributedDataParallel(model)
         opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9,
                                weight_decay=args.weight_decay)
                if args.optimizer == "sgd" else
@@ -85,7 +103,8 @@ def main(argv: list[str] | None = None) -> float:
         order = torch.randperm(len(x_train), generator=gen)
         total, seen = 0.0, 0
         for i in range(steps_per_epoch):
-            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+            first = (i * world + rank) * args.batch_size  # this rank's shard of the batch
+            idx = order[first:first + args.batch_size]
             opt.zero_grad()
             loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             loss.backward()
@@ -94,11 +113,19 @@ def main(argv: list[str] | None = None) -> float:
                 scheduler.step()
             total += loss.item() * len(idx)
             seen += len(idx)
-        acc = evaluate(model, x_test, y_test)
-        print(json.dumps({"epoch": epoch + 1, "train_loss": round(total / seen, 4),
-                          "test_acc": round(acc, 4), "lr": opt.param_groups[0]["lr"],
-                          "wall_s": round(time.perf_counter() - start, 1)}), flush=True)
-    print(f"test accuracy: {acc:.4f} ({args.optimizer}, {args.model}, {args.epochs} epoch(s))")
+        sums = torch.tensor([total, seen], dtype=torch.float64)
+        if distributed:
+            dist.all_reduce(sums)
+        acc = evaluate(model, x_test, y_test)  # the ranks hold the same parameters
+        if rank == 0:
+            print(json.dumps({"epoch": epoch + 1, "train_loss": round(float(sums[0] / sums[1]), 4),
+                              "test_acc": round(acc, 4), "lr": opt.param_groups[0]["lr"],
+                              "wall_s": round(time.perf_counter() - start, 1)}), flush=True)
+    if rank == 0:
+        print(f"test accuracy: {acc:.4f} ({args.optimizer}, {args.model}, {args.epochs} "
+              f"epoch(s), {world} rank(s))")
+    if distributed:
+        dist.destroy_process_group()
     return acc
 
 

@@ -83,11 +83,11 @@ def test_fused_collectives_on_three_gloo_ranks():
         assert torch.equal(b, torch.full((4,), 10.0, dtype=torch.float64))
         assert torch.equal(c, torch.full((5,), 2.0))
         # one buffer per dtype: float32 (a and c, 11 values) and float64 (b, 4 values)
-        assert sorted(n for _, _, n in calls) == [4 * 8, 11 * 4]
+        assert sorted(call[2] for call in calls) == [4 * 8, 11 * 4]
         d, e, calls = res["cast"]
         assert torch.equal(d, torch.full((3,), 2.0)) and e.dtype == torch.float64
         assert torch.equal(e, torch.full((2,), -1.0, dtype=torch.float64))
-        assert [n for _, _, n in calls] == [5 * 2]  # one bf16 buffer for both dtypes
+        assert [call[2] for call in calls] == [5 * 2]  # one bf16 buffer for both dtypes
         assert torch.equal(res["bcast"], torch.full((3,), 2.0))
         assert res["gathered"].tolist() == [[0, 0], [1, 7], [2, 14]]
         assert "rank-dependent: rank 0: r0, rank 1: r1, rank 2: r2" in res["mismatch"]

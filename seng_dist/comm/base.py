@@ -9,9 +9,10 @@ public methods here pack a list of tensors into that buffer (optionally cast to 
 from __future__ import annotations
 
 import json
+import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -128,7 +129,9 @@ class CountingCommunicator(Communicator):
     """Wraps a communicator and counts the collectives and payload bytes it runs.
 
     Counting happens at the flat-buffer level, so one count is one call into the engine and
-    the bytes are those of the packed buffer (in ``comm_dtype`` when one is used).
+    the bytes are those of the packed buffer (in ``comm_dtype`` when one is used). ``calls``
+    holds ``(kind, name, bytes, seconds)`` per collective; the seconds are wall time in the
+    engine's call (with NCCL, the launch only: the collective itself is asynchronous).
     """
 
     def __init__(self, inner: Communicator) -> None:
@@ -136,7 +139,7 @@ class CountingCommunicator(Communicator):
             raise TypeError(f"CountingCommunicator wraps a Communicator, got {type(inner)}")
         self.inner = inner
         self.rank, self.world_size = inner.rank, inner.world_size
-        self.calls: list[tuple[str, str, int]] = []  # (kind, name, bytes)
+        self.calls: list[tuple[str, str, int, float]] = []
 
     def reset(self) -> None:
         self.calls.clear()
@@ -149,20 +152,26 @@ class CountingCommunicator(Communicator):
     def bytes(self) -> int:
         return sum(c[2] for c in self.calls)
 
-    def _record(self, kind: str, name: str, buf: Tensor) -> None:
-        self.calls.append((kind, name, buf.numel() * buf.element_size()))
+    @property
+    def seconds(self) -> float:
+        return sum(c[3] for c in self.calls)
+
+    def _timed(self, kind: str, name: str, buf: Tensor, call: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        out = call()
+        self.calls.append((kind, name, buf.numel() * buf.element_size(),
+                           time.perf_counter() - start))
+        return out
 
     def _allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
-        self._record("allreduce", name, buf)
-        self.inner._allreduce_sum_flat_(buf, name)
+        self._timed("allreduce", name, buf, lambda: self.inner._allreduce_sum_flat_(buf, name))
 
     def _broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
-        self._record("broadcast", name, buf)
-        self.inner._broadcast_flat_(buf, src, name)
+        self._timed("broadcast", name, buf,
+                    lambda: self.inner._broadcast_flat_(buf, src, name))
 
     def _allgather_flat(self, buf: Tensor, name: str) -> Tensor:
-        self._record("allgather", name, buf)
-        return self.inner._allgather_flat(buf, name)
+        return self._timed("allgather", name, buf, lambda: self.inner._allgather_flat(buf, name))
 
     def barrier(self) -> None:
         self.inner.barrier()

@@ -8,6 +8,9 @@ from torch import Tensor
 
 from .base import Communicator
 
+# torch 2.13 renamed all_gather_into_tensor (now deprecated); older releases have only it.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class TorchCommunicator(Communicator):
     """Collectives through ``torch.distributed`` on ``group`` (default: the world group).
@@ -42,7 +45,7 @@ class TorchCommunicator(Communicator):
         local = buf.to(self.device)
         out = torch.empty(self.world_size * local.numel(), dtype=local.dtype,
                           device=self.device)
-        dist.all_gather_into_tensor(out, local, group=self.group)
+        _all_gather(out, local, group=self.group)
         return out.to(buf.device)
 
     def barrier(self) -> None:
