@@ -33,3 +33,21 @@ def test_train_script_learns_with_seng(capsys):
     out = capsys.readouterr().out
     assert '"epoch": 1' in out and "test accuracy:" in out
     assert acc > 0.6  # chance is 0.1; 24 SENG steps on real data
+
+
+def test_train_script_under_torchrun_with_two_gloo_ranks():
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", str(root / "examples" / "train.py"), "--train-limit", "3072", "--batch-size",
+           "32", "--curvature-interval", "5", "--variant", "lagged"]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("test accuracy:")]
+    assert len(lines) == 1, done.stdout  # rank 0 only
+    assert "2 rank(s)" in lines[0]
+    assert float(lines[0].split()[2]) > 0.6  # 48 steps of global batch 64
