@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: install what it needs, then run pytest.
+# The whole test suite on a fresh machine: install what it needs (the package, then the engines
+# the tests launch), then run pytest. With SENG_REQUIRE_ENGINES=1 an engine test fails instead
+# of skipping when its engine is missing, so a broken install cannot pass quietly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/install.sh
-python3 -m pytest -q -p no:cacheprovider tests
+bash ci/install_horovod.sh
+SENG_REQUIRE_ENGINES=1 python3 -m pytest -q -p no:cacheprovider tests

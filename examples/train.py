@@ -4,10 +4,13 @@
     python examples/train.py --optimizer sgd --lr 0.05 --epochs 3
     python examples/train.py --model resnet18 --batch-size 128 --train-limit 5000
     torchrun --nproc_per_node 2 examples/train.py --variant lagged   # 2 Gloo ranks on CPU
+    horovodrun -np 2 -H localhost:2 --gloo python examples/train.py   # Horovod
 
-Under torchrun every rank trains on its own shard of each global batch (``--batch-size`` per
-rank), SENG averages the gradients itself (SGD and Adam use DistributedDataParallel), and rank
-0 prints one JSON line of metrics per epoch and ends with the test accuracy.
+Distributed, every rank trains on its own shard of each global batch (``--batch-size`` per
+rank), SENG averages the gradients itself (SGD and Adam use the engine's data parallelism:
+DistributedDataParallel or hvd.DistributedOptimizer), and rank 0 prints one JSON line of
+metrics per epoch and ends with the test accuracy. The engine comes from the launcher's
+environment, or ``--engine``.
 """
 
 from __future__ import annotations
@@ -19,12 +22,11 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import load_fashion_mnist  # noqa: E402
+import engines  # noqa: E402
 from models import MODELS  # noqa: E402
 
 from seng_dist import SENG, schedules  # noqa: E402
@@ -58,14 +60,12 @@ def main(argv: list[str] | None = None) -> float:
                     help="distributed SENG variant (eq. 26 or eq. 27)")
     ap.add_argument("--comm-dtype", default=None, choices=["bfloat16", "float16"],
                     help="dtype of SENG's communication buffer (default: the gradients')")
+    ap.add_argument("--engine", default="auto", choices=engines.ENGINES,
+                    help="distributed engine (auto: from the launcher's environment)")
     args = ap.parse_args(argv)
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and not dist.is_initialized():
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-        dist.init_process_group("gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    engine = engines.start(args.engine)
+    rank, world = engine.rank, engine.world
     torch.manual_seed(args.seed)
     cifar = args.model != "cnn"
     x_train, y_train = load_fashion_mnist(True, cifar_style=cifar)
@@ -85,15 +85,14 @@ def main(argv: list[str] | None = None) -> float:
         opt = SENG(model, lr=lr_fn, damping=args.damping, momentum=0.9,
                    weight_decay=args.weight_decay,
                    curvature_update_interval=args.curvature_interval,
-                   variant=args.variant, comm_dtype=args.comm_dtype)
+                   variant=args.variant, comm_dtype=args.comm_dtype, comm=engine.name)
         scheduler = None
     else:
-        if distributed:
-            model = DistributedDataParallel(model)
         opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9,
                                weight_decay=args.weight_decay)
                if args.optimizer == "sgd" else
                torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay))
+        model, opt = engine.data_parallel(model, opt)
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_fn(s) / lr)
 
     gen = torch.Generator().manual_seed(args.seed)
@@ -113,9 +112,7 @@ def main(argv: list[str] | None = None) -> float:
                 scheduler.step()
             total += loss.item() * len(idx)
             seen += len(idx)
-        sums = torch.tensor([total, seen], dtype=torch.float64)
-        if distributed:
-            dist.all_reduce(sums)
+        sums = engine.sum_(torch.tensor([total, seen], dtype=torch.float64))
         acc = evaluate(model, x_test, y_test)  # the ranks hold the same parameters
         if rank == 0:
             print(json.dumps({"epoch": epoch + 1, "train_loss": round(float(sums[0] / sums[1]), 4),
@@ -124,8 +121,7 @@ def main(argv: list[str] | None = None) -> float:
     if rank == 0:
         print(f"test accuracy: {acc:.4f} ({args.optimizer}, {args.model}, {args.epochs} "
               f"epoch(s), {world} rank(s))")
-    if distributed:
-        dist.destroy_process_group()
+    engine.finish()
     return acc
 
 

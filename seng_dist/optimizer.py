@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any, Callable, Iterable
 
 import torch
@@ -19,6 +20,11 @@ from .layers import Block, find_blocks
 _SCHEDULED = ("lr", "damping", "momentum", "weight_decay")
 _CURVATURE_KEYS = ("U", "Xz", "sketch_idx", "Gf", "Af", "YG", "YA", "sketch_g_idx",
                    "sketch_a_idx", "K")
+
+
+# id(param_groups) -> the SENG that owns them, so that hvd.DistributedOptimizer (which builds a
+# subclass instance from ``optimizer.param_groups``) can be given the original's set-up.
+_LIVE: "weakref.WeakValueDictionary[int, SENG]" = weakref.WeakValueDictionary()
 
 
 class SENG(torch.optim.Optimizer):
@@ -101,6 +107,9 @@ class SENG(torch.optim.Optimizer):
                  skip_layers: Iterable[str | type] = (),
                  loss_reduction: str = "mean",
                  seed: int = 0) -> None:
+        if isinstance(model, list) and id(model) in _LIVE:
+            self._adopt(_LIVE[id(model)])
+            return
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.config = SENGConfig(
@@ -143,13 +152,35 @@ class SENG(torch.optim.Optimizer):
         self._seng: dict[str, Any] = {"step": 0, "curvature_updates": 0,
                                       "curvature_skips": 0}
         self._capture = Capture(model, self.blocks)
+        self._rebuild = False  # rebuild the curvature at the next step (see broadcast_state)
         self._comm = make_communicator(comm)
         self._comm_dtype = COMM_DTYPES[cfg.comm_dtype] if cfg.comm_dtype else None
+        if self._comm_dtype in self._comm.unsupported_dtypes:
+            raise ValueError(f"comm_dtype={cfg.comm_dtype!r} is not supported by the "
+                             f"{self._comm.name} engine; use one of "
+                             + ", ".join(repr(k) for k, v in COMM_DTYPES.items()
+                                         if v not in self._comm.unsupported_dtypes))
         if self._comm.world_size > 1:
             self._comm.check_consistent(self._consistency_settings())
             self._comm.broadcast_([t.detach() for t in model.parameters()]
                                   + list(model.buffers()), name="seng.init")
         self._arm_for(0)
+        _LIVE[id(self.param_groups)] = self
+
+    def _adopt(self, original: "SENG") -> None:
+        """Become ``original`` inside ``hvd.DistributedOptimizer(original, ...)``.
+
+        Horovod builds its wrapper by calling the optimizer class on ``original.param_groups``;
+        the wrapper shares the original's model, curvature, state and communicator, and since
+        Horovod's hooks average the gradients in backward, SENG averages only its corrections.
+        """
+        self.__dict__.update(original.__dict__)
+        self._grads_averaged = True
+        if self.config.variant == "lagged":
+            warnings.warn("SENG: wrapped in hvd.DistributedOptimizer, which averages the "
+                          "gradients in backward; variant='lagged' then costs Horovod's "
+                          "allreduces plus SENG's one per step. Use SENG alone to send gradient "
+                          "and correction together.", stacklevel=3)
 
     # ------------------------------------------------------------------ public helpers
     @property
@@ -166,6 +197,32 @@ class SENG(torch.optim.Optimizer):
     def curvature_updates(self) -> int:
         """Curvature updates done."""
         return self._seng["curvature_updates"]
+
+    def broadcast_state(self, src: int = 0) -> None:
+        """Give every rank rank ``src``'s parameters, buffers and optimizer state, and rebuild
+        the curvature on every rank at the next step.
+
+        For a resume where only ``src`` loaded the checkpoint (Horovod's usual start:
+        ``hvd.broadcast_parameters`` + ``hvd.broadcast_optimizer_state``; the latter does not
+        know SENG's state, this does). The curvature is per rank (each rank's ``U_w`` comes from
+        its own batch), so it is not copied from ``src``: every rank drops it and rebuilds it
+        from the next step's batch. Momentum, the lagged gradient, the step and the sketch
+        generator come from ``src``. For a bit-exact resume, save and load ``state_dict()`` on
+        every rank instead. Every rank must call this.
+        """
+        comm = self._comm
+        comm.broadcast_([t.detach() for t in self.model.parameters()]
+                        + list(self.model.buffers()), name="seng.state.model", src=src)
+        state = comm.broadcast_object(self.state_dict() if comm.rank == src else None,
+                                      name="seng.state.optimizer", src=src)
+        if comm.rank != src:
+            self.load_state_dict(state)
+        for block in self.blocks:
+            for key in _CURVATURE_KEYS:
+                self.state[block.weight].pop(key, None)
+        self._inverse.clear()
+        self._rebuild = True
+        self._arm_for(self._seng["step"])
 
     @property
     def communicator(self) -> Communicator:
@@ -200,7 +257,7 @@ class SENG(torch.optim.Optimizer):
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError("curvature_update_interval must be an int >= 1, got "
                              f"{interval!r} at step {step}")
-        if step % interval == 0:
+        if step % interval == 0 or self._rebuild:
             self._capture.arm(self.config.curvature_batch_size)
         else:
             self._capture.disarm()
@@ -229,6 +286,7 @@ class SENG(torch.optim.Optimizer):
         if self._capture.armed:
             self._update_curvature()
             self._capture.disarm()
+            self._rebuild = False
 
     def _apply(self, params: list[Tensor], dirs: list[Tensor], lr: float, mu: float,
                decoupled_wd: float) -> None:
@@ -511,7 +569,7 @@ class SENG(torch.optim.Optimizer):
     def _consistency_settings(self) -> dict[str, str]:
         """What every rank must agree on: settings, engine and model structure."""
         out = {f"setting {k}": repr(v) for k, v in self.config.fingerprint().items()}
-        out["engine"] = type(self._comm).__name__
+        out["engine"] = self._comm.name
         out["model wrapped in DistributedDataParallel"] = repr(self._grads_averaged)
         out["number of preconditioned layers"] = repr(len(self.blocks))
         for i, b in enumerate(self.blocks):

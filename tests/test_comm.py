@@ -30,7 +30,7 @@ def test_make_communicator_choices():
     assert isinstance(make_communicator("local"), LocalCommunicator)
     mine = LocalCommunicator()
     assert make_communicator(mine) is mine
-    with pytest.raises(ValueError, match="comm must be None, one of 'local', 'torch'"):
+    with pytest.raises(ValueError, match="comm must be None, one of 'local', 'torch', 'horovod'"):
         make_communicator("nccl")
     with pytest.raises(ValueError, match="init_process_group"):
         make_communicator("torch")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,8 +11,7 @@ from conftest import MixedNet, batch, make_mixed
 from torch.nn.parallel import DistributedDataParallel
 
 from seng_dist import SENG
-from seng_dist.comm import CountingCommunicator
-from seng_dist.comm.torch_dist import TorchCommunicator
+from seng_dist.comm import CountingCommunicator, make_communicator
 from seng_dist.testing import emulate_distributed, per_sample_gradients, block_matrix, run_ranks
 
 STEPS = 4
@@ -41,9 +42,12 @@ def _train(rank: int, world: int, job: dict) -> dict:
         model = MixedNet(width=job["width_by_rank"][rank]).eval()
     if job.get("ddp"):
         model = DistributedDataParallel(model)
-    comm = CountingCommunicator(TorchCommunicator())
+    comm = CountingCommunicator(make_communicator(job.get("engine", "torch")))
     config = dict(job["config"], **job.get("config_by_rank", {}).get(rank, {}))
     opt = SENG(model, comm=comm, **config)
+    if job.get("hvd_wrap"):
+        import horovod.torch as hvd
+        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
     calls, params = [], []
     for k in range(STEPS):
         comm.reset()
@@ -227,3 +231,46 @@ def test_inconsistent_ranks_raise_on_every_rank_naming_the_difference(extras, jo
 def test_torch_engine_without_a_process_group_says_how_to_start_one():
     with pytest.raises(ValueError, match="init_process_group"):
         SENG(make_mixed(), comm="torch")
+
+
+def _resume_from_rank_zero(rank: int, world: int, config: dict) -> dict:
+    """Train 2 steps, restart with only rank 0 holding the checkpoint, broadcast, train on."""
+    def steps(model, opt, ks):
+        for k in ks:
+            x, y = shard(k, rank)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    model = make_mixed()
+    opt = SENG(model, **config)
+    steps(model, opt, range(2))
+    # As if saved to disk: state_dict() holds references to the live tensors.
+    checkpoint = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+
+    model = make_mixed(seed=5)  # a fresh start: other parameters, empty optimizer state
+    opt = SENG(model, **config)
+    if rank == 0:
+        model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(copy.deepcopy(checkpoint["opt"]))  # as if read from disk
+    opt.broadcast_state(0)
+    momentum = {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()}
+    before = opt.curvature_updates
+    steps(model, opt, range(2, STEPS))
+    return {"momentum": momentum, "params": dict(model.named_parameters()),
+            "rebuilt": opt.curvature_updates - before, "step": opt.step_count,
+            "checkpoint": checkpoint if rank == 0 else None}
+
+
+@pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
+def test_broadcast_state_gives_every_rank_rank_zeros_state_and_rebuilds_curvature(variant):
+    config = dict(CONFIGS[f"sketched-{variant}"], curvature_update_interval=200)
+    ranks = run_ranks(_resume_from_rank_zero, 2, config, timeout=180)
+    saved = ranks[0]["checkpoint"]["opt"]["state"]
+    for res in ranks:
+        assert res["step"] == STEPS
+        assert res["rebuilt"] == 1  # at step 2, though T=200: each rank's own curvature
+        for i, (name, m) in enumerate(res["momentum"].items()):
+            assert torch.equal(m, saved[i]["momentum_buffer"]), name
+    for name, p in ranks[0]["params"].items():
+        assert torch.equal(ranks[1]["params"][name], p), name

@@ -1,8 +1,9 @@
 """Backend-neutral communication for distributed SENG.
 
 ``make_communicator(comm)`` turns the optimizer's ``comm`` argument into a
-:class:`Communicator`: None picks torch.distributed when a process group is initialised and
-the local (one-process) communicator otherwise.
+:class:`Communicator`: None picks torch.distributed when a process group is initialised, then
+Horovod when it is imported and initialised, and the local (one-process) communicator
+otherwise. Engine packages are imported only when their engine is chosen.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from .base import COMM_DTYPES, Communicator, CountingCommunicator, LocalCommunicator
 
-ENGINES = ("local", "torch")
+ENGINES = ("local", "torch", "horovod")
 
 __all__ = ["COMM_DTYPES", "Communicator", "CountingCommunicator", "LocalCommunicator",
            "ENGINES", "make_communicator"]
@@ -24,12 +25,19 @@ def make_communicator(comm: Any) -> Communicator:
     if isinstance(comm, Communicator):
         return comm
     if comm is None:
+        from .horovod import horovod_initialized
         dist = torch.distributed
-        comm = "torch" if dist.is_available() and dist.is_initialized() else "local"
+        if dist.is_available() and dist.is_initialized():
+            comm = "torch"
+        else:
+            comm = "horovod" if horovod_initialized() else "local"
     if comm == "local":
         return LocalCommunicator()
     if comm == "torch":
         from .torch_dist import TorchCommunicator
         return TorchCommunicator()
+    if comm == "horovod":
+        from .horovod import HorovodCommunicator
+        return HorovodCommunicator()
     raise ValueError(f"comm must be None, one of {', '.join(map(repr, ENGINES))}, or a "
                      f"seng_dist.comm.Communicator instance, got {comm!r}")

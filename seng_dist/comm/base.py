@@ -8,6 +8,7 @@ public methods here pack a list of tensors into that buffer (optionally cast to 
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from abc import ABC, abstractmethod
@@ -30,6 +31,13 @@ class Communicator(ABC):
 
     rank: int = 0
     world_size: int = 1
+    #: buffer dtypes the engine cannot reduce (checked against ``comm_dtype`` up front)
+    unsupported_dtypes: tuple[torch.dtype, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The engine's name, for messages."""
+        return type(self).__name__
 
     # ------------------------------------------------------------------ engine primitives
     @abstractmethod
@@ -81,6 +89,25 @@ class Communicator(ABC):
             return tensor.unsqueeze(0).clone()
         flat = tensor.detach().reshape(-1).contiguous()
         return self._allgather_flat(flat, name).view(self.world_size, *tensor.shape)
+
+    def broadcast_object(self, obj: Any, *, name: str, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` on every rank (serialised with ``torch.save``; for start-up
+        and resume, not for the step)."""
+        if self.world_size == 1:
+            return obj
+        data = torch.empty(0, dtype=torch.uint8)
+        if self.rank == src:
+            stream = io.BytesIO()
+            torch.save(obj, stream)
+            data = torch.frombuffer(bytearray(stream.getvalue()), dtype=torch.uint8)
+        length = torch.tensor([data.numel()], dtype=torch.int64)
+        self.broadcast_([length], name=f"{name}.len", src=src)
+        if self.rank != src:
+            data = torch.empty(int(length), dtype=torch.uint8)
+        self.broadcast_([data], name=f"{name}.data", src=src)
+        if self.rank == src:
+            return obj
+        return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)
 
     def check_consistent(self, settings: dict[str, str], what: str = "SENG") -> None:
         """Raise ``ValueError`` on every rank if ``settings`` differ between ranks.
@@ -139,7 +166,12 @@ class CountingCommunicator(Communicator):
             raise TypeError(f"CountingCommunicator wraps a Communicator, got {type(inner)}")
         self.inner = inner
         self.rank, self.world_size = inner.rank, inner.world_size
+        self.unsupported_dtypes = inner.unsupported_dtypes
         self.calls: list[tuple[str, str, int, float]] = []
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
 
     def reset(self) -> None:
         self.calls.clear()

@@ -1,0 +1,77 @@
+"""Which distributed engine a training script runs under, and the few calls that differ.
+
+``start("auto")`` reads the launcher's environment: ``horovodrun`` sets ``HOROVOD_RANK``,
+``torchrun`` sets ``WORLD_SIZE``; otherwise one process. ``--engine`` overrides it (e.g.
+``horovod`` under a plain ``mpirun``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+ENGINES = ("auto", "local", "torch", "horovod")
+
+
+@dataclass
+class Engine:
+    name: str
+    rank: int = 0
+    world: int = 1
+    local_size: int = 1
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over ranks in place (for metrics)."""
+        if self.name == "torch":
+            dist.all_reduce(t)
+        elif self.name == "horovod":
+            import horovod.torch as hvd
+            hvd.allreduce_(t, op=hvd.Sum, name="metrics")
+        return t
+
+    def data_parallel(self, model: nn.Module, opt: torch.optim.Optimizer
+                      ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The engine's usual data parallelism for a baseline optimizer (SENG needs none)."""
+        if self.name == "torch":
+            return nn.parallel.DistributedDataParallel(model), opt
+        if self.name == "horovod":
+            import horovod.torch as hvd
+            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+            return model, hvd.DistributedOptimizer(opt, model.named_parameters())
+        return model, opt
+
+    def finish(self) -> None:
+        if self.name == "torch":
+            dist.destroy_process_group()
+
+
+def start(name: str = "auto") -> Engine:
+    """Initialise the engine ``name`` (one of :data:`ENGINES`) and return it."""
+    if name == "auto":
+        if "HOROVOD_RANK" in os.environ:
+            name = "horovod"
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            name = "torch"
+        else:
+            name = "local"
+    if name == "torch":
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        engine = Engine("torch", dist.get_rank(), dist.get_world_size(),
+                        int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
+    elif name == "horovod":
+        from seng_dist.comm.horovod import _hvd
+        hvd = _hvd()
+        hvd.init()
+        engine = Engine("horovod", hvd.rank(), hvd.size(), hvd.local_size())
+    elif name == "local":
+        engine = Engine("local")
+    else:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {name!r}")
+    # Ranks on one host share its cores.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // engine.local_size))
+    return engine

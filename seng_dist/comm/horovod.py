@@ -1,0 +1,64 @@
+"""The Horovod engine: Horovod's own named collectives (Gloo or MPI controller).
+
+Launch with ``horovodrun -np N python train.py`` (``--gloo`` or ``--mpi``) or ``mpirun``;
+call ``hvd.init()`` before building SENG. Horovod matches operations across ranks by name, so
+every call carries the deterministic name SENG gives its round.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Communicator
+
+INSTALL_HINT = (
+    "Horovod with PyTorch support is not installed. Install it with "
+    "`bash ci/install_horovod.sh` from the seng-dist checkout: Horovod 0.28.1 must be built "
+    "after torch, with `pip install --no-build-isolation` and C++17 set in both CMakeLists "
+    "(see integrations/horovod/README.md)")
+
+
+def _hvd():
+    try:
+        import horovod.torch as hvd
+    except ImportError as err:
+        raise ImportError(f"{INSTALL_HINT} ({err})") from err
+    return hvd
+
+
+class HorovodCommunicator(Communicator):
+    """Collectives through ``horovod.torch`` (needs ``hvd.init()`` first)."""
+
+    # Horovod 0.28 rejects torch.bfloat16 tensors ("Tensor type torch.BFloat16Tensor is not
+    # supported"); float16 works.
+    unsupported_dtypes = (torch.bfloat16,)
+
+    def __init__(self) -> None:
+        hvd = _hvd()
+        if not hvd.is_initialized():
+            raise ValueError("comm='horovod' needs Horovod initialised: call "
+                             "horovod.torch.init() first and launch with `horovodrun -np N` "
+                             "or `mpirun -np N`")
+        self.hvd = hvd
+        self.rank = hvd.rank()
+        self.world_size = hvd.size()
+
+    def _allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
+        self.hvd.allreduce_(buf, op=self.hvd.Sum, name=name)
+
+    def _broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
+        self.hvd.broadcast_(buf, root_rank=src, name=name)
+
+    def _allgather_flat(self, buf: Tensor, name: str) -> Tensor:
+        return self.hvd.allgather(buf.unsqueeze(0), name=name).reshape(-1)
+
+    def barrier(self) -> None:
+        self.hvd.barrier()
+
+
+def horovod_initialized() -> bool:
+    """Whether Horovod is imported and initialised (without importing it)."""
+    import sys
+    hvd = sys.modules.get("horovod.torch")
+    return hvd is not None and hvd.is_initialized()

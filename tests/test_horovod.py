@@ -1,0 +1,134 @@
+"""SENG on Horovod's collectives under a real ``horovodrun -np 2 --gloo``, started by the test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_distributed import CONFIGS, EXTRAS, STEPS, _displacement_error, _emulated, _jobs
+from conftest import make_mixed
+
+from seng_dist import SENG
+from seng_dist.testing import run_ranks
+
+HERE = Path(__file__).resolve().parent
+try:
+    import horovod.torch as hvd
+except ImportError:
+    hvd = None
+# ci/test.sh installs Horovod and sets SENG_REQUIRE_ENGINES=1: there a missing Horovod fails.
+needs_hvd = pytest.mark.skipif(
+    hvd is None and os.environ.get("SENG_REQUIRE_ENGINES") != "1",
+    reason="Horovod is not installed (bash ci/install_horovod.sh)")
+
+JOBS = {name: {"config": cfg, "engine": "horovod"} for name, cfg in CONFIGS.items()}
+JOBS.update({
+    "hvd-wrapped-blockdiag": {"config": CONFIGS["factored-blockdiag"], "engine": "horovod",
+                              "hvd_wrap": True},
+    "hvd-wrapped-lagged": {"config": CONFIGS["factored-lagged"], "engine": "horovod",
+                           "hvd_wrap": True},
+    "auto-engine": {"config": CONFIGS["explicit-lagged"], "engine": None},
+    "damping-mismatch": dict(EXTRAS["damping-mismatch"], engine="horovod"),
+    "bf16": {"config": dict(CONFIGS["factored-lagged"], comm_dtype="bfloat16"),
+             "engine": "horovod"},
+    "fp16": {"config": dict(CONFIGS["factored-lagged"], comm_dtype="float16"),
+             "engine": "horovod"},
+})
+
+
+def horovodrun(jobs: dict, tmp: Path, np: int = 2, timeout: float = 300) -> list[dict]:
+    torch.save(jobs, tmp / "jobs.pt")
+    cmd = [shutil.which("horovodrun") or "horovodrun", "-np", str(np), "-H", f"localhost:{np}",
+           "--gloo", sys.executable, str(HERE / "horovod_worker.py"), str(tmp / "jobs.pt"),
+           str(tmp)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"horovodrun did not finish in {timeout} s") from err
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return [torch.load(tmp / f"{r}.pt", weights_only=False) for r in range(np)]
+
+
+@pytest.fixture(scope="module")
+def hvd_runs(tmp_path_factory):
+    return horovodrun(JOBS, tmp_path_factory.mktemp("hvd"))
+
+
+@pytest.fixture(scope="module")
+def torch_runs():
+    return run_ranks(_jobs, 2, {n: {"config": c} for n, c in CONFIGS.items()}, timeout=300)
+
+
+START = {n: p.detach() for n, p in make_mixed().named_parameters()}
+
+
+@needs_hvd
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_horovod_equals_the_emulation_and_the_torch_distributed_run(hvd_runs, torch_runs,
+                                                                     name):
+    ref = _emulated(2, CONFIGS[name])
+    for rank in range(2):
+        run = hvd_runs[rank][name]
+        assert _displacement_error(run["params"], ref, START) <= 1e-6
+        assert _displacement_error(run["params"], torch_runs[rank][name]["params"],
+                                   START) <= 1e-6
+    counts = [len(c) for c in hvd_runs[0][name]["calls"]]
+    assert counts == ([2] + [1] * (STEPS - 1) if name.endswith("lagged") else [2] * STEPS)
+
+
+@needs_hvd
+@pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
+def test_hvd_distributed_optimizer_does_not_average_twice(hvd_runs, variant):
+    ref = _emulated(2, CONFIGS[f"factored-{variant}"])
+    for rank in range(2):
+        run = hvd_runs[rank][f"hvd-wrapped-{variant}"]
+        assert _displacement_error(run["params"], ref, START) <= 1e-6
+        # Horovod's hooks averaged the gradients; SENG sent only its corrections.
+        assert [len(c) for c in run["calls"]] == [1] * STEPS
+
+
+@needs_hvd
+def test_comm_none_picks_horovod_when_it_is_initialised(hvd_runs):
+    ref = _emulated(2, CONFIGS["explicit-lagged"])
+    assert _displacement_error(hvd_runs[0]["auto-engine"]["params"], ref, START) <= 1e-6
+
+
+@needs_hvd
+def test_mismatched_settings_raise_on_every_horovod_rank(hvd_runs):
+    for res in hvd_runs:
+        assert "setting damping: rank 0: 0.5, rank 1: 0.25" in res["damping-mismatch"]["error"]
+
+
+@needs_hvd
+def test_fp16_buffer_works_and_bf16_is_refused_up_front(hvd_runs):
+    ref = _emulated(2, CONFIGS["factored-lagged"])
+    for res in hvd_runs:
+        assert _displacement_error(res["fp16"]["params"], ref, START) < 2e-2
+        assert "comm_dtype='bfloat16' is not supported by the HorovodCommunicator engine; " \
+               "use one of 'float32', 'float16'" in res["bf16"]["error"]
+
+
+@needs_hvd
+def test_horovod_engine_without_init_says_to_call_it():
+    with pytest.raises(ValueError, match=r"hvd.init|horovod.torch.init\(\)"):
+        SENG(make_mixed(), comm="horovod")
+
+
+def test_missing_horovod_says_how_to_install_and_import_still_works():
+    code = ("import sys; sys.modules['horovod'] = None\n"
+            "import seng_dist\n"
+            "from conftest import make_mixed\n"
+            "try:\n"
+            "    seng_dist.SENG(make_mixed(), comm='horovod')\n"
+            "except ImportError as e:\n"
+            "    print(e)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env).stdout
+    assert "ci/install_horovod.sh" in out and "--no-build-isolation" in out
