@@ -1,8 +1,9 @@
 """Which distributed engine a training script runs under, and the few calls that differ.
 
-``start("auto")`` reads the launcher's environment: ``horovodrun`` sets ``HOROVOD_RANK``,
-``torchrun`` sets ``WORLD_SIZE``; otherwise one process. ``--engine`` overrides it (e.g.
-``horovod`` under a plain ``mpirun``).
+``start("auto")`` reads the launcher's environment: ``horovodrun --gloo`` sets
+``HOROVOD_RANK``, ``torchrun`` sets ``WORLD_SIZE``, ``mpirun`` (also under ``horovodrun --mpi``)
+sets ``OMPI_COMM_WORLD_SIZE`` / ``PMI_SIZE`` and means Horovod; otherwise one process.
+``--engine`` overrides it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ class Engine:
             dist.destroy_process_group()
 
 
+def _mpi_world_size() -> int:
+    for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 1
+
+
 def start(name: str = "auto") -> Engine:
     """Initialise the engine ``name`` (one of :data:`ENGINES`) and return it."""
     if name == "auto":
@@ -56,6 +64,8 @@ def start(name: str = "auto") -> Engine:
             name = "horovod"
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
             name = "torch"
+        elif _mpi_world_size() > 1:
+            name = "horovod"
         else:
             name = "local"
     if name == "torch":

@@ -132,3 +132,26 @@ def test_missing_horovod_says_how_to_install_and_import_still_works():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, env=env).stdout
     assert "ci/install_horovod.sh" in out and "--no-build-isolation" in out
+
+
+@needs_hvd
+def test_train_script_under_horovodrun_matches_torchrun(tmp_path):
+    root = HERE.parent
+    args = ["--train-limit", "3072", "--batch-size", "32", "--curvature-interval", "5",
+            "--variant", "lagged"]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    hvd_cmd = ["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
+               str(root / "examples" / "train.py")] + args
+    torch_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node", "2", str(root / "examples" / "train.py")] + args
+    outputs = []
+    for cmd in (hvd_cmd, torch_cmd):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                              cwd=tmp_path)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        lines = [ln.split("test accuracy:")[1] for ln in done.stdout.splitlines()
+                 if "test accuracy:" in ln]
+        assert len(lines) == 1, done.stdout  # rank 0 only
+        outputs.append(lines[0].strip())
+    assert "2 rank(s)" in outputs[0]
+    assert outputs[0] == outputs[1]  # same data and seed: the same training on both engines
