@@ -74,8 +74,8 @@ def start(name: str = "auto") -> Engine:
         engine = Engine("torch", dist.get_rank(), dist.get_world_size(),
                         int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
     elif name == "horovod":
-        from seng_dist.comm.horovod import _hvd
-        hvd = _hvd()
+        from seng_dist.comm.horovod import import_horovod
+        hvd = import_horovod()
         hvd.init()
         engine = Engine("horovod", hvd.rank(), hvd.size(), hvd.local_size())
     elif name == "local":

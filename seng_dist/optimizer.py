@@ -64,10 +64,11 @@ class SENG(torch.optim.Optimizer):
         uc: ``"factored"`` (eq. 23) or ``"exact"`` (``Σ c_i G_iᵀ A_i``, one matrix product).
         variant: ``"blockdiag"`` or ``"lagged"`` (``b`` from the previous step's gradient).
         comm: the engine for the collectives: None (torch.distributed when a process group
-            is initialised, else one process), ``"local"``, ``"torch"``, or a
-            :class:`seng_dist.comm.Communicator`.
+            is initialised, then Horovod when initialised, else one process), ``"local"``,
+            ``"torch"``, ``"horovod"``, or a :class:`seng_dist.comm.Communicator`.
         comm_dtype: dtype of the communication buffer: None (the gradients' dtype),
-            ``"bfloat16"``/``"float16"`` (or the torch dtypes) to halve the bytes sent.
+            ``"bfloat16"``/``"float16"`` (or the torch dtypes) to halve the bytes sent
+            (Horovod: float16 only).
         skip_layers: module names (prefixes) or classes left to the fallback rule.
         loss_reduction: ``"mean"`` (per-sample gradients are rescaled by the batch size) or
             ``"sum"``: the reduction of the loss whose gradient the user computes.

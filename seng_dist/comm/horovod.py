@@ -7,6 +7,9 @@ every call carries the deterministic name SENG gives its round.
 
 from __future__ import annotations
 
+import sys
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
@@ -19,7 +22,8 @@ INSTALL_HINT = (
     "(see integrations/horovod/README.md)")
 
 
-def _hvd():
+def import_horovod() -> ModuleType:
+    """``horovod.torch``, or an ImportError that says how to install it."""
     try:
         import horovod.torch as hvd
     except ImportError as err:
@@ -35,7 +39,7 @@ class HorovodCommunicator(Communicator):
     unsupported_dtypes = (torch.bfloat16,)
 
     def __init__(self) -> None:
-        hvd = _hvd()
+        hvd = import_horovod()
         if not hvd.is_initialized():
             raise ValueError("comm='horovod' needs Horovod initialised: call "
                              "horovod.torch.init() first and launch with `horovodrun -np N` "
@@ -59,6 +63,5 @@ class HorovodCommunicator(Communicator):
 
 def horovod_initialized() -> bool:
     """Whether Horovod is imported and initialised (without importing it)."""
-    import sys
     hvd = sys.modules.get("horovod.torch")
     return hvd is not None and hvd.is_initialized()
