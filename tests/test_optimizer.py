@@ -44,7 +44,7 @@ def _net():
     (dict(loss_reduction="none"), "loss_reduction must be one of 'mean', 'sum'"),
     (dict(decoupled_weight_decay="yes"), "decoupled_weight_decay must be True or False"),
     (dict(sketch_replacement=1), "sketch_replacement must be True or False"),
-    (dict(comm="nccl"), "comm must be None, one of 'local', 'torch', 'horovod'"),
+    (dict(comm="nccl"), "comm must be None, one of 'local', 'torch', 'horovod', 'deepspeed'"),
     (dict(seed=1.5), "seed must be an int"),
     (dict(comm_dtype="int8"), "comm_dtype must be None .* or one of 'float32', 'bfloat16'"),
     (dict(comm_dtype=torch.float64), "comm_dtype must be None"),

@@ -14,7 +14,7 @@ import torch
 
 from .base import COMM_DTYPES, Communicator, CountingCommunicator, LocalCommunicator
 
-ENGINES = ("local", "torch", "horovod")
+ENGINES = ("local", "torch", "horovod", "deepspeed")
 
 __all__ = ["COMM_DTYPES", "Communicator", "CountingCommunicator", "LocalCommunicator",
            "ENGINES", "make_communicator"]
@@ -39,5 +39,8 @@ def make_communicator(comm: Any) -> Communicator:
     if comm == "horovod":
         from .horovod import HorovodCommunicator
         return HorovodCommunicator()
+    if comm == "deepspeed":
+        from .deepspeed import DeepSpeedCommunicator
+        return DeepSpeedCommunicator()
     raise ValueError(f"comm must be None, one of {', '.join(map(repr, ENGINES))}, or a "
                      f"seng_dist.comm.Communicator instance, got {comm!r}")

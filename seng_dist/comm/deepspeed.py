@@ -1,0 +1,61 @@
+"""The DeepSpeed engine: collectives through ``deepspeed.comm``.
+
+``deepspeed.init_distributed()`` (or ``deepspeed.initialize``) must have run; the ``deepspeed``
+launcher, ``torchrun`` and ``mpirun`` (with ``auto_mpi_discovery``) all set it up.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from .base import Communicator
+
+INSTALL_HINT = ("DeepSpeed is not installed. Install it with `bash ci/install_deepspeed.sh` "
+                "from the seng-dist checkout (DeepSpeed 0.19.8 with DS_BUILD_OPS=0 and its "
+                "CPU shared-memory op prebuilt), or `pip install deepspeed` after torch")
+
+
+def import_deepspeed_comm() -> ModuleType:
+    """``deepspeed.comm``, or an ImportError that says how to install DeepSpeed."""
+    try:
+        import deepspeed.comm as ds_comm
+    except ImportError as err:
+        raise ImportError(f"{INSTALL_HINT} ({err})") from err
+    return ds_comm
+
+
+class DeepSpeedCommunicator(Communicator):
+    """Collectives through ``deepspeed.comm`` on the world group."""
+
+    def __init__(self) -> None:
+        comm = import_deepspeed_comm()
+        if not comm.is_initialized():
+            raise ValueError("comm='deepspeed' needs DeepSpeed's communication initialised: "
+                             "call deepspeed.init_distributed() first, or build SENG through "
+                             "seng_dist.deepspeed.initialize")
+        self.comm = comm
+        self.rank = comm.get_rank()
+        self.world_size = comm.get_world_size()
+        backend = str(comm.get_backend() if hasattr(comm, "get_backend") else "").lower()
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if "nccl" in backend and torch.cuda.is_available()
+                       else torch.device("cpu"))
+
+    def _allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
+        self.comm.all_reduce(buf, op=self.comm.ReduceOp.SUM)
+
+    def _broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
+        self.comm.broadcast(buf, src=src)
+
+    def _allgather_flat(self, buf: Tensor, name: str) -> Tensor:
+        local = buf.to(self.device)
+        out = torch.empty(self.world_size * local.numel(), dtype=local.dtype,
+                          device=self.device)
+        self.comm.all_gather_into_tensor(out, local)
+        return out.to(buf.device)
+
+    def barrier(self) -> None:
+        self.comm.barrier()

@@ -1,0 +1,123 @@
+"""DeepSpeed config plugin: ``"optimizer": {"type": "SENG", "params": {...}}`` in a ds_config.
+
+``seng_dist.deepspeed.initialize`` is a drop-in for ``deepspeed.initialize`` (same arguments,
+same return value). When the config (a dict, a JSON path, or ``args.deepspeed_config``) names
+SENG as its optimizer, it builds :class:`seng_dist.SENG` on the model with the config's
+params, wires it to ``deepspeed.comm``, and hands it to DeepSpeed as the client optimizer (with
+a client optimizer DeepSpeed ignores the config's optimizer section, which is removed from the
+config it sees). Any other config is passed to ``deepspeed.initialize`` untouched.
+
+Gradient averaging is never done twice: with ``variant="blockdiag"`` the engine averages the
+gradients in backward and SENG averages only its corrections; with ``variant="lagged"`` the
+engine's backward allreduce is switched off and SENG's single fused round carries the
+gradient.
+
+Supported in this release: ZeRO stage 0, fp32 training, ``train_micro_batch_size_per_gpu``,
+``gradient_accumulation_steps`` 1, ``gradient_clipping`` with ``blockdiag``, lr schedulers
+(DeepSpeed's ``scheduler`` section or a client scheduler). Anything else that SENG cannot honour
+yet is refused with a ``ValueError`` naming the key, before any training.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+from typing import Any
+
+from .comm.deepspeed import DeepSpeedCommunicator, INSTALL_HINT
+from .optimizer import SENG
+
+#: the keys accepted in ``"optimizer": {"type": "SENG", "params": {...}}``
+SENG_PARAMS = tuple(name for name in inspect.signature(SENG.__init__).parameters
+                    if name not in ("self", "model", "comm"))
+
+
+def _import_deepspeed() -> Any:
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise ImportError(f"{INSTALL_HINT} ({err})") from err
+    return deepspeed
+
+
+def _read_config(config: Any) -> dict:
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    with open(config) as f:
+        return json.load(f)
+
+
+def _enabled(cfg: dict, key: str) -> bool:
+    section = cfg.get(key)
+    return isinstance(section, dict) and bool(section.get("enabled", False))
+
+
+def seng_params(cfg: dict) -> dict | None:
+    """The SENG params of a config whose optimizer is SENG (validated), else None."""
+    section = cfg.get("optimizer")
+    if not isinstance(section, dict) or str(section.get("type", "")).lower() != "seng":
+        return None
+    params = dict(section.get("params") or {})
+    unknown = sorted(set(params) - set(SENG_PARAMS))
+    if unknown:
+        raise ValueError(f"ds_config optimizer SENG: unknown params {unknown}; valid params "
+                         f"are {', '.join(SENG_PARAMS)}")
+    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, None):
+        raise ValueError(f"ds_config zero_optimization.stage={stage!r}: SENG needs stage 0. "
+                         "ZeRO stages >= 1 hand the optimizer flat partitions, not per-layer "
+                         "gradients, and SENG's curvature is per layer; set "
+                         '"zero_optimization": {"stage": 0}')
+    for key in ("fp16", "bf16", "torch_autocast"):
+        if _enabled(cfg, key):
+            raise ValueError(f"ds_config {key}.enabled=true is not supported with SENG in this "
+                             "release: DeepSpeed's mixed-precision wrappers keep flat fp32 "
+                             "master copies that SENG cannot precondition per layer. Train in "
+                             f"fp32 (remove the {key} section)")
+    gas = cfg.get("gradient_accumulation_steps", 1)
+    if gas not in (1, "auto", None):
+        raise ValueError(f"ds_config gradient_accumulation_steps={gas!r}: SENG under DeepSpeed "
+                         "supports 1 in this release")
+    clip = cfg.get("gradient_clipping", 0.0) or 0.0
+    if clip and params.get("variant", "blockdiag") == "lagged":
+        raise ValueError("ds_config gradient_clipping with SENG variant 'lagged' is not "
+                         "supported: the engine would clip the local, not the averaged, "
+                         "gradient. Use variant 'blockdiag' or remove gradient_clipping")
+    return params
+
+
+def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
+               config: Any = None, **kwargs: Any) -> tuple:
+    """``deepspeed.initialize`` that builds SENG when the config names it (see module doc)."""
+    deepspeed = _import_deepspeed()
+    source = config
+    from_args = args is not None and getattr(args, "deepspeed_config", None) is not None
+    if from_args:
+        source = args.deepspeed_config
+    cfg = _read_config(source) if source is not None else None
+    params = seng_params(cfg) if cfg is not None else None
+    if params is None:
+        return deepspeed.initialize(args=args, model=model, optimizer=optimizer, config=config,
+                                    **kwargs)
+    if optimizer is not None:
+        raise ValueError("the ds_config names SENG as its optimizer and an optimizer was "
+                         "passed to initialize too; pass one of them")
+    if model is None:
+        raise ValueError("SENG needs the model: pass model= to initialize")
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed()
+    seng = SENG(model, comm=DeepSpeedCommunicator(), **params)
+    cfg.pop("optimizer")
+    if from_args:
+        args = copy.copy(args)
+        args.deepspeed_config = None
+    engine, opt, loader, scheduler = deepspeed.initialize(args=args, model=model,
+                                                          optimizer=seng, config=cfg, **kwargs)
+    if seng.config.variant == "lagged":
+        # SENG's one fused round per step carries the gradient (eq. 27).
+        engine.enable_backward_allreduce = False
+    else:
+        # The engine averages the gradients in backward; SENG averages its corrections only.
+        seng._grads_averaged = True
+    return engine, opt, loader, scheduler

@@ -1,0 +1,87 @@
+"""SENG built from a ds_config by seng_dist.deepspeed.initialize, on 2 real Gloo ranks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_mixed
+from test_distributed import CONFIGS, STEPS, _displacement_error, _emulated, shard
+
+from seng_dist.deepspeed import SENG_PARAMS, seng_params
+from seng_dist.testing import run_ranks
+
+try:
+    import deepspeed
+except ImportError:
+    deepspeed = None
+needs_ds = pytest.mark.skipif(
+    deepspeed is None and os.environ.get("SENG_REQUIRE_ENGINES") != "1",
+    reason="DeepSpeed is not installed (bash ci/install_deepspeed.sh)")
+
+BASE = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 0}}
+
+
+def ds_config(**seng) -> dict:
+    return dict(BASE, optimizer={"type": "SENG", "params": seng})
+
+
+def _ds_train(rank: int, world: int, configs: dict) -> dict:
+    import deepspeed
+
+    import seng_dist.deepspeed as plugin
+    deepspeed.init_distributed(dist_backend="gloo")
+    out = {}
+    for name, cfg in configs.items():
+        engine, opt, _, _ = plugin.initialize(model=make_mixed(), config=cfg)
+        params = []
+        for k in range(STEPS):
+            x, y = shard(k, rank)
+            loss = F.cross_entropy(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+            params.append({n: p.detach().clone() for n, p in engine.module.named_parameters()})
+        out[name] = {"params": params, "backward_allreduce": engine.enable_backward_allreduce,
+                     "type": type(opt).__name__}
+    return out
+
+
+JOBS = {f"{path}-{variant}": ds_config(**{k: v for k, v in CONFIGS[f"{path}-{variant}"].items()})
+        for path in ("explicit", "factored", "sketched") for variant in ("blockdiag", "lagged")}
+
+
+@needs_ds
+def test_plugin_built_seng_equals_the_emulation_for_both_variants():
+    start = {n: p.detach() for n, p in make_mixed().named_parameters()}
+    ranks = run_ranks(_ds_train, 2, JOBS, timeout=300)
+    for name in JOBS:
+        ref = _emulated(2, CONFIGS[name])
+        for res in ranks:
+            run = res[name]
+            assert run["type"] == "SENG"
+            # lagged: the engine's backward allreduce is off, SENG's one round carries g
+            assert run["backward_allreduce"] == (not name.endswith("lagged"))
+            assert _displacement_error(run["params"], ref, start) <= 1e-6, name
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (ds_config(damping=1.0, dampening=0.1), "unknown params \\['dampening'\\]; valid params"),
+    (dict(ds_config(), zero_optimization={"stage": 1}), "stage=1: SENG needs stage 0"),
+    (dict(ds_config(), fp16={"enabled": True}), "fp16.enabled=true is not supported"),
+    (dict(ds_config(), bf16={"enabled": True}), "bf16.enabled=true is not supported"),
+    (dict(ds_config(), gradient_accumulation_steps=4), "gradient_accumulation_steps=4"),
+    (dict(ds_config(variant="lagged"), gradient_clipping=1.0), "gradient_clipping with SENG"),
+])
+def test_config_errors_name_the_key(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        seng_params(cfg)
+
+
+def test_other_optimizers_pass_through_and_valid_params_are_listed():
+    assert seng_params(dict(BASE, optimizer={"type": "Adam", "params": {"lr": 1e-3}})) is None
+    assert seng_params(BASE) is None
+    assert seng_params(ds_config(lr=0.1, variant="lagged")) == {"lr": 0.1, "variant": "lagged"}
+    assert "curvature_update_interval" in SENG_PARAMS and "comm" not in SENG_PARAMS
