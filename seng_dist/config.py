@@ -79,6 +79,7 @@ class SENGConfig:
     variant: str = "blockdiag"
     loss_reduction: str = "mean"
     comm_dtype: str | None = None
+    gradient_accumulation_steps: int = 1
 
     def __post_init__(self) -> None:
         _check_number("lr", self.lr, positive=True)
@@ -111,6 +112,9 @@ class SENGConfig:
         _check_choice("uc", self.uc, UC_MODES)
         _check_choice("variant", self.variant, VARIANTS)
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+        _check_optional_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        if self.gradient_accumulation_steps is None:
+            raise ValueError("gradient_accumulation_steps must be an int >= 1, got None")
         if self.comm_dtype is not None and self.comm_dtype not in COMM_DTYPE_NAMES:
             raise ValueError("comm_dtype must be None (the gradients' dtype) or one of "
                              f"{', '.join(map(repr, COMM_DTYPE_NAMES))} (or the torch dtype), "

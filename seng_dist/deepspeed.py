@@ -13,8 +13,12 @@ engine's backward allreduce is switched off and SENG's single fused round carrie
 gradient.
 
 Supported in this release: ZeRO stage 0, fp32 training, ``train_micro_batch_size_per_gpu``,
-``gradient_accumulation_steps`` 1, ``gradient_clipping`` with ``blockdiag``, lr schedulers
-(DeepSpeed's ``scheduler`` section or a client scheduler). Anything else that SENG cannot honour
+``gradient_accumulation_steps`` (the curvature comes from the last micro-batch of each step,
+rescaled for the engine's ``1/accumulation`` loss scaling), ``gradient_clipping`` with
+``blockdiag``, lr schedulers (DeepSpeed's ``scheduler`` section or a client scheduler), and checkpoints through
+``engine.save_checkpoint``/``load_checkpoint`` (SENG's state, every rank's curvature included,
+travels in the engine's checkpoint; a resume on the same number of ranks is bit-exact, on
+another number the curvature is rebuilt at the next step). Anything else that SENG cannot honour
 yet is refused with a ``ValueError`` naming the key, before any training.
 """
 
@@ -76,9 +80,13 @@ def seng_params(cfg: dict) -> dict | None:
                              "master copies that SENG cannot precondition per layer. Train in "
                              f"fp32 (remove the {key} section)")
     gas = cfg.get("gradient_accumulation_steps", 1)
-    if gas not in (1, "auto", None):
-        raise ValueError(f"ds_config gradient_accumulation_steps={gas!r}: SENG under DeepSpeed "
-                         "supports 1 in this release")
+    if gas in ("auto", None):
+        gas = 1
+    if "gradient_accumulation_steps" in params and params["gradient_accumulation_steps"] != gas:
+        raise ValueError("ds_config: SENG param gradient_accumulation_steps="
+                         f"{params['gradient_accumulation_steps']!r} differs from the config's "
+                         f"gradient_accumulation_steps={gas!r}; leave it out of the params")
+    params["gradient_accumulation_steps"] = gas
     clip = cfg.get("gradient_clipping", 0.0) or 0.0
     if clip and params.get("variant", "blockdiag") == "lagged":
         raise ValueError("ds_config gradient_clipping with SENG variant 'lagged' is not "
@@ -108,6 +116,9 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed()
     seng = SENG(model, comm=DeepSpeedCommunicator(), **params)
+    # engine.save_checkpoint builds the state on every rank and rank 0 writes it: gather every
+    # rank's curvature into it so load_checkpoint resumes each rank bit-exactly.
+    seng.state_dict_all_ranks = True
     cfg.pop("optimizer")
     if from_args:
         args = copy.copy(args)

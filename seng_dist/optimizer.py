@@ -72,6 +72,10 @@ class SENG(torch.optim.Optimizer):
         skip_layers: module names (prefixes) or classes left to the fallback rule.
         loss_reduction: ``"mean"`` (per-sample gradients are rescaled by the batch size) or
             ``"sum"``: the reduction of the loss whose gradient the user computes.
+        gradient_accumulation_steps: the number of micro-batches whose gradients are summed
+            before each ``step()``, each loss divided by it (DeepSpeed's and the usual manual
+            accumulation). The curvature comes from the last micro-batch, its captured
+            gradients multiplied back by this number.
         seed: seed of the sketch generator (its state is part of ``state_dict``).
 
     Distributed (DESIGN.md section 2): every rank keeps its own curvature ``U_w`` from its
@@ -107,6 +111,7 @@ class SENG(torch.optim.Optimizer):
                  comm_dtype: str | torch.dtype | None = None,
                  skip_layers: Iterable[str | type] = (),
                  loss_reduction: str = "mean",
+                 gradient_accumulation_steps: int = 1,
                  seed: int = 0) -> None:
         if isinstance(model, list) and id(model) in _LIVE:
             self._adopt(_LIVE[id(model)])
@@ -121,7 +126,8 @@ class SENG(torch.optim.Optimizer):
             sketch_size=sketch_size, sketch_method=sketch_method,
             sketch_replacement=sketch_replacement, rank=rank,
             factor_sketch_size=factor_sketch_size, uc=uc, variant=variant,
-            loss_reduction=loss_reduction, comm_dtype=_dtype_name(comm_dtype))
+            loss_reduction=loss_reduction, comm_dtype=_dtype_name(comm_dtype),
+            gradient_accumulation_steps=gradient_accumulation_steps)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         params = [p for p in model.parameters() if p.requires_grad]
@@ -218,12 +224,16 @@ class SENG(torch.optim.Optimizer):
                                       name="seng.state.optimizer", src=src)
         if comm.rank != src:
             self.load_state_dict(state)
+        self._drop_curvature()
+        self._arm_for(self._seng["step"])
+
+    def _drop_curvature(self) -> None:
+        """Forget the curvature and rebuild it at the next step."""
         for block in self.blocks:
             for key in _CURVATURE_KEYS:
                 self.state[block.weight].pop(key, None)
         self._inverse.clear()
         self._rebuild = True
-        self._arm_for(self._seng["step"])
 
     @property
     def communicator(self) -> Communicator:
@@ -478,7 +488,10 @@ class SENG(torch.optim.Optimizer):
             rec = records.get(block)
             if rec is None or not rec.complete():
                 continue
-            scale = float(rec.batch_size) if cfg.loss_reduction == "mean" else 1.0
+            # The captured gradients are those of loss/accumulation over the last micro-batch.
+            scale = float(cfg.gradient_accumulation_steps)
+            if cfg.loss_reduction == "mean":
+                scale *= rec.batch_size
             G_hat, A_hat = block.per_sample_factors(rec.inputs, rec.grads, scale)
             rho = G_hat.shape[0]
             G_hat = G_hat * (1.0 / math.sqrt(rho))
@@ -532,10 +545,23 @@ class SENG(torch.optim.Optimizer):
         return out
 
     # ------------------------------------------------------------------ state
+    #: When True, ``state_dict()`` is a collective that every rank must call (DeepSpeed's
+    #: ``save_checkpoint`` does; the DeepSpeed plugin sets it): it holds every rank's
+    #: curvature, and ``load_state_dict`` gives each rank its own back, so a checkpoint that
+    #: one rank writes resumes every rank bit-exactly. Otherwise the state holds this rank's.
+    state_dict_all_ranks: bool = False
+
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["seng"] = dict(self._seng, rng=self._generator.get_state(),
-                          config=self.config.fingerprint(), blocks=self._block_signature())
+        extra = dict(self._seng, rng=self._generator.get_state(),
+                     config=self.config.fingerprint(), blocks=self._block_signature())
+        if self.state_dict_all_ranks and self._comm.world_size > 1:
+            sd["state"] = {i: dict(st) for i, st in sd["state"].items()}
+            mine = {i: {k: st.pop(k) for k in _CURVATURE_KEYS if k in st}
+                    for i, st in sd["state"].items()}
+            extra["curvature_by_rank"] = self._comm.allgather_object(mine,
+                                                                     name="seng.state_dict")
+        sd["seng"] = extra
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -565,6 +591,16 @@ class SENG(torch.optim.Optimizer):
         self._generator.set_state(extra["rng"])
         self._seng = {k: extra[k] for k in ("step", "curvature_updates", "curvature_skips")}
         self._inverse.clear()
+        by_rank = extra.get("curvature_by_rank")
+        if by_rank is not None and len(by_rank) == self._comm.world_size:
+            for i, entries in by_rank[self._comm.rank].items():
+                self.state[params[i]].update({k: v.to(params[i].device)
+                                              for k, v in entries.items()})
+        elif by_rank is not None:
+            warnings.warn(f"SENG: the checkpoint holds the curvature of {len(by_rank)} ranks "
+                          f"and this job has {self._comm.world_size}; every rank rebuilds its "
+                          "curvature at the next step", stacklevel=2)
+            self._drop_curvature()
         self._arm_for(self._seng["step"])
 
     def _consistency_settings(self) -> dict[str, str]:

@@ -38,11 +38,14 @@ def _ds_train(rank: int, world: int, configs: dict) -> dict:
     for name, cfg in configs.items():
         engine, opt, _, _ = plugin.initialize(model=make_mixed(), config=cfg)
         params = []
+        gas = cfg["gradient_accumulation_steps"]
         for k in range(STEPS):
             x, y = shard(k, rank)
-            loss = F.cross_entropy(engine(x), y)
-            engine.backward(loss)
-            engine.step()
+            # Micro-batches last-first, so the last one (the curvature's) is the shard's head.
+            for xm, ym in reversed(list(zip(x.chunk(gas), y.chunk(gas)))):
+                loss = F.cross_entropy(engine(xm), ym)
+                engine.backward(loss)
+                engine.step()
             params.append({n: p.detach().clone() for n, p in engine.module.named_parameters()})
         out[name] = {"params": params, "backward_allreduce": engine.enable_backward_allreduce,
                      "type": type(opt).__name__}
@@ -53,12 +56,23 @@ JOBS = {f"{path}-{variant}": ds_config(**{k: v for k, v in CONFIGS[f"{path}-{var
         for path in ("explicit", "factored", "sketched") for variant in ("blockdiag", "lagged")}
 
 
+def _accumulated(variant: str) -> tuple[dict, dict]:
+    seng = dict(CONFIGS[f"factored-{variant}"], curvature_batch_size=4)
+    return (dict(ds_config(**seng), train_micro_batch_size_per_gpu=4,
+                 gradient_accumulation_steps=2), seng)
+
+
+JOBS.update({f"accumulated-{v}": _accumulated(v)[0] for v in ("blockdiag", "lagged")})
+EMULATED = dict(CONFIGS, **{f"accumulated-{v}": _accumulated(v)[1]
+                            for v in ("blockdiag", "lagged")})
+
+
 @needs_ds
 def test_plugin_built_seng_equals_the_emulation_for_both_variants():
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
     ranks = run_ranks(_ds_train, 2, JOBS, timeout=300)
     for name in JOBS:
-        ref = _emulated(2, CONFIGS[name])
+        ref = _emulated(2, EMULATED[name])
         for res in ranks:
             run = res[name]
             assert run["type"] == "SENG"
@@ -72,7 +86,8 @@ def test_plugin_built_seng_equals_the_emulation_for_both_variants():
     (dict(ds_config(), zero_optimization={"stage": 1}), "stage=1: SENG needs stage 0"),
     (dict(ds_config(), fp16={"enabled": True}), "fp16.enabled=true is not supported"),
     (dict(ds_config(), bf16={"enabled": True}), "bf16.enabled=true is not supported"),
-    (dict(ds_config(), gradient_accumulation_steps=4), "gradient_accumulation_steps=4"),
+    (dict(ds_config(gradient_accumulation_steps=2), gradient_accumulation_steps=4),
+     "gradient_accumulation_steps=2 differs from the config's gradient_accumulation_steps=4"),
     (dict(ds_config(variant="lagged"), gradient_clipping=1.0), "gradient_clipping with SENG"),
 ])
 def test_config_errors_name_the_key(cfg, message):
@@ -83,5 +98,42 @@ def test_config_errors_name_the_key(cfg, message):
 def test_other_optimizers_pass_through_and_valid_params_are_listed():
     assert seng_params(dict(BASE, optimizer={"type": "Adam", "params": {"lr": 1e-3}})) is None
     assert seng_params(BASE) is None
-    assert seng_params(ds_config(lr=0.1, variant="lagged")) == {"lr": 0.1, "variant": "lagged"}
+    assert seng_params(ds_config(lr=0.1, variant="lagged")) == {
+        "lr": 0.1, "variant": "lagged", "gradient_accumulation_steps": 1}
     assert "curvature_update_interval" in SENG_PARAMS and "comm" not in SENG_PARAMS
+
+
+def _ds_resume(rank: int, world: int, cfg: dict, ckpt: str) -> dict:
+    import deepspeed
+
+    import seng_dist.deepspeed as plugin
+    deepspeed.init_distributed(dist_backend="gloo")
+
+    def train(engine, ks):
+        for k in ks:
+            x, y = shard(k, rank)
+            engine.backward(F.cross_entropy(engine(x), y))
+            engine.step()
+
+    engine, _, _, _ = plugin.initialize(model=make_mixed(), config=cfg)
+    train(engine, range(2))
+    engine.save_checkpoint(ckpt, tag="step2")
+    train(engine, range(2, STEPS))
+    straight = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+    engine, opt, _, _ = plugin.initialize(model=make_mixed(seed=5), config=cfg)
+    engine.load_checkpoint(ckpt, tag="step2")
+    resumed_step = opt.step_count
+    train(engine, range(2, STEPS))
+    return {"straight": straight, "step": resumed_step,
+            "resumed": {n: p.detach().clone() for n, p in engine.module.named_parameters()}}
+
+
+@needs_ds
+@pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
+def test_engine_checkpoint_resumes_bit_exactly(tmp_path, variant):
+    cfg = JOBS[f"sketched-{variant}"]
+    for res in run_ranks(_ds_resume, 2, cfg, str(tmp_path), timeout=300):
+        assert res["step"] == 2
+        for name, p in res["straight"].items():
+            assert torch.equal(res["resumed"][name], p), name

@@ -109,6 +109,22 @@ class Communicator(ABC):
             return obj
         return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)
 
+    def allgather_object(self, obj: Any, *, name: str) -> list[Any]:
+        """Every rank's ``obj`` (serialised with ``torch.save``; for start-up and checkpoints,
+        not for the step)."""
+        if self.world_size == 1:
+            return [obj]
+        stream = io.BytesIO()
+        torch.save(obj, stream)
+        data = torch.frombuffer(bytearray(stream.getvalue()), dtype=torch.uint8)
+        lengths = self.allgather(torch.tensor([data.numel()], dtype=torch.int64),
+                                 name=f"{name}.len").view(-1).tolist()
+        padded = torch.zeros(max(lengths), dtype=torch.uint8)
+        padded[:data.numel()] = data
+        rows = self.allgather(padded, name=f"{name}.data")
+        return [torch.load(io.BytesIO(rows[r, :lengths[r]].numpy().tobytes()),
+                           weights_only=False) for r in range(self.world_size)]
+
     def check_consistent(self, settings: dict[str, str], what: str = "SENG") -> None:
         """Raise ``ValueError`` on every rank if ``settings`` differ between ranks.
 
@@ -117,15 +133,7 @@ class Communicator(ABC):
         """
         if self.world_size == 1:
             return
-        data = torch.tensor(list(json.dumps(settings, sort_keys=True).encode()),
-                            dtype=torch.uint8)
-        lengths = self.allgather(torch.tensor([data.numel()], dtype=torch.int64),
-                                 name=f"{what}.consistency.len").view(-1).tolist()
-        padded = torch.zeros(max(lengths), dtype=torch.uint8)
-        padded[:data.numel()] = data
-        rows = self.allgather(padded, name=f"{what}.consistency.data")
-        views = [json.loads(bytes(rows[r, :lengths[r]].tolist()).decode())
-                 for r in range(self.world_size)]
+        views = self.allgather_object(settings, name=f"{what}.consistency")
         keys = sorted(set().union(*views))
         diff = [k for k in keys if len({json.dumps(v.get(k)) for v in views}) > 1]
         if diff:
