@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-ENGINES = ("auto", "local", "torch", "horovod")
+ENGINES = ("auto", "local", "torch", "horovod", "deepspeed")
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Engine:
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over ranks in place (for metrics)."""
-        if self.name == "torch":
+        if self.name in ("torch", "deepspeed"):
             dist.all_reduce(t)
         elif self.name == "horovod":
             import horovod.torch as hvd
@@ -46,7 +46,7 @@ class Engine:
         return model, opt
 
     def finish(self) -> None:
-        if self.name == "torch":
+        if self.name in ("torch", "deepspeed"):
             dist.destroy_process_group()
 
 
@@ -78,6 +78,11 @@ def start(name: str = "auto") -> Engine:
         hvd = import_horovod()
         hvd.init()
         engine = Engine("horovod", hvd.rank(), hvd.size(), hvd.local_size())
+    elif name == "deepspeed":
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        engine = Engine("deepspeed", dist.get_rank(), dist.get_world_size(),
+                        int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1))))
     elif name == "local":
         engine = Engine("local")
     else:

@@ -5,12 +5,15 @@
     python examples/train.py --model resnet18 --batch-size 128 --train-limit 5000
     torchrun --nproc_per_node 2 examples/train.py --variant lagged   # 2 Gloo ranks on CPU
     horovodrun -np 2 -H localhost:2 --gloo python examples/train.py   # Horovod
+    deepspeed --num_gpus 2 examples/train.py --deepspeed_config integrations/deepspeed/ds_config_seng.json
 
 Distributed, every rank trains on its own shard of each global batch (``--batch-size`` per
 rank), SENG averages the gradients itself (SGD and Adam use the engine's data parallelism:
 DistributedDataParallel or hvd.DistributedOptimizer), and rank 0 prints one JSON line of
 metrics per epoch and ends with the test accuracy. The engine comes from the launcher's
-environment, or ``--engine``.
+environment, or ``--engine``. With ``--deepspeed_config`` the optimizer, its settings, the
+per-rank micro-batch and the accumulation come from the DeepSpeed JSON config
+(``"optimizer": {"type": "SENG", ...}`` builds SENG through ``seng_dist.deepspeed``).
 """
 
 from __future__ import annotations
@@ -62,9 +65,12 @@ def main(argv: list[str] | None = None) -> float:
                     help="dtype of SENG's communication buffer (default: the gradients')")
     ap.add_argument("--engine", default="auto", choices=engines.ENGINES,
                     help="distributed engine (auto: from the launcher's environment)")
+    ap.add_argument("--deepspeed_config", default=None,
+                    help="DeepSpeed JSON config: train with the DeepSpeed engine")
+    ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = ap.parse_args(argv)
 
-    engine = engines.start(args.engine)
+    engine = engines.start("deepspeed" if args.deepspeed_config else args.engine)
     rank, world = engine.rank, engine.world
     torch.manual_seed(args.seed)
     cifar = args.model != "cnn"
@@ -73,6 +79,13 @@ def main(argv: list[str] | None = None) -> float:
     if args.train_limit:
         x_train, y_train = x_train[:args.train_limit], y_train[:args.train_limit]
     model = MODELS[args.model](num_classes=10, in_channels=x_train.shape[1])
+    ds_engine, accumulation = None, 1
+    if args.deepspeed_config:
+        from seng_dist.deepspeed import initialize
+        ds_engine, opt, _, _ = initialize(args=args, model=model)
+        accumulation = ds_engine.gradient_accumulation_steps()
+        args.batch_size = ds_engine.train_micro_batch_size_per_gpu() * accumulation
+        args.optimizer = type(opt).__name__.lower()
     steps_per_epoch = len(x_train) // (args.batch_size * world)
     lr = args.lr if args.lr is not None else (1e-3 if args.optimizer == "adam" else 0.05)
     if args.schedule == "cosine":
@@ -81,12 +94,14 @@ def main(argv: list[str] | None = None) -> float:
         lr_fn = schedules.exponential(lr, args.epochs + 1, steps_per_epoch)
     else:
         lr_fn = lambda _s: lr  # noqa: E731
-    if args.optimizer == "seng":
+    scheduler = None
+    if ds_engine is not None:
+        pass  # the optimizer and any scheduler come from the DeepSpeed config
+    elif args.optimizer == "seng":
         opt = SENG(model, lr=lr_fn, damping=args.damping, momentum=0.9,
                    weight_decay=args.weight_decay,
                    curvature_update_interval=args.curvature_interval,
                    variant=args.variant, comm_dtype=args.comm_dtype, comm=engine.name)
-        scheduler = None
     else:
         opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9,
                                weight_decay=args.weight_decay)
@@ -104,13 +119,20 @@ def main(argv: list[str] | None = None) -> float:
         for i in range(steps_per_epoch):
             first = (i * world + rank) * args.batch_size  # this rank's shard of the batch
             idx = order[first:first + args.batch_size]
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-            loss.backward()
-            opt.step()
-            if scheduler is not None:
-                scheduler.step()
-            total += loss.item() * len(idx)
+            if ds_engine is not None:
+                for micro in idx.chunk(accumulation):
+                    loss = F.cross_entropy(ds_engine(x_train[micro]), y_train[micro])
+                    ds_engine.backward(loss)
+                    ds_engine.step()
+                    total += loss.item() * len(micro)
+            else:
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+                loss.backward()
+                opt.step()
+                if scheduler is not None:
+                    scheduler.step()
+                total += loss.item() * len(idx)
             seen += len(idx)
         sums = engine.sum_(torch.tensor([total, seen], dtype=torch.float64))
         acc = evaluate(model, x_test, y_test)  # the ranks hold the same parameters

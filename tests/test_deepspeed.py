@@ -139,3 +139,27 @@ def test_engine_checkpoint_resumes_bit_exactly(tmp_path, variant):
         assert res["step"] == 2
         for name, p in res["straight"].items():
             assert torch.equal(res["resumed"][name], p), name
+
+
+@needs_ds
+def test_train_script_under_the_deepspeed_launcher_with_the_json_config(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = json.loads((root / "integrations" / "deepspeed" / "ds_config_seng.json").read_text())
+    cfg["train_micro_batch_size_per_gpu"] = 32
+    cfg["scheduler"]["params"].update(total_num_steps=48, warmup_num_steps=4)
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+           str(root / "examples" / "train.py"), "--deepspeed_config", str(tmp_path / "ds.json"),
+           "--train-limit", "3072"]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    lines = [ln for ln in done.stdout.splitlines() if "test accuracy:" in ln]
+    assert len(lines) == 1 and "(seng, cnn, 1 epoch(s), 2 rank(s))" in lines[0], done.stdout
+    assert float(lines[0].split("test accuracy:")[1].split()[0]) > 0.6
