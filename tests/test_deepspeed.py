@@ -163,3 +163,31 @@ def test_train_script_under_the_deepspeed_launcher_with_the_json_config(tmp_path
     lines = [ln for ln in done.stdout.splitlines() if "test accuracy:" in ln]
     assert len(lines) == 1 and "(seng, cnn, 1 epoch(s), 2 rank(s))" in lines[0], done.stdout
     assert float(lines[0].split("test accuracy:")[1].split()[0]) > 0.6
+
+
+def test_missing_deepspeed_says_how_to_install_and_import_still_works():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    code = ("import sys; sys.modules['deepspeed'] = None\n"
+            "import seng_dist, seng_dist.deepspeed as p\n"
+            "from conftest import make_mixed\n"
+            "for call in (lambda: seng_dist.SENG(make_mixed(), comm='deepspeed'),\n"
+            "             lambda: p.initialize(model=make_mixed(), config={})):\n"
+            "    try:\n"
+            "        call()\n"
+            "    except ImportError as e:\n"
+            "        print(e)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env).stdout
+    assert out.count("ci/install_deepspeed.sh") == 2, out
+
+
+@needs_ds
+def test_deepspeed_engine_without_init_says_to_initialise():
+    from seng_dist import SENG
+    with pytest.raises(ValueError, match="deepspeed.init_distributed"):
+        SENG(make_mixed(), comm="deepspeed")
