@@ -29,20 +29,13 @@ import inspect
 import json
 from typing import Any
 
-from .comm.deepspeed import DeepSpeedCommunicator, INSTALL_HINT
+from .comm.base import import_engine
+from .comm.deepspeed import INSTALL_HINT, DeepSpeedCommunicator
 from .optimizer import SENG
 
 #: the keys accepted in ``"optimizer": {"type": "SENG", "params": {...}}``
 SENG_PARAMS = tuple(name for name in inspect.signature(SENG.__init__).parameters
                     if name not in ("self", "model", "comm"))
-
-
-def _import_deepspeed() -> Any:
-    try:
-        import deepspeed
-    except ImportError as err:
-        raise ImportError(f"{INSTALL_HINT} ({err})") from err
-    return deepspeed
 
 
 def _read_config(config: Any) -> dict:
@@ -98,7 +91,7 @@ def seng_params(cfg: dict) -> dict | None:
 def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
                config: Any = None, **kwargs: Any) -> tuple:
     """``deepspeed.initialize`` that builds SENG when the config names it (see module doc)."""
-    deepspeed = _import_deepspeed()
+    deepspeed = import_engine("deepspeed", INSTALL_HINT)
     source = config
     from_args = args is not None and getattr(args, "deepspeed_config", None) is not None
     if from_args:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,3 +77,21 @@ def seng_directions(opt: SENG, model: nn.Module, x: torch.Tensor, y: torch.Tenso
 @pytest.fixture
 def mixed():
     return make_mixed()
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def requires_engine(module: str, install: str) -> pytest.MarkDecorator:
+    """Skip (saying how to install it) when an engine package is missing; ci/test.sh sets
+    SENG_REQUIRE_ENGINES=1, and there a missing engine fails instead."""
+    missing = importlib.util.find_spec(module) is None
+    return pytest.mark.skipif(missing and os.environ.get("SENG_REQUIRE_ENGINES") != "1",
+                              reason=f"{module} is not installed (bash {install})")
+
+
+def python_output(code: str) -> str:
+    """Standard output of ``code`` run by a fresh interpreter that sees tests/ and the repo."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env).stdout

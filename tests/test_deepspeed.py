@@ -7,19 +7,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_mixed
+from conftest import make_mixed, python_output, requires_engine
 from test_distributed import CONFIGS, STEPS, _displacement_error, _emulated, shard
 
 from seng_dist.deepspeed import SENG_PARAMS, seng_params
 from seng_dist.testing import run_ranks
 
-try:
-    import deepspeed
-except ImportError:
-    deepspeed = None
-needs_ds = pytest.mark.skipif(
-    deepspeed is None and os.environ.get("SENG_REQUIRE_ENGINES") != "1",
-    reason="DeepSpeed is not installed (bash ci/install_deepspeed.sh)")
+needs_ds = requires_engine("deepspeed", "ci/install_deepspeed.sh")
 
 BASE = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": 0}}
@@ -166,23 +160,16 @@ def test_train_script_under_the_deepspeed_launcher_with_the_json_config(tmp_path
 
 
 def test_missing_deepspeed_says_how_to_install_and_import_still_works():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    here = Path(__file__).resolve().parent
     code = ("import sys; sys.modules['deepspeed'] = None\n"
             "import seng_dist, seng_dist.deepspeed as p\n"
-            "from conftest import make_mixed\n"
+            "from conftest import make_mixed, python_output, requires_engine\n"
             "for call in (lambda: seng_dist.SENG(make_mixed(), comm='deepspeed'),\n"
             "             lambda: p.initialize(model=make_mixed(), config={})):\n"
             "    try:\n"
             "        call()\n"
             "    except ImportError as e:\n"
             "        print(e)\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env=env).stdout
+    out = python_output(code)
     assert out.count("ci/install_deepspeed.sh") == 2, out
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import LAYERS, batch, make_mixed, seng_directions
 from seng_dist import SENG

@@ -11,20 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from test_distributed import CONFIGS, EXTRAS, STEPS, _displacement_error, _emulated, _jobs
-from conftest import make_mixed
+from conftest import make_mixed, python_output, requires_engine
 
 from seng_dist import SENG
 from seng_dist.testing import run_ranks
 
 HERE = Path(__file__).resolve().parent
-try:
-    import horovod.torch as hvd
-except ImportError:
-    hvd = None
-# ci/test.sh installs Horovod and sets SENG_REQUIRE_ENGINES=1: there a missing Horovod fails.
-needs_hvd = pytest.mark.skipif(
-    hvd is None and os.environ.get("SENG_REQUIRE_ENGINES") != "1",
-    reason="Horovod is not installed (bash ci/install_horovod.sh)")
+needs_hvd = requires_engine("horovod", "ci/install_horovod.sh")
 
 JOBS = {name: {"config": cfg, "engine": "horovod"} for name, cfg in CONFIGS.items()}
 JOBS.update({
@@ -123,14 +116,12 @@ def test_horovod_engine_without_init_says_to_call_it():
 def test_missing_horovod_says_how_to_install_and_import_still_works():
     code = ("import sys; sys.modules['horovod'] = None\n"
             "import seng_dist\n"
-            "from conftest import make_mixed\n"
+            "from conftest import make_mixed, python_output, requires_engine\n"
             "try:\n"
             "    seng_dist.SENG(make_mixed(), comm='horovod')\n"
             "except ImportError as e:\n"
             "    print(e)\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env=env).stdout
+    out = python_output(code)
     assert "ci/install_horovod.sh" in out and "--no-build-isolation" in out
 
 

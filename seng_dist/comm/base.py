@@ -8,15 +8,26 @@ public methods here pack a list of tensors into that buffer (optionally cast to 
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from types import ModuleType
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+
+def import_engine(module: str, install_hint: str) -> ModuleType:
+    """Import an engine's package on demand, or raise an ImportError that says how to
+    install it (``import seng_dist`` never needs one)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"{install_hint} ({err})") from err
+
 
 #: ``comm_dtype`` names and the dtypes they mean.
 COMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -6,32 +6,21 @@ launcher, ``torchrun`` and ``mpirun`` (with ``auto_mpi_discovery``) all set it u
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 from torch import Tensor
 
-from .base import Communicator
+from .base import Communicator, import_engine
 
 INSTALL_HINT = ("DeepSpeed is not installed. Install it with `bash ci/install_deepspeed.sh` "
                 "from the seng-dist checkout (DeepSpeed 0.19.8 with DS_BUILD_OPS=0 and its "
                 "CPU shared-memory op prebuilt), or `pip install deepspeed` after torch")
 
 
-def import_deepspeed_comm() -> ModuleType:
-    """``deepspeed.comm``, or an ImportError that says how to install DeepSpeed."""
-    try:
-        import deepspeed.comm as ds_comm
-    except ImportError as err:
-        raise ImportError(f"{INSTALL_HINT} ({err})") from err
-    return ds_comm
-
-
 class DeepSpeedCommunicator(Communicator):
     """Collectives through ``deepspeed.comm`` on the world group."""
 
     def __init__(self) -> None:
-        comm = import_deepspeed_comm()
+        comm = import_engine("deepspeed.comm", INSTALL_HINT)
         if not comm.is_initialized():
             raise ValueError("comm='deepspeed' needs DeepSpeed's communication initialised: "
                              "call deepspeed.init_distributed() first, or build SENG through "

@@ -13,7 +13,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .base import Communicator
+from .base import Communicator, import_engine
 
 INSTALL_HINT = (
     "Horovod with PyTorch support is not installed. Install it with "
@@ -24,11 +24,7 @@ INSTALL_HINT = (
 
 def import_horovod() -> ModuleType:
     """``horovod.torch``, or an ImportError that says how to install it."""
-    try:
-        import horovod.torch as hvd
-    except ImportError as err:
-        raise ImportError(f"{INSTALL_HINT} ({err})") from err
-    return hvd
+    return import_engine("horovod.torch", INSTALL_HINT)
 
 
 class HorovodCommunicator(Communicator):
