@@ -12,7 +12,9 @@ gradients in backward and SENG averages only its corrections; with ``variant="la
 engine's backward allreduce is switched off and SENG's single fused round carries the
 gradient.
 
-Supported in this release: ZeRO stage 0, fp32 training, ``train_micro_batch_size_per_gpu``,
+Supported in this release: ZeRO stage 0, fp32 training or ``torch_autocast`` (bf16 with both
+variants, fp16 with ``blockdiag``: the engine's GradScaler skips overflow steps, which then
+never enter SENG's curvature, and its loss scale is divided out of the curvature), ``train_micro_batch_size_per_gpu``,
 ``gradient_accumulation_steps`` (the curvature comes from the last micro-batch of each step,
 rescaled for the engine's ``1/accumulation`` loss scaling), ``gradient_clipping`` with
 ``blockdiag``, lr schedulers (DeepSpeed's ``scheduler`` section or a client scheduler), and checkpoints through
@@ -66,12 +68,21 @@ def seng_params(cfg: dict) -> dict | None:
                          "ZeRO stages >= 1 hand the optimizer flat partitions, not per-layer "
                          "gradients, and SENG's curvature is per layer; set "
                          '"zero_optimization": {"stage": 0}')
-    for key in ("fp16", "bf16", "torch_autocast"):
+    for key in ("fp16", "bf16"):
         if _enabled(cfg, key):
-            raise ValueError(f"ds_config {key}.enabled=true is not supported with SENG in this "
-                             "release: DeepSpeed's mixed-precision wrappers keep flat fp32 "
-                             "master copies that SENG cannot precondition per layer. Train in "
-                             f"fp32 (remove the {key} section)")
+            raise ValueError(f"ds_config {key}.enabled=true is not supported with SENG: "
+                             "DeepSpeed's fp16/bf16 optimizer wrappers hand the optimizer flat "
+                             "fp32 master copies, not the layers' parameters. Use "
+                             '"torch_autocast": {"enabled": true, "dtype": "bfloat16"} (or '
+                             '"float16") instead: fp32 parameters, low-precision forward')
+    if _enabled(cfg, "torch_autocast"):
+        dtype = str(cfg["torch_autocast"].get("dtype", "bfloat16")).lower()
+        if dtype in ("float16", "fp16", "half", "torch.float16") and \
+                params.get("variant", "blockdiag") == "lagged":
+            raise ValueError("ds_config torch_autocast with dtype float16 and SENG variant "
+                             "'lagged' is not supported: the engine's GradScaler would check "
+                             "each rank's local gradient for overflow, so ranks could disagree "
+                             "on skipping a step. Use variant 'blockdiag' or dtype 'bfloat16'")
     gas = cfg.get("gradient_accumulation_steps", 1)
     if gas in ("auto", None):
         gas = 1
@@ -118,6 +129,9 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
         args.deepspeed_config = None
     engine, opt, loader, scheduler = deepspeed.initialize(args=args, model=model,
                                                           optimizer=seng, config=cfg, **kwargs)
+    # fp16 autocast: the engine's GradScaler unscales the gradients and skips overflow steps;
+    # SENG divides its scale out of the captured output gradients.
+    seng.grad_scaler = engine.torch_autocast_z0_gradscaler
     if seng.config.variant == "lagged":
         # SENG's one fused round per step carries the gradient (eq. 27).
         engine.enable_backward_allreduce = False

@@ -70,8 +70,11 @@ class Block:
         ``scale`` multiplies the output gradients (the batch size under a mean-reduced loss).
         """
         gs, As = [], []
+        dtype = self.weight.dtype
         for x, gy in zip(inputs, grads):
-            a, g = _factor(self.module, x, gy, self.bias is not None)
+            # Under autocast the layer sees and returns bf16/fp16; curvature is kept in the
+            # parameters' dtype.
+            a, g = _factor(self.module, x.to(dtype), gy.to(dtype), self.bias is not None)
             gs.append(g)
             As.append(a)
         g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]

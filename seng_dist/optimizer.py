@@ -484,12 +484,13 @@ class SENG(torch.optim.Optimizer):
         cfg = self.config
         records = self._capture.records
         updated = False
+        loss_scale = 1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale())
         for block in self.blocks:
             rec = records.get(block)
             if rec is None or not rec.complete():
                 continue
             # The captured gradients are those of loss/accumulation over the last micro-batch.
-            scale = float(cfg.gradient_accumulation_steps)
+            scale = float(cfg.gradient_accumulation_steps) / loss_scale
             if cfg.loss_reduction == "mean":
                 scale *= rec.batch_size
             G_hat, A_hat = block.per_sample_factors(rec.inputs, rec.grads, scale)
@@ -550,6 +551,12 @@ class SENG(torch.optim.Optimizer):
     #: curvature, and ``load_state_dict`` gives each rank its own back, so a checkpoint that
     #: one rank writes resumes every rank bit-exactly. Otherwise the state holds this rank's.
     state_dict_all_ranks: bool = False
+
+    #: The ``torch.amp.GradScaler`` whose ``step(opt)`` calls ``opt.step()``, if any: the
+    #: captured output gradients carry its loss scale, which the curvature divides out (the
+    #: parameter gradients arrive unscaled, and a step with an overflow is never called, so it
+    #: never enters the curvature).
+    grad_scaler: torch.amp.GradScaler | None = None
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

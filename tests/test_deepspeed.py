@@ -78,8 +78,10 @@ def test_plugin_built_seng_equals_the_emulation_for_both_variants():
 @pytest.mark.parametrize("cfg, message", [
     (ds_config(damping=1.0, dampening=0.1), "unknown params \\['dampening'\\]; valid params"),
     (dict(ds_config(), zero_optimization={"stage": 1}), "stage=1: SENG needs stage 0"),
-    (dict(ds_config(), fp16={"enabled": True}), "fp16.enabled=true is not supported"),
+    (dict(ds_config(), fp16={"enabled": True}), "fp16.enabled=true is not supported.*Use"),
     (dict(ds_config(), bf16={"enabled": True}), "bf16.enabled=true is not supported"),
+    (dict(ds_config(variant="lagged"), torch_autocast={"enabled": True, "dtype": "float16"}),
+     "torch_autocast with dtype float16 and SENG variant 'lagged' is not supported"),
     (dict(ds_config(gradient_accumulation_steps=2), gradient_accumulation_steps=4),
      "gradient_accumulation_steps=2 differs from the config's gradient_accumulation_steps=4"),
     (dict(ds_config(variant="lagged"), gradient_clipping=1.0), "gradient_clipping with SENG"),
@@ -95,6 +97,59 @@ def test_other_optimizers_pass_through_and_valid_params_are_listed():
     assert seng_params(ds_config(lr=0.1, variant="lagged")) == {
         "lr": 0.1, "variant": "lagged", "gradient_accumulation_steps": 1}
     assert "curvature_update_interval" in SENG_PARAMS and "comm" not in SENG_PARAMS
+
+
+AUTOCAST = {
+    f"{dtype}-{variant}": dict(ds_config(**CONFIGS[f"factored-{variant}"]),
+                               torch_autocast={"enabled": True, "dtype": dtype})
+    for dtype, variant in (("bfloat16", "blockdiag"), ("bfloat16", "lagged"))}
+
+
+@needs_ds
+def test_torch_autocast_trains_close_to_the_float32_emulation():
+    start = {n: p.detach() for n, p in make_mixed().named_parameters()}
+    ranks = run_ranks(_ds_train, 2, AUTOCAST, timeout=300)
+    for name, cfg in AUTOCAST.items():
+        ref = _emulated(2, CONFIGS["factored-" + name.split("-")[1]])
+        for res in ranks:
+            # low-precision forward: close to, not equal to, the fp32 formulas
+            assert _displacement_error(res[name]["params"], ref, start) < 5e-2, name
+        for a, b in zip(ranks[0][name]["params"], ranks[1][name]["params"]):
+            assert all(torch.equal(a[n], b[n]) for n in a), name  # ranks stay in step
+
+
+def _ds_fp16(rank: int, world: int, cfg: dict, steps: int) -> dict:
+    import deepspeed
+
+    import seng_dist.deepspeed as plugin
+    deepspeed.init_distributed(dist_backend="gloo")
+    engine, opt, _, _ = plugin.initialize(model=make_mixed(), config=cfg)
+    scales = []
+    for k in range(steps):
+        x, y = shard(k % STEPS, rank)
+        engine.backward(F.cross_entropy(engine(x), y))
+        scales.append(engine.torch_autocast_z0_gradscaler.get_scale())
+        engine.step()
+    curvature = [t for b in opt.blocks for t in opt.state[b.weight].values()
+                 if torch.is_tensor(t) and t.is_floating_point()]
+    return {"scales": scales, "step_count": opt.step_count, "updates": opt.curvature_updates,
+            "finite": all(bool(torch.isfinite(t).all()) for t in curvature)
+            and all(bool(torch.isfinite(p).all()) for p in engine.module.parameters()),
+            "params": [p.detach().clone() for p in engine.module.parameters()]}
+
+
+@needs_ds
+def test_fp16_autocast_skips_overflow_steps_and_keeps_the_curvature_finite():
+    cfg = dict(ds_config(**CONFIGS["factored-blockdiag"]),
+               torch_autocast={"enabled": True, "dtype": "float16"})
+    steps = 24
+    ranks = run_ranks(_ds_fp16, 2, cfg, steps, timeout=300)
+    for res in ranks:
+        # every halving of the loss scale is one skipped step; SENG stepped on all the others
+        skipped = sum(1 for a, b in zip(res["scales"], res["scales"][1:]) if b < a)
+        assert skipped >= 1 and res["step_count"] == steps - skipped
+        assert res["updates"] >= 1 and res["finite"]
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
 
 
 def _ds_resume(rank: int, world: int, cfg: dict, ckpt: str) -> dict:

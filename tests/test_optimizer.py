@@ -241,3 +241,72 @@ def test_sum_reduction_matches_mean_reduction_curvature():
         st = opt.state[model.head.weight]
         curvature.append(st["U"])
     assert torch.allclose(curvature[0], curvature[1], rtol=1e-5, atol=1e-6)
+
+
+def _scaled_run(init_scale: float | None, steps: int = 3, fp16: bool = False
+                ) -> tuple[SENG, list[torch.Tensor]]:
+    """SENG driven by torch.amp.GradScaler (None: no scaler) on fixed batches, with an fp16
+    autocast forward if asked."""
+    from conftest import batch, make_mixed
+    model = make_mixed()
+    opt = SENG(model, lr=0.1, damping=0.5, curvature_update_interval=2)
+    scaler = None
+    if init_scale is not None:
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=10**6)
+        opt.grad_scaler = scaler
+    for k in range(steps):
+        x, y = batch(8, seed=k)
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            loss = F.cross_entropy(model(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    return opt, [p.detach().clone() for p in model.parameters()]
+
+
+def test_grad_scaler_loss_scale_is_divided_out_of_the_curvature():
+    plain_opt, plain = _scaled_run(None)
+    scaled_opt, scaled = _scaled_run(2.0 ** 10)  # a power of two: unscaling is exact
+    assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
+    for b, c in zip(plain_opt.blocks, scaled_opt.blocks):
+        assert torch.equal(plain_opt.state[b.weight]["K"], scaled_opt.state[c.weight]["K"])
+
+
+def test_overflow_steps_are_skipped_and_never_enter_the_curvature():
+    # A loss scale of 2^30 overflows the fp16 backward: GradScaler skips steps (halving its
+    # scale) until the gradients fit.
+    opt, params = _scaled_run(2.0 ** 30, steps=30, fp16=True)
+    assert 0 < opt.step_count < 30
+    assert opt.curvature_updates >= 1 and opt.curvature_skips == 0
+    assert all(torch.isfinite(p).all() for p in params)
+    for b in opt.blocks:
+        assert all(torch.isfinite(t).all() for t in opt.state[b.weight].values()
+                   if torch.is_tensor(t) and t.is_floating_point())
+
+
+def test_bf16_autocast_keeps_float32_curvature_close_to_the_float32_run():
+    from conftest import batch, make_mixed
+    runs = []
+    for autocast in (False, True):
+        model = make_mixed()
+        opt = SENG(model, lr=0.1, damping=0.5)
+        x, y = batch(8)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        runs.append((opt, [p.detach().clone() for p in model.parameters()]))
+    (fp32_opt, fp32), (bf16_opt, bf16) = runs
+    for b, c in zip(fp32_opt.blocks, bf16_opt.blocks):
+        K32, K16 = fp32_opt.state[b.weight]["K"], bf16_opt.state[c.weight]["K"]
+        assert K16.dtype == torch.float32
+        assert float((K16 - K32).norm() / K32.norm()) < 5e-2
+    start = [p.detach() for p in make_mixed().parameters()]
+    d32 = torch.cat([(a - s).reshape(-1) for a, s in zip(fp32, start)])
+    d16 = torch.cat([(a - s).reshape(-1) for a, s in zip(bf16, start)])
+    assert float((d16 - d32).norm() / d32.norm()) < 5e-2
