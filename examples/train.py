@@ -5,7 +5,8 @@
     python examples/train.py --model resnet18 --batch-size 128 --train-limit 5000
     torchrun --nproc_per_node 2 examples/train.py --variant lagged   # 2 Gloo ranks on CPU
     horovodrun -np 2 -H localhost:2 --gloo python examples/train.py   # Horovod
-    deepspeed --num_gpus 2 examples/train.py --deepspeed_config integrations/deepspeed/ds_config_seng.json
+    deepspeed --num_gpus 2 examples/train.py \
+        --deepspeed_config integrations/deepspeed/ds_config_seng.json     # DeepSpeed
 
 Distributed, every rank trains on its own shard of each global batch (``--batch-size`` per
 rank), SENG averages the gradients itself (SGD and Adam use the engine's data parallelism:

@@ -80,6 +80,7 @@ class SENGConfig:
     loss_reduction: str = "mean"
     comm_dtype: str | None = None
     gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         _check_number("lr", self.lr, positive=True)
@@ -115,6 +116,8 @@ class SENGConfig:
         _check_optional_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
         if self.gradient_accumulation_steps is None:
             raise ValueError("gradient_accumulation_steps must be an int >= 1, got None")
+        if self.max_grad_norm is not None:
+            _check_number("max_grad_norm", self.max_grad_norm, positive=True)
         if self.comm_dtype is not None and self.comm_dtype not in COMM_DTYPE_NAMES:
             raise ValueError("comm_dtype must be None (the gradients' dtype) or one of "
                              f"{', '.join(map(repr, COMM_DTYPE_NAMES))} (or the torch dtype), "

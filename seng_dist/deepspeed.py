@@ -12,12 +12,13 @@ gradients in backward and SENG averages only its corrections; with ``variant="la
 engine's backward allreduce is switched off and SENG's single fused round carries the
 gradient.
 
-Supported in this release: ZeRO stage 0, fp32 training or ``torch_autocast`` (bf16 with both
+Supported in this release: ZeRO stage 0; fp32 training or ``torch_autocast`` (bf16 with both
 variants, fp16 with ``blockdiag``: the engine's GradScaler skips overflow steps, which then
-never enter SENG's curvature, and its loss scale is divided out of the curvature), ``train_micro_batch_size_per_gpu``,
-``gradient_accumulation_steps`` (the curvature comes from the last micro-batch of each step,
-rescaled for the engine's ``1/accumulation`` loss scaling), ``gradient_clipping`` with
-``blockdiag``, lr schedulers (DeepSpeed's ``scheduler`` section or a client scheduler), and checkpoints through
+never enter SENG's curvature, and its loss scale is divided out of the curvature);
+``train_micro_batch_size_per_gpu``; ``gradient_accumulation_steps`` (the curvature comes from
+the last micro-batch of each step, rescaled for the engine's ``1/accumulation`` loss scaling);
+``gradient_clipping`` with both variants (SENG clips the averaged gradient); lr schedulers
+(DeepSpeed's ``scheduler`` section or a client scheduler); checkpoints through
 ``engine.save_checkpoint``/``load_checkpoint`` (SENG's state, every rank's curvature included,
 travels in the engine's checkpoint; a resume on the same number of ranks is bit-exact, on
 another number the curvature is rebuilt at the next step). Anything else that SENG cannot honour
@@ -92,10 +93,13 @@ def seng_params(cfg: dict) -> dict | None:
                          f"gradient_accumulation_steps={gas!r}; leave it out of the params")
     params["gradient_accumulation_steps"] = gas
     clip = cfg.get("gradient_clipping", 0.0) or 0.0
-    if clip and params.get("variant", "blockdiag") == "lagged":
-        raise ValueError("ds_config gradient_clipping with SENG variant 'lagged' is not "
-                         "supported: the engine would clip the local, not the averaged, "
-                         "gradient. Use variant 'blockdiag' or remove gradient_clipping")
+    if clip and "max_grad_norm" in params:
+        raise ValueError("ds_config: give the clipping norm once, as gradient_clipping, not "
+                         "also as the SENG param max_grad_norm")
+    if clip:
+        # SENG clips the averaged gradient itself: with variant 'lagged' the engine would see
+        # only the local one.
+        params["max_grad_norm"] = float(clip)
     return params
 
 
@@ -124,6 +128,7 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
     # rank's curvature into it so load_checkpoint resumes each rank bit-exactly.
     seng.state_dict_all_ranks = True
     cfg.pop("optimizer")
+    cfg["gradient_clipping"] = 0.0  # SENG clips (see seng_params)
     if from_args:
         args = copy.copy(args)
         args.deepspeed_config = None

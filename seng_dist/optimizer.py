@@ -76,6 +76,8 @@ class SENG(torch.optim.Optimizer):
             before each ``step()``, each loss divided by it (DeepSpeed's and the usual manual
             accumulation). The curvature comes from the last micro-batch, its captured
             gradients multiplied back by this number.
+        max_grad_norm: clip the averaged gradient (all parameters, before weight decay) to
+            this global norm, as ``clip_grad_norm_`` after DDP would (None: no clipping).
         seed: seed of the sketch generator (its state is part of ``state_dict``).
 
     Distributed (DESIGN.md section 2): every rank keeps its own curvature ``U_w`` from its
@@ -112,6 +114,7 @@ class SENG(torch.optim.Optimizer):
                  skip_layers: Iterable[str | type] = (),
                  loss_reduction: str = "mean",
                  gradient_accumulation_steps: int = 1,
+                 max_grad_norm: float | None = None,
                  seed: int = 0) -> None:
         if isinstance(model, list) and id(model) in _LIVE:
             self._adopt(_LIVE[id(model)])
@@ -127,7 +130,7 @@ class SENG(torch.optim.Optimizer):
             sketch_replacement=sketch_replacement, rank=rank,
             factor_sketch_size=factor_sketch_size, uc=uc, variant=variant,
             loss_reduction=loss_reduction, comm_dtype=_dtype_name(comm_dtype),
-            gradient_accumulation_steps=gradient_accumulation_steps)
+            gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         params = [p for p in model.parameters() if p.requires_grad]
@@ -355,6 +358,7 @@ class SENG(torch.optim.Optimizer):
             comm.allreduce_mean_((gs + fgs if send_grads else []) + _flat(slots)
                                  + ([flags] if flags is not None else []),
                                  name="seng.step", comm_dtype=self._comm_dtype)
+            fgs = self._clip(gs, fgs)
             zs = self._with_l2(blocks, gs, l2)
         else:
             if send_grads:
@@ -362,6 +366,7 @@ class SENG(torch.optim.Optimizer):
                                      comm_dtype=self._comm_dtype)
                 values = self._flag_values(flags, present + have_curv)
             here = values if values is not None else present
+            fgs = self._clip(gs, fgs)
             zs = self._with_l2(blocks, gs, l2)
             slots = [self._correction(b, z if h else None, lam)
                      for b, z, h in zip(blocks, zs, here)]
@@ -410,6 +415,19 @@ class SENG(torch.optim.Optimizer):
         # Tolerances, not equality: a bf16/fp16 buffer rounds the mean of 0/1 flags.
         return [1.0 if v > 1.0 - 0.5 / m else (0.5 if v > 0.5 / m else 0.0)
                 for v in flags.tolist()]
+
+    def _clip(self, gs: list[Tensor], fgs: list[Tensor]) -> list[Tensor]:
+        """Scale the averaged gradient to global norm <= ``max_grad_norm`` (no host sync):
+        the block matrices in place, the fallback gradients into new tensors (they may be
+        ``.grad`` itself)."""
+        max_norm = self.config.max_grad_norm
+        if max_norm is None or not gs + fgs:
+            return fgs
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs + fgs)))
+        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        if gs:
+            torch._foreach_mul_(gs, factor)
+        return torch._foreach_mul(fgs, factor) if fgs else fgs
 
     @staticmethod
     def _with_l2(blocks: list[Block], gs: list[Tensor], l2: float) -> list[Tensor]:

@@ -95,9 +95,9 @@ def emulate_distributed(model: nn.Module, shards: list[list[tuple[Tensor, Tensor
     Returns the parameters (by name) after every step. Every worker has a replica of
     ``model``; its curvature comes from a one-process SENG on that replica (so sketches and
     randomized factors draw from the same seeded generator as a real rank would). The rest is
-    DESIGN.md section 2 written out: ``ḡ = mean_w g_w``; ``z = ḡ + wd·θ``; each worker's
-    ``c_w = (λI + K_w)⁻¹ U_wᵀ z_src`` with ``z_src = z`` (blockdiag, and the first lagged step)
-    or the previous step's ``z`` (lagged); ``d = -(z - mean_w U_w c_w)/λ``, with eq. 28's
+    DESIGN.md section 2 written out: ``ḡ = mean_w g_w`` (clipped to ``max_grad_norm`` if
+    set); ``z = ḡ + wd·θ``; each worker's ``c_w = (λI + K_w)⁻¹ U_wᵀ z_src`` with
+    ``z_src = z`` (blockdiag, and the first lagged step) or the previous step's ``z`` (lagged); ``d = -(z - mean_w U_w c_w)/λ``, with eq. 28's
     ``(mean_w Gᶜ_w)ᵀ (mean_w Aᶜ_w)`` on implicit blocks with ``uc="factored"``; the fallback
     ``-z/(1+λ)``; heavy-ball momentum and ``θ ← θ + lr·v``. Every gradient must be present.
     """
@@ -120,9 +120,14 @@ def emulate_distributed(model: nn.Module, shards: list[list[tuple[Tensor, Tensor
         per_block = list(zip(*(o.blocks for o in opts)))  # block i of every worker
         # The same operation forms as the optimizer (alpha-adds, products with reciprocals),
         # so that only the order of the ranks' sums can differ from a real run.
-        zs = [torch.stack([b.grad_matrix() for b in bs]).mean(0).add_(bs[0].param_matrix(),
-                                                                     alpha=l2)
-              for bs in per_block]
+        fallback = list(zip(*(o._fallback for o in opts)))
+        means = [torch.stack([b.grad_matrix() for b in bs]).mean(0) for bs in per_block]
+        fmeans = [torch.stack([p.grad for p in ps]).mean(0) for ps in fallback]
+        if cfg.max_grad_norm is not None:  # clip the averaged gradient, before weight decay
+            norm = torch.cat([t.reshape(-1) for t in means + fmeans]).norm()
+            factor = min(1.0, cfg.max_grad_norm / (float(norm) + 1e-6))
+            means, fmeans = [t * factor for t in means], [t * factor for t in fmeans]
+        zs = [m.add_(bs[0].param_matrix(), alpha=l2) for m, bs in zip(means, per_block)]
         sources = previous if cfg.variant == "lagged" and previous is not None else zs
         update: dict[str, Tensor] = {}
         for bs, z, src in zip(per_block, zs, sources):
@@ -135,9 +140,8 @@ def emulate_distributed(model: nn.Module, shards: list[list[tuple[Tensor, Tensor
             d = (uc - z) / lam
             for p, piece in zip(bs[0].params, bs[0].split(d)):
                 update[names[id(p)]] = piece
-        fallback = list(zip(*(o._fallback for o in opts)))
-        for ps in fallback:
-            g = torch.stack([p.grad for p in ps]).mean(0).add_(ps[0].detach(), alpha=l2)
+        for ps, g in zip(fallback, fmeans):
+            g = g.add(ps[0].detach(), alpha=l2)
             update[names[id(ps[0])]] = g * (-1.0 / (1.0 + lam))
         previous = zs
         params = dict(replicas[0].named_parameters())

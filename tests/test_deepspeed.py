@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_mixed, python_output, requires_engine
-from test_distributed import CONFIGS, STEPS, _displacement_error, _emulated, shard
+from test_distributed import CONFIGS, STEPS, _displacement_error, _emulated, _jobs, shard
 
 from seng_dist.deepspeed import SENG_PARAMS, seng_params
 from seng_dist.testing import run_ranks
@@ -43,6 +43,10 @@ def _ds_train(rank: int, world: int, configs: dict) -> dict:
             params.append({n: p.detach().clone() for n, p in engine.module.named_parameters()})
         out[name] = {"params": params, "backward_allreduce": engine.enable_backward_allreduce,
                      "type": type(opt).__name__}
+    # A config whose optimizer is not SENG goes to deepspeed.initialize untouched.
+    engine, opt, _, _ = plugin.initialize(model=make_mixed(), config=dict(
+        BASE, optimizer={"type": "SGD", "params": {"lr": 0.1}}))
+    out["passthrough"] = type(opt).__name__
     return out
 
 
@@ -57,14 +61,26 @@ def _accumulated(variant: str) -> tuple[dict, dict]:
 
 
 JOBS.update({f"accumulated-{v}": _accumulated(v)[0] for v in ("blockdiag", "lagged")})
+# A norm the averaged gradient exceeds, so every step is clipped.
+JOBS.update({f"clipped-{v}": dict(ds_config(**CONFIGS[f"factored-{v}"]), gradient_clipping=0.05)
+             for v in ("blockdiag", "lagged")})
 EMULATED = dict(CONFIGS, **{f"accumulated-{v}": _accumulated(v)[1]
-                            for v in ("blockdiag", "lagged")})
+                            for v in ("blockdiag", "lagged")},
+                **{f"clipped-{v}": dict(CONFIGS[f"factored-{v}"], max_grad_norm=0.05)
+                   for v in ("blockdiag", "lagged")})
 
 
 @needs_ds
-def test_plugin_built_seng_equals_the_emulation_for_both_variants():
+def test_plugin_built_seng_equals_the_emulation_and_the_torch_run_for_both_variants():
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
     ranks = run_ranks(_ds_train, 2, JOBS, timeout=300)
+    torch_runs = run_ranks(_jobs, 2, {n: {"config": c} for n, c in CONFIGS.items()},
+                           timeout=300)
+    for rank, res in enumerate(ranks):
+        assert res["passthrough"] != "SENG"
+        for name in CONFIGS:
+            assert _displacement_error(res[name]["params"], torch_runs[rank][name]["params"],
+                                       start) <= 1e-6, name
     for name in JOBS:
         ref = _emulated(2, EMULATED[name])
         for res in ranks:
@@ -84,7 +100,7 @@ def test_plugin_built_seng_equals_the_emulation_for_both_variants():
      "torch_autocast with dtype float16 and SENG variant 'lagged' is not supported"),
     (dict(ds_config(gradient_accumulation_steps=2), gradient_accumulation_steps=4),
      "gradient_accumulation_steps=2 differs from the config's gradient_accumulation_steps=4"),
-    (dict(ds_config(variant="lagged"), gradient_clipping=1.0), "gradient_clipping with SENG"),
+    (dict(ds_config(max_grad_norm=2.0), gradient_clipping=1.0), "give the clipping norm once"),
 ])
 def test_config_errors_name_the_key(cfg, message):
     with pytest.raises(ValueError, match=message):

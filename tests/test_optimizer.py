@@ -46,6 +46,8 @@ def _net():
     (dict(sketch_replacement=1), "sketch_replacement must be True or False"),
     (dict(comm="nccl"), "comm must be None, one of 'local', 'torch', 'horovod', 'deepspeed'"),
     (dict(seed=1.5), "seed must be an int"),
+    (dict(max_grad_norm=0.0), "max_grad_norm must be > 0"),
+    (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps must be None or an int"),
     (dict(comm_dtype="int8"), "comm_dtype must be None .* or one of 'float32', 'bfloat16'"),
     (dict(comm_dtype=torch.float64), "comm_dtype must be None"),
 ])
@@ -310,3 +312,21 @@ def test_bf16_autocast_keeps_float32_curvature_close_to_the_float32_run():
     d32 = torch.cat([(a - s).reshape(-1) for a, s in zip(fp32, start)])
     d16 = torch.cat([(a - s).reshape(-1) for a, s in zip(bf16, start)])
     assert float((d16 - d32).norm() / d32.norm()) < 5e-2
+
+
+def test_max_grad_norm_clips_the_gradient_like_clip_grad_norm():
+    from conftest import batch, make_mixed
+    runs = []
+    for own in (True, False):
+        model = make_mixed()
+        opt = SENG(model, lr=0.1, damping=0.5, max_grad_norm=0.05 if own else None)
+        for k in range(3):
+            x, y = batch(8, seed=k)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if not own:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
