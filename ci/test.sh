@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 bash ci/install.sh
 bash ci/install_horovod.sh
 bash ci/install_deepspeed.sh
+bash ci/install_mpi.sh
 SENG_REQUIRE_ENGINES=1 python3 -m pytest -q -p no:cacheprovider tests

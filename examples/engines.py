@@ -1,9 +1,9 @@
 """Which distributed engine a training script runs under, and the few calls that differ.
 
 ``start("auto")`` reads the launcher's environment: ``horovodrun --gloo`` sets
-``HOROVOD_RANK``, ``torchrun`` sets ``WORLD_SIZE``, ``mpirun`` (also under ``horovodrun --mpi``)
-sets ``OMPI_COMM_WORLD_SIZE`` / ``PMI_SIZE`` and means Horovod; otherwise one process.
-``--engine`` overrides it.
+``HOROVOD_RANK``, ``torchrun`` sets ``WORLD_SIZE``, ``mpirun``/``srun`` set
+``OMPI_COMM_WORLD_SIZE`` / ``PMI_SIZE`` and mean the mpi4py engine; otherwise one process.
+``--engine`` overrides it (``--engine horovod`` under ``mpirun`` or ``horovodrun --mpi``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-ENGINES = ("auto", "local", "torch", "horovod", "deepspeed")
+ENGINES = ("auto", "local", "torch", "horovod", "deepspeed", "mpi")
 
 
 @dataclass
@@ -32,6 +32,9 @@ class Engine:
         elif self.name == "horovod":
             import horovod.torch as hvd
             hvd.allreduce_(t, op=hvd.Sum, name="metrics")
+        elif self.name == "mpi":
+            from mpi4py import MPI
+            MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, t.numpy(), op=MPI.SUM)
         return t
 
     def data_parallel(self, model: nn.Module, opt: torch.optim.Optimizer
@@ -43,6 +46,9 @@ class Engine:
             import horovod.torch as hvd
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)
             return model, hvd.DistributedOptimizer(opt, model.named_parameters())
+        if self.name != "local":
+            raise ValueError(f"the {self.name} engine trains SENG only in this script; run the "
+                             "baselines under torchrun or horovodrun")
         return model, opt
 
     def finish(self) -> None:
@@ -65,7 +71,7 @@ def start(name: str = "auto") -> Engine:
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
             name = "torch"
         elif _mpi_world_size() > 1:
-            name = "horovod"
+            name = "mpi"
         else:
             name = "local"
     if name == "torch":
@@ -83,6 +89,13 @@ def start(name: str = "auto") -> Engine:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         engine = Engine("deepspeed", dist.get_rank(), dist.get_world_size(),
                         int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1))))
+    elif name == "mpi":
+        from seng_dist.comm.mpi import INSTALL_HINT
+        from seng_dist.comm.base import import_engine
+        MPI = import_engine("mpi4py.MPI", INSTALL_HINT)
+        world = MPI.COMM_WORLD
+        local = world.Split_type(MPI.COMM_TYPE_SHARED)
+        engine = Engine("mpi", world.Get_rank(), world.Get_size(), local.Get_size())
     elif name == "local":
         engine = Engine("local")
     else:

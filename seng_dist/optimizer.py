@@ -65,7 +65,7 @@ class SENG(torch.optim.Optimizer):
         variant: ``"blockdiag"`` or ``"lagged"`` (``b`` from the previous step's gradient).
         comm: the engine for the collectives: None (torch.distributed when a process group
             is initialised, then Horovod when initialised, else one process), ``"local"``,
-            ``"torch"``, ``"horovod"``, or a :class:`seng_dist.comm.Communicator`.
+            ``"torch"``, ``"horovod"``, ``"deepspeed"``, ``"mpi"``, or a Communicator.
         comm_dtype: dtype of the communication buffer: None (the gradients' dtype),
             ``"bfloat16"``/``"float16"`` (or the torch dtypes) to halve the bytes sent
             (Horovod: float16 only).

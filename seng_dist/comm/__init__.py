@@ -14,7 +14,7 @@ import torch
 
 from .base import COMM_DTYPES, Communicator, CountingCommunicator, LocalCommunicator
 
-ENGINES = ("local", "torch", "horovod", "deepspeed")
+ENGINES = ("local", "torch", "horovod", "deepspeed", "mpi")
 
 __all__ = ["COMM_DTYPES", "Communicator", "CountingCommunicator", "LocalCommunicator",
            "ENGINES", "make_communicator"]
@@ -39,6 +39,9 @@ def make_communicator(comm: Any) -> Communicator:
     if comm == "horovod":
         from .horovod import HorovodCommunicator
         return HorovodCommunicator()
+    if comm == "mpi":
+        from .mpi import MPICommunicator
+        return MPICommunicator()
     if comm == "deepspeed":
         from .deepspeed import DeepSpeedCommunicator
         return DeepSpeedCommunicator()

@@ -1,0 +1,76 @@
+"""The MPI engine: mpi4py collectives on the fused flat buffer (buffers, never pickles).
+
+Launch with ``mpirun -np N`` or ``srun``. CPU buffers are passed to MPI as NumPy views of the
+tensor's memory (no copy); CUDA buffers go to MPI directly when the MPI library is CUDA-aware
+and are staged through host memory otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+
+from .base import Communicator, import_engine
+
+INSTALL_HINT = ("mpi4py or an MPI library is missing. Install them with `bash ci/install_mpi.sh` "
+                "(Debian: apt-get install openmpi-bin libopenmpi-dev; pip install mpi4py==4.1.2)")
+
+
+def _cuda_aware() -> bool:
+    """Whether the loaded MPI library reports CUDA support (Open MPI's
+    ``MPIX_Query_cuda_support``; other libraries: assume not, and stage through the host)."""
+    try:
+        query = getattr(ctypes.CDLL(None), "MPIX_Query_cuda_support", None)
+    except OSError:
+        return False
+    return bool(query()) if query is not None else False
+
+
+class MPICommunicator(Communicator):
+    """Collectives through ``mpi4py`` on ``MPI.COMM_WORLD`` (or the given communicator)."""
+
+    # MPI has no portable 16-bit float datatype (Open MPI 4.1 none at all).
+    unsupported_dtypes = (torch.bfloat16, torch.float16)
+
+    def __init__(self, comm: object | None = None) -> None:
+        import_engine("mpi4py", INSTALL_HINT)
+        MPI = import_engine("mpi4py.MPI", INSTALL_HINT)
+        self.MPI = MPI
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.world_size = self.comm.Get_size()
+        self.cuda_aware = _cuda_aware()
+
+    def _host(self, buf: Tensor) -> tuple[Tensor, bool]:
+        """The tensor MPI reads and writes, and whether it is a host copy of ``buf``."""
+        if buf.device.type == "cpu" or self.cuda_aware:
+            return buf, False
+        return buf.cpu(), True
+
+    def _allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
+        work, staged = self._host(buf)
+        self.comm.Allreduce(self.MPI.IN_PLACE, _mpi_buffer(work), op=self.MPI.SUM)
+        if staged:
+            buf.copy_(work)
+
+    def _broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
+        work, staged = self._host(buf)
+        self.comm.Bcast(_mpi_buffer(work), root=src)
+        if staged:
+            buf.copy_(work)
+
+    def _allgather_flat(self, buf: Tensor, name: str) -> Tensor:
+        work, staged = self._host(buf.contiguous())
+        out = torch.empty(self.world_size * work.numel(), dtype=work.dtype, device=work.device)
+        self.comm.Allgather(_mpi_buffer(work), _mpi_buffer(out))
+        return out.to(buf.device) if staged else out
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+
+def _mpi_buffer(t: Tensor) -> object:
+    """A buffer MPI can read and write in place: a NumPy view on CPU, the tensor on CUDA."""
+    return t.numpy() if t.device.type == "cpu" else t
