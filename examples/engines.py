@@ -90,12 +90,9 @@ def start(name: str = "auto") -> Engine:
         engine = Engine("deepspeed", dist.get_rank(), dist.get_world_size(),
                         int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1))))
     elif name == "mpi":
-        from seng_dist.comm.mpi import INSTALL_HINT
-        from seng_dist.comm.base import import_engine
-        MPI = import_engine("mpi4py.MPI", INSTALL_HINT)
-        world = MPI.COMM_WORLD
-        local = world.Split_type(MPI.COMM_TYPE_SHARED)
-        engine = Engine("mpi", world.Get_rank(), world.Get_size(), local.Get_size())
+        from seng_dist.comm.mpi import MPICommunicator
+        mpi = MPICommunicator()
+        engine = Engine("mpi", mpi.rank, mpi.world_size, mpi.local_size)
     elif name == "local":
         engine = Engine("local")
     else:

@@ -26,7 +26,7 @@ MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
 def mpirun(jobs: dict, tmp: Path, np: int, timeout: float = 300) -> list[dict]:
     torch.save(jobs, tmp / "jobs.pt")
     cmd = [shutil.which("mpirun") or "mpirun", "-np", str(np), sys.executable,
-           str(HERE / "mpi_worker.py"), str(tmp / "jobs.pt"), str(tmp)]
+           str(HERE / "mpi_worker.py"), str(tmp / "jobs.pt"), str(tmp), "--check-local"]
     env = dict(os.environ, **MPI_ENV,
                PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
     try:

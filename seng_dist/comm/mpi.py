@@ -41,6 +41,10 @@ class MPICommunicator(Communicator):
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.world_size = self.comm.Get_size()
+        # Ranks sharing this host, for device choice and thread counts.
+        host = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank, self.local_size = host.Get_rank(), host.Get_size()
+        host.Free()
         self.cuda_aware = _cuda_aware()
 
     def _host(self, buf: Tensor) -> tuple[Tensor, bool]:
