@@ -89,7 +89,11 @@ def _can_make_namespaces() -> str:
     done = subprocess.run(["ip", "netns", "add", "seng-probe"], capture_output=True, text=True)
     if done.returncode != 0:
         return f"network namespaces cannot be made here: {done.stderr.strip()}"
+    entered = subprocess.run(["ip", "netns", "exec", "seng-probe", "true"], capture_output=True,
+                             text=True)
     subprocess.run(["ip", "netns", "del", "seng-probe"], capture_output=True)
+    if entered.returncode != 0:
+        return f"a network namespace cannot be entered here: {entered.stderr.strip()}"
     return ""
 
 
