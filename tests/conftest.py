@@ -95,3 +95,20 @@ def python_output(code: str) -> str:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env=env).stdout
+
+
+def launch_jobs(launcher: list[str], worker: str, jobs: dict, tmp: Path, np: int,
+                extra_env: dict | None = None, timeout: float = 300) -> list[dict]:
+    """Run ``launcher + [python, tests/<worker>, jobs.pt, tmp]`` (an engine's own launcher
+    starting ``np`` ranks that each save ``tmp/<rank>.pt``), bounded by ``timeout``; return
+    every rank's result. A failure shows the launcher's output."""
+    torch.save(jobs, tmp / "jobs.pt")
+    cmd = launcher + [sys.executable, str(TESTS / worker), str(tmp / "jobs.pt"), str(tmp)]
+    env = dict(os.environ, **(extra_env or {}),
+               PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"{launcher[0]} did not finish in {timeout} s") from err
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return [torch.load(tmp / f"{r}.pt", weights_only=False) for r in range(np)]

@@ -20,10 +20,10 @@ def main() -> None:
     jobs_path, outdir = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)  # as in the emulation, so BLAS results match bit for bit
     rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-    if "--check-local" in sys.argv:  # ranks of one host: local rank = rank, local size = size
-        from seng_dist.comm.mpi import MPICommunicator
-        mpi = MPICommunicator()
-        assert (mpi.local_rank, mpi.local_size) == (rank, size), (mpi.local_rank, mpi.local_size)
+    # All ranks run on this host: the local rank and size are the world's.
+    from seng_dist.comm.mpi import MPICommunicator
+    mpi = MPICommunicator()
+    assert (mpi.local_rank, mpi.local_size) == (rank, size), (mpi.local_rank, mpi.local_size)
     result = _jobs(rank, size, torch.load(jobs_path, weights_only=False))
     torch.save(result, os.path.join(outdir, f"{rank}.pt"))
 

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from test_distributed import CONFIGS, EXTRAS, STEPS, _displacement_error, _emulated, _jobs
-from conftest import make_mixed, python_output, requires_engine
+from conftest import launch_jobs, make_mixed, python_output, requires_engine
 
 from seng_dist import SENG
 from seng_dist.testing import run_ranks
@@ -34,18 +33,10 @@ JOBS.update({
 })
 
 
-def horovodrun(jobs: dict, tmp: Path, np: int = 2, timeout: float = 300) -> list[dict]:
-    torch.save(jobs, tmp / "jobs.pt")
-    cmd = [shutil.which("horovodrun") or "horovodrun", "-np", str(np), "-H", f"localhost:{np}",
-           "--gloo", sys.executable, str(HERE / "horovod_worker.py"), str(tmp / "jobs.pt"),
-           str(tmp)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"horovodrun did not finish in {timeout} s") from err
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    return [torch.load(tmp / f"{r}.pt", weights_only=False) for r in range(np)]
+def horovodrun(jobs: dict, tmp: Path, np: int = 2) -> list[dict]:
+    launcher = [shutil.which("horovodrun") or "horovodrun", "-np", str(np), "-H",
+                f"localhost:{np}", "--gloo"]
+    return launch_jobs(launcher, "horovod_worker.py", jobs, tmp, np)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +107,7 @@ def test_horovod_engine_without_init_says_to_call_it():
 def test_missing_horovod_says_how_to_install_and_import_still_works():
     code = ("import sys; sys.modules['horovod'] = None\n"
             "import seng_dist\n"
-            "from conftest import make_mixed, python_output, requires_engine\n"
+            "from conftest import launch_jobs, make_mixed, python_output, requires_engine\n"
             "try:\n"
             "    seng_dist.SENG(make_mixed(), comm='horovod')\n"
             "except ImportError as e:\n"

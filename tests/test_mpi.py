@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import make_mixed, python_output, requires_engine
+from conftest import launch_jobs, make_mixed, python_output, requires_engine
 from test_distributed import CONFIGS, STEPS, _displacement_error, _emulated, _jobs
 
 from seng_dist.testing import run_ranks
@@ -23,18 +20,9 @@ MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1"}
 
 
-def mpirun(jobs: dict, tmp: Path, np: int, timeout: float = 300) -> list[dict]:
-    torch.save(jobs, tmp / "jobs.pt")
-    cmd = [shutil.which("mpirun") or "mpirun", "-np", str(np), sys.executable,
-           str(HERE / "mpi_worker.py"), str(tmp / "jobs.pt"), str(tmp), "--check-local"]
-    env = dict(os.environ, **MPI_ENV,
-               PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"mpirun did not finish in {timeout} s") from err
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    return [torch.load(tmp / f"{r}.pt", weights_only=False) for r in range(np)]
+def mpirun(jobs: dict, tmp: Path, np: int) -> list[dict]:
+    return launch_jobs([shutil.which("mpirun") or "mpirun", "-np", str(np)], "mpi_worker.py",
+                       jobs, tmp, np, extra_env=MPI_ENV)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
