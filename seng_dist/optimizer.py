@@ -383,9 +383,9 @@ class SENG(torch.optim.Optimizer):
             if not present_all[i]:
                 continue
             if curv_all[i] >= 1.0:
-                d = solver.direction(z, self._combine(block, slot), lam)
+                d = solver.direction(z, _combine(slot), lam)
             else:
-                self._warn_no_curvature(block, "K" in st)
+                self._warn_no_curvature(block, st, lagged)
                 d = z.mul(-1.0 / (1.0 + lam))
             if self.config.variant == "lagged":
                 st["prev_g"] = z
@@ -475,18 +475,16 @@ class SENG(torch.optim.Optimizer):
         rank = self.config.rank
         return min(block.n_G, block.n_A) if rank is None else min(rank, block.n_G, block.n_A)
 
-    def _combine(self, block: Block, slot: list[Tensor]) -> Tensor:
-        """``mean_w U_w b_w``: the averaged matrix, or eq. 28's product of averaged factors."""
-        if len(slot) == 1:
-            return slot[0]
-        return slot[0].T @ slot[1]
-
-    def _warn_no_curvature(self, block: Block, local: bool) -> None:
+    def _warn_no_curvature(self, block: Block, st: dict, lagged: bool) -> None:
         if block.name in self._warned:
             return
         self._warned.add(block.name)
-        why = ("it has curvature here but not on every rank" if local else
-               "it was not called with gradients on a curvature step")
+        if "K" not in st:
+            why = "it was not called with gradients on a curvature step"
+        elif lagged and "prev_g" not in st:
+            why = "the lagged variant has no previous averaged gradient for it yet"
+        else:
+            why = "it has curvature here but not on every rank"
         warnings.warn(f"SENG: layer {block.name!r} has no curvature yet ({why}); it follows "
                       "the fallback rule d = -g/(1+damping) until it has", stacklevel=6)
 
@@ -645,6 +643,13 @@ class SENG(torch.optim.Optimizer):
 
     def _block_signature(self) -> list[tuple[str, int, int, str]]:
         return [(b.name, b.n_G, b.n_A, b.path) for b in self.blocks]
+
+
+def _combine(slot: list[Tensor]) -> Tensor:
+    """``mean_w U_w b_w``: the averaged matrix, or eq. 28's product of averaged factors."""
+    if len(slot) == 1:
+        return slot[0]
+    return slot[0].T @ slot[1]
 
 
 def _flat(slots: list[list[Tensor]]) -> list[Tensor]:
