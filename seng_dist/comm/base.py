@@ -108,9 +108,7 @@ class Communicator(ABC):
             return obj
         data = torch.empty(0, dtype=torch.uint8)
         if self.rank == src:
-            stream = io.BytesIO()
-            torch.save(obj, stream)
-            data = torch.frombuffer(bytearray(stream.getvalue()), dtype=torch.uint8)
+            data = _to_bytes(obj)
         length = torch.tensor([data.numel()], dtype=torch.int64)
         self.broadcast_([length], name=f"{name}.len", src=src)
         if self.rank != src:
@@ -118,23 +116,20 @@ class Communicator(ABC):
         self.broadcast_([data], name=f"{name}.data", src=src)
         if self.rank == src:
             return obj
-        return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)
+        return _from_bytes(data)
 
     def allgather_object(self, obj: Any, *, name: str) -> list[Any]:
         """Every rank's ``obj`` (serialised with ``torch.save``; for start-up and checkpoints,
         not for the step)."""
         if self.world_size == 1:
             return [obj]
-        stream = io.BytesIO()
-        torch.save(obj, stream)
-        data = torch.frombuffer(bytearray(stream.getvalue()), dtype=torch.uint8)
+        data = _to_bytes(obj)
         lengths = self.allgather(torch.tensor([data.numel()], dtype=torch.int64),
                                  name=f"{name}.len").view(-1).tolist()
         padded = torch.zeros(max(lengths), dtype=torch.uint8)
         padded[:data.numel()] = data
         rows = self.allgather(padded, name=f"{name}.data")
-        return [torch.load(io.BytesIO(rows[r, :lengths[r]].numpy().tobytes()),
-                           weights_only=False) for r in range(self.world_size)]
+        return [_from_bytes(rows[r, :lengths[r]]) for r in range(self.world_size)]
 
     def check_consistent(self, settings: dict[str, str], what: str = "SENG") -> None:
         """Raise ``ValueError`` on every rank if ``settings`` differ between ranks.
@@ -244,6 +239,17 @@ def _unpack(buf: Tensor, tensors: list[Tensor]) -> None:
     chunks = torch.split(buf, [t.numel() for t in tensors])
     torch._foreach_copy_([t.detach() for t in tensors],
                          [c.view(t.shape) for c, t in zip(chunks, tensors)])
+
+
+def _to_bytes(obj: Any) -> Tensor:
+    """``obj`` serialised by ``torch.save`` as a uint8 tensor."""
+    stream = io.BytesIO()
+    torch.save(obj, stream)
+    return torch.frombuffer(bytearray(stream.getvalue()), dtype=torch.uint8)
+
+
+def _from_bytes(data: Tensor) -> Any:
+    return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)
 
 
 def _short(value: object, limit: int = 120) -> str:
