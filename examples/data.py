@@ -39,3 +39,17 @@ def load_fashion_mnist(train: bool, root: Path = DEFAULT_ROOT, cifar_style: bool
     if cifar_style:
         x = F.pad(x, (2, 2, 2, 2), value=-MEAN / STD).expand(-1, 3, -1, -1).contiguous()
     return x, y
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """The standard CIFAR augmentation on a batch: a random ``pad``-pixel-shifted crop (the
+    border filled with the background value) and a random horizontal flip."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), value=-MEAN / STD)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    out = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                 rows, cols]
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)

@@ -37,6 +37,14 @@ class Engine:
             MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, t.numpy(), op=MPI.SUM)
         return t
 
+    def average_buffers(self, model: nn.Module) -> None:
+        """Average the floating-point buffers (BatchNorm running statistics) over ranks: SENG
+        and Horovod keep them per rank, and evaluation and checkpoints need one set."""
+        if self.world > 1:
+            for b in model.buffers():
+                if b.is_floating_point():
+                    b.copy_(self.sum_(b.detach().double()).div_(self.world))
+
     def data_parallel(self, model: nn.Module, opt: torch.optim.Optimizer
                       ) -> tuple[nn.Module, torch.optim.Optimizer]:
         """The engine's usual data parallelism for a baseline optimizer (SENG needs none)."""

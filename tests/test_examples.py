@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from examples.data import DEFAULT_ROOT, load_fashion_mnist
+from examples.plot import read_metrics
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").exists(),
@@ -35,19 +40,90 @@ def test_train_script_learns_with_seng(capsys):
     assert acc > 0.6  # chance is 0.1; 24 SENG steps on real data
 
 
-def test_train_script_under_torchrun_with_two_gloo_ranks():
-    import os
-    import subprocess
-    import sys
-
+def _torchrun(args: list[str], cwd: Path) -> str:
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", str(root / "examples" / "train.py"), "--train-limit", "3072", "--batch-size",
-           "32", "--curvature-interval", "5", "--variant", "lagged"]
+           "2", str(root / "examples" / "train.py"), "--no-progress"] + args
     env = dict(os.environ, PYTHONPATH=str(root))
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("test accuracy:")]
-    assert len(lines) == 1, done.stdout  # rank 0 only
-    assert "2 rank(s)" in lines[0]
-    assert float(lines[0].split()[2]) > 0.6  # 48 steps of global batch 64
+    assert len(lines) == 1 and "2 rank(s)" in lines[0], done.stdout  # rank 0 only
+    return lines[0]
+
+
+def test_train_script_under_torchrun_writes_metrics_checkpoint_and_plot(tmp_path: Path):
+    args = ["--train-limit", "2048", "--test-limit", "2000", "--batch-size", "32",
+            "--curvature-interval", "5", "--variant", "lagged", "--epochs", "2"]
+    line = _torchrun(args + ["--metrics", "m.csv", "--checkpoint", "c.pt", "--plot", "p.png"],
+                     tmp_path)
+    assert float(line.split()[2]) > 0.6  # 64 steps of global batch 64; chance is 0.1
+
+    rows = read_metrics(tmp_path / "m.csv")
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["step"] == 64
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "damping",
+                "train_time_s", "wall_s"):
+        assert key in rows[0]
+    assert rows[1]["test_acc"] == float(line.split()[2])
+    assert rows[1]["train_time_s"] > rows[0]["train_time_s"] > 0
+
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2
+    assert len(ckpt["optimizer"]["seng"]["curvature_by_rank"]) == 2  # both ranks' curvature
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_two_rank_resume_matches_the_uninterrupted_run(tmp_path: Path):
+    args = ["--train-limit", "1024", "--test-limit", "1000", "--batch-size", "32",
+            "--curvature-interval", "3", "--schedule", "constant", "--epochs"]
+    _torchrun(args + ["2", "--checkpoint", "straight.pt", "--metrics", "straight.jsonl"],
+              tmp_path)
+    _torchrun(args + ["1", "--checkpoint", "first.pt"], tmp_path)
+    _torchrun(args + ["2", "--resume", "first.pt", "--checkpoint", "resumed.pt",
+                      "--metrics", "resumed.jsonl"], tmp_path)
+    straight, resumed = (read_metrics(tmp_path / f"{n}.jsonl") for n in ("straight", "resumed"))
+    drop = ("epoch_time_s", "train_time_s", "wall_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in straight] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in resumed]
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("straight", "resumed"))
+    for name, p in a["model"].items():
+        assert torch.equal(p, b["model"][name]), name
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "kfac", "asdl-seng"])
+def test_train_script_runs_the_baselines(optimizer: str, capsys):
+    from examples.train import main
+
+    acc = main(["--optimizer", optimizer, "--train-limit", "1024", "--test-limit", "1000",
+                "--batch-size", "64", "--curvature-interval", "5", "--no-progress"])
+    assert f"({optimizer}, cnn, 1 epoch(s), 1 rank(s))" in capsys.readouterr().out
+    assert acc > 0.45  # 16 steps; chance is 0.1
+
+
+def test_augment_is_a_shifted_crop_or_its_mirror():
+    from examples.data import MEAN, STD, augment
+
+    x = torch.randn(64, 3, 32, 32)
+    out = augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert torch.equal(out, augment(x, torch.Generator().manual_seed(0)))
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4), value=-MEAN / STD)
+    for i in range(len(x)):
+        crops = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(2)) for c in crops)
+    assert not torch.equal(out, x)
+
+
+def test_benchmark_picks_the_grid_point_that_reaches_the_target_first():
+    from examples.bench_converge import best, to_target
+
+    def rows(*accs):
+        return [{"epoch": e + 1, "test_acc": a, "train_time_s": 10.0 * (e + 1)}
+                for e, a in enumerate(accs)]
+    assert to_target(rows(0.8, 0.91, 0.93), 0.9) == (2, 20.0)
+    assert to_target(rows(0.8, 0.85), 0.9) is None
+    grid = {"slow": rows(0.8, 0.91, 0.95), "fast": rows(0.92, 0.93, 0.94),
+            "never": rows(0.5, 0.6, 0.89)}
+    assert best(grid, 0.9)[0] == "fast"
+    assert best({"a": rows(0.5, 0.7), "b": rows(0.8, 0.6)}, 0.9)[0] == "b"  # most accurate
