@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -71,8 +72,14 @@ def _mpi_world_size() -> int:
     return 1
 
 
-def start(name: str = "auto") -> Engine:
-    """Initialise the engine ``name`` (one of :data:`ENGINES`) and return it."""
+def start(name: str = "auto", timeout: float = 600.0) -> Engine:
+    """Initialise the engine ``name`` (one of :data:`ENGINES`) and return it.
+
+    ``timeout``: seconds a collective waits for a rank that does not arrive (hung, or stopped)
+    before it fails on the others (Gloo, NCCL and Horovod's Gloo controller; MPI has none: it
+    ends the job when a rank dies).
+    """
+    wait = timedelta(seconds=timeout)
     if name == "auto":
         if "HOROVOD_RANK" in os.environ:
             name = "horovod"
@@ -84,17 +91,20 @@ def start(name: str = "auto") -> Engine:
             name = "local"
     if name == "torch":
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                    timeout=wait)
         engine = Engine("torch", dist.get_rank(), dist.get_world_size(),
                         int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
     elif name == "horovod":
         from seng_dist.comm.horovod import import_horovod
         hvd = import_horovod()
+        os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(int(timeout)))
         hvd.init()
         engine = Engine("horovod", hvd.rank(), hvd.size(), hvd.local_size())
     elif name == "deepspeed":
         import deepspeed
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=wait)
         engine = Engine("deepspeed", dist.get_rank(), dist.get_world_size(),
                         int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1))))
     elif name == "mpi":

@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--engine", default="auto", choices=engines.ENGINES,
                     help="distributed engine (auto: from the launcher's environment)")
+    ap.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds a collective waits for a hung rank before failing")
     ap.add_argument("--deepspeed_config", default=None,
                     help="DeepSpeed JSON config: train with the DeepSpeed engine")
     ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
@@ -94,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "curvature_interval"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be a positive integer")
+    if not args.timeout > 0:
+        ap.error("--timeout must be a positive number of seconds")
     return args
 
 
@@ -118,7 +122,8 @@ def build_optimizer(args, model, engine, lr_fn, damping_fn, batch: int
         opt = SENG(model, lr=lr_fn, damping=damping_fn, momentum=args.momentum,
                    weight_decay=args.weight_decay,
                    curvature_update_interval=args.curvature_interval,
-                   variant=args.variant, comm_dtype=args.comm_dtype, comm=engine.name)
+                   variant=args.variant, comm_dtype=args.comm_dtype, comm=engine.name,
+                   skip_nonfinite=True)
         # A checkpoint written by rank 0 then holds every rank's curvature (eq. 26 keeps one
         # per worker), so all ranks resume exactly.
         opt.state_dict_all_ranks = True
@@ -194,7 +199,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, engine: e
 
 def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
-    engine = engines.start("deepspeed" if args.deepspeed_config else args.engine)
+    engine = engines.start("deepspeed" if args.deepspeed_config else args.engine, args.timeout)
     rank, world = engine.rank, engine.world
     torch.manual_seed(args.seed)
     cifar = args.model != "cnn"

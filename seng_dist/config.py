@@ -81,6 +81,7 @@ class SENGConfig:
     comm_dtype: str | None = None
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = None
+    skip_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         _check_number("lr", self.lr, positive=True)
@@ -89,12 +90,9 @@ class SENGConfig:
         _check_number("weight_decay", self.weight_decay, positive=False)
         _check_number("curvature_update_interval", self.curvature_update_interval,
                       positive=True, integer=True)
-        if not isinstance(self.decoupled_weight_decay, bool):
-            raise ValueError("decoupled_weight_decay must be True or False, "
-                             f"got {self.decoupled_weight_decay!r}")
-        if not isinstance(self.sketch_replacement, bool):
-            raise ValueError("sketch_replacement must be True or False, "
-                             f"got {self.sketch_replacement!r}")
+        for name in ("decoupled_weight_decay", "sketch_replacement", "skip_nonfinite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _check_optional_int("curvature_batch_size", self.curvature_batch_size)
         if isinstance(self.explicit_threshold, bool) or not isinstance(
                 self.explicit_threshold, int) or self.explicit_threshold < 0:

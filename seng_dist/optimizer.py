@@ -18,6 +18,7 @@ from .config import SENGConfig, resolve
 from .layers import Block, find_blocks
 
 _SCHEDULED = ("lr", "damping", "momentum", "weight_decay")
+_COUNTERS = ("step", "curvature_updates", "curvature_skips", "nonfinite_steps")
 _CURVATURE_KEYS = ("U", "Xz", "sketch_idx", "Gf", "Af", "YG", "YA", "sketch_g_idx",
                    "sketch_a_idx", "K")
 
@@ -78,6 +79,13 @@ class SENG(torch.optim.Optimizer):
             gradients multiplied back by this number.
         max_grad_norm: clip the averaged gradient (all parameters, before weight decay) to
             this global norm, as ``clip_grad_norm_`` after DDP would (None: no clipping).
+        skip_nonfinite: skip a step whose (averaged) gradient holds a NaN or Inf, as
+            ``GradScaler`` does: parameters, momentum and the lagged gradient stay as they
+            were, the step is counted in ``nonfinite_steps`` (and ``state_dict``) and warned
+            about, and the next ``step()`` repeats step ``k``. Every rank sees the same
+            averaged gradient, so every rank skips together. Off by default: it costs one
+            host sync per step. The curvature never takes non-finite factors either way
+            (``curvature_skips``).
         seed: seed of the sketch generator (its state is part of ``state_dict``).
 
     Distributed (DESIGN.md section 2): every rank keeps its own curvature ``U_w`` from its
@@ -115,6 +123,7 @@ class SENG(torch.optim.Optimizer):
                  loss_reduction: str = "mean",
                  gradient_accumulation_steps: int = 1,
                  max_grad_norm: float | None = None,
+                 skip_nonfinite: bool = False,
                  seed: int = 0) -> None:
         if isinstance(model, list) and id(model) in _LIVE:
             self._adopt(_LIVE[id(model)])
@@ -130,7 +139,8 @@ class SENG(torch.optim.Optimizer):
             sketch_replacement=sketch_replacement, rank=rank,
             factor_sketch_size=factor_sketch_size, uc=uc, variant=variant,
             loss_reduction=loss_reduction, comm_dtype=_dtype_name(comm_dtype),
-            gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm)
+            gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
+            skip_nonfinite=skip_nonfinite)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         params = [p for p in model.parameters() if p.requires_grad]
@@ -152,6 +162,11 @@ class SENG(torch.optim.Optimizer):
                               stacklevel=2)
         self.model = model
         self.blocks: list[Block] = find_blocks(model, tuple(skip_layers))
+        if not self.blocks:
+            warnings.warn("SENG: the model has no nn.Linear or nn.Conv2d layer to precondition "
+                          "(or skip_layers names them all): every parameter follows "
+                          "d = -g/(1+damping), i.e. momentum SGD with lr/(1+damping)",
+                          stacklevel=2)
         for b in self.blocks:
             b.path = "explicit" if b.n < cfg.explicit_threshold else "implicit"
         block_params = {id(p) for b in self.blocks for p in b.params}
@@ -159,8 +174,7 @@ class SENG(torch.optim.Optimizer):
         self._generator = torch.Generator().manual_seed(seed)
         self._inverse: dict[Block, tuple[float, Tensor]] = {}
         self._warned: set[str] = set()
-        self._seng: dict[str, Any] = {"step": 0, "curvature_updates": 0,
-                                      "curvature_skips": 0}
+        self._seng: dict[str, Any] = dict.fromkeys(_COUNTERS, 0)
         self._capture = Capture(model, self.blocks)
         self._rebuild = False  # rebuild the curvature at the next step (see broadcast_state)
         self._comm = make_communicator(comm)
@@ -202,6 +216,11 @@ class SENG(torch.optim.Optimizer):
     def curvature_skips(self) -> int:
         """Curvature updates refused because a factor was not finite."""
         return self._seng["curvature_skips"]
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped because the averaged gradient was not finite (``skip_nonfinite``)."""
+        return self._seng["nonfinite_steps"]
 
     @property
     def curvature_updates(self) -> int:
@@ -288,12 +307,24 @@ class SENG(torch.optim.Optimizer):
         lr, lam, mu, wd = group["lr"], group["damping"], group["momentum"], group["weight_decay"]
         self._refresh_curvature()
         decoupled = self.config.decoupled_weight_decay
-        params, dirs = self._directions(lam, 0.0 if decoupled else wd)
-        self._apply(params, dirs, lr, mu, wd if decoupled else 0.0)
+        found = self._directions(lam, 0.0 if decoupled else wd)
+        if found is None:
+            self._skip_nonfinite_step(k)
+            return loss
+        self._apply(*found, lr, mu, wd if decoupled else 0.0)
 
         self._seng["step"] = k + 1
         self._arm_for(k + 1)
         return loss
+
+    def _skip_nonfinite_step(self, step: int) -> None:
+        """Count and report a skipped step; step ``step`` is taken again by the next call."""
+        n = self._seng["nonfinite_steps"] = self._seng["nonfinite_steps"] + 1
+        if n & (n - 1) == 0:  # 1st, 2nd, 4th, ...: visible, but not a flood
+            warnings.warn(f"SENG: step {step} skipped: the averaged gradient holds NaN or Inf "
+                          f"({n} such step(s) so far); parameters and momentum are unchanged",
+                          stacklevel=3)
+        self._arm_for(step)
 
     def _refresh_curvature(self) -> None:
         """Rebuild the curvature from the captured pass, if this is a curvature step."""
@@ -326,8 +357,10 @@ class SENG(torch.optim.Optimizer):
             dirs = bufs
         torch._foreach_add_(params, dirs, alpha=lr)
 
-    def _directions(self, lam: float, l2: float) -> tuple[list[Tensor], list[Tensor]]:
-        """Every parameter with a gradient and its direction, running this step's collectives.
+    def _directions(self, lam: float, l2: float
+                    ) -> tuple[list[Tensor], list[Tensor]] | None:
+        """Every parameter with a gradient and its direction, running this step's collectives;
+        None when ``skip_nonfinite`` and the averaged gradient is not finite.
 
         ``l2`` is the weight decay added to the (averaged) gradient before preconditioning.
         """
@@ -336,6 +369,12 @@ class SENG(torch.optim.Optimizer):
             if p.grad is not None and p.grad.is_sparse:
                 raise ValueError("SENG does not support sparse gradients (use "
                                  "nn.Embedding(sparse=False))")
+            if not p.requires_grad and "<frozen>" not in self._warned:
+                self._warned.add("<frozen>")
+                warnings.warn("SENG: parameters were frozen (requires_grad=False) after the "
+                              "optimizer was built; they get no gradient and stay unchanged, "
+                              "but their layers' curvature is kept. Build SENG after freezing "
+                              "(or pass skip_layers) to leave them out", stacklevel=4)
         multi = comm.world_size > 1
         states = [self.state[b.weight] for b in blocks]
         present = [any(p.grad is not None for p in b.params) for b in blocks]
@@ -358,6 +397,8 @@ class SENG(torch.optim.Optimizer):
             comm.allreduce_mean_((gs + fgs if send_grads else []) + _flat(slots)
                                  + ([flags] if flags is not None else []),
                                  name="seng.step", comm_dtype=self._comm_dtype)
+            if self.config.skip_nonfinite and not _finite(gs + fgs):
+                return None
             fgs = self._clip(gs, fgs)
             zs = self._with_l2(blocks, gs, l2)
         else:
@@ -365,6 +406,9 @@ class SENG(torch.optim.Optimizer):
                 comm.allreduce_mean_(gs + fgs + [flags], name="seng.grad",
                                      comm_dtype=self._comm_dtype)
                 values = self._flag_values(flags, present + have_curv)
+            # The same averaged gradient on every rank: every rank skips, or none does.
+            if self.config.skip_nonfinite and not _finite(gs + fgs):
+                return None
             here = values if values is not None else present
             fgs = self._clip(gs, fgs)
             zs = self._with_l2(blocks, gs, l2)
@@ -505,6 +549,11 @@ class SENG(torch.optim.Optimizer):
             rec = records.get(block)
             if rec is None or not rec.complete():
                 continue
+            if rec.batch_size == 0:
+                raise ValueError(f"SENG: the local batch on rank {self._comm.rank} is empty on "
+                                 f"a curvature step (layer {block.name!r}); every rank needs at "
+                                 "least one sample per step (drop_last=True in the DataLoader "
+                                 "or DistributedSampler)")
             # The captured gradients are those of loss/accumulation over the last micro-batch.
             scale = float(cfg.gradient_accumulation_steps) / loss_scale
             if cfg.loss_reduction == "mean":
@@ -516,10 +565,7 @@ class SENG(torch.optim.Optimizer):
                 new = self._explicit_state(G_hat, A_hat)
             else:
                 new = self._implicit_state(G_hat, A_hat)
-            # One host sync per block, not one per tensor.
-            finite = torch.stack([torch.isfinite(t).all() for t in new.values()
-                                  if t.is_floating_point()]).all()
-            if not bool(finite):
+            if not _finite([t for t in new.values() if t.is_floating_point()]):
                 self._seng["curvature_skips"] += 1
                 continue
             st = self.state[block.weight]
@@ -612,7 +658,8 @@ class SENG(torch.optim.Optimizer):
         for (i, k), v in indices.items():
             self.state[params[i]][k] = v.to(params[i].device)
         self._generator.set_state(extra["rng"])
-        self._seng = {k: extra[k] for k in ("step", "curvature_updates", "curvature_skips")}
+        # .get: checkpoints from before a counter existed load with it at 0.
+        self._seng = {k: extra.get(k, 0) for k in _COUNTERS}
         self._inverse.clear()
         by_rank = extra.get("curvature_by_rank")
         if by_rank is not None and len(by_rank) == self._comm.world_size:
@@ -650,6 +697,11 @@ def _combine(slot: list[Tensor]) -> Tensor:
     if len(slot) == 1:
         return slot[0]
     return slot[0].T @ slot[1]
+
+
+def _finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of ``tensors`` is finite, with one host sync (not one per tensor)."""
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def _flat(slots: list[list[Tensor]]) -> list[Tensor]:

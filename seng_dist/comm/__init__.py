@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
-from .base import COMM_DTYPES, Communicator, CountingCommunicator, LocalCommunicator
+from .base import (COMM_DTYPES, CommunicationError, Communicator, CountingCommunicator,
+                   LocalCommunicator)
 
 ENGINES = ("local", "torch", "horovod", "deepspeed", "mpi")
 
-__all__ = ["COMM_DTYPES", "Communicator", "CountingCommunicator", "LocalCommunicator",
-           "ENGINES", "make_communicator"]
+__all__ = ["COMM_DTYPES", "CommunicationError", "Communicator", "CountingCommunicator",
+           "LocalCommunicator", "ENGINES", "make_communicator"]
 
 
 def make_communicator(comm: Any) -> Communicator:

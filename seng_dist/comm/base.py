@@ -14,11 +14,21 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from contextlib import contextmanager
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
+
+
+class CommunicationError(RuntimeError):
+    """A collective failed: in a running job, almost always another rank died or hung.
+
+    The message names the collective, this rank and the engine, and keeps the engine's own
+    error as ``__cause__``.
+    """
+
 
 def import_engine(module: str, install_hint: str) -> ModuleType:
     """Import an engine's package on demand, or raise an ImportError that says how to
@@ -79,7 +89,8 @@ class Communicator(ABC):
             return
         for i, (dtype, group) in enumerate(_by_dtype(tensors, comm_dtype).items()):
             buf = _pack(group, dtype)
-            self._allreduce_sum_flat_(buf, f"{name}.{i}")
+            with self._guard("allreduce", name):
+                self._allreduce_sum_flat_(buf, f"{name}.{i}")
             # Sum then divide (not divide then sum): a mean of equal values stays exact, which
             # the 0/1 flags packed with the gradients rely on.
             buf.div_(self.world_size)
@@ -91,7 +102,8 @@ class Communicator(ABC):
             return
         for i, (dtype, group) in enumerate(_by_dtype(tensors, None).items()):
             buf = _pack(group, dtype)
-            self._broadcast_flat_(buf, src, f"{name}.{i}")
+            with self._guard("broadcast", name):
+                self._broadcast_flat_(buf, src, f"{name}.{i}")
             _unpack(buf, group)
 
     def allgather(self, tensor: Tensor, *, name: str) -> Tensor:
@@ -99,7 +111,23 @@ class Communicator(ABC):
         if self.world_size == 1:
             return tensor.unsqueeze(0).clone()
         flat = tensor.detach().reshape(-1).contiguous()
-        return self._allgather_flat(flat, name).view(self.world_size, *tensor.shape)
+        with self._guard("allgather", name):
+            gathered = self._allgather_flat(flat, name)
+        return gathered.view(self.world_size, *tensor.shape)
+
+    @contextmanager
+    def _guard(self, kind: str, name: str) -> Iterator[None]:
+        """Turn an engine's failure inside a collective into a :class:`CommunicationError`
+        that says where it happened and what to do (the engines' own messages rarely do)."""
+        try:
+            yield
+        except CommunicationError:
+            raise
+        except RuntimeError as err:  # Gloo, NCCL, Horovod and mpi4py all raise RuntimeErrors
+            raise CommunicationError(
+                f"SENG: {kind} {name!r} failed on rank {self.rank} of {self.world_size} "
+                f"({self.name}): {err} -- most likely another rank died or timed out; its own "
+                "log names the cause. Restart the job from its last checkpoint") from err
 
     def broadcast_object(self, obj: Any, *, name: str, src: int = 0) -> Any:
         """Rank ``src``'s ``obj`` on every rank (serialised with ``torch.save``; for start-up
