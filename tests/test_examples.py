@@ -127,3 +127,50 @@ def test_benchmark_picks_the_grid_point_that_reaches_the_target_first():
             "never": rows(0.5, 0.6, 0.89)}
     assert best(grid, 0.9)[0] == "fast"
     assert best({"a": rows(0.5, 0.7), "b": rows(0.8, 0.6)}, 0.9)[0] == "b"  # most accurate
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank_rebuilding_the_curvature(tmp_path: Path):
+    common = ["--train-limit", "1024", "--test-limit", "1000", "--curvature-interval", "5",
+              "--no-progress"]
+    _torchrun(common + ["--batch-size", "32", "--epochs", "1", "--checkpoint", "c.pt"],
+              tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    # One rank with twice the per-rank batch keeps the global batch of 64.
+    done = subprocess.run([sys.executable, str(root / "examples" / "train.py")] + common
+                          + ["--batch-size", "64", "--epochs", "2", "--resume", "c.pt",
+                             "--checkpoint", "c.pt"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(root)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "holds the curvature of 2 ranks and this job has 1" in done.stderr
+    assert "(seng, cnn, 2 epoch(s), 1 rank(s))" in done.stdout
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
+    assert [r["world"] for r in ckpt["history"]] == [2, 1]
+    assert ckpt["history"][1]["test_acc"] > 0.6
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--epochs", "-1"], "--epochs must be a positive integer"),
+    (["--timeout", "0"], "--timeout must be a positive number of seconds"),
+    (["--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
+    (["--engine", "nccl"], "invalid choice: 'nccl'"),
+    (["--train-limit", "100", "--batch-size", "128"],
+     "--batch-size 128 on 1 rank(s) needs at least 128 training images, got 100"),
+])
+def test_train_script_rejects_bad_arguments_naming_them(argv, message, capsys):
+    from examples.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--no-progress"])
+    assert message in str(exc.value.code) + capsys.readouterr().err
+
+
+def test_resume_with_other_seng_settings_names_them(tmp_path: Path):
+    from examples.train import main
+
+    args = ["--train-limit", "256", "--test-limit", "200", "--no-progress"]
+    main(args + ["--checkpoint", str(tmp_path / "c.pt")])
+    with pytest.raises(ValueError, match="saved with other SENG settings: "
+                                         "variant='blockdiag' \\(here 'lagged'\\)"):
+        main(args + ["--resume", str(tmp_path / "c.pt"), "--variant", "lagged", "--epochs", "2"])
