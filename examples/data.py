@@ -29,7 +29,8 @@ def load_fashion_mnist(train: bool, root: Path = DEFAULT_ROOT, cifar_style: bool
     """Normalised images ``(N, 1, 28, 28)`` and labels; ``cifar_style`` pads to 32×32 and
     repeats the channel to 3 for CIFAR-style networks."""
     prefix = "train" if train else "t10k"
-    images, labels = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+    images = root / f"{prefix}-images-idx3-ubyte.gz"
+    labels = root / f"{prefix}-labels-idx1-ubyte.gz"
     if not images.exists() or not labels.exists():
         raise FileNotFoundError(
             f"Fashion-MNIST not found in {root}: install it with "

@@ -284,6 +284,11 @@ def main(argv: list[str] | None = None) -> float:
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.close()
         train_time += time.perf_counter() - t0
+        state = list(net.parameters()) + [b for b in net.buffers() if b.is_floating_point()]
+        if not all(bool(torch.isfinite(t).all()) for t in state):
+            # Every later gradient would be NaN too (SENG would skip every step): stop now.
+            raise SystemExit(f"training diverged in epoch {epoch + 1}: the parameters or "
+                             "BatchNorm statistics are not finite; lower --lr or raise --damping")
         engine.sum_(sums)
         engine.average_buffers(net)
         test_loss, test_acc = evaluate(net, x_test, y_test, engine)

@@ -278,9 +278,10 @@ class SENG(torch.optim.Optimizer):
             value = getattr(self.config, key)
             if callable(value):
                 v = float(value(step))
-                if not (math.isfinite(v) and (v > 0 if key in ("lr", "damping") else v >= 0)):
+                positive = key in ("lr", "damping")
+                if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
                     raise ValueError(f"{key} schedule returned {v!r} at step {step}; it must "
-                                     f"be finite and {'> 0' if key in ('lr', 'damping') else '>= 0'}")
+                                     f"be finite and {'> 0' if positive else '>= 0'}")
                 group[key] = v
         return group
 
@@ -323,7 +324,7 @@ class SENG(torch.optim.Optimizer):
         if n & (n - 1) == 0:  # 1st, 2nd, 4th, ...: visible, but not a flood
             warnings.warn(f"SENG: step {step} skipped: the averaged gradient holds NaN or Inf "
                           f"({n} such step(s) so far); parameters and momentum are unchanged",
-                          stacklevel=3)
+                          stacklevel=5)
         self._arm_for(step)
 
     def _refresh_curvature(self) -> None:
@@ -374,7 +375,7 @@ class SENG(torch.optim.Optimizer):
                 warnings.warn("SENG: parameters were frozen (requires_grad=False) after the "
                               "optimizer was built; they get no gradient and stay unchanged, "
                               "but their layers' curvature is kept. Build SENG after freezing "
-                              "(or pass skip_layers) to leave them out", stacklevel=4)
+                              "(or pass skip_layers) to leave them out", stacklevel=5)
         multi = comm.world_size > 1
         states = [self.state[b.weight] for b in blocks]
         present = [any(p.grad is not None for p in b.params) for b in blocks]

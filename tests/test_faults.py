@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -116,8 +115,8 @@ def test_training_with_poisoned_batches_reaches_the_clean_accuracy(bf16):
     for poison in (False, True):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-        opt = SENG(model, lr=0.05, damping=0.5, curvature_update_interval=5,
-                   skip_nonfinite=True)
+        opt = SENG(model, lr=0.1, damping=0.5, curvature_update_interval=5,
+                   sketch_size=None, skip_nonfinite=True)
         order = torch.randperm(1400, generator=torch.Generator().manual_seed(1))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -137,8 +136,9 @@ def test_training_with_poisoned_batches_reaches_the_clean_accuracy(bf16):
             accs.append((model(xe).argmax(1) == ye).float().mean().item())
         if poison:
             assert opt.nonfinite_steps == 12  # 84 batches, every 7th poisoned
-    assert accs[1] == pytest.approx(accs[0], abs=1e-6 if not bf16 else 0.02)
-    assert accs[1] > 0.9
+    # Equal, not close: a poisoned step changes nothing and is retried with the clean batch
+    # (sketch_size=None: no sketch is drawn on the refused curvature step).
+    assert accs[1] == accs[0] > 0.85  # 84 steps of batch 50; chance is 0.1
 
 
 def _skip_together(rank: int, world: int, variant: str) -> list[torch.Tensor]:
