@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 from plot import plot_runs, read_metrics  # noqa: E402
 
 # (name, ranks, train.py arguments, grid of (lr, damping)); damping None: not used.
-SECOND_ORDER_GRID = [(0.05, 1.0), (0.1, 0.5)]
+SECOND_ORDER_GRID = [(0.05, 1.0), (0.1, 1.0), (0.1, 0.5)]
 METHODS = [
     ("SGD", 1, ["--optimizer", "sgd"], [(0.05, None), (0.1, None)]),
     ("Adam", 1, ["--optimizer", "adam"], [(1e-3, None), (2e-3, None)]),
