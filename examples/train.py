@@ -273,18 +273,20 @@ def main(argv: list[str] | None = None) -> float:
                     loss = F.cross_entropy(logits, y[micro])
                     ds_engine.backward(loss)
                     ds_engine.step()
-                    sums[:2] += torch.tensor([loss.item() * len(micro),
+                    value = loss.item()
+                    sums[:2] += torch.tensor([value * len(micro),
                                               (logits.argmax(1) == y[micro]).sum().item()],
                                              dtype=torch.float64)
             else:
                 loss, logits = train_step(x, y, epoch * steps_per_epoch + i)
-                sums[:2] += torch.tensor([loss.item() * len(idx),
+                value = loss.item()
+                sums[:2] += torch.tensor([value * len(idx),
                                           (logits.argmax(1) == y).sum().item()],
                                          dtype=torch.float64)
             sums[2] += len(idx)
-            sums[3] += not math.isfinite(loss.item())
+            sums[3] += not math.isfinite(value)  # of the last micro-batch with DeepSpeed
             if i % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                bar.set_postfix(loss=f"{value:.3f}", refresh=False)
         bar.close()
         train_time += time.perf_counter() - t0
         state = list(net.parameters()) + [b for b in net.buffers() if b.is_floating_point()]
