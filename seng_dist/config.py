@@ -1,16 +1,28 @@
-"""Validated SENG settings.
+"""Validated SENG settings: the one place where a setting, its default and its range are written.
 
-Every setting is checked once, at construction, and a bad value raises ``ValueError`` naming the
-setting and what is allowed. Hyper-parameters that may change during training (``lr``,
-``damping``, ``momentum``, ``weight_decay``, ``curvature_update_interval``) accept either a value
-or a callable of the optimizer step; callables are checked by calling them at step 0.
+:class:`SENGConfig` holds every setting, with the solver's settings nested in
+:class:`SketchConfig` and the distributed ones in :class:`DistributedConfig`. Each field's
+metadata says what the rest of the package derives from it:
+
+* ``schedule``: a :class:`Range`; the setting accepts a value or a callable of the optimizer
+  step, and :func:`resolve` checks every value it returns against that range;
+* ``curvature``: the setting shapes the curvature state, so a checkpoint written with another
+  value cannot be loaded (:meth:`SENGConfig.curvature_settings`).
+
+``SENG``'s keyword arguments and the DeepSpeed plugin's list of valid params are
+:meth:`SENGConfig.setting_names`. Every setting is checked once, at construction, and a bad
+value raises ``ValueError`` naming the setting and what is allowed.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import Field, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Callable, Union
+
+import torch
+
+from .comm.base import COMM_DTYPES
 
 Schedule = Union[float, Callable[[int], float]]
 IntSchedule = Union[int, Callable[[int], int]]
@@ -19,31 +31,53 @@ SKETCH_METHODS = ("uniform", "leverage")
 UC_MODES = ("factored", "exact")
 VARIANTS = ("blockdiag", "lagged")
 LOSS_REDUCTIONS = ("mean", "sum")
-COMM_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+COMM_DTYPE_NAMES = tuple(COMM_DTYPES)
 
 
-def resolve(value: Any, step: int) -> Any:
-    """The value of a hyper-parameter at ``step``: call it if it is a schedule."""
-    return value(step) if callable(value) else value
+@dataclass(frozen=True)
+class Range:
+    """The values a (scheduled) number setting may take."""
+
+    positive: bool  # > 0, else >= 0
+    upper: float | None = None  # exclusive
+    integer: bool = False
+
+    def check(self, name: str, value: Any, step: int | None = None) -> None:
+        """Raise ``ValueError`` naming ``name`` (and the step, for a schedule's value at a
+        step) if ``value`` is out of range."""
+        def fail(requirement: str) -> None:
+            if step is None:
+                raise ValueError(f"{name} must be {requirement}, got {value!r}")
+            raise ValueError(f"{name} schedule returned {value!r} at step {step}; it must be "
+                             f"{requirement}")
+
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                self.integer and not isinstance(value, int)):
+            fail(f"{'an int' if self.integer else 'a number'} or a callable of the step "
+                 "returning one")
+        if not math.isfinite(value):
+            fail("finite")
+        if self.positive and value <= 0:
+            fail("> 0")
+        if not self.positive and value < 0:
+            fail(">= 0")
+        if self.upper is not None and value >= self.upper:
+            fail(f"< {self.upper}")
 
 
-def _check_number(name: str, value: Any, *, positive: bool, upper: float | None = None,
-                  integer: bool = False) -> None:
-    """Check a value or a schedule's value at step 0 against its allowed range."""
-    probe = resolve(value, 0)
-    kind = "an int" if integer else "a number"
-    if isinstance(probe, bool) or not isinstance(probe, (int, float)) or (
-            integer and not isinstance(probe, int)):
-        raise ValueError(f"{name} must be {kind} or a callable of the step returning one, "
-                         f"got {probe!r}")
-    if not math.isfinite(probe):
-        raise ValueError(f"{name} must be finite, got {probe!r}")
-    if positive and probe <= 0:
-        raise ValueError(f"{name} must be > 0, got {probe!r}")
-    if not positive and probe < 0:
-        raise ValueError(f"{name} must be >= 0, got {probe!r}")
-    if upper is not None and probe >= upper:
-        raise ValueError(f"{name} must be < {upper}, got {probe!r}")
+def setting(default: Any, *, schedule: Range | None = None, curvature: bool = False) -> Any:
+    """A config field with its metadata (see the module docstring)."""
+    return field(default=default, metadata={"schedule": schedule, "curvature": curvature})
+
+
+def resolve(config: SENGConfig, name: str, step: int) -> Any:
+    """The value of the scheduled setting ``name`` at ``step``, checked against its range."""
+    value = getattr(config, name)
+    if not callable(value):
+        return value
+    out = value(step)
+    _SCHEDULES[name].check(name, out, step)
+    return out
 
 
 def _check_optional_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -58,42 +92,31 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
-@dataclass(frozen=True)
-class SENGConfig:
-    """All SENG settings; see :class:`seng_dist.SENG` for their meaning."""
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
-    lr: Schedule = 0.1
-    damping: Schedule = 1.0
-    momentum: Schedule = 0.9
-    weight_decay: Schedule = 0.0
-    decoupled_weight_decay: bool = False
-    curvature_update_interval: IntSchedule = 200
-    curvature_batch_size: int | None = 32
-    explicit_threshold: int = 65_536
-    sketch_size: int | None = 4096
-    sketch_method: str = "uniform"
-    sketch_replacement: bool = False
-    rank: int | None = 4
-    factor_sketch_size: int | None = 1024
-    uc: str = "factored"
-    variant: str = "blockdiag"
-    loss_reduction: str = "mean"
-    comm_dtype: str | None = None
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float | None = None
-    skip_nonfinite: bool = False
+
+@dataclass(frozen=True, kw_only=True)
+class SketchConfig:
+    """How each block's curvature is kept and sketched (paper section 3)."""
+
+    #: block size ``n`` below which ``U`` is kept explicitly (0: every block implicit)
+    explicit_threshold: int = setting(65_536, curvature=True)
+    #: rows ``q`` sampled from an explicit ``U`` (None: exact)
+    sketch_size: int | None = setting(4096, curvature=True)
+    #: ``"uniform"`` or ``"leverage"`` (``p_j ∝ ‖U_j,:‖²``), for both paths
+    sketch_method: str = setting("uniform", curvature=True)
+    #: sample rows with replacement
+    sketch_replacement: bool = setting(False)
+    #: rank of each per-sample gradient's factors on the implicit path (None: exact)
+    rank: int | None = setting(4, curvature=True)
+    #: rows sampled from each factor matrix on the implicit path (None: exact)
+    factor_sketch_size: int | None = setting(1024, curvature=True)
+    #: ``"factored"`` (eq. 23, and eq. 28 between ranks) or ``"exact"`` ``U c``
+    uc: str = setting("factored", curvature=True)
 
     def __post_init__(self) -> None:
-        _check_number("lr", self.lr, positive=True)
-        _check_number("damping", self.damping, positive=True)
-        _check_number("momentum", self.momentum, positive=False, upper=1.0)
-        _check_number("weight_decay", self.weight_decay, positive=False)
-        _check_number("curvature_update_interval", self.curvature_update_interval,
-                      positive=True, integer=True)
-        for name in ("decoupled_weight_decay", "sketch_replacement", "skip_nonfinite"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        _check_optional_int("curvature_batch_size", self.curvature_batch_size)
         if isinstance(self.explicit_threshold, bool) or not isinstance(
                 self.explicit_threshold, int) or self.explicit_threshold < 0:
             raise ValueError("explicit_threshold must be an int >= 0 (0 sends every layer to "
@@ -106,27 +129,165 @@ class SENGConfig:
                 f"explicit_threshold rows, so a sketch of {self.sketch_size} rows never "
                 f"sketches anything")
         _check_choice("sketch_method", self.sketch_method, SKETCH_METHODS)
+        _check_bool("sketch_replacement", self.sketch_replacement)
         _check_optional_int("rank", self.rank)
         _check_optional_int("factor_sketch_size", self.factor_sketch_size)
         _check_choice("uc", self.uc, UC_MODES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedConfig:
+    """How the ranks combine their gradients and corrections (paper section 4)."""
+
+    #: ``"blockdiag"`` (eq. 26, two rounds) or ``"lagged"`` (eq. 27, one round)
+    variant: str = setting("blockdiag", curvature=True)
+    #: communication buffer dtype: None (the gradients'), a name of ``COMM_DTYPES`` or the
+    #: torch dtype (kept as its name)
+    comm_dtype: str | None = setting(None)
+
+    def __post_init__(self) -> None:
         _check_choice("variant", self.variant, VARIANTS)
+        dtype: Any = self.comm_dtype
+        if isinstance(dtype, torch.dtype):
+            dtype = next((k for k, v in COMM_DTYPES.items() if v == dtype), str(dtype))
+            object.__setattr__(self, "comm_dtype", dtype)
+        if dtype is not None and dtype not in COMM_DTYPE_NAMES:
+            raise ValueError("comm_dtype must be None (the gradients' dtype) or one of "
+                             f"{', '.join(map(repr, COMM_DTYPE_NAMES))} (or the torch dtype), "
+                             f"got {dtype!r}")
+
+    @property
+    def buffer_dtype(self) -> torch.dtype | None:
+        """``comm_dtype`` as a torch dtype (None: the gradients' own)."""
+        return COMM_DTYPES[self.comm_dtype] if self.comm_dtype else None
+
+
+_POSITIVE, _NONNEGATIVE = Range(positive=True), Range(positive=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SENGConfig:
+    """All SENG settings. Build it directly, or let ``SENG(model, **settings)`` build it from
+    flat keyword arguments (any field of this class or of its nested configs)."""
+
+    #: step size (scheduled: a value or a callable of the 0-based step)
+    lr: Schedule = setting(0.1, schedule=_POSITIVE)
+    #: ``λ`` (scheduled)
+    damping: Schedule = setting(1.0, schedule=_POSITIVE)
+    #: heavy-ball momentum on the direction (scheduled)
+    momentum: Schedule = setting(0.9, schedule=Range(positive=False, upper=1.0))
+    #: L2 added to the gradient before preconditioning (scheduled)
+    weight_decay: Schedule = setting(0.0, schedule=_NONNEGATIVE)
+    #: shrink the parameters by ``1 - lr·weight_decay`` instead of adding L2 to the gradient
+    decoupled_weight_decay: bool = setting(False)
+    #: ``T``: the curvature is rebuilt on steps ``k % T == 0`` (scheduled, int)
+    curvature_update_interval: IntSchedule = setting(
+        200, schedule=Range(positive=True, integer=True))
+    #: ``ϱ``: the first ϱ samples of the local batch build ``U`` (None: the whole batch)
+    curvature_batch_size: int | None = setting(32)
+    #: ``"mean"`` or ``"sum"``: the reduction of the loss whose gradient the user computes
+    loss_reduction: str = setting("mean")
+    #: micro-batches whose gradients are summed before each ``step()``
+    gradient_accumulation_steps: int = setting(1)
+    #: clip the averaged gradient to this global norm (None: no clipping)
+    max_grad_norm: float | None = setting(None)
+    #: skip (and count) a step whose averaged gradient is not finite
+    skip_nonfinite: bool = setting(False)
+    #: seed of the sketch generator
+    seed: int = setting(0)
+    #: module names (prefixes) or classes left to the fallback rule
+    skip_layers: tuple[str | type, ...] = setting(())
+    sketch: SketchConfig = field(default_factory=SketchConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self) -> None:
+        for name, rng in _SCHEDULES.items():
+            value = getattr(self, name)
+            rng.check(name, value(0) if callable(value) else value)
+        for name in ("decoupled_weight_decay", "skip_nonfinite"):
+            _check_bool(name, getattr(self, name))
+        _check_optional_int("curvature_batch_size", self.curvature_batch_size)
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         _check_optional_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
         if self.gradient_accumulation_steps is None:
             raise ValueError("gradient_accumulation_steps must be an int >= 1, got None")
         if self.max_grad_norm is not None:
-            _check_number("max_grad_norm", self.max_grad_norm, positive=True)
-        if self.comm_dtype is not None and self.comm_dtype not in COMM_DTYPE_NAMES:
-            raise ValueError("comm_dtype must be None (the gradients' dtype) or one of "
-                             f"{', '.join(map(repr, COMM_DTYPE_NAMES))} (or the torch dtype), "
-                             f"got {self.comm_dtype!r}")
+            _POSITIVE.check("max_grad_norm", self.max_grad_norm)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.skip_layers, tuple):
+            object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
+        for s in self.skip_layers:
+            if not isinstance(s, (str, type)):
+                raise ValueError("skip_layers must hold module names (str) or module classes, "
+                                 f"got {s!r}")
+
+    # ------------------------------------------------------------------ flat settings
+    @classmethod
+    def setting_names(cls) -> tuple[str, ...]:
+        """Every setting's flat name: ``SENG``'s keyword arguments and the ds_config params."""
+        return tuple(f.name for f, _ in _leaf_fields(cls))
+
+    @classmethod
+    def from_settings(cls, **settings: Any) -> SENGConfig:
+        """A config from flat settings (``rank=2``, ``variant="lagged"``, ...)."""
+        return cls().replace(**settings)
+
+    def replace(self, **settings: Any) -> SENGConfig:
+        """A copy with the given flat settings changed (and validated)."""
+        owners = {f.name: owner for f, owner in _leaf_fields(type(self))}
+        unknown = sorted(set(settings) - set(owners))
+        if unknown:
+            raise ValueError(f"unknown SENG setting(s) {', '.join(unknown)}; valid settings "
+                             f"are {', '.join(owners)}")
+        nested: dict[str, dict[str, Any]] = {}
+        top = {}
+        for name, value in settings.items():
+            if owners[name]:
+                nested.setdefault(owners[name], {})[name] = value
+            else:
+                top[name] = value
+        for group, values in nested.items():
+            top[group] = replace(getattr(self, group), **values)
+        return replace(self, **top)
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its flat name."""
+        return {f.name: getattr(getattr(self, owner) if owner else self, f.name)
+                for f, owner in _leaf_fields(type(self))}
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings that shape the curvature state, for checkpoint and rank checks.
+        """:meth:`flat` with schedules represented by their kind (a callable cannot be
+        compared) and classes by name: for checkpoints and the ranks' agreement check."""
+        def show(value: Any) -> Any:
+            if isinstance(value, tuple):
+                return [show(v) for v in value]
+            if isinstance(value, type):
+                return f"<class {value.__qualname__}>"
+            return "<callable>" if callable(value) else value
+        return {k: show(v) for k, v in self.flat().items()}
 
-        Schedules are represented by their kind only: a callable cannot be compared.
-        """
-        out = {}
-        for key, value in asdict(self).items():
-            out[key] = "<callable>" if callable(value) else value
-        return out
+    @classmethod
+    def curvature_settings(cls) -> tuple[str, ...]:
+        """The settings a checkpoint's curvature state was shaped by (must match on load)."""
+        return tuple(f.name for f, _ in _leaf_fields(cls) if f.metadata.get("curvature"))
+
+
+def _nested(f: Field) -> type | None:
+    """The nested config class that field ``f`` holds, if it holds one."""
+    factory = f.default_factory
+    return factory if isinstance(factory, type) and is_dataclass(factory) else None
+
+
+def _leaf_fields(cls: type) -> list[tuple[Field, str]]:
+    """Every setting of ``cls``: its field and the nested config holding it ("" for none)."""
+    out: list[tuple[Field, str]] = []
+    for f in fields(cls):
+        sub = _nested(f)
+        out.extend([(g, f.name) for g in fields(sub)] if sub is not None else [(f, "")])
+    return out
+
+
+#: the scheduled settings and their ranges
+_SCHEDULES: dict[str, Range] = {f.name: f.metadata["schedule"] for f in fields(SENGConfig)
+                                if f.metadata.get("schedule") is not None}

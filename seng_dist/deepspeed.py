@@ -28,17 +28,16 @@ yet is refused with a ``ValueError`` naming the key, before any training.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 from typing import Any
 
 from .comm.base import import_engine
 from .comm.deepspeed import INSTALL_HINT, DeepSpeedCommunicator
+from .config import SENGConfig
 from .optimizer import SENG
 
-#: the keys accepted in ``"optimizer": {"type": "SENG", "params": {...}}``
-SENG_PARAMS = tuple(name for name in inspect.signature(SENG.__init__).parameters
-                    if name not in ("self", "model", "comm"))
+#: the keys accepted in ``"optimizer": {"type": "SENG", "params": {...}}``: every setting
+SENG_PARAMS = SENGConfig.setting_names()
 
 
 def _read_config(config: Any) -> dict:
@@ -79,7 +78,7 @@ def seng_params(cfg: dict) -> dict | None:
     if _enabled(cfg, "torch_autocast"):
         dtype = str(cfg["torch_autocast"].get("dtype", "bfloat16")).lower()
         if dtype in ("float16", "fp16", "half", "torch.float16") and \
-                params.get("variant", "blockdiag") == "lagged":
+                SENGConfig.from_settings(**params).distributed.variant == "lagged":
             raise ValueError("ds_config torch_autocast with dtype float16 and SENG variant "
                              "'lagged' is not supported: the engine's GradScaler would check "
                              "each rank's local gradient for overflow, so ranks could disagree "
@@ -123,7 +122,12 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
         raise ValueError("SENG needs the model: pass model= to initialize")
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed()
-    seng = SENG(model, comm=DeepSpeedCommunicator(), **params)
+    config = SENGConfig.from_settings(**params)
+    # blockdiag: the engine averages the gradients in backward and SENG its corrections only;
+    # lagged: SENG's one fused round per step carries the gradient (eq. 27), so the engine's
+    # backward allreduce is switched off below.
+    lagged = config.distributed.variant == "lagged"
+    seng = SENG(model, config, comm=DeepSpeedCommunicator(), grads_averaged=not lagged)
     # engine.save_checkpoint builds the state on every rank and rank 0 writes it: gather every
     # rank's curvature into it so load_checkpoint resumes each rank bit-exactly.
     seng.state_dict_all_ranks = True
@@ -137,10 +141,6 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
     # fp16 autocast: the engine's GradScaler unscales the gradients and skips overflow steps;
     # SENG divides its scale out of the captured output gradients.
     seng.grad_scaler = engine.torch_autocast_z0_gradscaler
-    if seng.config.variant == "lagged":
-        # SENG's one fused round per step carries the gradient (eq. 27).
+    if lagged:
         engine.enable_backward_allreduce = False
-    else:
-        # The engine averages the gradients in backward; SENG averages its corrections only.
-        seng._grads_averaged = True
     return engine, opt, loader, scheduler

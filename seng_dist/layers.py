@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 @dataclass(eq=False)
 class Block:
-    """One preconditioned layer: its parameters, sizes and chosen solver path."""
+    """One preconditioned layer: its parameters, sizes and solver path (``"explicit"`` or
+    ``"implicit"``, chosen once by :func:`find_blocks` from its size)."""
 
     name: str
     module: nn.Module
@@ -26,7 +27,7 @@ class Block:
     bias: nn.Parameter | None
     n_G: int
     n_A: int
-    path: str = "explicit"  # or "implicit"; set by the optimizer from explicit_threshold
+    path: str
     params: tuple[nn.Parameter, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -109,7 +110,7 @@ def _factor(module: nn.Module, x: Tensor, gy: Tensor, bias: bool) -> tuple[Tenso
     return cols.transpose(1, 2), gy.reshape(b, gy.shape[1], -1).transpose(1, 2)
 
 
-def _matches(name: str, module: nn.Module, skip: tuple) -> bool:
+def _matches(name: str, module: nn.Module, skip: tuple[str | type, ...]) -> bool:
     for s in skip:
         if isinstance(s, str):
             if name == s or name.startswith(s + "."):
@@ -119,17 +120,15 @@ def _matches(name: str, module: nn.Module, skip: tuple) -> bool:
     return False
 
 
-def find_blocks(model: nn.Module, skip_layers: tuple = ()) -> list[Block]:
+def find_blocks(model: nn.Module, skip_layers: tuple[str | type, ...] = (),
+                explicit_threshold: int = 0) -> list[Block]:
     """The model's supported, trainable layers as blocks, in module order.
 
-    Supported: ``nn.Linear`` and ``nn.Conv2d`` with ``groups == 1`` and zero padding mode. A
+    A block of fewer than ``explicit_threshold`` entries takes the explicit path, any other
+    the implicit one. Supported: ``nn.Linear`` and ``nn.Conv2d`` with ``groups == 1`` and zero padding mode. A
     grouped or non-zero-padded convolution is left to the fallback rule with a warning; so is
     any layer named (or whose class is listed) in ``skip_layers``.
     """
-    for s in skip_layers:
-        if not isinstance(s, (str, type)):
-            raise ValueError("skip_layers must hold module names (str) or module classes, "
-                             f"got {s!r}")
     owners: dict[int, int] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
@@ -163,5 +162,7 @@ def find_blocks(model: nn.Module, skip_layers: tuple = ()) -> list[Block]:
         bias = module.bias if module.bias is not None and module.bias.requires_grad else None
         n_g = weight.shape[0]
         n_a = weight[0].numel() + (1 if bias is not None else 0)
-        blocks.append(Block(name or type(module).__name__, module, weight, bias, n_g, n_a))
+        path = "explicit" if n_g * n_a < explicit_threshold else "implicit"
+        blocks.append(Block(name or type(module).__name__, module, weight, bias, n_g, n_a,
+                            path))
     return blocks

@@ -1,8 +1,9 @@
 """The per-layer SENG solver as pure tensor functions.
 
 Nothing here communicates or keeps state: the optimizer (and the distributed variants) call
-these functions on one block's curvature and gradient. Notation follows the paper
-(``../shared/paper``) and DESIGN.md:
+these functions on one block's curvature and gradient. Notation follows the paper (Yang et
+al., 2021, "Sketchy Empirical Natural Gradient Methods for Deep Learning") and
+``docs/design.md``:
 
 * explicit blocks keep ``Ut = Uᵀ`` of shape ``(ϱ, n)`` (rows are ``u_i / √ϱ``);
 * implicit blocks keep ``Gf`` ``(ϱ·r, n_G)`` and ``Af`` ``(ϱ·r, n_A)``, the transposes of the
@@ -224,6 +225,11 @@ def damped_inverse(K: Tensor, damping: float) -> Tensor:
     k = K.to(torch.float64)
     eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
     return torch.cholesky_inverse(torch.linalg.cholesky(k + damping * eye)).to(K.dtype)
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of ``tensors`` is finite, with one host sync (not one per tensor)."""
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def direction(g: Tensor, uc: Tensor, damping: float) -> Tensor:

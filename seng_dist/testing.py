@@ -5,10 +5,10 @@
   direction is a dense solve ``-(U Uᵀ + λI)⁻¹ g``. Models with BatchNorm must be in eval mode:
   in train mode the batch statistics couple the samples and a per-sample gradient is not
   defined.
-* :func:`emulate_distributed` runs distributed SENG's formulas (DESIGN.md section 2) for M
-  workers in one process, with no communicator: each worker's curvature is built by the
-  (communication-free) single-process code on its shard, and the averaging, the two variants
-  and eq. 28 are written out here with plain tensor means.
+* :func:`emulate_distributed` runs distributed SENG's formulas (``docs/design.md``) for M
+  workers in one process, with no communicator: each worker's curvature and correction come
+  from the (communication-free) curvature objects on its shard, and the averaging, the two
+  variants and eq. 28 are written out here with plain tensor means.
 * :func:`run_ranks` starts real processes joined by a Gloo process group, bounded by a timeout.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import defaultdict
 import socket
 import tempfile
 import time
@@ -27,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from . import solver
-from .config import resolve
-from .optimizer import SENG
+from .builder import CurvatureBuilder
+from .config import SENGConfig, resolve
+from .layers import find_blocks
 
 
 def per_sample_gradients(model: nn.Module, x: Tensor, y: Tensor,
@@ -93,58 +94,67 @@ def emulate_distributed(model: nn.Module, shards: list[list[tuple[Tensor, Tensor
     """Distributed SENG on ``shards[k][w]`` (step k, worker w), emulated in one process.
 
     Returns the parameters (by name) after every step. Every worker has a replica of
-    ``model``; its curvature comes from a one-process SENG on that replica (so sketches and
-    randomized factors draw from the same seeded generator as a real rank would). The rest is
-    DESIGN.md section 2 written out: ``ḡ = mean_w g_w`` (clipped to ``max_grad_norm`` if
-    set); ``z = ḡ + wd·θ``; each worker's ``c_w = (λI + K_w)⁻¹ U_wᵀ z_src`` with
-    ``z_src = z`` (blockdiag, and the first lagged step) or the previous step's ``z`` (lagged); ``d = -(z - mean_w U_w c_w)/λ``, with eq. 28's
-    ``(mean_w Gᶜ_w)ᵀ (mean_w Aᶜ_w)`` on implicit blocks with ``uc="factored"``; the fallback
-    ``-z/(1+λ)``; heavy-ball momentum and ``θ ← θ + lr·v``. Every gradient must be present.
+    ``model``; its curvature comes from a :class:`~seng_dist.builder.CurvatureBuilder` on that
+    replica (so sketches and randomized factors draw from the same seeded generator as a real
+    rank would) and each worker's correction from its blocks' ``correction``. The rest is
+    ``docs/design.md`` ("Distributed SENG") written out with plain tensor means:
+    ``ḡ = mean_w g_w`` (clipped to ``max_grad_norm`` if set); ``z = ḡ + wd·θ``; each worker's
+    ``U_w c_w`` for ``c_w = (λI + K_w)⁻¹ U_wᵀ z_src`` with ``z_src = z`` (blockdiag, and the
+    first lagged step) or the previous step's ``z`` (lagged); ``d = -(z - mean_w U_w c_w)/λ``,
+    with eq. 28's ``(mean_w Gᶜ_w)ᵀ (mean_w Aᶜ_w)`` on implicit blocks with ``uc="factored"``;
+    the fallback ``-z/(1+λ)``; heavy-ball momentum and ``θ ← θ + lr·v``. Every gradient must
+    be present.
     """
-    workers = len(shards[0])
-    replicas = [copy.deepcopy(model) for _ in range(workers)]
-    opts = [SENG(r, comm="local", **seng_kwargs) for r in replicas]
-    cfg = opts[0].config
+    cfg = SENGConfig.from_settings(**seng_kwargs)
+    replicas = [copy.deepcopy(model) for _ in range(len(shards[0]))]
+    builders = []
+    for rep in replicas:
+        blocks = find_blocks(rep, cfg.skip_layers, cfg.sketch.explicit_threshold)
+        builders.append(CurvatureBuilder(rep, blocks, cfg, defaultdict(dict)))
+        builders[-1].arm_for(0)
+    in_blocks = {id(p) for c in builders[0].curvatures for p in c.block.params}
     names = {id(p): n for n, p in replicas[0].named_parameters()}
+    fallback = [n for n, p in replicas[0].named_parameters()
+                if p.requires_grad and id(p) not in in_blocks]
     momentum: dict[str, Tensor] = {}
     previous: list[Tensor] | None = None
     history = []
     for k, step_shards in enumerate(shards):
-        for opt, rep, (x, y) in zip(opts, replicas, step_shards):
-            opt.zero_grad()
+        for builder, rep, (x, y) in zip(builders, replicas, step_shards):
+            for p in rep.parameters():
+                p.grad = None
             loss_fn(rep(x), y).backward()
-            opt._refresh_curvature()
-        lr, lam, mu, wd = (float(resolve(getattr(cfg, h), k))
+            builder.refresh()
+        lr, lam, mu, wd = (float(resolve(cfg, h, k))
                            for h in ("lr", "damping", "momentum", "weight_decay"))
         l2 = 0.0 if cfg.decoupled_weight_decay else wd
-        per_block = list(zip(*(o.blocks for o in opts)))  # block i of every worker
+        per_block = list(zip(*(b.curvatures for b in builders)))  # block i of every worker
         # The same operation forms as the optimizer (alpha-adds, products with reciprocals),
         # so that only the order of the ranks' sums can differ from a real run.
-        fallback = list(zip(*(o._fallback for o in opts)))
-        means = [torch.stack([b.grad_matrix() for b in bs]).mean(0) for bs in per_block]
-        fmeans = [torch.stack([p.grad for p in ps]).mean(0) for ps in fallback]
+        params = [dict(rep.named_parameters()) for rep in replicas]
+        means = [torch.stack([c.block.grad_matrix() for c in cs]).mean(0) for cs in per_block]
+        fmeans = [torch.stack([ps[n].grad for ps in params]).mean(0) for n in fallback]
         if cfg.max_grad_norm is not None:  # clip the averaged gradient, before weight decay
             norm = torch.cat([t.reshape(-1) for t in means + fmeans]).norm()
             factor = min(1.0, cfg.max_grad_norm / (float(norm) + 1e-6))
             means, fmeans = [t * factor for t in means], [t * factor for t in fmeans]
-        zs = [m.add_(bs[0].param_matrix(), alpha=l2) for m, bs in zip(means, per_block)]
-        sources = previous if cfg.variant == "lagged" and previous is not None else zs
+        zs = [m.add_(cs[0].block.param_matrix(), alpha=l2) for m, cs in zip(means, per_block)]
+        lagged = cfg.distributed.variant == "lagged" and previous is not None
         update: dict[str, Tensor] = {}
-        for bs, z, src in zip(per_block, zs, sources):
-            parts = [_worker_correction(o, b, src, lam, cfg.uc) for o, b in zip(opts, bs)]
+        for cs, z, src in zip(per_block, zs, previous if lagged else zs):
+            parts = [c.correction(src, lam) for c in cs]
             if len(parts[0]) == 1:
                 uc = torch.stack([p[0] for p in parts]).mean(0)
             else:
                 uc = (torch.stack([p[0] for p in parts]).mean(0).T
                       @ torch.stack([p[1] for p in parts]).mean(0))
             d = (uc - z) / lam
-            for p, piece in zip(bs[0].params, bs[0].split(d)):
+            for p, piece in zip(cs[0].block.params, cs[0].block.split(d)):
                 update[names[id(p)]] = piece
-        for ps, g in zip(fallback, fmeans):
-            g = g.add(ps[0].detach(), alpha=l2)
-            update[names[id(ps[0])]] = g * (-1.0 / (1.0 + lam))
+        for n, g in zip(fallback, fmeans):
+            g = g.add(params[0][n].detach(), alpha=l2)
+            update[n] = g * (-1.0 / (1.0 + lam))
         previous = zs
-        params = dict(replicas[0].named_parameters())
         with torch.no_grad():
             for name, d in update.items():
                 if mu:
@@ -152,36 +162,17 @@ def emulate_distributed(model: nn.Module, shards: list[list[tuple[Tensor, Tensor
                                           else momentum[name].mul_(mu).add_(d))
                 else:
                     v = d
-                p = params[name]
+                p = params[0][name]
                 if cfg.decoupled_weight_decay and wd:
                     p.mul_(1.0 - lr * wd)
                 p.add_(v, alpha=lr)
             for rep in replicas[1:]:
                 for mine, theirs in zip(rep.parameters(), replicas[0].parameters()):
                     mine.copy_(theirs)
-        for opt in opts:
-            opt._seng["step"] = k + 1
-            opt._arm_for(k + 1)
-        history.append({n: p.detach().clone() for n, p in params.items()})
+        for builder in builders:
+            builder.arm_for(k + 1)
+        history.append({n: p.detach().clone() for n, p in params[0].items()})
     return history
-
-
-def _worker_correction(opt: SENG, block: Any, z: Tensor, lam: float, uc: str
-                       ) -> tuple[Tensor, ...]:
-    """One worker's ``U_w c_w`` (a matrix), or its partial factors ``(Gᶜ_w, Aᶜ_w)``."""
-    st = opt.state[block.weight]
-    inverse = solver.damped_inverse(st["K"], lam)
-    if block.path == "explicit":
-        U = st["U"]
-        c = inverse @ solver.explicit_utz(st.get("Xz", U), z.reshape(-1), st.get("sketch_idx"))
-        return (solver.explicit_uc(U, c).view_as(z),)
-    Gf, Af = st["Gf"], st["Af"]
-    r = Gf.shape[0] // st["K"].shape[0]
-    c = inverse @ solver.implicit_utz(st.get("YG", Gf), st.get("YA", Af), z, r,
-                                      st.get("sketch_g_idx"), st.get("sketch_a_idx"))
-    if uc == "exact":
-        return (solver.implicit_uc_exact(Gf, Af, c, r),)
-    return solver.partial_factors(Gf, Af, c, r)
 
 
 def _free_port() -> int:

@@ -86,7 +86,7 @@ def test_curvature_reused_between_updates_and_no_capture_in_between():
     for step in range(7):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        seen.append((opt._capture.armed, len(opt._capture.records)))
+        seen.append((opt.curvature.armed, len(opt.curvature.capture.records)))
         opt.step()
         u = opt.state[model[0].weight]["U"]
         if step % 3 == 0:
@@ -117,7 +117,7 @@ def test_eval_forward_without_grad_does_not_disturb_capture():
     F.cross_entropy(model(x), y).backward()
     with torch.no_grad():
         model(torch.randn(4, 6))
-    assert opt._capture.records[opt.blocks[0]].complete()
+    assert opt.curvature.capture.records[opt.blocks[0]].complete()
     opt.step()
     assert opt.state[model[0].weight]["U"].shape[0] == 10
 

@@ -1,0 +1,113 @@
+"""When and from what the curvature is rebuilt: capture arming and per-sample factors.
+
+:class:`CurvatureBuilder` owns the capture hooks, the sketch generator and every block's
+:class:`~seng_dist.curvature.BlockCurvature`. It arms the hooks only before a curvature step
+(``step % T == 0``, or a rebuild that was asked for) and, at that step, rebuilds each block from
+the captured pass. It never communicates: a one-process emulation of distributed SENG uses it as
+it is (:mod:`seng_dist.testing`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .capture import Capture
+from .config import SENGConfig, resolve
+from .curvature import BlockCurvature, ParamState, make_curvature
+from .layers import Block
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """What one curvature step did: whether any block was rebuilt, and how many refused
+    non-finite factors."""
+
+    updated: bool
+    skipped: int
+
+
+class CurvatureBuilder:
+    """Builds and rebuilds the curvature of ``blocks`` from captured forward/backward passes.
+
+    Args:
+        model: the module whose forward starts a fresh capture.
+        blocks: its preconditioned layers.
+        config: the settings (sketching, ``T``, ``ϱ``, loss reduction, accumulation, seed).
+        state: the per-parameter state mapping the blocks' tensors live in (the optimizer's
+            ``state``; a ``defaultdict(dict)`` outside an optimizer).
+        rank: this process's rank, for messages.
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[Block], config: SENGConfig,
+                 state: ParamState, rank: int = 0) -> None:
+        self.config = config
+        self.rank = rank
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.curvatures: list[BlockCurvature] = [
+            make_curvature(b, state, config.sketch, self.generator) for b in blocks]
+        #: the hooks that record each block's inputs and output gradients
+        self.capture = Capture(model, blocks)
+        self._rebuild_next = False
+
+    @property
+    def armed(self) -> bool:
+        """Whether the hooks are capturing for the coming step."""
+        return self.capture.armed
+
+    def arm_for(self, step: int) -> None:
+        """Install the capture hooks iff ``step`` is a curvature step."""
+        if step % resolve(self.config, "curvature_update_interval", step) == 0 \
+                or self._rebuild_next:
+            self.capture.arm(self.config.curvature_batch_size)
+        else:
+            self.capture.disarm()
+
+    def drop(self) -> None:
+        """Forget every block's curvature and rebuild it at the next step."""
+        for c in self.curvatures:
+            c.clear()
+        self._rebuild_next = True
+
+    def refresh(self, loss_scale: float = 1.0) -> Rebuilt:
+        """On a curvature step (hooks armed), rebuild every block that was called with
+        gradients from the captured pass, then disarm; otherwise do nothing.
+
+        ``loss_scale`` is the scale a ``GradScaler`` put on the captured output gradients.
+        """
+        if not self.capture.armed:
+            return Rebuilt(updated=False, skipped=0)
+        updated, skipped = False, 0
+        for curvature in self.curvatures:
+            factors = self._factors(curvature.block, loss_scale)
+            if factors is None:
+                continue
+            if curvature.rebuild(*factors):
+                updated = True
+            else:
+                skipped += 1
+        self.capture.disarm()
+        self._rebuild_next = False
+        return Rebuilt(updated=updated, skipped=skipped)
+
+    def _factors(self, block: Block, loss_scale: float) -> tuple[torch.Tensor, ...] | None:
+        """``(Ĝ/√ϱ, Â)`` of ``block`` from the capture, or None if it was not called with
+        gradients."""
+        rec = self.capture.records.get(block)
+        if rec is None or not rec.complete():
+            return None
+        if rec.batch_size == 0:
+            raise ValueError(f"SENG: the local batch on rank {self.rank} is empty on a "
+                             f"curvature step (layer {block.name!r}); every rank needs at least "
+                             "one sample per step (drop_last=True in the DataLoader or "
+                             "DistributedSampler)")
+        # The captured gradients are those of loss/accumulation over the last micro-batch.
+        scale = float(self.config.gradient_accumulation_steps) / loss_scale
+        if self.config.loss_reduction == "mean":
+            scale *= rec.batch_size
+        grads = [g for g in rec.grads if g is not None]  # all of them: the record is complete
+        G_hat, A_hat = block.per_sample_factors(rec.inputs, grads, scale)
+        return G_hat * (1.0 / math.sqrt(G_hat.shape[0])), A_hat

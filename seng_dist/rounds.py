@@ -1,0 +1,284 @@
+"""One class per distributed round: what goes into which collective, and the directions.
+
+A :class:`Round` takes this rank's gradients, averages what must be averaged (gradients,
+corrections ``U_w b_w`` or eq. 28's partial factors, and the 0/1 flags that make every rank
+take the same decision), and hands back every parameter's direction:
+
+* :class:`BlockDiagonalRound` (eq. 26): ``ḡ`` in one collective, then the corrections of
+  ``b_w = (λI + U_wᵀU_w)⁻¹ U_wᵀ ḡ`` in a second;
+* :class:`LaggedRound` (eq. 27): ``b_w`` from the previous step's averaged gradient, so the
+  gradient and the corrections travel in ONE collective; its first step is block-diagonal.
+
+:func:`make_round` picks the class from the config's ``variant``. On one process every
+collective is the identity and both are single-process SENG (lagged with its lag).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import solver
+from .comm import Communicator
+from .config import SENGConfig
+from .curvature import BlockCurvature, ParamState
+from .warn import warn
+
+@dataclass
+class Exchanged:
+    """A round's averaged result: per block ``z = ḡ + l2·θ`` and the averaged slot; the
+    (clipped) averaged fallback gradients; and the averaged flags (``present`` then
+    ``ready``, as decoded by :meth:`Agreement.decode`)."""
+
+    zs: list[Tensor]
+    slots: list[list[Tensor]]
+    fallback: list[Tensor]
+    flags: list[float]
+
+
+class Agreement:
+    """0/1 flags averaged with a round, so that every rank takes the same decision (a block
+    has a gradient, a block has curvature) without a collective of its own."""
+
+    def __init__(self, comm: Communicator, device: torch.device) -> None:
+        self.comm = comm
+        self.device = device
+
+    def pack(self, values: list[bool]) -> Tensor | None:
+        """The flags as a tensor to average (None on one process: nothing to agree on)."""
+        if self.comm.world_size == 1 or not values:
+            return None
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    def decode(self, flags: Tensor | None, local: list[bool]) -> list[float]:
+        """Averaged flags as ``1.0`` (every rank), ``0.5`` (some) or ``0.0`` (none)."""
+        if flags is None:
+            return [float(v) for v in local]
+        m = self.comm.world_size
+        # Tolerances, not equality: a bf16/fp16 buffer rounds the mean of 0/1 flags.
+        return [1.0 if v > 1.0 - 0.5 / m else (0.5 if v > 0.5 / m else 0.0)
+                for v in flags.tolist()]
+
+
+class Round(ABC):
+    """The per-step exchange and the directions, for one variant.
+
+    Args:
+        config: the settings (clipping, non-finite skipping, the buffer dtype).
+        curvatures: every preconditioned block's curvature.
+        fallback: the trainable parameters outside the blocks (``d = -g/(1+λ)``).
+        comm: the communicator.
+        grads_averaged: the engine averages the gradients in backward (DDP,
+            ``hvd.DistributedOptimizer``, the DeepSpeed engine): only corrections are sent.
+        state: the per-parameter state mapping (the optimizer's ``state``).
+    """
+
+    def __init__(self, config: SENGConfig, curvatures: list[BlockCurvature],
+                 fallback: list[nn.Parameter], comm: Communicator, *, grads_averaged: bool,
+                 state: ParamState) -> None:
+        self.config = config
+        self.curvatures = curvatures
+        self.fallback = fallback
+        self.comm = comm
+        self.grads_averaged = grads_averaged
+        self._states = state
+        first = curvatures[0].block.weight if curvatures else fallback[0]
+        self.agreement = Agreement(comm, first.device)
+        self._warned: set[str] = set()
+
+    @property
+    def multi(self) -> bool:
+        return self.comm.world_size > 1
+
+    @property
+    def sends_gradients(self) -> bool:
+        """Whether this round averages the gradients (not already done by the engine)."""
+        return self.multi and not self.grads_averaged
+
+    def directions(self, damping: float, l2: float
+                   ) -> tuple[list[Tensor], list[Tensor]] | None:
+        """Every parameter with a gradient (on some rank) and its direction, running this
+        step's collectives; None when ``skip_nonfinite`` and ``ḡ`` is not finite.
+
+        ``l2`` is the weight decay added to the averaged gradient before preconditioning.
+        """
+        gs = [c.block.grad_matrix() for c in self.curvatures]
+        # SENG never changes .grad: the fallback gradients are averaged (and clipped) in copies.
+        fgs = [torch.zeros_like(p) if p.grad is None else (p.grad.clone() if self.multi
+                                                            else p.grad)
+               for p in self.fallback]
+        present = [any(p.grad is not None for p in c.block.params) for c in self.curvatures]
+        present += [p.grad is not None for p in self.fallback]
+        ready = self._ready()
+        done = self._exchange(gs, fgs, present, ready, damping, l2)
+        return None if done is None else self._finish(done, damping, l2)
+
+    @abstractmethod
+    def _exchange(self, gs: list[Tensor], fgs: list[Tensor], present: list[bool],
+                  ready: list[bool], damping: float, l2: float) -> Exchanged | None:
+        """Run the step's collectives on the block gradients ``gs`` (fresh matrices, changed in
+        place), the fallback gradients ``fgs`` and the flags."""
+
+    def _ready(self) -> list[bool]:
+        """Per block, whether this rank can precondition it this step."""
+        return [c.ready for c in self.curvatures]
+
+    def _missing(self, curvature: BlockCurvature) -> str:
+        """Why a block has no agreed curvature, for the warning."""
+        if not curvature.ready:
+            return "it was not called with gradients on a curvature step"
+        return "it has curvature here but not on every rank"
+
+    def _keep(self, curvature: BlockCurvature, z: Tensor) -> None:
+        """Called with each present block's ``z`` once its direction is known."""
+
+    def _averaged(self, gs: list[Tensor], fgs: list[Tensor], l2: float
+                  ) -> list[Tensor] | None:
+        """After ``ḡ`` is known: None if it must be skipped (``skip_nonfinite``; every rank
+        sees the same ``ḡ``, so every rank skips together); else clip it to
+        ``max_grad_norm`` (no host sync) and add ``l2·θ`` to the block gradients in place.
+        Returns the fallback gradients (new tensors when clipped: they may be ``.grad``)."""
+        if self.config.skip_nonfinite and not solver.all_finite(gs + fgs):
+            return None
+        max_norm = self.config.max_grad_norm
+        if max_norm is not None and gs + fgs:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs + fgs)))
+            factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            if gs:
+                torch._foreach_mul_(gs, factor)
+            fgs = torch._foreach_mul(fgs, factor) if fgs else fgs
+        if l2:
+            for c, g in zip(self.curvatures, gs):
+                g.add_(c.block.param_matrix(), alpha=l2)
+        return fgs
+
+    def _allreduce(self, tensors: list[Tensor], name: str) -> None:
+        self.comm.allreduce_mean_(tensors, name=name,
+                                  comm_dtype=self.config.distributed.buffer_dtype)
+
+    def _finish(self, done: Exchanged, damping: float, l2: float
+                ) -> tuple[list[Tensor], list[Tensor]]:
+        nb, nf = len(self.curvatures), len(self.fallback)
+        present, ready = done.flags[:nb + nf], done.flags[nb + nf:]
+        params: list[Tensor] = []
+        dirs: list[Tensor] = []
+        used: list[tuple[BlockCurvature, Tensor]] = []
+        for i, (c, z, slot) in enumerate(zip(self.curvatures, done.zs, done.slots)):
+            if not present[i]:
+                continue
+            if ready[i] >= 1.0:
+                d = solver.direction(z, c.combine(slot), damping)
+            else:
+                self._warn_no_curvature(c)
+                d = z.mul(-1.0 / (1.0 + damping))
+            used.append((c, z))
+            params.extend(c.block.params)
+            dirs.extend(c.block.split(d))
+        kept = [(p, g) for p, g, h in zip(self.fallback, done.fallback, present[nb:]) if h]
+        if kept:
+            fps, grads = [p for p, _ in kept], [g for _, g in kept]
+            if l2:
+                grads = torch._foreach_add(grads, fps, alpha=l2)
+            dirs.extend(torch._foreach_mul(grads, -1.0 / (1.0 + damping)))
+            params.extend(fps)
+        for c, z in used:  # after the loop: the warnings see this step's state
+            self._keep(c, z)
+        return params, dirs
+
+    def _warn_no_curvature(self, curvature: BlockCurvature) -> None:
+        name = curvature.block.name
+        if name not in self._warned:
+            self._warned.add(name)
+            warn(f"SENG: layer {name!r} has no curvature yet ({self._missing(curvature)}); it "
+                 "follows the fallback rule d = -g/(1+damping) until it has")
+
+
+class BlockDiagonalRound(Round):
+    """eq. 26: ``d = -(ḡ - mean_w U_w b_w)/λ`` with ``b_w`` from ``ḡ``; two collectives."""
+
+    def _exchange(self, gs: list[Tensor], fgs: list[Tensor], present: list[bool],
+                  ready: list[bool], damping: float, l2: float) -> Exchanged | None:
+        local = present + ready
+        flags = self.agreement.pack(local)
+        values: list[float] | None = None
+        if self.sends_gradients:
+            self._allreduce(gs + fgs + [flags], "seng.grad")  # type: ignore[list-item]
+            values = self.agreement.decode(flags, local)
+        averaged = self._averaged(gs, fgs, l2)
+        if averaged is None:
+            return None
+        here = values[:len(gs)] if values is not None else present
+        slots = [c.correction(z if h else None, damping)
+                 for c, z, h in zip(self.curvatures, gs, here)]
+        if self.multi:
+            self._allreduce(_flat(slots) + ([] if flags is None or self.sends_gradients
+                                            else [flags]), "seng.correction")
+        if values is None:
+            values = self.agreement.decode(flags, local)
+        return Exchanged(gs, slots, averaged, values)
+
+
+class LaggedRound(BlockDiagonalRound):
+    """eq. 27: ``b_w`` from the previous step's averaged ``z``, so the gradient, the
+    corrections and the flags travel in ONE collective. The first step (no previous ``z``
+    yet) is block-diagonal. The previous ``z`` is kept in each block weight's state as
+    ``PREVIOUS`` (it is part of the checkpoint)."""
+
+    PREVIOUS = "prev_g"
+
+    def _previous(self, curvature: BlockCurvature) -> Tensor | None:
+        prev: Tensor | None = self._states[curvature.block.weight].get(self.PREVIOUS)
+        return prev
+
+    @property
+    def _lagging(self) -> bool:
+        return any(self._previous(c) is not None for c in self.curvatures)
+
+    def _ready(self) -> list[bool]:
+        lagging = self._lagging
+        return [c.ready and (not lagging or self._previous(c) is not None)
+                for c in self.curvatures]
+
+    def _missing(self, curvature: BlockCurvature) -> str:
+        if curvature.ready and self._lagging and self._previous(curvature) is None:
+            return "the lagged variant has no previous averaged gradient for it yet"
+        return super()._missing(curvature)
+
+    def _keep(self, curvature: BlockCurvature, z: Tensor) -> None:
+        self._states[curvature.block.weight][self.PREVIOUS] = z
+
+    def _exchange(self, gs: list[Tensor], fgs: list[Tensor], present: list[bool],
+                  ready: list[bool], damping: float, l2: float) -> Exchanged | None:
+        if not self._lagging:
+            return super()._exchange(gs, fgs, present, ready, damping, l2)
+        local = present + ready
+        flags = self.agreement.pack(local)
+        slots = [c.correction(self._previous(c), damping) for c in self.curvatures]
+        self._allreduce((gs + fgs if self.sends_gradients else []) + _flat(slots)
+                        + ([flags] if flags is not None else []), "seng.step")
+        averaged = self._averaged(gs, fgs, l2)
+        if averaged is None:
+            return None
+        return Exchanged(gs, slots, averaged, self.agreement.decode(flags, local))
+
+
+def make_round(config: SENGConfig, curvatures: list[BlockCurvature],
+               fallback: list[nn.Parameter], comm: Communicator, *, grads_averaged: bool,
+               state: ParamState) -> Round:
+    """The round of ``config.distributed.variant``."""
+    match config.distributed.variant:
+        case "blockdiag":
+            cls: type[Round] = BlockDiagonalRound
+        case "lagged":
+            cls = LaggedRound
+        case other:
+            raise ValueError(f"variant must be one of 'blockdiag', 'lagged', got {other!r}")
+    return cls(config, curvatures, fallback, comm, grads_averaged=grads_averaged,
+               state=state)
+
+
+def _flat(slots: list[list[Tensor]]) -> list[Tensor]:
+    return [t for slot in slots for t in slot]

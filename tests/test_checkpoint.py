@@ -1,0 +1,50 @@
+"""Checkpoints: one written by release 0.1.0 still loads and resumes as that release did."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import MixedNet
+from seng_dist import SENG
+
+RELEASE = Path(__file__).resolve().parent / "data" / "release-0.1.0.pt"
+
+
+@pytest.fixture(scope="module")
+def release():
+    return torch.load(RELEASE, weights_only=True)
+
+
+@pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
+def test_a_release_checkpoint_resumes_exactly_as_that_release_did(release, variant):
+    from make_release_checkpoint import train  # the release's own training loop (data/)
+    run = release["runs"][variant]
+    model = MixedNet().train()
+    model.load_state_dict(run["model"])
+    opt = SENG(model, variant=variant, **release["settings"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the release's run: BLAS sums then match bit for bit
+    try:
+        opt.load_state_dict(run["opt"])
+        assert opt.step_count == release["head"] and opt.curvature_updates == 2
+        weight = opt.blocks[0].weight
+        assert opt.state[weight]["K"].dtype == torch.float32
+        indices = [t for b in opt.blocks for t in opt.state[b.weight].values()
+                   if torch.is_tensor(t) and not t.is_floating_point()]
+        assert indices and all(t.dtype == torch.int64 for t in indices)
+        head = release["head"]
+        train(model, opt, range(head, head + release["tail"]))
+    finally:
+        torch.set_num_threads(threads)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), run["after"][name]), name
+
+
+def test_a_release_checkpoint_is_refused_for_other_curvature_settings(release):
+    run = release["runs"]["lagged"]
+    opt = SENG(MixedNet(), **dict(release["settings"], variant="blockdiag"))
+    with pytest.raises(ValueError, match="variant='lagged' \\(here 'blockdiag'\\)"):
+        opt.load_state_dict(run["opt"])
