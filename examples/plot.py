@@ -55,7 +55,7 @@ def plot_runs(runs: dict[str, list[dict]], out: str | Path, target: float | None
         acc = [r["test_acc"] for r in rows]
         axes[0].plot([r["epoch"] for r in rows], acc, marker="o", ms=3, label=label)
         axes[1].plot([r["train_time_s"] for r in rows], acc, marker="o", ms=3, label=label)
-    for ax, xlabel in zip(axes, ("epoch", "training time (s)")):
+    for ax, xlabel in zip(axes, ("epoch", "training time (s)"), strict=True):
         if target is not None:
             ax.axhline(target, color="grey", ls="--", lw=0.8)
         ax.set_xlabel(xlabel)

@@ -30,16 +30,16 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import augment, load_fashion_mnist  # noqa: E402
 import engines  # noqa: E402
+from data import augment, load_fashion_mnist  # noqa: E402
 from models import MODELS  # noqa: E402
 from plot import plot_runs, write_metrics  # noqa: E402
 

@@ -9,6 +9,7 @@ receives the gradient with respect to the layer's own output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -63,7 +64,7 @@ class Capture:
         self._handles.clear()
         self.records.clear()
 
-    def _forward_hook(self, block: Block):
+    def _forward_hook(self, block: Block) -> Callable[[nn.Module, tuple, Tensor], None]:
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             if not (torch.is_grad_enabled() and isinstance(output, Tensor)
                     and output.requires_grad):

@@ -17,15 +17,16 @@ value raises ``ValueError`` naming the setting and what is allowed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import Field, dataclass, field, fields, is_dataclass, replace
-from typing import Any, Callable, Union
+from typing import Any
 
 import torch
 
 from .comm.base import COMM_DTYPES
 
-Schedule = Union[float, Callable[[int], float]]
-IntSchedule = Union[int, Callable[[int], int]]
+Schedule = float | Callable[[int], float]
+IntSchedule = int | Callable[[int], int]
 
 SKETCH_METHODS = ("uniform", "leverage")
 UC_MODES = ("factored", "exact")

@@ -112,7 +112,7 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
         source = args.deepspeed_config
     cfg = _read_config(source) if source is not None else None
     params = seng_params(cfg) if cfg is not None else None
-    if params is None:
+    if cfg is None or params is None:
         return deepspeed.initialize(args=args, model=model, optimizer=optimizer, config=config,
                                     **kwargs)
     if optimizer is not None:
@@ -122,12 +122,12 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
         raise ValueError("SENG needs the model: pass model= to initialize")
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed()
-    config = SENGConfig.from_settings(**params)
+    settings = SENGConfig.from_settings(**params)
     # blockdiag: the engine averages the gradients in backward and SENG its corrections only;
     # lagged: SENG's one fused round per step carries the gradient (eq. 27), so the engine's
     # backward allreduce is switched off below.
-    lagged = config.distributed.variant == "lagged"
-    seng = SENG(model, config, comm=DeepSpeedCommunicator(), grads_averaged=not lagged)
+    lagged = settings.distributed.variant == "lagged"
+    seng = SENG(model, settings, comm=DeepSpeedCommunicator(), grads_averaged=not lagged)
     # engine.save_checkpoint builds the state on every rank and rank 0 writes it: gather every
     # rank's curvature into it so load_checkpoint resumes each rank bit-exactly.
     seng.state_dict_all_ranks = True

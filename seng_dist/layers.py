@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +24,12 @@ class Block:
 
     name: str
     module: nn.Module
-    weight: nn.Parameter
-    bias: nn.Parameter | None
+    weight: Tensor
+    bias: Tensor | None
     n_G: int
     n_A: int
     path: str
-    params: tuple[nn.Parameter, ...] = field(init=False)
+    params: tuple[Tensor, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.params = (self.weight,) if self.bias is None else (self.weight, self.bias)
@@ -72,7 +73,7 @@ class Block:
         """
         gs, As = [], []
         dtype = self.weight.dtype
-        for x, gy in zip(inputs, grads):
+        for x, gy in zip(inputs, grads, strict=True):
             # Under autocast the layer sees and returns bf16/fp16; curvature is kept in the
             # parameters' dtype.
             a, g = _factor(self.module, x.to(dtype), gy.to(dtype), self.bias is not None)
@@ -97,17 +98,30 @@ def _factor(module: nn.Module, x: Tensor, gy: Tensor, bias: bool) -> tuple[Tenso
         if bias:
             a = torch.cat([a, a.new_ones(b, a.shape[1], 1)], dim=2)
         return a, gy.reshape(b, -1, gy.shape[-1])
-    conv: nn.Conv2d = module  # only Linear and Conv2d are ever blocks
-    padding = conv.padding
-    if isinstance(padding, str):
-        # 'same'/'valid': torch keeps the exact (possibly asymmetric) padding here.
-        x = F.pad(x, conv._reversed_padding_repeated_twice)
-        padding = 0
+    conv = cast(nn.Conv2d, module)  # only Linear and Conv2d are ever blocks
+    padding: int | tuple[int, ...] = 0
+    if isinstance(conv.padding, str):
+        # 'same'/'valid': the exact (possibly asymmetric) padding the layer applies.
+        x = F.pad(x, _string_padding(conv))
+    else:
+        padding = conv.padding
     cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding,
                     stride=conv.stride)  # (B, C·kh·kw, κ)
     if bias:
         cols = torch.cat([cols, cols.new_ones(b, 1, cols.shape[2])], dim=1)
     return cols.transpose(1, 2), gy.reshape(b, gy.shape[1], -1).transpose(1, 2)
+
+
+def _string_padding(conv: nn.Conv2d) -> list[int]:
+    """``F.pad``'s (last dim first) padding for ``padding='same'``/``'valid'``: for 'same' the
+    total ``dilation·(k-1)`` per dim, its odd unit on the right, as the layer itself pads."""
+    if conv.padding == "valid":
+        return [0, 0, 0, 0]
+    pad: list[int] = []
+    for d, k in zip(reversed(conv.dilation), reversed(conv.kernel_size), strict=True):
+        total = d * (k - 1)
+        pad += [total // 2, total - total // 2]
+    return pad
 
 
 def _matches(name: str, module: nn.Module, skip: tuple[str | type, ...]) -> bool:
@@ -125,9 +139,9 @@ def find_blocks(model: nn.Module, skip_layers: tuple[str | type, ...] = (),
     """The model's supported, trainable layers as blocks, in module order.
 
     A block of fewer than ``explicit_threshold`` entries takes the explicit path, any other
-    the implicit one. Supported: ``nn.Linear`` and ``nn.Conv2d`` with ``groups == 1`` and zero padding mode. A
-    grouped or non-zero-padded convolution is left to the fallback rule with a warning; so is
-    any layer named (or whose class is listed) in ``skip_layers``.
+    the implicit one. Supported: ``nn.Linear`` and ``nn.Conv2d`` with ``groups == 1`` and zero
+    padding mode. A grouped or non-zero-padded convolution is left to the fallback rule with a
+    warning; so is any layer named (or whose class is listed) in ``skip_layers``.
     """
     owners: dict[int, int] = {}
     for module in model.modules():

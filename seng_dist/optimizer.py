@@ -7,16 +7,22 @@ per-block math lives in :mod:`seng_dist.curvature` and :mod:`seng_dist.solver`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .builder import CurvatureBuilder
-from .checkpoint import (Counters, block_signature, check_compatible, split_curvature,
-                         structure_settings)
+from .checkpoint import (
+    Counters,
+    block_signature,
+    check_compatible,
+    split_curvature,
+    structure_settings,
+)
 from .comm import Communicator, make_communicator
 from .config import SENGConfig, resolve
 from .curvature import BlockCurvature
@@ -27,7 +33,7 @@ from .warn import warn
 _SCHEDULED = ("lr", "damping", "momentum", "weight_decay")
 
 
-class ParamGroups(list):  # type: ignore[type-arg]
+class ParamGroups(list[dict[str, Any]]):
     """``SENG.param_groups``: a list that knows its optimizer. ``hvd.DistributedOptimizer``
     builds its wrapper by calling the optimizer's class on ``optimizer.param_groups``; this is
     how that call finds the SENG it wraps."""
@@ -40,15 +46,10 @@ class ParamGroups(list):  # type: ignore[type-arg]
 class SENG(torch.optim.Optimizer):
     """Sketchy Empirical Natural Gradient (Yang et al., 2021) as a ``torch.optim.Optimizer``.
 
-    Per supported layer (``nn.Linear``, ``nn.Conv2d``; weight and bias as one block) the
-    direction is ``d = -(U Uᵀ + λI)⁻¹ g``, computed as ``-(g - U b)/λ`` with
-    ``b = (λI + UᵀU)⁻¹ Uᵀ g`` where ``U`` holds the per-sample gradients of the curvature batch
-    divided by ``√ϱ``. Blocks with fewer than ``explicit_threshold`` entries keep ``U``
-    explicitly and sketch its rows; larger blocks keep low-rank factors of each per-sample
-    gradient and sketch their rows. Every other trainable parameter (BatchNorm, LayerNorm,
-    Embedding, skipped layers) follows ``d = -g/(1 + λ)``. The update is ``θ ← θ + lr·v`` with
-    ``v`` the heavy-ball momentum of ``d``; L2 weight decay is added to ``g`` before
-    preconditioning unless ``decoupled_weight_decay``.
+    Per supported layer (``nn.Linear``, ``nn.Conv2d``; weight and bias as one block)
+    ``d = -(U Uᵀ + λI)⁻¹ g`` with ``U`` the per-sample gradients of the curvature batch over
+    ``√ϱ``; every other trainable parameter follows ``d = -g/(1 + λ)``; then heavy-ball
+    momentum and ``θ ← θ + lr·v``. What is computed, and how: ``docs/design.md``.
 
     Args:
         model: the ``nn.Module`` to train (or the ``DistributedDataParallel`` around it); hooks
@@ -112,9 +113,8 @@ class SENG(torch.optim.Optimizer):
         self.curvature = CurvatureBuilder(model, self.blocks, cfg, self.state,
                                           self.communicator.rank)
         in_blocks = {id(p) for b in self.blocks for p in b.params}
-        self._fallback = [p for p in params if id(p) not in in_blocks]
+        self._fallback: list[Tensor] = [p for p in params if id(p) not in in_blocks]
         self._counters = Counters()
-        self._warned: set[str] = set()
         self._set_round(grads_averaged)
         if self.communicator.world_size > 1:
             self.communicator.check_consistent(structure_settings(
@@ -169,7 +169,8 @@ class SENG(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(  # type: ignore[override]  # returns the closure's loss, as torch's own do
+            self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One SENG update; rebuilds the curvature first on curvature steps."""
         loss = None
         if closure is not None:
@@ -180,7 +181,6 @@ class SENG(torch.optim.Optimizer):
         for key in _SCHEDULED:
             if callable(getattr(self.config, key)):
                 group[key] = float(resolve(self.config, key, k))
-        self._check_gradients()
         scale = 1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale())
         rebuilt = self.curvature.refresh(scale)
         self._counters.curvature_updates += int(rebuilt.updated)
@@ -200,18 +200,6 @@ class SENG(torch.optim.Optimizer):
         self.curvature.arm_for(k + 1)
         return loss
 
-    def _check_gradients(self) -> None:
-        for p in self.param_groups[0]["params"]:
-            if p.grad is not None and p.grad.is_sparse:
-                raise ValueError("SENG does not support sparse gradients (use "
-                                 "nn.Embedding(sparse=False))")
-            if not p.requires_grad and "<frozen>" not in self._warned:
-                self._warned.add("<frozen>")
-                warn("SENG: parameters were frozen (requires_grad=False) after the optimizer "
-                     "was built; they get no gradient and stay unchanged, but their layers' "
-                     "curvature is kept. Build SENG after freezing (or pass skip_layers) to "
-                     "leave them out")
-
     def _apply(self, params: list[Tensor], dirs: list[Tensor], lr: float, mu: float,
                decoupled_wd: float) -> None:
         """Heavy-ball momentum on the direction, then ``θ ← θ + lr·v``."""
@@ -221,11 +209,11 @@ class SENG(torch.optim.Optimizer):
             torch._foreach_mul_(params, 1.0 - lr * decoupled_wd)
         if mu:
             bufs = [self.state[p].get("momentum_buffer") for p in params]
-            old = [(b, d) for b, d in zip(bufs, dirs) if b is not None]
+            old = [(b, d) for b, d in zip(bufs, dirs, strict=True) if b is not None]
             if old:
                 torch._foreach_mul_([b for b, _ in old], mu)
                 torch._foreach_add_([b for b, _ in old], [d for _, d in old])
-            for p, b, d in zip(params, bufs, dirs):
+            for p, b, d in zip(params, bufs, dirs, strict=True):
                 if b is None:
                     self.state[p]["momentum_buffer"] = d.clone()
             dirs = [self.state[p]["momentum_buffer"] for p in params]
@@ -317,7 +305,8 @@ def _unwrap(model: nn.Module, grads_averaged: bool | None) -> tuple[bool, nn.Mod
         raise ValueError("grads_averaged=False with a DistributedDataParallel model: DDP "
                          "averages the gradients in backward, so SENG would average them "
                          "twice; leave grads_averaged=None (or pass the unwrapped model)")
-    return (ddp if grads_averaged is None else grads_averaged), (model.module if ddp else model)
+    module = cast(nn.Module, model.module) if ddp else model
+    return (ddp if grads_averaged is None else grads_averaged), module
 
 
 def _check_dtype(comm: Communicator, config: SENGConfig) -> None:

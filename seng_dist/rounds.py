@@ -16,16 +16,18 @@ collective is the identity and both are single-process SENG (lagged with its lag
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import solver
 from .comm import Communicator
 from .config import SENGConfig
 from .curvature import BlockCurvature, ParamState
 from .warn import warn
+
 
 @dataclass
 class Exchanged:
@@ -77,7 +79,7 @@ class Round(ABC):
     """
 
     def __init__(self, config: SENGConfig, curvatures: list[BlockCurvature],
-                 fallback: list[nn.Parameter], comm: Communicator, *, grads_averaged: bool,
+                 fallback: list[Tensor], comm: Communicator, *, grads_averaged: bool,
                  state: ParamState) -> None:
         self.config = config
         self.curvatures = curvatures
@@ -91,6 +93,7 @@ class Round(ABC):
 
     @property
     def multi(self) -> bool:
+        """Whether there are other ranks to average with."""
         return self.comm.world_size > 1
 
     @property
@@ -105,6 +108,7 @@ class Round(ABC):
 
         ``l2`` is the weight decay added to the averaged gradient before preconditioning.
         """
+        self._check_gradients()
         gs = [c.block.grad_matrix() for c in self.curvatures]
         # SENG never changes .grad: the fallback gradients are averaged (and clipped) in copies.
         fgs = [torch.zeros_like(p) if p.grad is None else (p.grad.clone() if self.multi
@@ -115,6 +119,24 @@ class Round(ABC):
         ready = self._ready()
         done = self._exchange(gs, fgs, present, ready, damping, l2)
         return None if done is None else self._finish(done, damping, l2)
+
+    def _check_gradients(self) -> None:
+        """Refuse sparse gradients; say once that parameters were frozen after construction."""
+        for c in self.curvatures:
+            self._check(c.block.params)
+        self._check(self.fallback)
+
+    def _check(self, params: Sequence[Tensor]) -> None:
+        for p in params:
+            if p.grad is not None and p.grad.is_sparse:
+                raise ValueError("SENG does not support sparse gradients (use "
+                                 "nn.Embedding(sparse=False))")
+            if not p.requires_grad and "<frozen>" not in self._warned:
+                self._warned.add("<frozen>")
+                warn("SENG: parameters were frozen (requires_grad=False) after the optimizer "
+                     "was built; they get no gradient and stay unchanged, but their layers' "
+                     "curvature is kept. Build SENG after freezing (or pass skip_layers) to "
+                     "leave them out")
 
     @abstractmethod
     def _exchange(self, gs: list[Tensor], fgs: list[Tensor], present: list[bool],
@@ -132,9 +154,6 @@ class Round(ABC):
             return "it was not called with gradients on a curvature step"
         return "it has curvature here but not on every rank"
 
-    def _keep(self, curvature: BlockCurvature, z: Tensor) -> None:
-        """Called with each present block's ``z`` once its direction is known."""
-
     def _averaged(self, gs: list[Tensor], fgs: list[Tensor], l2: float
                   ) -> list[Tensor] | None:
         """After ``ḡ`` is known: None if it must be skipped (``skip_nonfinite``; every rank
@@ -149,9 +168,9 @@ class Round(ABC):
             factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             if gs:
                 torch._foreach_mul_(gs, factor)
-            fgs = torch._foreach_mul(fgs, factor) if fgs else fgs
+            fgs = list(torch._foreach_mul(fgs, factor)) if fgs else fgs
         if l2:
-            for c, g in zip(self.curvatures, gs):
+            for c, g in zip(self.curvatures, gs, strict=True):
                 g.add_(c.block.param_matrix(), alpha=l2)
         return fgs
 
@@ -165,8 +184,7 @@ class Round(ABC):
         present, ready = done.flags[:nb + nf], done.flags[nb + nf:]
         params: list[Tensor] = []
         dirs: list[Tensor] = []
-        used: list[tuple[BlockCurvature, Tensor]] = []
-        for i, (c, z, slot) in enumerate(zip(self.curvatures, done.zs, done.slots)):
+        for i, (c, z, slot) in enumerate(zip(self.curvatures, done.zs, done.slots, strict=True)):
             if not present[i]:
                 continue
             if ready[i] >= 1.0:
@@ -174,18 +192,16 @@ class Round(ABC):
             else:
                 self._warn_no_curvature(c)
                 d = z.mul(-1.0 / (1.0 + damping))
-            used.append((c, z))
             params.extend(c.block.params)
             dirs.extend(c.block.split(d))
-        kept = [(p, g) for p, g, h in zip(self.fallback, done.fallback, present[nb:]) if h]
+        kept = [(p, g) for p, g, h in zip(self.fallback, done.fallback, present[nb:],
+                                          strict=True) if h]
         if kept:
             fps, grads = [p for p, _ in kept], [g for _, g in kept]
             if l2:
-                grads = torch._foreach_add(grads, fps, alpha=l2)
+                grads = list(torch._foreach_add(grads, fps, alpha=l2))
             dirs.extend(torch._foreach_mul(grads, -1.0 / (1.0 + damping)))
             params.extend(fps)
-        for c, z in used:  # after the loop: the warnings see this step's state
-            self._keep(c, z)
         return params, dirs
 
     def _warn_no_curvature(self, curvature: BlockCurvature) -> None:
@@ -210,9 +226,9 @@ class BlockDiagonalRound(Round):
         averaged = self._averaged(gs, fgs, l2)
         if averaged is None:
             return None
-        here = values[:len(gs)] if values is not None else present
+        here = (values if values is not None else present)[:len(gs)]
         slots = [c.correction(z if h else None, damping)
-                 for c, z, h in zip(self.curvatures, gs, here)]
+                 for c, z, h in zip(self.curvatures, gs, here, strict=True)]
         if self.multi:
             self._allreduce(_flat(slots) + ([] if flags is None or self.sends_gradients
                                             else [flags]), "seng.correction")
@@ -247,8 +263,14 @@ class LaggedRound(BlockDiagonalRound):
             return "the lagged variant has no previous averaged gradient for it yet"
         return super()._missing(curvature)
 
-    def _keep(self, curvature: BlockCurvature, z: Tensor) -> None:
-        self._states[curvature.block.weight][self.PREVIOUS] = z
+    def _finish(self, done: Exchanged, damping: float, l2: float
+                ) -> tuple[list[Tensor], list[Tensor]]:
+        out = super()._finish(done, damping, l2)
+        present = done.flags[:len(self.curvatures)]
+        for c, z, p in zip(self.curvatures, done.zs, present, strict=True):
+            if p:
+                self._states[c.block.weight][self.PREVIOUS] = z
+        return out
 
     def _exchange(self, gs: list[Tensor], fgs: list[Tensor], present: list[bool],
                   ready: list[bool], damping: float, l2: float) -> Exchanged | None:
@@ -266,7 +288,7 @@ class LaggedRound(BlockDiagonalRound):
 
 
 def make_round(config: SENGConfig, curvatures: list[BlockCurvature],
-               fallback: list[nn.Parameter], comm: Communicator, *, grads_averaged: bool,
+               fallback: list[Tensor], comm: Communicator, *, grads_averaged: bool,
                state: ParamState) -> Round:
     """The round of ``config.distributed.variant``."""
     match config.distributed.variant:

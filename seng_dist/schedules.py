@@ -9,7 +9,7 @@ paper changes these once per epoch. For another optimizer, wrap one in
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 StepFn = Callable[[int], float]
 

@@ -47,6 +47,8 @@ def sample_rows(n: int, q: int | None, method: str, replacement: bool,
             idx = torch.randperm(n, generator=generator)[:q]
         scale = torch.full((q,), (n / q) ** 0.5)
     else:
+        if weights is None:
+            raise ValueError("leverage-score sampling needs the rows' weights")
         w = weights.detach().to("cpu", torch.float64)
         total = w.sum()
         p = torch.full_like(w, 1.0 / n)
@@ -56,7 +58,7 @@ def sample_rows(n: int, q: int | None, method: str, replacement: bool,
             idx = torch.multinomial(p, q, replacement=True, generator=generator)
             scale = (q * p[idx]).rsqrt()
         else:
-            pi = _inclusion_probabilities(p, q)
+            pi = inclusion_probabilities(p, q)
             start = torch.rand((), generator=generator, dtype=torch.float64)
             points = start + torch.arange(q, dtype=torch.float64)
             idx = torch.searchsorted(torch.cumsum(pi, 0), points, right=True).clamp_(max=n - 1)
@@ -65,7 +67,7 @@ def sample_rows(n: int, q: int | None, method: str, replacement: bool,
     return idx.to(device), scale.to(device)
 
 
-def _inclusion_probabilities(p: Tensor, q: int) -> Tensor:
+def inclusion_probabilities(p: Tensor, q: int) -> Tensor:
     """``π = min(1, c·p)`` with ``c`` such that ``Σ π = q`` (rows capped at 1 are certain)."""
     capped = torch.zeros_like(p, dtype=torch.bool)
     while True:
@@ -148,22 +150,32 @@ def low_rank_factors(G_hat: Tensor, A_hat: Tensor, rank: int | None,
             p, s, vh = torch.linalg.svd(torch.bmm(Gt, A_hat), full_matrices=False)
             left, right = p[..., :rank], vh[:, :rank].transpose(1, 2)
     else:
-        # Products with Â are written as (k×κ)·Â or (k×n_A)·Âᵀ: with unfold's layout these
-        # are the fast orientations for batched GEMM (measured ~2× over Â·(n_A×k)).
-        omega = torch.randn(k, n_a, generator=generator, dtype=G_hat.dtype).to(G_hat.device)
-        y = Gt @ (omega @ At).transpose(1, 2)  # u Ω, (ϱ, n_G, k)
-        for _ in range(power_iters):
-            q = torch.linalg.qr(y).Q
-            z = torch.linalg.qr(((G_hat @ q).transpose(1, 2) @ A_hat).transpose(1, 2)).Q
-            y = Gt @ (z.transpose(1, 2) @ At).transpose(1, 2)  # u z, z a basis of uᵀq
-        q = torch.linalg.qr(y).Q  # (ϱ, n_G, k)
-        b = (G_hat @ q).transpose(1, 2) @ A_hat  # qᵀ u, (ϱ, k, n_A)
-        # SVD of the wide b through a thin QR of bᵀ: a k×k SVD (measured ~4× faster).
-        qb, rb = torch.linalg.qr(b.transpose(1, 2))
-        p, s, vh = torch.linalg.svd(rb.transpose(1, 2))
-        left, right = q @ p[..., :rank], qb @ vh[:, :rank].transpose(1, 2)
+        left, s, right = _randomized_svd(G_hat, A_hat, rank, k, generator, power_iters)
     root = s[:, :rank].sqrt().unsqueeze(1)
     return (left * root).transpose(1, 2), (right * root).transpose(1, 2)
+
+
+def _randomized_svd(G_hat: Tensor, A_hat: Tensor, rank: int, k: int,
+                    generator: torch.Generator | None, power_iters: int
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``rank`` singular triplets ``(left (ϱ, n_G, rank), σ (ϱ, k), right (ϱ, n_A, rank))``
+    of each ``u_i = Ĝ_iᵀ Â_i`` from a ``k``-column Gaussian range sketch, never forming ``u``."""
+    Gt, At = G_hat.transpose(1, 2), A_hat.transpose(1, 2)  # (ϱ, n_G, κ), (ϱ, n_A, κ)
+    # Products with Â are written as (k×κ)·Â or (k×n_A)·Âᵀ: with unfold's layout these are
+    # the fast orientations for batched GEMM (measured ~2× over Â·(n_A×k)).
+    omega = torch.randn(k, A_hat.shape[2], generator=generator,
+                        dtype=G_hat.dtype).to(G_hat.device)
+    y = Gt @ (omega @ At).transpose(1, 2)  # u Ω, (ϱ, n_G, k)
+    for _ in range(power_iters):
+        q = torch.linalg.qr(y).Q
+        z = torch.linalg.qr(((G_hat @ q).transpose(1, 2) @ A_hat).transpose(1, 2)).Q
+        y = Gt @ (z.transpose(1, 2) @ At).transpose(1, 2)  # u z, z a basis of uᵀq
+    q = torch.linalg.qr(y).Q  # (ϱ, n_G, k)
+    b = (G_hat @ q).transpose(1, 2) @ A_hat  # qᵀ u, (ϱ, k, n_A)
+    # SVD of the wide b through a thin QR of bᵀ: a k×k SVD (measured ~4× faster).
+    qb, rb = torch.linalg.qr(b.transpose(1, 2))
+    p, s, vh = torch.linalg.svd(rb.transpose(1, 2))
+    return q @ p[..., :rank], s, qb @ vh[:, :rank].transpose(1, 2)
 
 
 def implicit_gram(XG: Tensor, XA: Tensor, r: int) -> Tensor:
@@ -195,7 +207,8 @@ def implicit_uc_exact(Gf: Tensor, Af: Tensor, c: Tensor, r: int) -> Tensor:
 
 
 def partial_factors(Gf: Tensor, Af: Tensor, c: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """``Gᶜ = Σ √|c_i| G_i`` and ``Aᶜ = Σ c_i / (Σ_j √|c_j|) A_i``, shapes ``(r, n_G)``, ``(r, n_A)``.
+    """``Gᶜ = Σ √|c_i| G_i`` and ``Aᶜ = Σ c_i / (Σ_j √|c_j|) A_i``, of shapes ``(r, n_G)`` and
+    ``(r, n_A)``.
 
     The factored ``Uc ≈ Gᶜᵀ Aᶜ`` of eq. 23; summed over workers they give eq. 28.
     """

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import copy
 import os
-from collections import defaultdict
 import socket
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -106,42 +107,78 @@ def emulate_distributed(model: nn.Module, shards: list[list[tuple[Tensor, Tensor
     be present.
     """
     cfg = SENGConfig.from_settings(**seng_kwargs)
-    replicas = [copy.deepcopy(model) for _ in range(len(shards[0]))]
-    builders = []
-    for rep in replicas:
-        blocks = find_blocks(rep, cfg.skip_layers, cfg.sketch.explicit_threshold)
-        builders.append(CurvatureBuilder(rep, blocks, cfg, defaultdict(dict)))
-        builders[-1].arm_for(0)
-    in_blocks = {id(p) for c in builders[0].curvatures for p in c.block.params}
-    names = {id(p): n for n, p in replicas[0].named_parameters()}
-    fallback = [n for n, p in replicas[0].named_parameters()
-                if p.requires_grad and id(p) not in in_blocks]
-    momentum: dict[str, Tensor] = {}
+    run = _Emulation(model, cfg, len(shards[0]))
     previous: list[Tensor] | None = None
     history = []
     for k, step_shards in enumerate(shards):
-        for builder, rep, (x, y) in zip(builders, replicas, step_shards):
+        run.backward(step_shards, loss_fn)
+        lr, lam, mu, wd = (float(resolve(cfg, h, k))
+                           for h in ("lr", "damping", "momentum", "weight_decay"))
+        l2 = 0.0 if cfg.decoupled_weight_decay else wd
+        zs, fmeans = run.averaged(l2)
+        lagged = cfg.distributed.variant == "lagged" and previous is not None
+        sources = previous if lagged and previous is not None else zs
+        update = run.directions(zs, fmeans, sources, lam, l2)
+        previous = zs
+        run.apply(update, lr, mu, wd)
+        for builder in run.builders:
+            builder.arm_for(k + 1)
+        history.append({n: p.detach().clone() for n, p in run.params[0].items()})
+    return history
+
+
+class _Emulation:
+    """The workers' replicas and curvature builders, and the formulas written out.
+
+    The same operation forms as the optimizer (alpha-adds, products with reciprocals), so that
+    only the order of the ranks' sums can differ from a real run.
+    """
+
+    def __init__(self, model: nn.Module, cfg: SENGConfig, workers: int) -> None:
+        self.cfg = cfg
+        self.replicas = [copy.deepcopy(model) for _ in range(workers)]
+        self.builders = []
+        for rep in self.replicas:
+            blocks = find_blocks(rep, cfg.skip_layers, cfg.sketch.explicit_threshold)
+            self.builders.append(CurvatureBuilder(rep, blocks, cfg, defaultdict(dict)))
+            self.builders[-1].arm_for(0)
+        # block i of every worker
+        self.per_block = list(zip(*(b.curvatures for b in self.builders), strict=True))
+        self.params = [dict(rep.named_parameters()) for rep in self.replicas]
+        self.names = {id(p): n for n, p in self.params[0].items()}
+        in_blocks = {id(p) for c in self.builders[0].curvatures for p in c.block.params}
+        self.fallback = [n for n, p in self.params[0].items()
+                         if p.requires_grad and id(p) not in in_blocks]
+        self.momentum: dict[str, Tensor] = {}
+
+    def backward(self, shards: list[tuple[Tensor, Tensor]],
+                 loss_fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+        """Each worker's gradient on its shard, and its curvature on curvature steps."""
+        for builder, rep, (x, y) in zip(self.builders, self.replicas, shards, strict=True):
             for p in rep.parameters():
                 p.grad = None
             loss_fn(rep(x), y).backward()
             builder.refresh()
-        lr, lam, mu, wd = (float(resolve(cfg, h, k))
-                           for h in ("lr", "damping", "momentum", "weight_decay"))
-        l2 = 0.0 if cfg.decoupled_weight_decay else wd
-        per_block = list(zip(*(b.curvatures for b in builders)))  # block i of every worker
-        # The same operation forms as the optimizer (alpha-adds, products with reciprocals),
-        # so that only the order of the ranks' sums can differ from a real run.
-        params = [dict(rep.named_parameters()) for rep in replicas]
-        means = [torch.stack([c.block.grad_matrix() for c in cs]).mean(0) for cs in per_block]
-        fmeans = [torch.stack([ps[n].grad for ps in params]).mean(0) for n in fallback]
-        if cfg.max_grad_norm is not None:  # clip the averaged gradient, before weight decay
+
+    def averaged(self, l2: float) -> tuple[list[Tensor], list[Tensor]]:
+        """``z = ḡ + l2·θ`` per block and ``ḡ`` per fallback parameter (``ḡ`` clipped)."""
+        means = [torch.stack([c.block.grad_matrix() for c in cs]).mean(0)
+                 for cs in self.per_block]
+        fmeans = [torch.stack([_grad(ps[n], n) for ps in self.params]).mean(0)
+                  for n in self.fallback]
+        if self.cfg.max_grad_norm is not None:  # the averaged gradient, before weight decay
             norm = torch.cat([t.reshape(-1) for t in means + fmeans]).norm()
-            factor = min(1.0, cfg.max_grad_norm / (float(norm) + 1e-6))
+            factor = min(1.0, self.cfg.max_grad_norm / (float(norm) + 1e-6))
             means, fmeans = [t * factor for t in means], [t * factor for t in fmeans]
-        zs = [m.add_(cs[0].block.param_matrix(), alpha=l2) for m, cs in zip(means, per_block)]
-        lagged = cfg.distributed.variant == "lagged" and previous is not None
+        zs = [m.add_(cs[0].block.param_matrix(), alpha=l2)
+              for m, cs in zip(means, self.per_block, strict=True)]
+        return zs, fmeans
+
+    def directions(self, zs: list[Tensor], fmeans: list[Tensor], sources: list[Tensor],
+                   lam: float, l2: float) -> dict[str, Tensor]:
+        """Every parameter's direction, by name: each worker's correction for ``sources``."""
         update: dict[str, Tensor] = {}
-        for cs, z, src in zip(per_block, zs, previous if lagged else zs):
+        for cs, z, src in zip(self.per_block, zs, sources, strict=True):
             parts = [c.correction(src, lam) for c in cs]
             if len(parts[0]) == 1:
                 uc = torch.stack([p[0] for p in parts]).mean(0)
@@ -149,33 +186,39 @@ def emulate_distributed(model: nn.Module, shards: list[list[tuple[Tensor, Tensor
                 uc = (torch.stack([p[0] for p in parts]).mean(0).T
                       @ torch.stack([p[1] for p in parts]).mean(0))
             d = (uc - z) / lam
-            for p, piece in zip(cs[0].block.params, cs[0].block.split(d)):
-                update[names[id(p)]] = piece
-        for n, g in zip(fallback, fmeans):
-            g = g.add(params[0][n].detach(), alpha=l2)
+            for p, piece in zip(cs[0].block.params, cs[0].block.split(d), strict=True):
+                update[self.names[id(p)]] = piece
+        for n, g in zip(self.fallback, fmeans, strict=True):
+            g = g.add(self.params[0][n].detach(), alpha=l2)
             update[n] = g * (-1.0 / (1.0 + lam))
-        previous = zs
-        with torch.no_grad():
-            for name, d in update.items():
-                if mu:
-                    v = momentum[name] = (d.clone() if name not in momentum
-                                          else momentum[name].mul_(mu).add_(d))
-                else:
-                    v = d
-                p = params[0][name]
-                if cfg.decoupled_weight_decay and wd:
-                    p.mul_(1.0 - lr * wd)
-                p.add_(v, alpha=lr)
-            for rep in replicas[1:]:
-                for mine, theirs in zip(rep.parameters(), replicas[0].parameters()):
-                    mine.copy_(theirs)
-        for builder in builders:
-            builder.arm_for(k + 1)
-        history.append({n: p.detach().clone() for n, p in params[0].items()})
-    return history
+        return update
+
+    @torch.no_grad()
+    def apply(self, update: dict[str, Tensor], lr: float, mu: float, wd: float) -> None:
+        """Heavy-ball momentum and ``θ ← θ + lr·v`` on worker 0, copied to the others."""
+        for name, d in update.items():
+            if mu:
+                v = self.momentum[name] = (d.clone() if name not in self.momentum
+                                           else self.momentum[name].mul_(mu).add_(d))
+            else:
+                v = d
+            p = self.params[0][name]
+            if self.cfg.decoupled_weight_decay and wd:
+                p.mul_(1.0 - lr * wd)
+            p.add_(v, alpha=lr)
+        for rep in self.replicas[1:]:
+            for mine, theirs in zip(rep.parameters(), self.replicas[0].parameters(),
+                                    strict=True):
+                mine.copy_(theirs)
 
 
-def _free_port() -> int:
+def _grad(p: Tensor, name: str) -> Tensor:
+    if p.grad is None:
+        raise ValueError(f"emulate_distributed needs every gradient; {name!r} has none")
+    return p.grad
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -210,7 +253,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as outdir:
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, outdir, fn, args),
                              daemon=True) for r in range(world_size)]
         for p in procs:

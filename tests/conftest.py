@@ -41,8 +41,9 @@ def make_mixed(seed: int = 0) -> MixedNet:
     torch.manual_seed(seed)
     m = MixedNet()
     with torch.no_grad():  # non-trivial running statistics for eval-mode BatchNorm
-        m.bn.running_mean.uniform_(-0.2, 0.2)
-        m.bn.running_var.uniform_(0.5, 1.5)
+        for stat, low, high in ((m.bn.running_mean, -0.2, 0.2), (m.bn.running_var, 0.5, 1.5)):
+            assert stat is not None  # BatchNorm2d tracks running statistics by default
+            stat.uniform_(low, high)
     return m.eval()
 
 
@@ -69,7 +70,7 @@ def seng_directions(opt: SENG, model: nn.Module, x: torch.Tensor, y: torch.Tenso
     out.update({n: p.detach().clone() for n, p in model.named_parameters()
                 if n.rsplit(".", 1)[0] not in out})
     with torch.no_grad():
-        for p, s in zip(model.parameters(), saved):
+        for p, s in zip(model.parameters(), saved, strict=True):
             p.copy_(s)
     return out
 

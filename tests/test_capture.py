@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import seng_directions
 from torch import nn
 
-from conftest import seng_directions
 from seng_dist import SENG
 from seng_dist.testing import reference_directions, relative_error
 

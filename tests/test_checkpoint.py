@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import MixedNet
+
 from seng_dist import SENG
 
 RELEASE = Path(__file__).resolve().parent / "data" / "release-0.1.0.pt"

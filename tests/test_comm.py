@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seng_dist.comm import (Communicator, CountingCommunicator, LocalCommunicator,
-                            make_communicator)
+from seng_dist.comm import Communicator, CountingCommunicator, LocalCommunicator, make_communicator
 from seng_dist.comm.base import _pack, _unpack
 from seng_dist.comm.torch_dist import TorchCommunicator
 from seng_dist.testing import run_ranks
@@ -18,11 +17,12 @@ def test_pack_and_unpack_round_trip_shapes_and_dtypes():
     assert buf.shape == (12 + 5 + 4,)
     targets = [torch.empty_like(t) for t in tensors]
     _unpack(buf, targets)
-    assert all(torch.equal(a, b) for a, b in zip(tensors, targets))
+    assert all(torch.equal(a, b) for a, b in zip(tensors, targets, strict=True))
     half = _pack(tensors, torch.bfloat16)
     assert half.dtype == torch.bfloat16
     _unpack(half, targets)  # back into float32 tensors, rounded through bf16
-    assert all(torch.allclose(a, b, rtol=1e-2, atol=1e-2) for a, b in zip(tensors, targets))
+    assert all(torch.allclose(a, b, rtol=1e-2, atol=1e-2)
+               for a, b in zip(tensors, targets, strict=True))
 
 
 def test_make_communicator_choices():
@@ -77,7 +77,7 @@ def _collectives(rank: int, world: int) -> dict:
 
 def test_fused_collectives_on_three_gloo_ranks():
     world = 3
-    for rank, res in enumerate(run_ranks(_collectives, world, timeout=120)):
+    for res in run_ranks(_collectives, world, timeout=120):
         a, b, c, calls = res["mixed"]
         assert torch.equal(a, torch.full((2, 3), 1.0))  # mean of 0, 1, 2
         assert torch.equal(b, torch.full((4,), 10.0, dtype=torch.float64))

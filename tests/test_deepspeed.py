@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from itertools import pairwise
+from typing import Any
 
 import pytest
 import torch
@@ -28,7 +30,7 @@ def _ds_train(rank: int, world: int, configs: dict) -> dict:
 
     import seng_dist.deepspeed as plugin
     deepspeed.init_distributed(dist_backend="gloo")
-    out = {}
+    out: dict[str, Any] = {}
     for name, cfg in configs.items():
         engine, opt, _, _ = plugin.initialize(model=make_mixed(), config=cfg)
         params = []
@@ -36,7 +38,7 @@ def _ds_train(rank: int, world: int, configs: dict) -> dict:
         for k in range(STEPS):
             x, y = shard(k, rank)
             # Micro-batches last-first, so the last one (the curvature's) is the shard's head.
-            for xm, ym in reversed(list(zip(x.chunk(gas), y.chunk(gas)))):
+            for xm, ym in reversed(list(zip(x.chunk(gas), y.chunk(gas), strict=True))):
                 loss = F.cross_entropy(engine(xm), ym)
                 engine.backward(loss)
                 engine.step()
@@ -125,12 +127,12 @@ AUTOCAST = {
 def test_torch_autocast_trains_close_to_the_float32_emulation():
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
     ranks = run_ranks(_ds_train, 2, AUTOCAST, timeout=300)
-    for name, cfg in AUTOCAST.items():
+    for name in AUTOCAST:
         ref = _emulated(2, CONFIGS["factored-" + name.split("-")[1]])
         for res in ranks:
             # low-precision forward: close to, not equal to, the fp32 formulas
             assert _displacement_error(res[name]["params"], ref, start) < 5e-2, name
-        for a, b in zip(ranks[0][name]["params"], ranks[1][name]["params"]):
+        for a, b in zip(ranks[0][name]["params"], ranks[1][name]["params"], strict=True):
             assert all(torch.equal(a[n], b[n]) for n in a), name  # ranks stay in step
 
 
@@ -162,10 +164,11 @@ def test_fp16_autocast_skips_overflow_steps_and_keeps_the_curvature_finite():
     ranks = run_ranks(_ds_fp16, 2, cfg, steps, timeout=300)
     for res in ranks:
         # every halving of the loss scale is one skipped step; SENG stepped on all the others
-        skipped = sum(1 for a, b in zip(res["scales"], res["scales"][1:]) if b < a)
+        skipped = sum(1 for a, b in pairwise(res["scales"]) if b < a)
         assert skipped >= 1 and res["step_count"] == steps - skipped
         assert res["updates"] >= 1 and res["finite"]
-    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
+    assert all(torch.equal(a, b)
+               for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True))
 
 
 def _ds_resume(rank: int, world: int, cfg: dict, ckpt: str) -> dict:

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import MixedNet, batch, make_mixed
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from seng_dist import SENG
 from seng_dist.comm import CountingCommunicator, make_communicator
-from seng_dist.testing import emulate_distributed, per_sample_gradients, block_matrix, run_ranks
+from seng_dist.testing import block_matrix, emulate_distributed, per_sample_gradients, run_ranks
 
 STEPS = 4
-COMMON = dict(lr=0.1, damping=0.5, momentum=0.9, weight_decay=1e-3,
+COMMON: dict[str, Any] = dict(lr=0.1, damping=0.5, momentum=0.9, weight_decay=1e-3,
               curvature_update_interval=2, curvature_batch_size=None)
 # MixedNet's blocks: conv 4x28 (κ=16), seq 6x5 (κ=16), head 5x7 (κ=1).
-PATHS = {
+PATHS: dict[str, dict[str, Any]] = {
     "explicit": dict(sketch_size=None, rank=None, factor_sketch_size=None),
     # conv and head implicit with exact factors and eq. 23/28; seq explicit.
     "factored": dict(explicit_threshold=32, sketch_size=None, rank=None,
@@ -37,7 +39,7 @@ def shard(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train(rank: int, world: int, job: dict) -> dict:
-    model = make_mixed(seed=rank if job.get("seed_by_rank") else 0)
+    model: nn.Module = make_mixed(seed=rank if job.get("seed_by_rank") else 0)
     if rank in job.get("width_by_rank", {}):
         model = MixedNet(width=job["width_by_rank"][rank]).eval()
     if job.get("ddp"):
@@ -84,7 +86,7 @@ def _emulated(world: int, config: dict) -> list[dict[str, torch.Tensor]]:
 
 def _displacement_error(run: list[dict], ref: list[dict], start: dict) -> float:
     worst = 0.0
-    for got, want in zip(run, ref):
+    for got, want in zip(run, ref, strict=True):
         a = torch.cat([(got[n] - start[n]).reshape(-1) for n in start])
         b = torch.cat([(want[n] - start[n]).reshape(-1) for n in start])
         worst = max(worst, float((a - b).norm() / b.norm()))
@@ -168,7 +170,7 @@ def test_world_size_one_equals_the_single_process_optimizer_exactly(variant):
         assert torch.equal(torch_run[name], p), name
 
 
-EXTRAS = {
+EXTRAS: dict[str, dict[str, Any]] = {
     "ddp-blockdiag": {"config": CONFIGS["factored-blockdiag"], "ddp": True},
     "ddp-lagged": {"config": CONFIGS["factored-lagged"], "ddp": True},
     "fp32-lagged": {"config": CONFIGS["factored-lagged"]},
@@ -205,7 +207,7 @@ def test_bf16_buffer_halves_the_bytes_and_stays_close(extras):
     assert _displacement_error(run["params"], ref, start) < 2e-2
     fp32 = extras[0]["fp32-lagged"]["calls"]
     assert [len(c) for c in run["calls"]] == [len(c) for c in fp32]
-    for bf16_call, fp32_call in zip(run["calls"][1], fp32[1]):
+    for bf16_call, fp32_call in zip(run["calls"][1], fp32[1], strict=True):
         assert bf16_call[2] * 2 == fp32_call[2]
 
 

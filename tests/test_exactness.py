@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import LAYERS, batch, make_mixed, seng_directions
+
 from seng_dist import SENG
 from seng_dist.testing import per_sample_gradients, reference_directions, relative_error
 

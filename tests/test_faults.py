@@ -13,11 +13,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TESTS, requires_engine
 from torch import nn
 
-from conftest import TESTS, requires_engine
 from seng_dist import SENG
-from seng_dist.testing import _free_port, run_ranks
+from seng_dist.testing import free_port, run_ranks
 
 ROOT = TESTS.parent
 
@@ -62,7 +62,7 @@ def test_a_skipped_non_finite_step_leaves_the_run_as_if_it_never_happened(varian
             _train(model, opt, batches)
         runs.append((model, opt, [str(w.message) for w in caught]))
     (clean, opt_a, _), (skipped, opt_b, messages) = runs
-    for a, b in zip(clean.parameters(), skipped.parameters()):
+    for a, b in zip(clean.parameters(), skipped.parameters(), strict=True):
         assert torch.equal(a, b)
     assert opt_a.nonfinite_steps == 0 and opt_b.nonfinite_steps == 1
     assert opt_b.step_count == opt_a.step_count == 6
@@ -85,7 +85,7 @@ def test_a_non_finite_curvature_step_keeps_the_old_curvature_and_retries():
     with pytest.warns(UserWarning, match="step 1 skipped"):
         _train(model, opt, [(_poison(x2, "nan"), y2)])
     assert opt.state[model[0].weight]["U"] is kept and opt.curvature_skips == 2
-    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
     _train(model, opt, [(x2, y2)])  # step 1 again, with a rebuilt curvature
     assert opt.step_count == 2 and opt.curvature_updates == 2
     assert opt.state[model[0].weight]["U"] is not kept
@@ -231,7 +231,7 @@ def _launch(launcher: str, fault: str, timeout_s: float = 600.0) -> tuple[int, s
     if launcher == "no agent":
         # Two bare processes joined by Gloo, nothing watching them: the survivor itself has
         # to notice and fail.
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
         procs = [subprocess.Popen(worker, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for r in range(2)]

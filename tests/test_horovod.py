@@ -7,10 +7,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from test_distributed import CONFIGS, EXTRAS, STEPS, _displacement_error, _emulated, _jobs
 from conftest import launch_jobs, make_mixed, python_output, requires_engine
+from test_distributed import CONFIGS, EXTRAS, STEPS, _displacement_error, _emulated, _jobs
 
 from seng_dist import SENG
 from seng_dist.testing import run_ranks
@@ -18,7 +19,8 @@ from seng_dist.testing import run_ranks
 HERE = Path(__file__).resolve().parent
 needs_hvd = requires_engine("horovod", "ci/install_horovod.sh")
 
-JOBS = {name: {"config": cfg, "engine": "horovod"} for name, cfg in CONFIGS.items()}
+JOBS: dict[str, dict[str, Any]] = {name: {"config": cfg, "engine": "horovod"}
+                                   for name, cfg in CONFIGS.items()}
 JOBS.update({
     "hvd-wrapped-blockdiag": {"config": CONFIGS["factored-blockdiag"], "engine": "horovod",
                               "hvd_wrap": True},

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LAYERS, MixedNet, batch, make_mixed, seng_directions
 from torch import nn
 
-from conftest import LAYERS, MixedNet, batch, make_mixed, seng_directions
 from seng_dist import SENG, schedules
 from seng_dist.testing import block_matrix, per_sample_gradients, relative_error
 
@@ -110,7 +110,7 @@ def test_resume_is_bit_exact(variant):
     assert opt2.step_count == 4
     tail2 = _train(model2, opt2, batches[4:])
     assert head and tail == tail2
-    for a, b in zip(final, model2.parameters()):
+    for a, b in zip(final, model2.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -158,7 +158,7 @@ def test_momentum_weight_decay_and_scheduler():
     _train(model, opt, [(x, y)], sched)
     frozen = [p.detach().clone() for p in model.parameters()]
     _train(model, opt, [(x, y)], sched)  # lr 0 from the scheduler: nothing moves
-    assert all(torch.equal(a, b) for a, b in zip(frozen, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model.parameters(), strict=True))
     # Every parameter, preconditioned or fallback, carries a momentum buffer.
     assert all("momentum_buffer" in opt.state[p] for p in model.parameters())
 
@@ -170,7 +170,7 @@ def test_decoupled_weight_decay_shrinks_parameters_without_gradient_term():
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()  # no curvature was captured: the fallback rule with a zero gradient
-    for a, b in zip(before, model.parameters()):
+    for a, b in zip(before, model.parameters(), strict=True):
         assert torch.allclose(b, a * (1 - 0.5 * 0.2))
 
 
@@ -274,8 +274,8 @@ def _scaled_run(init_scale: float | None, steps: int = 3, fp16: bool = False
 def test_grad_scaler_loss_scale_is_divided_out_of_the_curvature():
     plain_opt, plain = _scaled_run(None)
     scaled_opt, scaled = _scaled_run(2.0 ** 10)  # a power of two: unscaling is exact
-    assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
-    for b, c in zip(plain_opt.blocks, scaled_opt.blocks):
+    assert all(torch.equal(a, b) for a, b in zip(plain, scaled, strict=True))
+    for b, c in zip(plain_opt.blocks, scaled_opt.blocks, strict=True):
         assert torch.equal(plain_opt.state[b.weight]["K"], scaled_opt.state[c.weight]["K"])
 
 
@@ -304,13 +304,13 @@ def test_bf16_autocast_keeps_float32_curvature_close_to_the_float32_run():
         opt.step()
         runs.append((opt, [p.detach().clone() for p in model.parameters()]))
     (fp32_opt, fp32), (bf16_opt, bf16) = runs
-    for b, c in zip(fp32_opt.blocks, bf16_opt.blocks):
+    for b, c in zip(fp32_opt.blocks, bf16_opt.blocks, strict=True):
         K32, K16 = fp32_opt.state[b.weight]["K"], bf16_opt.state[c.weight]["K"]
         assert K16.dtype == torch.float32
         assert float((K16 - K32).norm() / K32.norm()) < 5e-2
     start = [p.detach() for p in make_mixed().parameters()]
-    d32 = torch.cat([(a - s).reshape(-1) for a, s in zip(fp32, start)])
-    d16 = torch.cat([(a - s).reshape(-1) for a, s in zip(bf16, start)])
+    d32 = torch.cat([(a - s).reshape(-1) for a, s in zip(fp32, start, strict=True)])
+    d16 = torch.cat([(a - s).reshape(-1) for a, s in zip(bf16, start, strict=True)])
     assert float((d16 - d32).norm() / d32.norm()) < 5e-2
 
 
@@ -328,5 +328,5 @@ def test_max_grad_norm_clips_the_gradient_like_clip_grad_norm():
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
             opt.step()
         runs.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

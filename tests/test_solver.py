@@ -90,7 +90,7 @@ def test_sample_rows_without_replacement(method):
     assert solver.sample_rows(50, None, method, True, gen, w) is None
     idx, scale = solver.sample_rows(50, 20, method, False, gen, w)
     assert idx.unique().numel() == 20 and torch.all(scale >= 1.0)
-    pi = solver._inclusion_probabilities(torch.softmax(torch.randn(50, generator=gen) * 3, 0), 20)
+    pi = solver.inclusion_probabilities(torch.softmax(torch.randn(50, generator=gen) * 3, 0), 20)
     assert pi.sum().item() == pytest.approx(20) and torch.all(pi <= 1)
 
 

@@ -12,8 +12,13 @@ from typing import Any
 
 import torch
 
-from .base import (COMM_DTYPES, CommunicationError, Communicator, CountingCommunicator,
-                   LocalCommunicator)
+from .base import (
+    COMM_DTYPES,
+    CommunicationError,
+    Communicator,
+    CountingCommunicator,
+    LocalCommunicator,
+)
 
 ENGINES = ("local", "torch", "horovod", "deepspeed", "mpi")
 

@@ -14,9 +14,10 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,15 +63,15 @@ class Communicator(ABC):
 
     # ------------------------------------------------------------------ engine primitives
     @abstractmethod
-    def _allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
+    def allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
         """Sum ``buf`` (1-D, contiguous) over all ranks, in place."""
 
     @abstractmethod
-    def _broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
+    def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         """Overwrite ``buf`` (1-D, contiguous) with rank ``src``'s copy."""
 
     @abstractmethod
-    def _allgather_flat(self, buf: Tensor, name: str) -> Tensor:
+    def allgather_flat(self, buf: Tensor, name: str) -> Tensor:
         """Every rank's ``buf`` (same length on all ranks) stacked: ``(world_size, len)``."""
 
     @abstractmethod
@@ -90,7 +91,7 @@ class Communicator(ABC):
         for i, (dtype, group) in enumerate(_by_dtype(tensors, comm_dtype).items()):
             buf = _pack(group, dtype)
             with self._guard("allreduce", name):
-                self._allreduce_sum_flat_(buf, f"{name}.{i}")
+                self.allreduce_sum_flat_(buf, f"{name}.{i}")
             # Sum then divide (not divide then sum): a mean of equal values stays exact, which
             # the 0/1 flags packed with the gradients rely on.
             buf.div_(self.world_size)
@@ -103,7 +104,7 @@ class Communicator(ABC):
         for i, (dtype, group) in enumerate(_by_dtype(tensors, None).items()):
             buf = _pack(group, dtype)
             with self._guard("broadcast", name):
-                self._broadcast_flat_(buf, src, f"{name}.{i}")
+                self.broadcast_flat_(buf, src, f"{name}.{i}")
             _unpack(buf, group)
 
     def allgather(self, tensor: Tensor, *, name: str) -> Tensor:
@@ -112,7 +113,7 @@ class Communicator(ABC):
             return tensor.unsqueeze(0).clone()
         flat = tensor.detach().reshape(-1).contiguous()
         with self._guard("allgather", name):
-            gathered = self._allgather_flat(flat, name)
+            gathered = self.allgather_flat(flat, name)
         return gathered.view(self.world_size, *tensor.shape)
 
     @contextmanager
@@ -181,13 +182,13 @@ class Communicator(ABC):
 class LocalCommunicator(Communicator):
     """One process: every collective is the identity."""
 
-    def _allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
+    def allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
         pass
 
-    def _broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
+    def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         pass
 
-    def _allgather_flat(self, buf: Tensor, name: str) -> Tensor:
+    def allgather_flat(self, buf: Tensor, name: str) -> Tensor:
         return buf.unsqueeze(0).clone()
 
     def barrier(self) -> None:
@@ -237,15 +238,15 @@ class CountingCommunicator(Communicator):
                            time.perf_counter() - start))
         return out
 
-    def _allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
-        self._timed("allreduce", name, buf, lambda: self.inner._allreduce_sum_flat_(buf, name))
+    def allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
+        self._timed("allreduce", name, buf, lambda: self.inner.allreduce_sum_flat_(buf, name))
 
-    def _broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
+    def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         self._timed("broadcast", name, buf,
-                    lambda: self.inner._broadcast_flat_(buf, src, name))
+                    lambda: self.inner.broadcast_flat_(buf, src, name))
 
-    def _allgather_flat(self, buf: Tensor, name: str) -> Tensor:
-        return self._timed("allgather", name, buf, lambda: self.inner._allgather_flat(buf, name))
+    def allgather_flat(self, buf: Tensor, name: str) -> Tensor:
+        return self._timed("allgather", name, buf, lambda: self.inner.allgather_flat(buf, name))
 
     def barrier(self) -> None:
         self.inner.barrier()
@@ -266,7 +267,7 @@ def _pack(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
 def _unpack(buf: Tensor, tensors: list[Tensor]) -> None:
     chunks = torch.split(buf, [t.numel() for t in tensors])
     torch._foreach_copy_([t.detach() for t in tensors],
-                         [c.view(t.shape) for c, t in zip(chunks, tensors)])
+                         [c.view(t.shape) for c, t in zip(chunks, tensors, strict=True)])
 
 
 def _to_bytes(obj: Any) -> Tensor:

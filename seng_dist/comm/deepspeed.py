@@ -33,13 +33,13 @@ class DeepSpeedCommunicator(Communicator):
                        if "nccl" in backend and torch.cuda.is_available()
                        else torch.device("cpu"))
 
-    def _allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
+    def allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
         self.comm.all_reduce(buf, op=self.comm.ReduceOp.SUM)
 
-    def _broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
+    def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         self.comm.broadcast(buf, src=src)
 
-    def _allgather_flat(self, buf: Tensor, name: str) -> Tensor:
+    def allgather_flat(self, buf: Tensor, name: str) -> Tensor:
         local = buf.to(self.device)
         out = torch.empty(self.world_size * local.numel(), dtype=local.dtype,
                           device=self.device)

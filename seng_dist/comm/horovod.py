@@ -44,13 +44,13 @@ class HorovodCommunicator(Communicator):
         self.rank = hvd.rank()
         self.world_size = hvd.size()
 
-    def _allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
+    def allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
         self.hvd.allreduce_(buf, op=self.hvd.Sum, name=name)
 
-    def _broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
+    def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         self.hvd.broadcast_(buf, root_rank=src, name=name)
 
-    def _allgather_flat(self, buf: Tensor, name: str) -> Tensor:
+    def allgather_flat(self, buf: Tensor, name: str) -> Tensor:
         return self.hvd.allgather(buf.unsqueeze(0), name=name).reshape(-1)
 
     def barrier(self) -> None:

@@ -8,6 +8,7 @@ and are staged through host memory otherwise.
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,7 +35,7 @@ class MPICommunicator(Communicator):
     # MPI has no portable 16-bit float datatype (Open MPI 4.1 none at all).
     unsupported_dtypes = (torch.bfloat16, torch.float16)
 
-    def __init__(self, comm: object | None = None) -> None:
+    def __init__(self, comm: Any = None) -> None:
         import_engine("mpi4py", INSTALL_HINT)
         MPI = import_engine("mpi4py.MPI", INSTALL_HINT)
         self.MPI = MPI
@@ -53,19 +54,19 @@ class MPICommunicator(Communicator):
             return buf, False
         return buf.cpu(), True
 
-    def _allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
+    def allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
         work, staged = self._host(buf)
         self.comm.Allreduce(self.MPI.IN_PLACE, _mpi_buffer(work), op=self.MPI.SUM)
         if staged:
             buf.copy_(work)
 
-    def _broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
+    def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         work, staged = self._host(buf)
         self.comm.Bcast(_mpi_buffer(work), root=src)
         if staged:
             buf.copy_(work)
 
-    def _allgather_flat(self, buf: Tensor, name: str) -> Tensor:
+    def allgather_flat(self, buf: Tensor, name: str) -> Tensor:
         work, staged = self._host(buf.contiguous())
         out = torch.empty(self.world_size * work.numel(), dtype=work.dtype, device=work.device)
         self.comm.Allgather(_mpi_buffer(work), _mpi_buffer(out))

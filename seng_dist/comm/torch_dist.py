@@ -34,14 +34,14 @@ class TorchCommunicator(Communicator):
                        if "nccl" in backend and torch.cuda.is_available()
                        else torch.device("cpu"))
 
-    def _allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
+    def allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
 
-    def _broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
+    def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         dist.broadcast(buf, src=dist.get_global_rank(self.group, src)
                        if self.group is not None else src, group=self.group)
 
-    def _allgather_flat(self, buf: Tensor, name: str) -> Tensor:
+    def allgather_flat(self, buf: Tensor, name: str) -> Tensor:
         local = buf.to(self.device)
         out = torch.empty(self.world_size * local.numel(), dtype=local.dtype,
                           device=self.device)

@@ -2,7 +2,8 @@
 the optimizer was split into curvature objects and rounds), kept so that every later release is
 tested to load them (``tests/test_checkpoint_compat.py``).
 
-Run from a checkout of that release: ``PYTHONPATH=.:tests python tests/data/make_release_checkpoint.py``.
+Run from a checkout of that release:
+``PYTHONPATH=.:tests python tests/data/make_release_checkpoint.py``.
 For each variant it trains MixedNet for 4 steps (the curvature rebuilt at step 3, with sketch
 indices on both paths), saves the model and optimizer state, trains 3 more steps and saves the
 parameters that release reached.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import copy
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from conftest import batch, make_mixed
 
 from seng_dist import SENG
 
-SETTINGS = dict(lr=0.05, damping=0.5, momentum=0.9, weight_decay=1e-3,
+SETTINGS: dict[str, Any] = dict(lr=0.05, damping=0.5, momentum=0.9, weight_decay=1e-3,
                 curvature_update_interval=3, explicit_threshold=40, sketch_size=24,
                 sketch_method="leverage", rank=2, factor_sketch_size=4, curvature_batch_size=10)
 HEAD, TAIL = 4, 3
