@@ -6,6 +6,8 @@ metadata says what the rest of the package derives from it:
 
 * ``schedule``: a :class:`Range`; the setting accepts a value or a callable of the optimizer
   step, and :func:`resolve` checks every value it returns against that range;
+* ``group``: the setting is a hyper-parameter kept in each ``param_groups`` entry, as torch
+  optimizers keep theirs (:data:`GROUP_SETTINGS`);
 * ``curvature``: the setting shapes the curvature state, so a checkpoint written with another
   value cannot be loaded (:meth:`SENGConfig.curvature_settings`).
 
@@ -66,9 +68,11 @@ class Range:
             fail(f"< {self.upper}")
 
 
-def setting(default: Any, *, schedule: Range | None = None, curvature: bool = False) -> Any:
+def setting(default: Any, *, schedule: Range | None = None, group: bool = False,
+            curvature: bool = False) -> Any:
     """A config field with its metadata (see the module docstring)."""
-    return field(default=default, metadata={"schedule": schedule, "curvature": curvature})
+    return field(default=default, metadata={"schedule": schedule, "group": group,
+                                             "curvature": curvature})
 
 
 def resolve(config: SENGConfig, name: str, step: int) -> Any:
@@ -172,13 +176,13 @@ class SENGConfig:
     flat keyword arguments (any field of this class or of its nested configs)."""
 
     #: step size (scheduled: a value or a callable of the 0-based step)
-    lr: Schedule = setting(0.1, schedule=_POSITIVE)
+    lr: Schedule = setting(0.1, schedule=_POSITIVE, group=True)
     #: ``λ`` (scheduled)
-    damping: Schedule = setting(1.0, schedule=_POSITIVE)
+    damping: Schedule = setting(1.0, schedule=_POSITIVE, group=True)
     #: heavy-ball momentum on the direction (scheduled)
-    momentum: Schedule = setting(0.9, schedule=Range(positive=False, upper=1.0))
+    momentum: Schedule = setting(0.9, schedule=Range(positive=False, upper=1.0), group=True)
     #: L2 added to the gradient before preconditioning (scheduled)
-    weight_decay: Schedule = setting(0.0, schedule=_NONNEGATIVE)
+    weight_decay: Schedule = setting(0.0, schedule=_NONNEGATIVE, group=True)
     #: shrink the parameters by ``1 - lr·weight_decay`` instead of adding L2 to the gradient
     decoupled_weight_decay: bool = setting(False)
     #: ``T``: the curvature is rebuilt on steps ``k % T == 0`` (scheduled, int)
@@ -292,3 +296,7 @@ def _leaf_fields(cls: type) -> list[tuple[Field, str]]:
 #: the scheduled settings and their ranges
 _SCHEDULES: dict[str, Range] = {f.name: f.metadata["schedule"] for f in fields(SENGConfig)
                                 if f.metadata.get("schedule") is not None}
+
+#: the settings kept in ``param_groups`` (``torch.optim.lr_scheduler`` and friends see them)
+GROUP_SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(SENGConfig)
+                                        if f.metadata.get("group"))

@@ -24,13 +24,11 @@ from .checkpoint import (
     structure_settings,
 )
 from .comm import Communicator, make_communicator
-from .config import SENGConfig, resolve
+from .config import GROUP_SETTINGS, SENGConfig, resolve
 from .curvature import BlockCurvature
 from .layers import Block, find_blocks
 from .rounds import make_round
 from .warn import warn
-
-_SCHEDULED = ("lr", "damping", "momentum", "weight_decay")
 
 
 class ParamGroups(list[dict[str, Any]]):
@@ -98,7 +96,7 @@ class SENG(torch.optim.Optimizer):
         if not params:
             raise ValueError("model has no trainable parameters (requires_grad=True): "
                              "SENG has nothing to optimize")
-        super().__init__(params, {k: resolve(cfg, k, 0) for k in _SCHEDULED})
+        super().__init__(params, {k: resolve(cfg, k, 0) for k in GROUP_SETTINGS})
         self.param_groups = ParamGroups(self.param_groups, self)
         grads_averaged, model = _unwrap(model, grads_averaged)
         self.model = model
@@ -178,7 +176,7 @@ class SENG(torch.optim.Optimizer):
                 loss = closure()
         k = self._counters.step
         group = self.param_groups[0]
-        for key in _SCHEDULED:
+        for key in GROUP_SETTINGS:
             if callable(getattr(self.config, key)):
                 group[key] = float(resolve(self.config, key, k))
         scale = 1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale())
