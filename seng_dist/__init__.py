@@ -4,8 +4,8 @@
 """
 
 from . import schedules, solver
-from .config import SENGConfig
+from .config import DistributedConfig, SENGConfig, SketchConfig
 from .optimizer import SENG
 
-__all__ = ["SENG", "SENGConfig", "schedules", "solver"]
+__all__ = ["SENG", "SENGConfig", "SketchConfig", "DistributedConfig", "schedules", "solver"]
 __version__ = "0.1.0"

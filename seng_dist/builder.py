@@ -58,6 +58,22 @@ class CurvatureBuilder:
         """Whether the hooks are capturing for the coming step."""
         return self.capture.armed
 
+    @property
+    def captured(self) -> bool:
+        """Whether the armed hooks have recorded a forward pass since they were armed."""
+        return bool(self.capture.records)
+
+    def idle(self, grads: list[torch.Tensor | None]) -> bool:
+        """Whether a step with these gradients has nothing to do: none exists, or on a
+        curvature step no forward ran since arming and every one is zero
+        (``hvd.broadcast_optimizer_state``'s dummy step; one host sync, only then)."""
+        present = [g for g in grads if g is not None]
+        if not present:
+            return True
+        if not self.armed or self.captured:
+            return False
+        return not bool(torch.stack([g.abs().sum() for g in present]).any())
+
     def arm_for(self, step: int) -> None:
         """Install the capture hooks iff ``step`` is a curvature step."""
         if step % resolve(self.config, "curvature_update_interval", step) == 0 \

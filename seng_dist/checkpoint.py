@@ -1,5 +1,5 @@
-"""What must match: between the ranks of a job, and between a checkpoint and the optimizer
-that loads it; and the counters a checkpoint carries.
+"""Checkpoints and agreement: SENG's part of a ``state_dict`` (:class:`StateCodec`), what must
+match between a checkpoint and the optimizer that loads it, and between the ranks of a job.
 
 The settings come from :class:`~seng_dist.config.SENGConfig` (its ``fingerprint`` and the
 settings marked ``curvature``); the structure is the list of preconditioned layers.
@@ -12,10 +12,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .builder import CurvatureBuilder
 from .comm import Communicator
 from .config import SENGConfig
 from .curvature import BlockCurvature
-from .layers import Block
+from .layers import Block, module_name
+from .warn import warn
+
+#: ``(index of a block's weight in the state_dict, its curvature)`` per block
+Indexed = list[tuple[int, BlockCurvature]]
 
 
 @dataclass
@@ -31,6 +36,67 @@ class Counters:
     def from_dict(cls, saved: dict[str, Any]) -> Counters:
         """The counters in ``saved`` (a checkpoint from before a counter existed: 0)."""
         return cls(**{k: saved.get(k, 0) for k in asdict(cls())})
+
+
+@dataclass
+class Saved:
+    """What :meth:`StateCodec.unpack` keeps for :meth:`StateCodec.restore`."""
+
+    extra: dict[str, Any]
+    curvature: dict[int, dict[str, Tensor]]
+
+
+class StateCodec:
+    """SENG's part of a ``state_dict``: the counters, the sketch generator, the settings'
+    fingerprint, the preconditioned layers and (all-ranks checkpoints) every rank's curvature
+    under ``"seng"``; on load, the checks and each block's curvature back to its object."""
+
+    def __init__(self, config: SENGConfig, blocks: list[Block], builder: CurvatureBuilder,
+                 comm: Communicator) -> None:
+        self.config, self.blocks, self.builder, self.comm = config, blocks, builder, comm
+
+    def pack(self, sd: dict[str, Any], counters: Counters, indexed: Indexed,
+             all_ranks: bool) -> dict[str, Any]:
+        """torch's ``state_dict`` with SENG's entry added (a collective when ``all_ranks``)."""
+        extra = dict(asdict(counters), rng=self.builder.generator.get_state(),
+                     config=self.config.fingerprint(), blocks=block_signature(self.blocks))
+        if all_ranks and self.comm.world_size > 1:
+            sd["state"], mine = split_curvature(sd["state"], indexed)
+            extra["curvature_by_rank"] = self.comm.allgather_object(mine, name="seng.state_dict")
+        sd["seng"] = extra
+        return sd
+
+    def unpack(self, state_dict: dict[str, Any], indexed: Indexed
+               ) -> tuple[dict[str, Any], Saved]:
+        """The part for torch's ``load_state_dict`` (no curvature: the curvature objects load
+        their own tensors, since torch would cast the sketches' integer row indices to the
+        parameters' dtype) and what :meth:`restore` needs; checks the checkpoint first."""
+        torch_part = dict(state_dict)
+        extra = torch_part.pop("seng", None)
+        if extra is None:
+            raise ValueError("state_dict has no 'seng' entry: it was not saved by SENG")
+        check_compatible(extra, self.config, self.blocks)
+        state = {i: dict(st) for i, st in torch_part["state"].items()}
+        by_rank = extra.get("curvature_by_rank")
+        if by_rank is not None and len(by_rank) == self.comm.world_size:
+            for i, entries in by_rank[self.comm.rank].items():
+                state.setdefault(i, {}).update(entries)
+        torch_part["state"], curvature = split_curvature(state, indexed)
+        return torch_part, Saved(extra, curvature)
+
+    def restore(self, saved: Saved, indexed: Indexed) -> Counters:
+        """Give each block its curvature and the generator its state; return the counters.
+        A checkpoint of another number of ranks drops the curvature (rebuilt next step)."""
+        for i, c in indexed:
+            c.load_state_dict(saved.curvature.get(i, {}))
+        self.builder.generator.set_state(saved.extra["rng"])
+        by_rank = saved.extra.get("curvature_by_rank")
+        if by_rank is not None and len(by_rank) != self.comm.world_size:
+            warn(f"SENG: the checkpoint holds the curvature of {len(by_rank)} ranks and this "
+                 f"job has {self.comm.world_size}; every rank rebuilds its curvature at the "
+                 "next step")
+            self.builder.drop()
+        return Counters.from_dict(saved.extra)
 
 
 def block_signature(blocks: list[Block]) -> list[tuple[str, int, int, str]]:
@@ -53,24 +119,31 @@ def check_compatible(saved: dict[str, Any], config: SENGConfig, blocks: list[Blo
 
 
 def structure_settings(config: SENGConfig, comm: Communicator, grads_averaged: bool,
-                       model: nn.Module, blocks: list[Block]) -> dict[str, str]:
-    """What every rank must agree on: settings, engine and model structure."""
+                       model: nn.Module, blocks: list[Block], groups: list[dict[str, Any]]
+                       ) -> dict[str, str]:
+    """What every rank must agree on: settings, engine, model structure and param groups."""
     out = {f"setting {k}": repr(v) for k, v in config.fingerprint().items()}
     out["engine"] = comm.name
     out["gradients averaged by the engine"] = repr(grads_averaged)
     out["number of preconditioned layers"] = repr(len(blocks))
     for i, b in enumerate(blocks):
         out[f"preconditioned layer {i}"] = f"{b.name} ({b.n_G}x{b.n_A}, {b.path})"
-    shapes = [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()
-              if p.requires_grad]
+    shapes = [(module_name(n), tuple(p.shape), str(p.dtype))
+              for n, p in model.named_parameters() if p.requires_grad]
     out["number of trainable parameters"] = repr(len(shapes))
     for i, s in enumerate(shapes):
         out[f"trainable parameter {i}"] = repr(s)
+    names = {id(p): module_name(n) for n, p in model.named_parameters()}
+    out["number of param groups"] = repr(len(groups))
+    for i, g in enumerate(groups):
+        values = {k: v for k, v in g.items() if k != "params"}
+        params = [names.get(id(p), f"<outside the model: {tuple(p.shape)}>")
+                  for p in g["params"]]
+        out[f"param group {i}"] = f"{values} {params}"
     return out
 
 
-def split_curvature(state: dict[int, dict[str, Any]],
-                    indexed: list[tuple[int, BlockCurvature]]
+def split_curvature(state: dict[int, dict[str, Any]], indexed: Indexed
                     ) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Tensor]]]:
     """A ``state_dict``'s per-parameter state split into the rest (new dicts) and, per block
     weight index in ``indexed``, the curvature tensors its path keeps."""

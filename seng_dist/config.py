@@ -6,8 +6,9 @@ metadata says what the rest of the package derives from it:
 
 * ``schedule``: a :class:`Range`; the setting accepts a value or a callable of the optimizer
   step, and :func:`resolve` checks every value it returns against that range;
-* ``group``: the setting is a hyper-parameter kept in each ``param_groups`` entry, as torch
-  optimizers keep theirs (:data:`GROUP_SETTINGS`);
+* ``group``: a :class:`Range`; the setting is a hyper-parameter kept in each ``param_groups``
+  entry, as torch optimizers keep theirs, and a group may give it its own value in that range
+  (:data:`GROUP_SETTINGS`);
 * ``curvature``: the setting shapes the curvature state, so a checkpoint written with another
   value cannot be loaded (:meth:`SENGConfig.curvature_settings`).
 
@@ -68,7 +69,7 @@ class Range:
             fail(f"< {self.upper}")
 
 
-def setting(default: Any, *, schedule: Range | None = None, group: bool = False,
+def setting(default: Any, *, schedule: Range | None = None, group: Range | None = None,
             curvature: bool = False) -> Any:
     """A config field with its metadata (see the module docstring)."""
     return field(default=default, metadata={"schedule": schedule, "group": group,
@@ -127,17 +128,22 @@ class SketchConfig:
             raise ValueError("explicit_threshold must be an int >= 0 (0 sends every layer to "
                              f"the implicit path), got {self.explicit_threshold!r}")
         _check_optional_int("sketch_size", self.sketch_size)
+        _check_choice("sketch_method", self.sketch_method, SKETCH_METHODS)
+        _check_bool("sketch_replacement", self.sketch_replacement)
+        _check_optional_int("rank", self.rank)
+        _check_optional_int("factor_sketch_size", self.factor_sketch_size)
+        _check_choice("uc", self.uc, UC_MODES)
+
+    def check_sketch_fits(self) -> None:
+        """Reject a ``sketch_size`` that can never sketch: explicit blocks have fewer than
+        ``explicit_threshold`` rows. Checked only when the user gave ``sketch_size``: the
+        default sketch simply never applies when the threshold is small (exact solves)."""
         if self.sketch_size is not None and self.sketch_size >= max(self.explicit_threshold, 1):
             raise ValueError(
                 f"sketch_size must be None or smaller than explicit_threshold "
                 f"({self.explicit_threshold}): explicit blocks have fewer than "
                 f"explicit_threshold rows, so a sketch of {self.sketch_size} rows never "
                 f"sketches anything")
-        _check_choice("sketch_method", self.sketch_method, SKETCH_METHODS)
-        _check_bool("sketch_replacement", self.sketch_replacement)
-        _check_optional_int("rank", self.rank)
-        _check_optional_int("factor_sketch_size", self.factor_sketch_size)
-        _check_choice("uc", self.uc, UC_MODES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,6 +174,7 @@ class DistributedConfig:
 
 
 _POSITIVE, _NONNEGATIVE = Range(positive=True), Range(positive=False)
+_MOMENTUM = Range(positive=False, upper=1.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,13 +183,14 @@ class SENGConfig:
     flat keyword arguments (any field of this class or of its nested configs)."""
 
     #: step size (scheduled: a value or a callable of the 0-based step)
-    lr: Schedule = setting(0.1, schedule=_POSITIVE, group=True)
+    #: (a param group's lr may be 0: that group then stays as it is)
+    lr: Schedule = setting(0.1, schedule=_POSITIVE, group=_NONNEGATIVE)
     #: ``λ`` (scheduled)
-    damping: Schedule = setting(1.0, schedule=_POSITIVE, group=True)
+    damping: Schedule = setting(1.0, schedule=_POSITIVE, group=_POSITIVE)
     #: heavy-ball momentum on the direction (scheduled)
-    momentum: Schedule = setting(0.9, schedule=Range(positive=False, upper=1.0), group=True)
+    momentum: Schedule = setting(0.9, schedule=_MOMENTUM, group=_MOMENTUM)
     #: L2 added to the gradient before preconditioning (scheduled)
-    weight_decay: Schedule = setting(0.0, schedule=_NONNEGATIVE, group=True)
+    weight_decay: Schedule = setting(0.0, schedule=_NONNEGATIVE, group=_NONNEGATIVE)
     #: shrink the parameters by ``1 - lr·weight_decay`` instead of adding L2 to the gradient
     decoupled_weight_decay: bool = setting(False)
     #: ``T``: the curvature is rebuilt on steps ``k % T == 0`` (scheduled, int)
@@ -220,8 +228,7 @@ class SENGConfig:
             _POSITIVE.check("max_grad_norm", self.max_grad_norm)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if not isinstance(self.skip_layers, tuple):
-            object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
+        object.__setattr__(self, "skip_layers", _as_skip_tuple(self.skip_layers))
         for s in self.skip_layers:
             if not isinstance(s, (str, type)):
                 raise ValueError("skip_layers must hold module names (str) or module classes, "
@@ -254,7 +261,10 @@ class SENGConfig:
                 top[name] = value
         for group, values in nested.items():
             top[group] = replace(getattr(self, group), **values)
-        return replace(self, **top)
+        out = replace(self, **top)
+        if "sketch_size" in settings:
+            out.sketch.check_sketch_fits()
+        return out
 
     def flat(self) -> dict[str, Any]:
         """Every setting by its flat name."""
@@ -278,6 +288,17 @@ class SENGConfig:
         return tuple(f.name for f, _ in _leaf_fields(cls) if f.metadata.get("curvature"))
 
 
+def _as_skip_tuple(value: Any) -> tuple[Any, ...]:
+    """``skip_layers`` as a tuple: one name or class, or an iterable of them."""
+    if isinstance(value, (str, type)):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ValueError("skip_layers must be a module name (str), a module class, or an "
+                         f"iterable of them, got {value!r}") from None
+
+
 def _nested(f: Field) -> type | None:
     """The nested config class that field ``f`` holds, if it holds one."""
     factory = f.default_factory
@@ -297,6 +318,7 @@ def _leaf_fields(cls: type) -> list[tuple[Field, str]]:
 _SCHEDULES: dict[str, Range] = {f.name: f.metadata["schedule"] for f in fields(SENGConfig)
                                 if f.metadata.get("schedule") is not None}
 
-#: the settings kept in ``param_groups`` (``torch.optim.lr_scheduler`` and friends see them)
-GROUP_SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(SENGConfig)
-                                        if f.metadata.get("group"))
+#: the settings kept in each ``param_groups`` entry (``torch.optim.lr_scheduler`` and friends
+#: see them), and the values a group may give them
+GROUP_SETTINGS: dict[str, Range] = {f.name: f.metadata["group"] for f in fields(SENGConfig)
+                                    if f.metadata.get("group") is not None}

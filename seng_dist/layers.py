@@ -8,13 +8,14 @@ the per-sample gradient of the block is ``Ĝ_iᵀ Â_i`` in the ``(κ, n)``-majo
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .warn import warn
 
 
 @dataclass(eq=False)
@@ -55,6 +56,18 @@ class Block:
         if self.bias is None:
             return w.clone()
         return torch.cat([w, self.bias.detach().reshape(self.n_G, 1)], dim=1)
+
+    def add_params_(self, mat: Tensor, weight_alpha: float, bias_alpha: float) -> None:
+        """``mat += [α_w·W | α_b·b]`` in place on an ``(n_G, n_A)`` matrix (L2 weight decay,
+        which the weight's and the bias's param groups may set apart)."""
+        if self.bias is None or weight_alpha == bias_alpha:
+            if weight_alpha:
+                mat.add_(self.param_matrix(), alpha=weight_alpha)
+            return
+        if weight_alpha:
+            mat[:, :-1].add_(self.weight.detach().reshape(self.n_G, -1), alpha=weight_alpha)
+        if bias_alpha:
+            mat[:, -1].add_(self.bias.detach(), alpha=bias_alpha)
 
     def split(self, mat: Tensor) -> list[Tensor]:
         """Views of an ``(n_G, n_A)`` matrix shaped like the block's parameters."""
@@ -124,59 +137,106 @@ def _string_padding(conv: nn.Conv2d) -> list[int]:
     return pad
 
 
-def _matches(name: str, module: nn.Module, skip: tuple[str | type, ...]) -> bool:
-    for s in skip:
-        if isinstance(s, str):
-            if name == s or name.startswith(s + "."):
-                return True
-        elif isinstance(s, type) and isinstance(module, s):
-            return True
-    return False
+def module_name(name: str) -> str:
+    """``name`` without ``torch.compile``'s ``_orig_mod`` segments, so that a compiled model and
+    the plain one name their layers (and checkpoints) alike."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+#: layers with a weight that SENG does not precondition yet and says so about (the rest, e.g.
+#: normalisation and embeddings, follow the fallback rule by design)
+_UNSUPPORTED_CONVS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                      nn.ConvTranspose3d)
+_FALLBACK = "its parameters follow the fallback rule d = -g/(1+damping)"
+
+
+@dataclass
+class Layout:
+    """What :func:`find_blocks` decided: the blocks, and for every other module that owns
+    trainable parameters the reason it follows the fallback rule (by module name)."""
+
+    blocks: list[Block]
+    fallback: dict[str, str]
 
 
 def find_blocks(model: nn.Module, skip_layers: tuple[str | type, ...] = (),
-                explicit_threshold: int = 0) -> list[Block]:
+                explicit_threshold: int = 0) -> Layout:
     """The model's supported, trainable layers as blocks, in module order.
 
     A block of fewer than ``explicit_threshold`` entries takes the explicit path, any other
     the implicit one. Supported: ``nn.Linear`` and ``nn.Conv2d`` with ``groups == 1`` and zero
-    padding mode. A grouped or non-zero-padded convolution is left to the fallback rule with a
-    warning; so is any layer named (or whose class is listed) in ``skip_layers``.
+    padding mode. A grouped or non-zero-padded convolution, another convolution type, a layer
+    that overrides ``forward`` or shares its weight is left to the fallback rule with a warning;
+    so is, silently, any layer named (or whose class is listed) in ``skip_layers``. A name in
+    ``skip_layers`` that matches no module raises ``ValueError``.
     """
     owners: dict[int, int] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
-    blocks = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+    blocks, fallback, skipped = [], {}, set()
+    for raw, module in model.named_modules():
+        name = module_name(raw)
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        skip = _skip_reason(name, module, skip_layers)
+        if skip is not None:
+            skipped.add(skip[1])
+            fallback[name] = skip[0]
+            continue
+        why = _unsupported(name, module, owners)
+        if why is not None:
+            fallback[name] = why
             continue
         weight = module.weight
-        if weight is None or not weight.requires_grad:
-            continue
-        if type(module).forward not in (nn.Linear.forward, nn.Conv2d.forward):
-            # A subclass with its own forward: its per-sample factors are unknown.
-            warnings.warn(f"SENG: layer {name!r} ({type(module).__name__}) overrides forward; "
-                          f"its parameters follow the fallback rule d = -g/(1+damping)",
-                          stacklevel=3)
-            continue
-        if owners[id(weight)] > 1:
-            warnings.warn(f"SENG: layer {name!r} shares its weight with another module; "
-                          f"its parameters follow the fallback rule d = -g/(1+damping)",
-                          stacklevel=3)
-            continue
-        if _matches(name, module, skip_layers):
-            continue
-        if isinstance(module, nn.Conv2d) and (module.groups != 1
-                                              or module.padding_mode != "zeros"):
-            warnings.warn(f"SENG: layer {name!r} ({module.groups} groups, padding_mode="
-                          f"{module.padding_mode!r}) is not preconditioned; its parameters "
-                          "follow the fallback rule d = -g/(1+damping)", stacklevel=3)
-            continue
         bias = module.bias if module.bias is not None and module.bias.requires_grad else None
         n_g = weight.shape[0]
         n_a = weight[0].numel() + (1 if bias is not None else 0)
         path = "explicit" if n_g * n_a < explicit_threshold else "implicit"
         blocks.append(Block(name or type(module).__name__, module, weight, bias, n_g, n_a,
                             path))
-    return blocks
+    unmatched = [s for s in skip_layers if isinstance(s, str) and s not in skipped]
+    if unmatched:
+        names = [module_name(n) for n, m in model.named_modules()
+                 if isinstance(m, (nn.Linear, nn.Conv2d))]
+        raise ValueError(f"skip_layers names {', '.join(map(repr, unmatched))}, which match no "
+                         f"module of the model; its nn.Linear/nn.Conv2d layers are "
+                         f"{', '.join(map(repr, names[:20]))}{' ...' if len(names) > 20 else ''}")
+    return Layout(blocks, fallback)
+
+
+def _skip_reason(name: str, module: nn.Module, skip: tuple[str | type, ...]
+                 ) -> tuple[str, str | type] | None:
+    """``(reason, the skip_layers entry)`` if ``skip_layers`` leaves this module out."""
+    for s in skip:
+        if isinstance(s, str) and (name == s or name.startswith(s + ".")):
+            return f"named in skip_layers ({s!r})", s
+        if isinstance(s, type) and isinstance(module, s):
+            return f"its class is in skip_layers ({s.__name__})", s
+    return None
+
+
+def _unsupported(name: str, module: nn.Module, owners: dict[int, int]) -> str | None:
+    """Why a module with trainable parameters is not a block (warned where the user may not
+    expect it), or None for a supported layer."""
+    kind = type(module).__name__
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        why = f"{kind} is not a supported layer type (nn.Linear, nn.Conv2d)"
+        if isinstance(module, _UNSUPPORTED_CONVS):
+            warn(f"SENG: layer {name!r} ({kind}) is not preconditioned; {_FALLBACK}")
+        return why
+    weight = module.weight
+    if not weight.requires_grad:
+        return "its weight is frozen (requires_grad=False)"
+    if type(module).forward not in (nn.Linear.forward, nn.Conv2d.forward):
+        # A subclass with its own forward: its per-sample factors are unknown.
+        why = f"{kind} overrides forward"
+    elif owners[id(weight)] > 1:
+        why = "it shares its weight with another module"
+    elif isinstance(module, nn.Conv2d) and (module.groups != 1
+                                            or module.padding_mode != "zeros"):
+        why = f"{module.groups} groups, padding_mode={module.padding_mode!r}"
+    else:
+        return None
+    warn(f"SENG: layer {name!r} ({why}) is not preconditioned; {_FALLBACK}")
+    return why

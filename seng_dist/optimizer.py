@@ -8,7 +8,6 @@ per-block math lives in :mod:`seng_dist.curvature` and :mod:`seng_dist.solver`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any, cast
 
 import torch
@@ -16,18 +15,15 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .builder import CurvatureBuilder
-from .checkpoint import (
-    Counters,
-    block_signature,
-    check_compatible,
-    split_curvature,
-    structure_settings,
-)
+from .checkpoint import Counters, StateCodec, structure_settings
 from .comm import Communicator, make_communicator
 from .config import GROUP_SETTINGS, SENGConfig, resolve
 from .curvature import BlockCurvature
+from .describe import describe_table
+from .groups import GroupSchedules, check_shape, group_params
 from .layers import Block, find_blocks
 from .rounds import make_round
+from .update import apply_update
 from .warn import warn
 
 
@@ -82,6 +78,7 @@ class SENG(torch.optim.Optimizer):
     grad_scaler: torch.amp.GradScaler | None = None
 
     def __init__(self, model: nn.Module, config: SENGConfig | None = None, *,
+                 param_groups: list[dict[str, Any]] | None = None,
                  comm: str | Communicator | None = None, grads_averaged: bool | None = None,
                  **settings: Any) -> None:
         if isinstance(model, ParamGroups):
@@ -92,35 +89,60 @@ class SENG(torch.optim.Optimizer):
         if config is not None and not isinstance(config, SENGConfig):
             raise ValueError(f"config must be a seng_dist.SENGConfig or None, got {config!r}")
         cfg = self.config = (config or SENGConfig()).replace(**settings)
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("model has no trainable parameters (requires_grad=True): "
-                             "SENG has nothing to optimize")
-        super().__init__(params, {k: resolve(cfg, k, 0) for k in GROUP_SETTINGS})
-        self.param_groups = ParamGroups(self.param_groups, self)
+        self.schedules = GroupSchedules(cfg)
         grads_averaged, model = _unwrap(model, grads_averaged)
+        super().__init__(_groups(model, param_groups),
+                         {k: resolve(cfg, k, 0) for k in GROUP_SETTINGS})
+        self.param_groups = ParamGroups(self.param_groups, self)
         self.model = model
-        self.blocks: list[Block] = find_blocks(model, cfg.skip_layers,
-                                               cfg.sketch.explicit_threshold)
+        self.layout = find_blocks(model, cfg.skip_layers, cfg.sketch.explicit_threshold)
+        self.blocks: list[Block] = self.layout.blocks
         if not self.blocks:
             warn("SENG: the model has no nn.Linear or nn.Conv2d layer to precondition (or "
                  "skip_layers names them all): every parameter follows d = -g/(1+damping), "
                  "i.e. momentum SGD with lr/(1+damping)")
+        GroupSchedules.check_blocks(self.blocks, self.param_groups)
         self.communicator = make_communicator(comm)
         _check_dtype(self.communicator, cfg)
         self.curvature = CurvatureBuilder(model, self.blocks, cfg, self.state,
                                           self.communicator.rank)
         in_blocks = {id(p) for b in self.blocks for p in b.params}
-        self._fallback: list[Tensor] = [p for p in params if id(p) not in in_blocks]
+        self._fallback: list[Tensor] = [p for p in group_params(self.param_groups)
+                                        if id(p) not in in_blocks]
         self._counters = Counters()
+        self._codec = StateCodec(cfg, self.blocks, self.curvature, self.communicator)
+        self._said_empty = False
         self._set_round(grads_averaged)
         if self.communicator.world_size > 1:
-            self.communicator.check_consistent(structure_settings(
-                self.config, self.communicator, self.round.grads_averaged, self.model,
-                self.blocks))
+            self._check_ranks_agree()
             self.communicator.broadcast_([t.detach() for t in model.parameters()]
                                          + list(model.buffers()), name="seng.init")
         self.curvature.arm_for(0)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (``torch.optim.Optimizer.add_param_group``). Its keys are checked
+        and its callables kept as schedules. Parameters added after construction follow the
+        fallback rule ``d = -g/(1+damping)`` (SENG preconditions the layers it found when it
+        was built), with a warning; on several ranks every rank must add the same group (it is
+        checked, as at construction)."""
+        if not hasattr(self, "_fallback"):  # torch's __init__ adding the constructor's groups
+            super().add_param_group(self.schedules.prepare(param_group, 0))
+            return
+        super().add_param_group(self.schedules.prepare(param_group, self._counters.step))
+        added = list(self.param_groups[-1]["params"])
+        self._fallback.extend(added)
+        warn(f"SENG: the {len(added)} parameter(s) added with add_param_group follow the "
+             "fallback rule d = -g/(1+damping): SENG preconditions the layers it found when it "
+             "was built. Build SENG with param_groups=[...] to have them preconditioned")
+        if self.communicator.world_size > 1:
+            self._check_ranks_agree()
+
+    def _check_ranks_agree(self) -> None:
+        """``ValueError`` on every rank unless the ranks' settings, engine, model structure and
+        param groups agree (a collective)."""
+        self.communicator.check_consistent(structure_settings(
+            self.config, self.communicator, self.round.grads_averaged, self.model,
+            self.blocks, self.param_groups))
 
     def _set_round(self, grads_averaged: bool) -> None:
         if grads_averaged and self.config.distributed.variant == "lagged":
@@ -175,17 +197,17 @@ class SENG(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         k = self._counters.step
-        group = self.param_groups[0]
-        for key in GROUP_SETTINGS:
-            if callable(getattr(self.config, key)):
-                group[key] = float(resolve(self.config, key, k))
+        if not self._has_gradients():
+            return loss
+        self.schedules.resolve(self.param_groups, k)
+        if len(self.param_groups) > 1:  # a scheduler may have split a layer's lr
+            GroupSchedules.check_blocks(self.blocks, self.param_groups)
         scale = 1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale())
         rebuilt = self.curvature.refresh(scale)
         self._counters.curvature_updates += int(rebuilt.updated)
         self._counters.curvature_skips += rebuilt.skipped
         decoupled = self.config.decoupled_weight_decay
-        wd = group["weight_decay"]
-        found = self.round.directions(group["damping"], 0.0 if decoupled else wd)
+        found = self.round.directions(GroupSchedules.step_settings(self.param_groups, decoupled))
         if found is None:
             n = self._counters.nonfinite_steps = self._counters.nonfinite_steps + 1
             if n & (n - 1) == 0:  # 1st, 2nd, 4th, ...: visible, but not a flood
@@ -193,29 +215,30 @@ class SENG(torch.optim.Optimizer):
                      "such step(s) so far); parameters and momentum are unchanged")
             self.curvature.arm_for(k)  # step k is taken again by the next call
             return loss
-        self._apply(*found, group["lr"], group["momentum"], wd if decoupled else 0.0)
+        apply_update(self.state, self.param_groups, *found, decoupled)
         self._counters.step = k + 1
         self.curvature.arm_for(k + 1)
         return loss
 
-    def _apply(self, params: list[Tensor], dirs: list[Tensor], lr: float, mu: float,
-               decoupled_wd: float) -> None:
-        """Heavy-ball momentum on the direction, then ``θ ← θ + lr·v``."""
-        if not params:
-            return
-        if decoupled_wd:
-            torch._foreach_mul_(params, 1.0 - lr * decoupled_wd)
-        if mu:
-            bufs = [self.state[p].get("momentum_buffer") for p in params]
-            old = [(b, d) for b, d in zip(bufs, dirs, strict=True) if b is not None]
-            if old:
-                torch._foreach_mul_([b for b, _ in old], mu)
-                torch._foreach_add_([b for b, _ in old], [d for _, d in old])
-            for p, b, d in zip(params, bufs, dirs, strict=True):
-                if b is None:
-                    self.state[p]["momentum_buffer"] = d.clone()
-            dirs = [self.state[p]["momentum_buffer"] for p in params]
-        torch._foreach_add_(params, dirs, alpha=lr)
+    def _has_gradients(self) -> bool:
+        """False, and said once, for a step with nothing to do (``CurvatureBuilder.idle``):
+        it changes nothing and keeps its step number and curvature update for the next call."""
+        empty = self.curvature.idle([p.grad for p in group_params(self.param_groups)])
+        if empty and not self._said_empty:
+            self._said_empty = True
+            warn(f"SENG: step() with no gradients to apply (before any backward, or zeros "
+                 f"with no forward/backward since the last step) did nothing; step "
+                 f"{self._counters.step} and its curvature update wait for the next step(). "
+                 "Likely callers: hvd.broadcast_optimizer_state (its dummy step creates "
+                 "optimizer state; SENG has none to create) or a step() before the first "
+                 "backward()")
+        return not empty
+
+    def describe(self) -> str:
+        """A table of every parameter: layer, layer type, block shape, path
+        (explicit/implicit/fallback) and why, param group, factor rank, curvature bytes."""
+        return describe_table(self.model, self.layout, self.curvature.curvatures,
+                              self.param_groups, self.config.sketch.explicit_threshold)
 
     # ------------------------------------------------------------------ state
     def broadcast_state(self, src: int = 0) -> None:
@@ -244,47 +267,21 @@ class SENG(torch.optim.Optimizer):
         """torch's optimizer state (momentum, lagged gradient, curvature per parameter) plus
         SENG's own under ``"seng"``: counters, the sketch generator, the settings and the
         preconditioned layers (checked on load)."""
-        sd = super().state_dict()
-        extra = dict(asdict(self._counters), rng=self.curvature.generator.get_state(),
-                     config=self.config.fingerprint(), blocks=block_signature(self.blocks))
-        if self.state_dict_all_ranks and self.communicator.world_size > 1:
-            sd["state"], mine = split_curvature(sd["state"], self._curvature_indices())
-            extra["curvature_by_rank"] = self.communicator.allgather_object(
-                mine, name="seng.state_dict")
-        sd["seng"] = extra
-        return sd
+        return self._codec.pack(super().state_dict(), self._counters,
+                                self._curvature_indices(), self.state_dict_all_ranks)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` saved for the same layers and curvature settings."""
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("seng", None)
-        if extra is None:
-            raise ValueError("state_dict has no 'seng' entry: it was not saved by SENG")
-        check_compatible(extra, self.config, self.blocks)
-        state = {i: dict(st) for i, st in state_dict["state"].items()}
-        by_rank = extra.get("curvature_by_rank")
-        if by_rank is not None and len(by_rank) == self.communicator.world_size:
-            for i, entries in by_rank[self.communicator.rank].items():
-                state.setdefault(i, {}).update(entries)
-        # The curvature objects load their own tensors (torch would cast the sketches'
-        # integer row indices to the parameters' dtype).
-        state_dict["state"], curvature = split_curvature(state, self._curvature_indices())
+        indexed = self._curvature_indices()
+        torch_part, saved = self._codec.unpack(state_dict, indexed)
         # torch replaces self.state on load; the blocks and the round keep a reference to it.
         kept = self.state
-        super().load_state_dict(state_dict)
+        super().load_state_dict(torch_part)
         kept.clear()
         kept.update(self.state)
         self.state = kept
         self.param_groups = ParamGroups(self.param_groups, self)
-        for i, c in self._curvature_indices():
-            c.load_state_dict(curvature.get(i, {}))
-        self.curvature.generator.set_state(extra["rng"])
-        self._counters = Counters.from_dict(extra)
-        if by_rank is not None and len(by_rank) != self.communicator.world_size:
-            warn(f"SENG: the checkpoint holds the curvature of {len(by_rank)} ranks and this "
-                 f"job has {self.communicator.world_size}; every rank rebuilds its curvature "
-                 "at the next step")
-            self.curvature.drop()
+        self._counters = self._codec.restore(saved, indexed)
         self.curvature.arm_for(self._counters.step)
 
     def _curvature_indices(self) -> list[tuple[int, BlockCurvature]]:
@@ -305,6 +302,33 @@ def _unwrap(model: nn.Module, grads_averaged: bool | None) -> tuple[bool, nn.Mod
                          "twice; leave grads_averaged=None (or pass the unwrapped model)")
     module = cast(nn.Module, model.module) if ddp else model
     return (ddp if grads_averaged is None else grads_averaged), module
+
+
+def _groups(model: nn.Module, param_groups: list[dict[str, Any]] | None
+            ) -> list[dict[str, Any]]:
+    """The constructor's param groups: the given ones, then one with every other trainable
+    parameter of the model (the config's values)."""
+    if param_groups is None:
+        param_groups = []
+    if not isinstance(param_groups, (list, tuple)):
+        raise ValueError("param_groups must be a list of dicts like torch optimizers take "
+                         f"([{{'params': [...], 'weight_decay': 0.0}}, ...]), got "
+                         f"{type(param_groups).__name__}")
+    for i, g in enumerate(param_groups):
+        check_shape(g, i)
+    groups = [dict(g, params=_as_list(g["params"])) for g in param_groups]
+    listed = {id(p) for g in groups for p in g["params"]}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in listed]
+    if rest:
+        groups.append({"params": rest})
+    if not any(g["params"] for g in groups):
+        raise ValueError("model has no trainable parameters (requires_grad=True): "
+                         "SENG has nothing to optimize")
+    return groups
+
+
+def _as_list(params: Any) -> list[Tensor]:
+    return [params] if isinstance(params, Tensor) else list(params)
 
 
 def _check_dtype(comm: Communicator, config: SENGConfig) -> None:

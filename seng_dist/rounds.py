@@ -26,6 +26,7 @@ from . import solver
 from .comm import Communicator
 from .config import SENGConfig
 from .curvature import BlockCurvature, ParamState
+from .groups import StepSettings
 from .warn import warn
 
 
@@ -101,12 +102,12 @@ class Round(ABC):
         """Whether this round averages the gradients (not already done by the engine)."""
         return self.multi and not self.grads_averaged
 
-    def directions(self, damping: float, l2: float
-                   ) -> tuple[list[Tensor], list[Tensor]] | None:
+    def directions(self, hyper: StepSettings) -> tuple[list[Tensor], list[Tensor]] | None:
         """Every parameter with a gradient (on some rank) and its direction, running this
         step's collectives; None when ``skip_nonfinite`` and ``ḡ`` is not finite.
 
-        ``l2`` is the weight decay added to the averaged gradient before preconditioning.
+        ``hyper`` gives each parameter's damping and the L2 weight decay added to the averaged
+        gradient before preconditioning.
         """
         self._check_gradients()
         gs = [c.block.grad_matrix() for c in self.curvatures]
@@ -117,8 +118,8 @@ class Round(ABC):
         present = [any(p.grad is not None for p in c.block.params) for c in self.curvatures]
         present += [p.grad is not None for p in self.fallback]
         ready = self._ready()
-        done = self._exchange(gs, fgs, present, ready, damping, l2)
-        return None if done is None else self._finish(done, damping, l2)
+        done = self._exchange(gs, fgs, present, ready, hyper)
+        return None if done is None else self._finish(done, hyper)
 
     def _check_gradients(self) -> None:
         """Refuse sparse gradients; say once that parameters were frozen after construction."""
@@ -140,7 +141,7 @@ class Round(ABC):
 
     @abstractmethod
     def _exchange(self, gs: list[Tensor], fgs: list[Tensor], present: list[bool],
-                  ready: list[bool], damping: float, l2: float) -> Exchanged | None:
+                  ready: list[bool], hyper: StepSettings) -> Exchanged | None:
         """Run the step's collectives on the block gradients ``gs`` (fresh matrices, changed in
         place), the fallback gradients ``fgs`` and the flags."""
 
@@ -154,11 +155,12 @@ class Round(ABC):
             return "it was not called with gradients on a curvature step"
         return "it has curvature here but not on every rank"
 
-    def _averaged(self, gs: list[Tensor], fgs: list[Tensor], l2: float
+    def _averaged(self, gs: list[Tensor], fgs: list[Tensor], hyper: StepSettings
                   ) -> list[Tensor] | None:
         """After ``ḡ`` is known: None if it must be skipped (``skip_nonfinite``; every rank
         sees the same ``ḡ``, so every rank skips together); else clip it to
-        ``max_grad_norm`` (no host sync) and add ``l2·θ`` to the block gradients in place.
+        ``max_grad_norm`` (no host sync) and add ``l2·θ`` to the block gradients in place (the
+        weight's and the bias's own L2 when their groups differ).
         Returns the fallback gradients (new tensors when clipped: they may be ``.grad``)."""
         if self.config.skip_nonfinite and not solver.all_finite(gs + fgs):
             return None
@@ -169,17 +171,19 @@ class Round(ABC):
             if gs:
                 torch._foreach_mul_(gs, factor)
             fgs = list(torch._foreach_mul(fgs, factor)) if fgs else fgs
-        if l2:
-            for c, g in zip(self.curvatures, gs, strict=True):
-                g.add_(c.block.param_matrix(), alpha=l2)
+        for c, g in zip(self.curvatures, gs, strict=True):
+            b = c.block
+            c.block.add_params_(g, hyper.l2[id(b.weight)],
+                                hyper.l2[id(b.bias)] if b.bias is not None else 0.0)
         return fgs
 
     def _allreduce(self, tensors: list[Tensor], name: str) -> None:
         self.comm.allreduce_mean_(tensors, name=name,
                                   comm_dtype=self.config.distributed.buffer_dtype)
 
-    def _finish(self, done: Exchanged, damping: float, l2: float
+    def _finish(self, done: Exchanged, hyper: StepSettings
                 ) -> tuple[list[Tensor], list[Tensor]]:
+        """Every present parameter's direction from the averaged result."""
         nb, nf = len(self.curvatures), len(self.fallback)
         present, ready = done.flags[:nb + nf], done.flags[nb + nf:]
         params: list[Tensor] = []
@@ -187,6 +191,7 @@ class Round(ABC):
         for i, (c, z, slot) in enumerate(zip(self.curvatures, done.zs, done.slots, strict=True)):
             if not present[i]:
                 continue
+            damping = hyper.damping[id(c.block.weight)]
             if ready[i] >= 1.0:
                 d = solver.direction(z, c.combine(slot), damping)
             else:
@@ -194,9 +199,12 @@ class Round(ABC):
                 d = z.mul(-1.0 / (1.0 + damping))
             params.extend(c.block.params)
             dirs.extend(c.block.split(d))
-        kept = [(p, g) for p, g, h in zip(self.fallback, done.fallback, present[nb:],
-                                          strict=True) if h]
-        if kept:
+        # The fallback rule, fused over the parameters that share damping and L2.
+        alike: dict[tuple[float, float], list[tuple[Tensor, Tensor]]] = {}
+        for p, g, h in zip(self.fallback, done.fallback, present[nb:], strict=True):
+            if h:
+                alike.setdefault((hyper.damping[id(p)], hyper.l2[id(p)]), []).append((p, g))
+        for (damping, l2), kept in alike.items():
             fps, grads = [p for p, _ in kept], [g for _, g in kept]
             if l2:
                 grads = list(torch._foreach_add(grads, fps, alpha=l2))
@@ -216,18 +224,18 @@ class BlockDiagonalRound(Round):
     """eq. 26: ``d = -(ḡ - mean_w U_w b_w)/λ`` with ``b_w`` from ``ḡ``; two collectives."""
 
     def _exchange(self, gs: list[Tensor], fgs: list[Tensor], present: list[bool],
-                  ready: list[bool], damping: float, l2: float) -> Exchanged | None:
+                  ready: list[bool], hyper: StepSettings) -> Exchanged | None:
         local = present + ready
         flags = self.agreement.pack(local)
         values: list[float] | None = None
         if self.sends_gradients:
             self._allreduce(gs + fgs + [flags], "seng.grad")  # type: ignore[list-item]
             values = self.agreement.decode(flags, local)
-        averaged = self._averaged(gs, fgs, l2)
+        averaged = self._averaged(gs, fgs, hyper)
         if averaged is None:
             return None
         here = (values if values is not None else present)[:len(gs)]
-        slots = [c.correction(z if h else None, damping)
+        slots = [c.correction(z if h else None, hyper.damping[id(c.block.weight)])
                  for c, z, h in zip(self.curvatures, gs, here, strict=True)]
         if self.multi:
             self._allreduce(_flat(slots) + ([] if flags is None or self.sends_gradients
@@ -263,9 +271,9 @@ class LaggedRound(BlockDiagonalRound):
             return "the lagged variant has no previous averaged gradient for it yet"
         return super()._missing(curvature)
 
-    def _finish(self, done: Exchanged, damping: float, l2: float
+    def _finish(self, done: Exchanged, hyper: StepSettings
                 ) -> tuple[list[Tensor], list[Tensor]]:
-        out = super()._finish(done, damping, l2)
+        out = super()._finish(done, hyper)
         present = done.flags[:len(self.curvatures)]
         for c, z, p in zip(self.curvatures, done.zs, present, strict=True):
             if p:
@@ -273,15 +281,16 @@ class LaggedRound(BlockDiagonalRound):
         return out
 
     def _exchange(self, gs: list[Tensor], fgs: list[Tensor], present: list[bool],
-                  ready: list[bool], damping: float, l2: float) -> Exchanged | None:
+                  ready: list[bool], hyper: StepSettings) -> Exchanged | None:
         if not self._lagging:
-            return super()._exchange(gs, fgs, present, ready, damping, l2)
+            return super()._exchange(gs, fgs, present, ready, hyper)
         local = present + ready
         flags = self.agreement.pack(local)
-        slots = [c.correction(self._previous(c), damping) for c in self.curvatures]
+        slots = [c.correction(self._previous(c), hyper.damping[id(c.block.weight)])
+                 for c in self.curvatures]
         self._allreduce((gs + fgs if self.sends_gradients else []) + _flat(slots)
                         + ([flags] if flags is not None else []), "seng.step")
-        averaged = self._averaged(gs, fgs, l2)
+        averaged = self._averaged(gs, fgs, hyper)
         if averaged is None:
             return None
         return Exchanged(gs, slots, averaged, self.agreement.decode(flags, local))

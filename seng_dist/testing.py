@@ -139,7 +139,7 @@ class _Emulation:
         self.replicas = [copy.deepcopy(model) for _ in range(workers)]
         self.builders = []
         for rep in self.replicas:
-            blocks = find_blocks(rep, cfg.skip_layers, cfg.sketch.explicit_threshold)
+            blocks = find_blocks(rep, cfg.skip_layers, cfg.sketch.explicit_threshold).blocks
             self.builders.append(CurvatureBuilder(rep, blocks, cfg, defaultdict(dict)))
             self.builders[-1].arm_for(0)
         # block i of every worker

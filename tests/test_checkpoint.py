@@ -48,3 +48,29 @@ def test_a_release_checkpoint_is_refused_for_other_curvature_settings(release):
     opt = SENG(MixedNet(), **dict(release["settings"], variant="blockdiag"))
     with pytest.raises(ValueError, match="variant='lagged' \\(here 'blockdiag'\\)"):
         opt.load_state_dict(run["opt"])
+
+
+def _compiled_and_plain_state(compiled_first: bool) -> tuple[dict, SENG]:
+    """A state saved by SENG built on one form of the model (torch.compile or plain), and a
+    SENG on the other form, ready to load it."""
+    import torch.nn.functional as F
+    from conftest import batch, make_mixed
+    forms = [lambda m: torch.compile(m, backend="eager"), lambda m: m]
+    if not compiled_first:
+        forms.reverse()
+    model = forms[0](make_mixed().train())
+    opt = SENG(model, curvature_update_interval=1)
+    x, y = batch(8)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return opt.state_dict(), SENG(forms[1](make_mixed().train()), curvature_update_interval=1)
+
+
+@pytest.mark.parametrize("compiled_first", [True, False], ids=["compiled->plain",
+                                                                "plain->compiled"])
+def test_states_move_between_a_compiled_and_a_plain_model(compiled_first):
+    state, other = _compiled_and_plain_state(compiled_first)
+    assert [b[0] for b in state["seng"]["blocks"]] == ["conv", "seq", "head"]
+    other.load_state_dict(state)
+    assert other.step_count == 1 and other.curvature.curvatures[0].ready

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -167,9 +168,10 @@ def test_decoupled_weight_decay_shrinks_parameters_without_gradient_term():
     model = nn.Sequential(nn.Linear(4, 2))
     opt = SENG(model, lr=0.5, momentum=0.0, weight_decay=0.2, decoupled_weight_decay=True)
     before = [p.detach().clone() for p in model.parameters()]
+    F.mse_loss(model(torch.randn(3, 4)), torch.zeros(3, 2)).backward()  # a real pass ...
     for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()  # no curvature was captured: the fallback rule with a zero gradient
+        p.grad = torch.zeros_like(p)  # ... whose gradient is zero: the direction is zero
+    opt.step()
     for a, b in zip(before, model.parameters(), strict=True):
         assert torch.allclose(b, a * (1 - 0.5 * 0.2))
 
@@ -330,3 +332,32 @@ def test_max_grad_norm_clips_the_gradient_like_clip_grad_norm():
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_step_without_gradients_changes_nothing_and_keeps_the_curvature_step():
+    """A step() before any backward, then Horovod's broadcast_optimizer_state dummy step
+    (zero gradients, no forward since the last step): nothing moves, no state is created, the
+    step is not counted, and the curvature still comes from the first real step."""
+    model = _net()
+    opt = SENG(model, lr=0.1, curvature_update_interval=200, decoupled_weight_decay=True,
+               weight_decay=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(UserWarning, match="hvd.broadcast_optimizer_state"):
+        opt.step()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert opt.step_count == 0 and not opt.state_dict()["state"]
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    _train(model, opt, [(x, y)] * 3)
+    assert opt.step_count == 3 and opt.curvature_updates == 1
+
+
+def test_defaults_adapt_and_only_given_settings_are_checked_against_each_other():
+    opt = SENG(_net(), explicit_threshold=0)  # the default sketch_size never applies: fine
+    assert {b.path for b in opt.blocks} == {"implicit"}
+    with pytest.raises(ValueError, match="sketch_size must be None or smaller"):
+        SENG(_net(), explicit_threshold=0, sketch_size=16)

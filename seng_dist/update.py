@@ -1,0 +1,41 @@
+"""The parameter update: heavy-ball momentum on the direction, then ``θ ← θ + lr·v``, with each
+param group's ``lr``, ``momentum`` and (decoupled) ``weight_decay``."""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: the per-parameter state key of the momentum buffer (as torch's SGD names it)
+MOMENTUM = "momentum_buffer"
+
+
+def apply_update(state: MutableMapping[Any, dict[str, Any]], groups: list[dict[str, Any]],
+                 params: list[Tensor], dirs: list[Tensor], decoupled: bool) -> None:
+    """Update ``params`` along ``dirs``, group by group (``state`` holds the buffers)."""
+    direction = {id(p): d for p, d in zip(params, dirs, strict=True)}
+    for group in groups:
+        ps = [p for p in group["params"] if id(p) in direction]
+        if ps:
+            _heavy_ball(state, ps, [direction[id(p)] for p in ps], group["lr"],
+                        group["momentum"], group["weight_decay"] if decoupled else 0.0)
+
+
+def _heavy_ball(state: MutableMapping[Any, dict[str, Any]], params: list[Tensor],
+                dirs: list[Tensor], lr: float, mu: float, decoupled_wd: float) -> None:
+    if decoupled_wd:
+        torch._foreach_mul_(params, 1.0 - lr * decoupled_wd)
+    if mu:
+        bufs = [state[p].get(MOMENTUM) for p in params]
+        old = [(b, d) for b, d in zip(bufs, dirs, strict=True) if b is not None]
+        if old:
+            torch._foreach_mul_([b for b, _ in old], mu)
+            torch._foreach_add_([b for b, _ in old], [d for _, d in old])
+        for p, b, d in zip(params, bufs, dirs, strict=True):
+            if b is None:
+                state[p][MOMENTUM] = d.clone()
+        dirs = [state[p][MOMENTUM] for p in params]
+    torch._foreach_add_(params, dirs, alpha=lr)

@@ -1,0 +1,64 @@
+"""What SENG preconditions is visible: ``describe()``, skip_layers, unsupported layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seng_dist import SENG
+
+
+class Net(nn.Module):
+    """A Conv1d (not preconditioned), a Conv2d, BatchNorm and two Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(3, 4, 3)
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = self.stem(x.flatten(2)[:, :1].expand(-1, 3, -1))  # (B, 4, 34)
+        h = F.relu(self.bn(self.conv(x))) + seq.mean()
+        return self.head(F.relu(self.fc(h.flatten(1))))
+
+
+def test_describe_lists_every_parameter_with_its_path_and_why():
+    torch.manual_seed(0)
+    model = Net()
+    with pytest.warns(UserWarning, match=r"'stem' \(Conv1d\) is not preconditioned"):
+        opt = SENG(model, explicit_threshold=200, rank=2, param_groups=[
+            {"params": [model.bn.weight, model.bn.bias], "weight_decay": 0.0}])
+    x, y = torch.randn(4, 1, 6, 6), torch.randint(0, 5, (4,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    table = opt.describe()
+    rows = {line.split()[0]: line for line in table.splitlines()[2:]}
+    assert set(rows) == {n for n, _ in model.named_parameters()}
+    assert "Conv1d is not a supported layer type" in rows["stem.weight"]
+    assert "fallback" in rows["bn.weight"] and "BatchNorm2d" in rows["bn.weight"]
+    assert rows["bn.weight"].split()[-3] == "0"  # its own param group
+    assert "explicit" in rows["conv.weight"] and "n = 40 < explicit_threshold 200" in \
+        rows["conv.weight"]
+    fc = rows["fc.weight"].split()
+    curvature = next(c for c in opt.curvature.curvatures if c.block.name == "fc")
+    assert fc[2:4] == ["32x65", "implicit"] and fc[-2] == "2"  # factor rank
+    assert int(fc[-1].replace(",", "")) == curvature.nbytes() > 0
+    assert "(with the weight)" in rows["fc.bias"]
+
+
+def test_skip_layers_takes_one_name_or_class_or_an_iterable_and_refuses_the_rest():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert [b.name for b in SENG(model, skip_layers="2").blocks] == ["0"]
+    with pytest.warns(UserWarning, match="no nn.Linear or nn.Conv2d layer to precondition"):
+        assert [b.name for b in SENG(model, skip_layers=nn.Linear).blocks] == []
+    assert [b.name for b in SENG(model, skip_layers=("0",)).blocks] == ["2"]
+    with pytest.raises(ValueError, match="skip_layers names 'fc', which match no module"):
+        SENG(model, skip_layers="fc")
+    with pytest.raises(ValueError, match="skip_layers must be a module name"):
+        SENG(model, skip_layers=3)
