@@ -35,6 +35,7 @@ from .comm.base import import_engine
 from .comm.deepspeed import INSTALL_HINT, DeepSpeedCommunicator
 from .config import SENGConfig
 from .optimizer import SENG
+from .warn import warn
 
 #: the keys accepted in ``"optimizer": {"type": "SENG", "params": {...}}``: every setting
 SENG_PARAMS = SENGConfig.setting_names()
@@ -66,15 +67,15 @@ def seng_params(cfg: dict) -> dict | None:
     if stage not in (0, None):
         raise ValueError(f"ds_config zero_optimization.stage={stage!r}: SENG needs stage 0. "
                          "ZeRO stages >= 1 hand the optimizer flat partitions, not per-layer "
-                         "gradients, and SENG's curvature is per layer; set "
+                         "gradients, and SENG's curvature is per layer. Set "
                          '"zero_optimization": {"stage": 0}')
-    for key in ("fp16", "bf16"):
+    for key, dtype in (("fp16", "float16"), ("bf16", "bfloat16")):
         if _enabled(cfg, key):
             raise ValueError(f"ds_config {key}.enabled=true is not supported with SENG: "
                              "DeepSpeed's fp16/bf16 optimizer wrappers hand the optimizer flat "
-                             "fp32 master copies, not the layers' parameters. Use "
-                             '"torch_autocast": {"enabled": true, "dtype": "bfloat16"} (or '
-                             '"float16") instead: fp32 parameters, low-precision forward')
+                             "fp32 master copies, not the layers' parameters. Replace the "
+                             f'"{key}" section by "torch_autocast": {{"enabled": true, '
+                             f'"dtype": "{dtype}"}} (fp32 parameters, {dtype} forward)')
     if _enabled(cfg, "torch_autocast"):
         dtype = str(cfg["torch_autocast"].get("dtype", "bfloat16")).lower()
         if dtype in ("float16", "fp16", "half", "torch.float16") and \
@@ -122,12 +123,14 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
         raise ValueError("SENG needs the model: pass model= to initialize")
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed()
+    groups = _param_groups(model, kwargs.pop("model_parameters", None))
     settings = SENGConfig.from_settings(**params)
     # blockdiag: the engine averages the gradients in backward and SENG its corrections only;
     # lagged: SENG's one fused round per step carries the gradient (eq. 27), so the engine's
     # backward allreduce is switched off below.
     lagged = settings.distributed.variant == "lagged"
-    seng = SENG(model, settings, comm=DeepSpeedCommunicator(), grads_averaged=not lagged)
+    seng = SENG(model, settings, param_groups=groups, comm=DeepSpeedCommunicator(),
+                grads_averaged=not lagged)
     # engine.save_checkpoint builds the state on every rank and rank 0 writes it: gather every
     # rank's curvature into it so load_checkpoint resumes each rank bit-exactly.
     seng.state_dict_all_ranks = True
@@ -143,4 +146,39 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
     seng.grad_scaler = engine.torch_autocast_z0_gradscaler
     if lagged:
         engine.enable_backward_allreduce = False
+    if scheduler is not None and seng.communicator.rank == 0:
+        warn(_lr_source(cfg.get("scheduler"), scheduler, params))
     return engine, opt, loader, scheduler
+
+
+def _param_groups(model: Any, model_parameters: Any) -> list[dict[str, Any]] | None:
+    """``initialize``'s ``model_parameters`` as SENG's param groups: groups (dicts) as they
+    are; plain parameters must be all the model's trainable ones (SENG trains all of them)."""
+    if model_parameters is None:
+        return None
+    items = list(model_parameters)
+    if items and all(isinstance(g, dict) for g in items):
+        return items
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if {id(p) for p in items} != {id(p) for p in trainable}:
+        raise ValueError(f"initialize(model_parameters=...) lists {len(items)} tensors, not the "
+                         f"model's {len(trainable)} trainable parameters: SENG trains every "
+                         "trainable parameter of the model. Freeze the others "
+                         "(requires_grad=False) before initialize, or pass param groups "
+                         "(dicts) to give parts of the model their own settings")
+    return None
+
+
+def _lr_source(section: Any, scheduler: Any, params: dict[str, Any]) -> str:
+    """Where the learning rate (and damping) come from, when an engine scheduler sets it."""
+    if isinstance(section, dict):
+        source = (f'the ds_config "scheduler" section ({section.get("type")}, '
+                  f'{section.get("params", {})})')
+    else:
+        source = f"the lr_scheduler passed to initialize ({type(scheduler).__name__})"
+    given = (f"the SENG param lr={params['lr']} is overridden" if "lr" in params
+             else "SENG's own lr setting is not used")
+    damping = (f"the SENG param damping={params['damping']}" if "damping" in params
+               else f"SENG's default damping={SENGConfig().damping}")
+    return (f"SENG: the learning rate comes from {source}, which sets every param group's lr "
+            f"at each step; {given}. Damping is constant: {damping}")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -95,9 +99,12 @@ def test_plugin_built_seng_equals_the_emulation_and_the_torch_run_for_both_varia
 
 @pytest.mark.parametrize("cfg, message", [
     (ds_config(damping=1.0, dampening=0.1), "unknown params \\['dampening'\\]; valid params"),
-    (dict(ds_config(), zero_optimization={"stage": 1}), "stage=1: SENG needs stage 0"),
-    (dict(ds_config(), fp16={"enabled": True}), "fp16.enabled=true is not supported.*Use"),
-    (dict(ds_config(), bf16={"enabled": True}), "bf16.enabled=true is not supported"),
+    (dict(ds_config(), zero_optimization={"stage": 1}),
+     'stage=1: SENG needs stage 0.* Set "zero_optimization": {"stage": 0}'),
+    (dict(ds_config(), fp16={"enabled": True}), 'fp16.enabled=true is not supported.*Replace '
+     'the "fp16" section by "torch_autocast": {"enabled": true, "dtype": "float16"}'),
+    (dict(ds_config(), bf16={"enabled": True}), 'bf16.enabled=true is not supported.*'
+     '"dtype": "bfloat16"'),
     (dict(ds_config(variant="lagged"), torch_autocast={"enabled": True, "dtype": "float16"}),
      "torch_autocast with dtype float16 and SENG variant 'lagged' is not supported"),
     (dict(ds_config(gradient_accumulation_steps=2), gradient_accumulation_steps=4),
@@ -211,11 +218,6 @@ def test_engine_checkpoint_resumes_bit_exactly(tmp_path, variant):
 
 @needs_ds
 def test_train_script_under_the_deepspeed_launcher_with_the_json_config(tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     cfg = json.loads((root / "integrations" / "deepspeed" / "ds_config_seng.json").read_text())
     cfg["train_micro_batch_size_per_gpu"] = 32
@@ -252,3 +254,37 @@ def test_deepspeed_engine_without_init_says_to_initialise():
     from seng_dist import SENG
     with pytest.raises(ValueError, match="deepspeed.init_distributed"):
         SENG(make_mixed(), comm="deepspeed")
+
+
+CLIENT = Path(__file__).resolve().parent / "clients" / "ds_cifar10.py"
+
+
+def _ds_client(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    """DeepSpeedExamples' CIFAR example with the SENG diff, under the deepspeed launcher on 2
+    CPU ranks (``tests/clients/ds_cifar10.py``)."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", str(CLIENT),
+           "--out", str(tmp_path), *flags]
+    env = dict(os.environ, PYTHONPATH=str(CLIENT.parents[2]))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+
+
+@needs_ds
+def test_the_official_cifar_example_with_seng_trains_and_says_where_lr_comes_from(tmp_path):
+    done = _ds_client(tmp_path, "--max-steps", "60")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    output = done.stdout + done.stderr
+    assert output.count('the learning rate comes from the ds_config "scheduler" section '
+                        "(WarmupLR") == 1, output[-3000:]  # rank 0, once
+    for rank in range(2):
+        report = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert report["after_first_step"] == 1  # curvature from step 0
+        losses = report["losses"]
+        assert len(losses) == 60 and sum(losses[-15:]) < 0.8 * sum(losses[:15]), losses
+
+
+@needs_ds
+def test_the_official_cifar_example_with_zero_stage_1_is_refused_naming_the_change(tmp_path):
+    done = _ds_client(tmp_path, "--max-steps", "2", "--stage", "1")
+    assert done.returncode != 0
+    assert 'Set "zero_optimization": {"stage": 0}' in done.stdout + done.stderr

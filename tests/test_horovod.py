@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -139,3 +140,35 @@ def test_train_script_under_horovodrun_matches_torchrun(tmp_path):
         outputs.append(lines[0].strip())
     assert "2 rank(s)" in outputs[0]
     assert outputs[0] == outputs[1]  # same data and seed: the same training on both engines
+
+
+CLIENT = HERE / "clients" / "hvd_pytorch_mnist.py"
+
+
+def _hvd_client(tmp: Path, pattern: str) -> tuple[str, list[dict]]:
+    """Horovod's MNIST example with the SENG diff (``tests/clients/hvd_pytorch_mnist.py``)
+    under ``horovodrun -np 2 --gloo``, 300 steps; its output and each rank's report."""
+    tmp.mkdir()
+    cmd = [shutil.which("horovodrun") or "horovodrun", "-np", "2", "-H", "localhost:2",
+           "--gloo", sys.executable, str(CLIENT), "--pattern", pattern, "--max-steps", "300",
+           "--out", str(tmp)]
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout + done.stderr, [json.loads((tmp / f"{r}.json").read_text())
+                                       for r in range(2)]
+
+
+@needs_hvd
+def test_the_official_mnist_example_gets_its_curvature_at_step_0_as_seng_alone_does(tmp_path):
+    """The example's broadcast_optimizer_state dummy step (on the bare SENG, then wrapped in
+    hvd.DistributedOptimizer) no longer uses up step 0's curvature: after 300 steps (T = 200)
+    the curvature was built as often as with SENG alone, and the loss falls."""
+    out, wrapped = _hvd_client(tmp_path / "wrapped", "wrapped")
+    assert "hvd.broadcast_optimizer_state" in out  # said, once per rank
+    _, alone = _hvd_client(tmp_path / "standalone", "standalone")
+    for report in wrapped + alone:
+        assert report["after_first_step"] == 1 and report["steps"] == 300
+        assert report["curvature_updates"] == 2  # steps 0 and 200
+        losses = report["losses"]
+        assert sum(losses[-50:]) < 0.7 * sum(losses[:50])
