@@ -8,4 +8,4 @@ from .config import DistributedConfig, SENGConfig, SketchConfig
 from .optimizer import SENG
 
 __all__ = ["SENG", "SENGConfig", "SketchConfig", "DistributedConfig", "schedules", "solver"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

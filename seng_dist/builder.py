@@ -10,6 +10,7 @@ it is (:mod:`seng_dist.testing`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -58,21 +59,15 @@ class CurvatureBuilder:
         """Whether the hooks are capturing for the coming step."""
         return self.capture.armed
 
-    @property
-    def captured(self) -> bool:
-        """Whether the armed hooks have recorded a forward pass since they were armed."""
-        return bool(self.capture.records)
-
-    def idle(self, grads: list[torch.Tensor | None]) -> bool:
-        """Whether a step with these gradients has nothing to do: none exists, or on a
-        curvature step no forward ran since arming and every one is zero
-        (``hvd.broadcast_optimizer_state``'s dummy step; one host sync, only then)."""
-        present = [g for g in grads if g is not None]
-        if not present:
-            return True
-        if not self.armed or self.captured:
+    def idle(self, params: Iterable[torch.Tensor]) -> bool:
+        """Whether this is a curvature step on which no forward pass ran since the hooks were
+        armed and every gradient of ``params`` is zero: ``hvd.broadcast_optimizer_state``'s
+        dummy step, which must not use up the curvature update. Free on other steps; one
+        host sync on that one."""
+        if not self.armed or self.capture.forwarded:
             return False
-        return not bool(torch.stack([g.abs().sum() for g in present]).any())
+        grads = [p.grad for p in params if p.grad is not None]
+        return bool(grads) and not bool(torch.stack([g.abs().sum() for g in grads]).any())
 
     def arm_for(self, step: int) -> None:
         """Install the capture hooks iff ``step`` is a curvature step."""

@@ -39,6 +39,8 @@ class Capture:
         self.blocks = blocks
         self.limit: int | None = None
         self.records: dict[Block, Record] = {}
+        #: whether a forward pass with gradients ran since the hooks were armed
+        self.forwarded = False
         self._handles: list[RemovableHandle] = []
 
     @property
@@ -50,10 +52,8 @@ class Capture:
         self.limit = limit
         if self._handles:
             return
-        # A new forward of the whole model starts a fresh capture (e.g. after an evaluation
-        # pass in train mode); calls within one forward accumulate.
-        self._handles.append(self.model.register_forward_pre_hook(
-            lambda *_: self.records.clear() if torch.is_grad_enabled() else None))
+        self.forwarded = False
+        self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook()))
         for block in self.blocks:
             self._handles.append(block.module.register_forward_hook(self._forward_hook(block)))
 
@@ -63,6 +63,18 @@ class Capture:
             h.remove()
         self._handles.clear()
         self.records.clear()
+
+    def _model_pre_hook(self) -> Callable[..., None]:
+        # A closure, like the layers' hooks, not a bound method: copy.deepcopy of the model
+        # copies its hooks, and a copied bound method would carry a copy of this capture.
+        def hook(*_: object) -> None:
+            # A new forward of the whole model starts a fresh capture (e.g. after an evaluation
+            # pass in train mode); calls within one forward accumulate.
+            if torch.is_grad_enabled():
+                self.records.clear()
+                self.forwarded = True
+
+        return hook
 
     def _forward_hook(self, block: Block) -> Callable[[nn.Module, tuple, Tensor], None]:
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:

@@ -49,7 +49,8 @@ class BlockCurvature(ABC):
 
     @property
     def _state(self) -> dict[str, Any]:
-        return self._states[self.block.weight]
+        # Read without adding an entry: torch's state_dict lists every parameter with one.
+        return self._states.get(self.block.weight, {})
 
     @property
     def ready(self) -> bool:
@@ -63,7 +64,7 @@ class BlockCurvature(ABC):
         if not solver.all_finite([t for t in new.values() if t.is_floating_point()]):
             return False
         self.clear()
-        self._state.update(new)
+        self._states[self.block.weight].update(new)
         return True
 
     def correction(self, z: Tensor | None, damping: float) -> list[Tensor]:
@@ -96,8 +97,9 @@ class BlockCurvature(ABC):
                              f"{unknown} that the {self.PATH} path does not keep")
         self.clear()
         w = self.block.weight
-        self._state.update({k: v.to(w.device, w.dtype) if v.is_floating_point()
-                            else v.to(w.device) for k, v in entries.items()})
+        if entries:
+            self._states[w].update({k: v.to(w.device, w.dtype) if v.is_floating_point()
+                                    else v.to(w.device) for k, v in entries.items()})
 
     def clear(self) -> None:
         """Forget the curvature (and the cached inverse)."""
@@ -180,7 +182,7 @@ class ImplicitCurvature(BlockCurvature):
 
     def combine(self, slot: list[Tensor]) -> Tensor:
         # eq. 28: the product of the averaged partial factors.
-        return slot[0] if len(slot) == 1 else slot[0].T @ slot[1]
+        return slot[0].T @ slot[1] if len(slot) == 2 else super().combine(slot)
 
     def _build(self, G_hat: Tensor, A_hat: Tensor) -> dict[str, Tensor]:
         G, A = solver.low_rank_factors(G_hat, A_hat, self.settings.rank, self._generator)

@@ -181,4 +181,5 @@ def _lr_source(section: Any, scheduler: Any, params: dict[str, Any]) -> str:
     damping = (f"the SENG param damping={params['damping']}" if "damping" in params
                else f"SENG's default damping={SENGConfig().damping}")
     return (f"SENG: the learning rate comes from {source}, which sets every param group's lr "
-            f"at each step; {given}. Damping is constant: {damping}")
+            f"at each step; {given}. Damping comes from SENG: {damping} (a param group's own "
+            "damping wins)")

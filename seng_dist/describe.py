@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from .curvature import BlockCurvature, ImplicitCurvature
+from .groups import group_index
 from .layers import Layout, module_name
 
 _COLUMNS = ("parameter", "layer type", "block", "path", "why", "group", "rank",
@@ -19,7 +20,7 @@ def describe_table(model: nn.Module, layout: Layout, curvatures: list[BlockCurva
     (explicit/implicit/fallback) and why, its param group, the factor rank of an implicit
     block, and the bytes its curvature holds now (on the weight's row)."""
     curvature_of = {id(p): c for c in curvatures for p in c.block.params}
-    group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+    group_of = group_index(groups)
     modules = {module_name(n): m for n, m in model.named_modules()}
     named = {id(p): module_name(n) for n, p in model.named_parameters()}
     rows = []
@@ -50,5 +51,5 @@ def describe_table(model: nn.Module, layout: Layout, curvatures: list[BlockCurva
 
 def _outside_why(in_model: bool) -> str:
     if in_model:
-        return "added with add_param_group after construction"
+        return "its layer was frozen when SENG was built (trainable only since)"
     return "not a parameter of the model"

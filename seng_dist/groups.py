@@ -38,9 +38,11 @@ class GroupSchedules:
         self.config = config
         self.schedules: list[dict[str, Callable[[int], float]]] = []
 
-    def prepare(self, group: dict[str, Any], step: int) -> dict[str, Any]:
-        """Check a new group (keys, values) and take its callables out: the group torch stores
-        holds their value at ``step``; the config's callables schedule what it leaves out."""
+    def prepare(self, group: dict[str, Any], step: int
+                ) -> tuple[dict[str, Any], dict[str, Callable[[int], float]]]:
+        """Check a new group (keys, values) and take its callables out: the group for torch
+        holds their value at ``step``; the config's callables schedule what it leaves out.
+        Returns that group and its schedules, for :meth:`add` once torch has taken it."""
         index = len(self.schedules)
         check_shape(group, index)
         unknown = sorted(set(group) - set(GROUP_SETTINGS) - set(_OTHER_KEYS))
@@ -57,8 +59,11 @@ class GroupSchedules:
                 value = value(step)
             allowed.check(f"param group {index}'s {key}", value)
             out[key] = value
+        return out, scheduled
+
+    def add(self, scheduled: dict[str, Callable[[int], float]]) -> None:
+        """Keep the schedules of the group torch has just added."""
         self.schedules.append(scheduled)
-        return out
 
     def resolve(self, groups: list[dict[str, Any]], step: int) -> None:
         """Write every scheduled value for ``step`` into ``groups`` and check all values."""
@@ -84,7 +89,7 @@ class GroupSchedules:
         """Raise ``ValueError`` for a block whose weight and bias sit in groups with different
         ``lr`` or ``damping``: they form one preconditioned block, solved with one damping and
         stepped together."""
-        index = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        index = group_index(groups)
         for b in blocks:
             if b.bias is None:
                 continue
@@ -107,6 +112,11 @@ def check_shape(group: Any, index: int) -> None:
     if not isinstance(group, dict) or "params" not in group:
         raise ValueError(f"param group {index} must be a dict with a 'params' entry (as torch "
                          f"optimizers take), got {group!r}")
+
+
+def group_index(groups: list[dict[str, Any]]) -> dict[int, int]:
+    """Each parameter's group, by ``id`` of the tensor."""
+    return {id(p): i for i, g in enumerate(groups) for p in g["params"]}
 
 
 def group_params(groups: list[dict[str, Any]]) -> list[Tensor]:

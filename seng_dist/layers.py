@@ -177,11 +177,12 @@ def find_blocks(model: nn.Module, skip_layers: tuple[str | type, ...] = (),
     blocks, fallback, skipped = [], {}, set()
     for raw, module in model.named_modules():
         name = module_name(raw)
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
-            continue
         skip = _skip_reason(name, module, skip_layers)
         if skip is not None:
-            skipped.add(skip[1])
+            skipped.add(skip[1])  # matched, even if frozen: the name was right
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        if skip is not None:
             fallback[name] = skip[0]
             continue
         why = _unsupported(name, module, owners)

@@ -1,8 +1,9 @@
 """The SENG optimizer: it orchestrates one step (see ``docs/design.md`` for the module map).
 
-The step counter, capture arming (:class:`~seng_dist.builder.CurvatureBuilder`), the round
-(:mod:`seng_dist.rounds`), momentum and weight decay, and checkpoint assembly live here; the
-per-block math lives in :mod:`seng_dist.curvature` and :mod:`seng_dist.solver`.
+The step counter, empty steps, param groups and the order of a step live here; capture arming
+is :class:`~seng_dist.builder.CurvatureBuilder`'s, the round :mod:`seng_dist.rounds`', the
+update :mod:`seng_dist.update`'s, the checkpoint's parts :mod:`seng_dist.checkpoint`'s and the
+per-block math :mod:`seng_dist.curvature`'s and :mod:`seng_dist.solver`'s.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .comm import Communicator, make_communicator
 from .config import GROUP_SETTINGS, SENGConfig, resolve
 from .curvature import BlockCurvature
 from .describe import describe_table
-from .groups import GroupSchedules, check_shape, group_params
+from .groups import GroupSchedules, StepSettings, check_shape, group_params
 from .layers import Block, find_blocks
 from .rounds import make_round
 from .update import apply_update
@@ -112,6 +113,8 @@ class SENG(torch.optim.Optimizer):
         self._counters = Counters()
         self._codec = StateCodec(cfg, self.blocks, self.curvature, self.communicator)
         self._said_empty = False
+        self._settings_key: tuple = ()
+        self._settings = StepSettings({}, {})
         self._set_round(grads_averaged)
         if self.communicator.world_size > 1:
             self._check_ranks_agree()
@@ -125,10 +128,12 @@ class SENG(torch.optim.Optimizer):
         fallback rule ``d = -g/(1+damping)`` (SENG preconditions the layers it found when it
         was built), with a warning; on several ranks every rank must add the same group (it is
         checked, as at construction)."""
+        step = self._counters.step if hasattr(self, "_counters") else 0
+        group, scheduled = self.schedules.prepare(param_group, step)
+        super().add_param_group(group)  # torch's own checks (e.g. a parameter in two groups)
+        self.schedules.add(scheduled)
         if not hasattr(self, "_fallback"):  # torch's __init__ adding the constructor's groups
-            super().add_param_group(self.schedules.prepare(param_group, 0))
             return
-        super().add_param_group(self.schedules.prepare(param_group, self._counters.step))
         added = list(self.param_groups[-1]["params"])
         self._fallback.extend(added)
         warn(f"SENG: the {len(added)} parameter(s) added with add_param_group follow the "
@@ -197,17 +202,15 @@ class SENG(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         k = self._counters.step
-        if not self._has_gradients():
-            return loss
+        if self.curvature.idle(p for g in self.param_groups for p in g["params"]):
+            return self._empty(loss)
         self.schedules.resolve(self.param_groups, k)
-        if len(self.param_groups) > 1:  # a scheduler may have split a layer's lr
-            GroupSchedules.check_blocks(self.blocks, self.param_groups)
         scale = 1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale())
         rebuilt = self.curvature.refresh(scale)
         self._counters.curvature_updates += int(rebuilt.updated)
         self._counters.curvature_skips += rebuilt.skipped
         decoupled = self.config.decoupled_weight_decay
-        found = self.round.directions(GroupSchedules.step_settings(self.param_groups, decoupled))
+        found = self.round.directions(self._step_settings())
         if found is None:
             n = self._counters.nonfinite_steps = self._counters.nonfinite_steps + 1
             if n & (n - 1) == 0:  # 1st, 2nd, 4th, ...: visible, but not a flood
@@ -215,16 +218,19 @@ class SENG(torch.optim.Optimizer):
                      "such step(s) so far); parameters and momentum are unchanged")
             self.curvature.arm_for(k)  # step k is taken again by the next call
             return loss
+        if not found[0]:  # no parameter had a gradient, on any rank
+            self.curvature.arm_for(k)
+            return self._empty(loss)
         apply_update(self.state, self.param_groups, *found, decoupled)
         self._counters.step = k + 1
         self.curvature.arm_for(k + 1)
         return loss
 
-    def _has_gradients(self) -> bool:
-        """False, and said once, for a step with nothing to do (``CurvatureBuilder.idle``):
-        it changes nothing and keeps its step number and curvature update for the next call."""
-        empty = self.curvature.idle([p.grad for p in group_params(self.param_groups)])
-        if empty and not self._said_empty:
+    def _empty(self, loss: Tensor | None) -> Tensor | None:
+        """A step with nothing to do (no gradient on any rank; or zeros with no forward since
+        the last step): nothing changed, it keeps its step number and curvature update for the
+        next call, and that is said once."""
+        if not self._said_empty:
             self._said_empty = True
             warn(f"SENG: step() with no gradients to apply (before any backward, or zeros "
                  f"with no forward/backward since the last step) did nothing; step "
@@ -232,7 +238,20 @@ class SENG(torch.optim.Optimizer):
                  "Likely callers: hvd.broadcast_optimizer_state (its dummy step creates "
                  "optimizer state; SENG has none to create) or a step() before the first "
                  "backward()")
-        return not empty
+        return loss
+
+    def _step_settings(self) -> StepSettings:
+        """Each parameter's damping and L2, rebuilt (and the groups' split layers checked)
+        only when a group's values changed: a scheduler may have moved them."""
+        key = tuple((g["lr"], g["damping"], g["weight_decay"], len(g["params"]))
+                    for g in self.param_groups)
+        if key != self._settings_key:
+            if len(self.param_groups) > 1:
+                GroupSchedules.check_blocks(self.blocks, self.param_groups)
+            self._settings = GroupSchedules.step_settings(
+                self.param_groups, self.config.decoupled_weight_decay)
+            self._settings_key = key
+        return self._settings
 
     def describe(self) -> str:
         """A table of every parameter: layer, layer type, block shape, path

@@ -254,7 +254,7 @@ class LaggedRound(BlockDiagonalRound):
     PREVIOUS = "prev_g"
 
     def _previous(self, curvature: BlockCurvature) -> Tensor | None:
-        prev: Tensor | None = self._states[curvature.block.weight].get(self.PREVIOUS)
+        prev: Tensor | None = self._states.get(curvature.block.weight, {}).get(self.PREVIOUS)
         return prev
 
     @property

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .builder import CurvatureBuilder
-from .config import GROUP_SETTINGS, SENGConfig, resolve
+from .config import SENGConfig, resolve
 from .layers import find_blocks
 
 
@@ -113,7 +113,7 @@ def emulate_distributed(model: nn.Module, shards: list[list[tuple[Tensor, Tensor
     for k, step_shards in enumerate(shards):
         run.backward(step_shards, loss_fn)
         lr, lam, mu, wd = (float(resolve(cfg, h, k))
-                           for h in GROUP_SETTINGS)
+                           for h in ("lr", "damping", "momentum", "weight_decay"))
         l2 = 0.0 if cfg.decoupled_weight_decay else wd
         zs, fmeans = run.averaged(l2)
         lagged = cfg.distributed.variant == "lagged" and previous is not None

@@ -16,6 +16,11 @@ MOMENTUM = "momentum_buffer"
 def apply_update(state: MutableMapping[Any, dict[str, Any]], groups: list[dict[str, Any]],
                  params: list[Tensor], dirs: list[Tensor], decoupled: bool) -> None:
     """Update ``params`` along ``dirs``, group by group (``state`` holds the buffers)."""
+    if len(groups) == 1:
+        g = groups[0]
+        _heavy_ball(state, params, dirs, g["lr"], g["momentum"],
+                    g["weight_decay"] if decoupled else 0.0)
+        return
     direction = {id(p): d for p, d in zip(params, dirs, strict=True)}
     for group in groups:
         ps = [p for p in group["params"] if id(p) in direction]

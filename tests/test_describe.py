@@ -62,3 +62,9 @@ def test_skip_layers_takes_one_name_or_class_or_an_iterable_and_refuses_the_rest
         SENG(model, skip_layers="fc")
     with pytest.raises(ValueError, match="skip_layers must be a module name"):
         SENG(model, skip_layers=3)
+
+
+def test_skip_layers_may_name_a_frozen_layer():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    model[0].requires_grad_(False)
+    assert [b.name for b in SENG(model, skip_layers="0").blocks] == ["2"]

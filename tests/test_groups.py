@@ -187,3 +187,12 @@ def _grouped(rank: int, world: int) -> str:
 def test_the_ranks_agree_on_the_groups():
     for message in run_ranks(_grouped, 2, timeout=120):
         assert "param group 0" in message and "rank 0: {'lr': 0.1" in message
+
+
+def test_a_refused_add_param_group_leaves_the_optimizer_as_it_was():
+    model = _mlp()
+    opt = SENG(model, **SETTINGS)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [model[0].weight]})  # already in a group
+    _step(model, opt)
+    assert opt.step_count == 1 and len(opt.param_groups) == 1

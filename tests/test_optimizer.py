@@ -13,7 +13,7 @@ from conftest import LAYERS, MixedNet, batch, make_mixed, seng_directions
 from torch import nn
 
 from seng_dist import SENG, schedules
-from seng_dist.testing import block_matrix, per_sample_gradients, relative_error
+from seng_dist.testing import block_matrix, per_sample_gradients, relative_error, run_ranks
 
 
 def _net():
@@ -361,3 +361,18 @@ def test_defaults_adapt_and_only_given_settings_are_checked_against_each_other()
     assert {b.path for b in opt.blocks} == {"implicit"}
     with pytest.raises(ValueError, match="sketch_size must be None or smaller"):
         SENG(_net(), explicit_threshold=0, sketch_size=16)
+
+
+def _one_rank_without_gradients(rank: int, world: int) -> tuple[int, int]:
+    model = _net()
+    opt = SENG(model, lr=0.1, comm="torch")
+    opt.step()  # before any backward, on every rank: nothing happens, nothing is exchanged
+    if rank == 0:  # then only rank 0 has gradients: both ranks still take the step together
+        F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+    opt.step()
+    return opt.step_count, opt.curvature_updates
+
+
+def test_an_empty_step_is_decided_by_all_ranks_together():
+    results = run_ranks(_one_rank_without_gradients, 2, timeout=120)
+    assert results == [(1, 1), (1, 0)]  # rank 1 had no curvature pass of its own

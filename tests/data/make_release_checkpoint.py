@@ -1,6 +1,6 @@
 """Writes ``release-0.1.0.pt``: SENG checkpoints made by seng-dist 0.1.0 (commit 85d0b3f, before
 the optimizer was split into curvature objects and rounds), kept so that every later release is
-tested to load them (``tests/test_checkpoint_compat.py``).
+tested to load them (``tests/test_checkpoint.py``).
 
 Run from a checkout of that release:
 ``PYTHONPATH=.:tests python tests/data/make_release_checkpoint.py``.
