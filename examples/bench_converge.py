@@ -1,159 +1,243 @@
-"""Convergence benchmark: epochs and training time to a target test accuracy on Fashion-MNIST.
+"""Time-to-accuracy benchmark: training time and epochs to a target test accuracy.
 
-    python examples/bench_converge.py                      # the README table (about 75 min
-                                                           # on 2 CPU cores)
-    python examples/bench_converge.py --epochs 1 --grid first   # a quick look
+    python examples/bench_converge.py --out examples/results/converge   # the README table
+    python examples/bench_converge.py --smoke --out /tmp/converge-smoke # a 3-minute pipeline check
 
-Every method trains the same model on the same data for the same epoch budget and global
-batch, with the same cosine learning-rate schedule, over a small grid of learning rates (and
-dampings for the second-order methods), each grid point a ``train.py`` run writing a metrics
-file to ``--out``. The best grid point of a method is the one that reaches ``--target`` in the
-fewest epochs (then the least time), or the most accurate one if none does. The driver prints a
-Markdown table (also written to ``--out``/results.md) with each method's epochs and training
-time (evaluation excluded) to the target as ratios to SGD's, and plots the best runs
-(``--out``/results.png). SENG runs as one process and on 2 Gloo ranks (``torchrun``) in both
-variants; SGD also on 2 ranks (DDP, its best learning rate). Finished runs are reused: delete
-``--out`` (or pass ``--fresh``) to measure again.
+Protocol (the same for every method): each regime (global batch, ranks, model) trains every
+method over the same number of tuning points — learning rate, damping for the second-order
+methods, and the epoch budget itself — on ``--tune-seed``; each method's best point (first to
+``--targets[0]``, interpolated, else the most accurate) is run again on every ``--confirm-seed``.
+Test accuracy is evaluated ``--evals-per-epoch`` times per epoch on a fixed step cadence; the time
+to a target is interpolated linearly between the two evaluations around it, from training time
+only (evaluation excluded). The large-batch regime scales every method's learning-rate grid
+linearly with the batch and warms up for one epoch (Goyal et al., 2017); the table shows the
+learning rate actually used. Every run writes its
+metrics to ``--out``/runs/ and is reused when the benchmark runs again (``--fresh`` reruns); a run
+that fails (a diverging grid point) is recorded and marked. The tables (``--out``/results.md)
+give per method and regime the mean ± spread over the seeds of the time and epochs to each
+target, the best accuracy, and ratios to the tuned SGD of the same regime.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from plot import plot_runs, read_metrics  # noqa: E402
 
-# (name, ranks, train.py arguments, grid of (lr, damping)); damping None: not used.
-SECOND_ORDER_GRID = [(0.05, 1.0), (0.1, 1.0), (0.1, 0.5)]
-METHODS = [
-    ("SGD", 1, ["--optimizer", "sgd"], [(0.05, None), (0.1, None)]),
-    ("Adam", 1, ["--optimizer", "adam"], [(1e-3, None), (2e-3, None)]),
-    ("ASDL K-FAC", 1, ["--optimizer", "kfac"], SECOND_ORDER_GRID),
-    ("ASDL SENG", 1, ["--optimizer", "asdl-seng"], SECOND_ORDER_GRID),
-    ("SENG", 1, ["--optimizer", "seng"], SECOND_ORDER_GRID),
-    ("SENG blockdiag", 2, ["--optimizer", "seng", "--variant", "blockdiag"], SECOND_ORDER_GRID),
-    ("SENG lagged", 2, ["--optimizer", "seng", "--variant", "lagged"], SECOND_ORDER_GRID),
-]
+
+@dataclass(frozen=True)
+class Regime:
+    """A global batch, the ranks it runs on, and the learning-rate scale against batch 128."""
+
+    name: str
+    batch: int
+    ranks: int
+    lr_scale: float
+    warmup_epochs: float
 
 
-def _tag(name: str, ranks: int, lr: float, damping: float | None) -> str:
-    tag = f"{name.lower().replace(' ', '-')}_r{ranks}_lr{lr:g}"
-    return tag + (f"_d{damping:g}" if damping is not None else "")
+@dataclass(frozen=True)
+class Method:
+    """``train.py`` arguments and the tuning grid (each point: extra arguments)."""
+
+    name: str
+    args: tuple[str, ...]
+    grid: tuple[tuple[tuple[str, str], ...], ...]
+    one_process: bool = False  # ASDL's baselines run in one process
+    scale_lr: bool = True  # linear lr scaling in the large-batch regime
+    extra: dict[str, str] = field(default_factory=dict)
 
 
-def run(name: str, ranks: int, extra: list[str], lr: float, damping: float | None,
+def _grid(lrs: tuple[float, ...], dampings: tuple[float | None, ...],
+          epochs: tuple[int, ...]) -> tuple[tuple[tuple[str, str], ...], ...]:
+    return tuple(tuple([("--lr", f"{lr:g}"), ("--epochs", str(e))]
+                       + ([("--damping", f"{d:g}")] if d is not None else []))
+                 for lr, d in zip(lrs, dampings, strict=True) for e in epochs)
+
+
+EPOCHS = (3, 5)
+METHODS = (
+    Method("SGD", ("--optimizer", "sgd"), _grid((0.05, 0.1), (None, None), EPOCHS)),
+    Method("Adam", ("--optimizer", "adam"), _grid((1e-3, 2e-3), (None, None), EPOCHS)),
+    Method("ASDL K-FAC", ("--optimizer", "kfac"), _grid((0.05, 0.1), (0.03, 0.03), EPOCHS),
+           one_process=True),
+    Method("SENG", ("--optimizer", "seng", "--variant", "lagged"),
+           _grid((0.05, 0.1), (1.0, 0.3), EPOCHS)),
+)
+REGIMES = (Regime("batch 128", 128, 1, 1.0, 0.0), Regime("batch 1024", 1024, 2, 8.0, 1.0))
+
+
+def run(regime: Regime, method: Method, point: tuple[tuple[str, str], ...], seed: int,
         args: argparse.Namespace) -> list[dict]:
-    """One training run (reused if its metrics file is complete); its per-epoch rows."""
-    metrics = args.out / f"{_tag(name, ranks, lr, damping)}.jsonl"
+    """One training run (reused when its metrics are complete); its metrics rows."""
+    ranks = 1 if method.one_process else regime.ranks
+    flags = flags_for(regime, method, point)
+    tag = "_".join([regime.name.replace(" ", ""), method.name.lower().replace(" ", "-")]
+                   + [f"{k.strip('-')}{v}" for k, v in flags.items()] + [f"s{seed}"])
+    metrics = args.out / "runs" / f"{tag}.jsonl"
     failed = metrics.with_suffix(".failed")
-    if not args.fresh and failed.exists():
+    epochs = int(flags["--epochs"])
+    if not args.fresh and (failed.exists() or (
+            metrics.exists() and read_metrics(metrics)
+            and read_metrics(metrics)[-1]["epoch"] >= epochs)):
         return read_metrics(metrics) if metrics.exists() else []
-    if metrics.exists() and not args.fresh and len(read_metrics(metrics)) >= args.epochs:
-        return read_metrics(metrics)[:args.epochs]
     cmd = [sys.executable, str(HERE / "train.py")]
     if ranks > 1:
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                     str(ranks)]
-    cmd += extra + ["--model", args.model, "--epochs", str(args.epochs), "--batch-size",
-                    str(args.batch_size // ranks), "--lr", str(lr), "--schedule", "cosine",
-                    "--curvature-interval", str(args.curvature_interval), "--seed",
-                    str(args.seed), "--metrics", str(metrics), "--label", name,
-                    "--no-progress"]
-    if damping is not None:
-        cmd += ["--damping", str(damping)]
+    cmd += list(method.args) + [a for kv in flags.items() for a in kv] + [
+        "--model", args.model, "--batch-size", str(regime.batch // ranks), "--schedule",
+        "cosine", "--warmup-epochs", str(regime.warmup_epochs), "--curvature-interval",
+        str(args.curvature_interval), "--evals-per-epoch", str(args.evals_per_epoch),
+        "--seed", str(seed), "--metrics", str(metrics), "--label", method.name,
+        "--no-progress"]
     if args.train_limit:
         cmd += ["--train-limit", str(args.train_limit)]
+    if args.test_limit:
+        cmd += ["--test-limit", str(args.test_limit)]
     print("$", " ".join(cmd[1:]), flush=True)
+    metrics.parent.mkdir(parents=True, exist_ok=True)
     failed.unlink(missing_ok=True)
+    metrics.unlink(missing_ok=True)
     if subprocess.run(cmd, cwd=HERE.parent).returncode != 0:
-        # A grid point that diverges (K-FAC at a large step, say) is a result, not a crash
-        # of the benchmark: it keeps the epochs it finished and is marked in the table.
-        failed.touch()
-        print(f"run failed (diverged?): {metrics.stem}", flush=True)
+        failed.touch()  # a diverging grid point is a result, not a crash of the benchmark
+        print(f"run failed (diverged?): {tag}", flush=True)
     return read_metrics(metrics) if metrics.exists() else []
 
 
-def to_target(rows: list[dict], target: float) -> tuple[int, float] | None:
-    """(epochs, training seconds) at the first epoch whose test accuracy reaches ``target``."""
-    for r in rows:
+def flags_for(regime: Regime, method: Method, point: tuple[tuple[str, str], ...]
+              ) -> dict[str, str]:
+    """A grid point's ``train.py`` flags in ``regime`` (the lr scaled with the batch)."""
+    flags = dict(point)
+    if method.scale_lr and regime.lr_scale != 1.0:
+        flags["--lr"] = f"{float(flags['--lr']) * regime.lr_scale:g}"
+    return flags
+
+
+def to_target(rows: list[dict], target: float) -> tuple[float, float] | None:
+    """(epochs, training seconds) when the test accuracy first reaches ``target``, linearly
+    interpolated between that evaluation and the one before (the first evaluation: its own)."""
+    for i, r in enumerate(rows):
         if r["test_acc"] >= target:
-            return int(r["epoch"]), float(r["train_time_s"])
+            if i == 0:
+                return float(r["epoch"]), float(r["train_time_s"])
+            p = rows[i - 1]
+            f = (target - p["test_acc"]) / (r["test_acc"] - p["test_acc"])
+            return (p["epoch"] + f * (r["epoch"] - p["epoch"]),
+                    p["train_time_s"] + f * (r["train_time_s"] - p["train_time_s"]))
     return None
 
 
 def best(results: dict, target: float) -> tuple:
-    """The grid point reaching the target first (epochs, then time), else the most accurate."""
-    def key(item):
+    """The grid point reaching the target soonest (time), else the most accurate."""
+    def key(item: tuple) -> tuple:
         hit = to_target(item[1], target)
-        return (0, hit[0], hit[1]) if hit else (1, -max([r["test_acc"] for r in item[1]] or [0]),
-                                                 0)
+        if hit:
+            return (0, hit[1])
+        return (1, -max([r["test_acc"] for r in item[1]] or [0.0]))
     return min(results.items(), key=key)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="cnn")
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--target", type=float, default=0.90)
-    ap.add_argument("--batch-size", type=int, default=128, help="global batch")
-    ap.add_argument("--curvature-interval", type=int, default=50)
-    ap.add_argument("--train-limit", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--grid", default="all", choices=["all", "first"],
-                    help="first: only the first grid point of each method")
-    ap.add_argument("--only", default=None, help="comma-separated method names to run")
-    ap.add_argument("--out", type=Path, default=Path("bench-converge"))
-    ap.add_argument("--fresh", action="store_true", help="rerun finished runs")
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    methods = [m for m in METHODS if args.only is None or m[0] in args.only.split(",")]
+def _spread(values: list[float], fmt: str) -> str:
+    if not values:
+        return "—"
+    mean = statistics.fmean(values)
+    half = (max(values) - min(values)) / 2
+    return f"{mean:{fmt}} ± {half:{fmt}}"
 
-    chosen: dict[str, tuple] = {}  # method label -> (lr, damping, rows, grid size)
-    for name, ranks, extra, grid in methods:
-        grid = grid[:1] if args.grid == "first" else grid
-        results = {(lr, d): run(name, ranks, extra, lr, d, args) for lr, d in grid}
-        (lr, d), rows = best(results, args.target)
-        failed = sum(len(r) < args.epochs for r in results.values())
-        chosen[f"{name} ({ranks} rank{'s' if ranks > 1 else ''})"] = (
-            lr, d, rows, f"{len(grid)}" + (f" ({failed} diverged)" if failed else ""))
-        if name == "SGD":  # the data-parallel baseline for the 2-rank SENG rows
-            chosen["SGD (2 ranks, DDP)"] = (lr, d, run("SGD", 2, extra, lr, d, args), "1")
 
-    sgd = chosen.get("SGD (1 rank)")
-    sgd_hit = to_target(sgd[2], args.target) if sgd else None
-    lines = [f"Target test accuracy {args.target:.0%}, {args.model}, {args.epochs} epochs, "
-             f"global batch {args.batch_size}, cosine schedule; times exclude evaluation.",
-             "", "| method | grid points | chosen lr / damping | final test acc | epochs to "
-             "target | time to target (s) | epochs vs SGD | time vs SGD | s/epoch vs SGD |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for label, (lr, d, rows, n) in chosen.items():
-        if not rows:
-            lines.append(f"| {label} | {n} | — | diverged | — | — | — | — | — |")
-            continue
-        hit = to_target(rows, args.target)
-        per_epoch = rows[-1]["train_time_s"] / len(rows)
-        sgd_per_epoch = sgd[2][-1]["train_time_s"] / len(sgd[2]) if sgd else None
-        cells = [label, n, f"{lr:g}" + (f" / {d:g}" if d is not None else ""),
-                 f"{rows[-1]['test_acc']:.4f}"]
-        if hit:
-            cells += [str(hit[0]), f"{hit[1]:.0f}"]
-        else:
-            cells += [f"not reached (best {max(r['test_acc'] for r in rows):.4f})", "—"]
-        if hit and sgd_hit:
-            cells += [f"{hit[0] / sgd_hit[0]:.2f}×", f"{hit[1] / sgd_hit[1]:.2f}×"]
-        else:
-            cells += ["—", "—"]
-        cells.append(f"{per_epoch / sgd_per_epoch:.2f}×" if sgd_per_epoch else "—")
+def table(regime: Regime, chosen: dict[str, tuple], targets: list[float]) -> str:
+    """The Markdown table of one regime: per method and target, mean ± half-range over seeds."""
+    head = ["method", "chosen point"]
+    for t in targets:
+        head += [f"time to {t:.0%} (s)", f"epochs to {t:.0%}", f"time vs SGD ({t:.0%})"]
+    head += ["best acc", "s/epoch vs SGD"]
+    lines = [f"**{regime.name}** ({regime.ranks} rank(s) for SGD/Adam/SENG)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    sgd = chosen.get("SGD")
+    for name, (point, seeds) in chosen.items():
+        cells = [name, " ".join(f"{k.strip('-')} {v}" for k, v in point.items())]
+        for t in targets:
+            hits = [to_target(rows, t) for rows in seeds]
+            reached = [h for h in hits if h]
+            cells += [_spread([h[1] for h in reached], ".0f")
+                      + (f" ({len(reached)}/{len(hits)} seeds)" if len(reached) < len(hits)
+                         else ""),
+                      _spread([h[0] for h in reached], ".2f")]
+            sgd_hits = [h for h in (to_target(r, t) for r in sgd[1]) if h] if sgd else []
+            if reached and sgd_hits:
+                ratio = (statistics.fmean(h[1] for h in reached)
+                         / statistics.fmean(h[1] for h in sgd_hits))
+                cells.append(f"{ratio:.2f}×")
+            else:
+                cells.append("—")
+        cells.append(_spread([max(r["test_acc"] for r in rows) for rows in seeds if rows],
+                             ".4f"))
+        cells.append(f"{_per_epoch(seeds) / _per_epoch(sgd[1]):.2f}×" if sgd else "—")
         lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    print(table)
-    (args.out / "results.md").write_text(table + "\n")
-    plot_runs({label: v[2] for label, v in chosen.items()}, args.out / "results.png",
-              target=args.target)
+    return "\n".join(lines)
+
+
+def _per_epoch(seeds: list[list[dict]]) -> float:
+    done = [rows for rows in seeds if rows]
+    return statistics.fmean(rows[-1]["train_time_s"] / rows[-1]["epoch"] for rows in done)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench-converge"))
+    ap.add_argument("--model", default="cnn")
+    ap.add_argument("--targets", default="0.90,0.91")
+    ap.add_argument("--evals-per-epoch", type=int, default=4)
+    ap.add_argument("--curvature-interval", type=int, default=50)
+    ap.add_argument("--train-limit", type=int, default=30_000,
+                    help="a fixed training subset (the first N images), for the time budget")
+    ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--tune-seed", type=int, default=0)
+    ap.add_argument("--confirm-seeds", default="1")
+    ap.add_argument("--regimes", default=",".join(r.name for r in REGIMES))
+    ap.add_argument("--only", default=None, help="comma-separated method names")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny data and 1-epoch budgets: checks the pipeline, measures nothing")
+    ap.add_argument("--fresh", action="store_true", help="rerun finished runs")
+    args = ap.parse_args(argv)
+    targets = [float(t) for t in args.targets.split(",")]
+    methods = [m for m in METHODS if args.only is None or m.name in args.only.split(",")]
+    if args.smoke:
+        args.train_limit, args.test_limit, args.evals_per_epoch = 4096, 1000, 2
+        methods = [Method(m.name, m.args, tuple((p[0], ("--epochs", "1")) + p[2:]
+                                                 for p in m.grid[::len(EPOCHS)]),
+                          m.one_process, m.scale_lr) for m in methods]
+    sizes = {len(m.grid) for m in methods}
+    assert len(sizes) == 1, "every method gets the same number of tuning points"
+    seeds = [args.tune_seed] + [int(s) for s in args.confirm_seeds.split(",") if s]
+    report = [f"Targets {', '.join(f'{t:.0%}' for t in targets)}; {args.model}; training "
+              f"subset {args.train_limit or 'all'} images; {sizes.pop()} tuning points per "
+              f"method on seed {args.tune_seed}, best point on seeds {seeds}; "
+              f"{args.evals_per_epoch} evaluations per epoch; times exclude evaluation; "
+              "mean ± half-range over seeds.", ""]
+    curves = {}
+    for regime in (r for r in REGIMES if r.name in args.regimes.split(",")):
+        chosen: dict[str, tuple] = {}
+        for m in methods:
+            tuned = {p: run(regime, m, p, args.tune_seed, args) for p in m.grid}
+            point, rows = best(tuned, targets[0])
+            chosen[m.name] = (flags_for(regime, m, point),
+                              [rows] + [run(regime, m, point, s, args) for s in seeds[1:]])
+            curves[f"{m.name} ({regime.name})"] = rows
+        report += [table(regime, chosen, targets), ""]
+    text = "\n".join(report)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(text + "\n")
+    plot_runs(curves, args.out / "results.png", target=targets[0])
     print(f"plot: {args.out / 'results.png'}")
 
 

@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--train-limit", type=int, default=None, help="use the first N images")
     ap.add_argument("--test-limit", type=int, default=None,
                     help="evaluate on the first N test images")
+    ap.add_argument("--evals-per-epoch", type=int, default=1,
+                    help="evaluate on the test set this many times per epoch, at evenly spaced "
+                         "steps (metrics rows get fractional epochs; times exclude evaluation)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--metrics", default=None, help="per-epoch metrics file (.csv or .jsonl)")
     ap.add_argument("--checkpoint", default=None, help="save here after every epoch")
@@ -94,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="DeepSpeed JSON config: train with the DeepSpeed engine")
     ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = ap.parse_args(argv)
-    for name in ("epochs", "batch_size", "curvature_interval"):
+    for name in ("epochs", "batch_size", "curvature_interval", "evals_per_epoch"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be a positive integer")
     if not args.timeout > 0:
@@ -255,12 +258,40 @@ def main(argv: list[str] | None = None) -> float:
     aug_gen = torch.Generator()
     wall0 = time.perf_counter()
     test_acc = history[-1]["test_acc"] if history else 0.0
+    evals = {round(j * steps_per_epoch / args.evals_per_epoch)
+             for j in range(1, args.evals_per_epoch + 1)}
+
+    def record(epoch: int, i: int, sums: torch.Tensor, epoch_time: float) -> None:
+        """Evaluate after step ``i`` of ``epoch`` and add a metrics row (rank 0 prints it)."""
+        nonlocal test_acc
+        t_eval = time.perf_counter()
+        engine.average_buffers(net)
+        test_loss, test_acc = evaluate(net, x_test, y_test, engine)
+        step = epoch * steps_per_epoch + i + 1
+        row = {"run": label, "epoch": round(epoch + (i + 1) / steps_per_epoch, 4),
+               "step": step, "train_loss": round(float(sums[0] / sums[2]), 5),
+               "train_acc": round(float(sums[1] / sums[2]), 5),
+               "test_loss": round(test_loss, 5), "test_acc": round(test_acc, 5),
+               "lr": _setting(opt, "lr", lr_fn, step - 1),
+               "damping": _setting(opt, "damping", damping_fn, step - 1),
+               "epoch_time_s": round(epoch_time, 2), "train_time_s": round(train_time, 2),
+               "wall_s": round(time.perf_counter() - wall0, 2), "world": world}
+        if row["epoch"] == int(row["epoch"]):
+            row["epoch"] = int(row["epoch"])
+        history.append(row)
+        if rank == 0:
+            print(json.dumps({k: v for k, v in row.items() if k != "run"}), flush=True)
+            if args.metrics:
+                write_metrics(args.metrics, history)
+        evaluated[0] += time.perf_counter() - t_eval
+
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         aug_gen.manual_seed(args.seed * 1_000_003 + epoch * 1009 + rank)
         # loss·n, correct, n, batches with a non-finite loss, non-finite state: on this rank
         sums = torch.zeros(5, dtype=torch.float64)
-        t0 = time.perf_counter()
+        # Training time excludes evaluation: each segment between evaluations is timed alone.
+        t0, evaluated, epoch_train0 = time.perf_counter(), [0.0], train_time
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    disable=rank != 0 or args.no_progress, mininterval=1.0)
         for i, idx in enumerate(bar):
@@ -287,8 +318,14 @@ def main(argv: list[str] | None = None) -> float:
             sums[3] += not math.isfinite(value)  # of the last micro-batch with DeepSpeed
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+            if i + 1 in evals and i + 1 < steps_per_epoch:
+                now = time.perf_counter()
+                train_time += now - t0 - evaluated[0]
+                t0, evaluated[0] = now, 0.0
+                record(epoch, i, engine.sum_(sums.clone()), train_time - epoch_train0)
         bar.close()
-        train_time += time.perf_counter() - t0
+        train_time += time.perf_counter() - t0 - evaluated[0]
+        epoch_time = train_time - epoch_train0
         state = list(net.parameters()) + [b for b in net.buffers() if b.is_floating_point()]
         sums[4] = not all(bool(torch.isfinite(t).all()) for t in state)
         engine.sum_(sums)  # every rank then takes the same decision below
@@ -297,19 +334,7 @@ def main(argv: list[str] | None = None) -> float:
             raise SystemExit(f"training diverged in epoch {epoch + 1}: " + (
                 "the parameters or BatchNorm statistics are not finite" if sums[4] else
                 "every batch had a non-finite loss") + "; lower --lr or raise --damping")
-        engine.average_buffers(net)
-        test_loss, test_acc = evaluate(net, x_test, y_test, engine)
-        last_step = (epoch + 1) * steps_per_epoch - 1
-        row = {"run": label, "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
-               "train_loss": round(float(sums[0] / sums[2]), 5),
-               "train_acc": round(float(sums[1] / sums[2]), 5),
-               "test_loss": round(test_loss, 5), "test_acc": round(test_acc, 5),
-               "lr": _setting(opt, "lr", lr_fn, last_step),
-               "damping": _setting(opt, "damping", damping_fn, last_step),
-               "epoch_time_s": round(time.perf_counter() - t0, 2),
-               "train_time_s": round(train_time, 2),
-               "wall_s": round(time.perf_counter() - wall0, 2), "world": world}
-        history.append(row)
+        record(epoch, steps_per_epoch - 1, sums, epoch_time)
         client = {"epoch": epoch + 1, "history": history, "time": train_time,
                   "args": vars(args)}
         if args.checkpoint and ds_engine is not None:
@@ -321,10 +346,6 @@ def main(argv: list[str] | None = None) -> float:
                 tmp = Path(args.checkpoint + ".tmp")
                 torch.save(client, tmp)
                 tmp.replace(args.checkpoint)  # a crash mid-save keeps the last checkpoint
-        if rank == 0:
-            print(json.dumps({k: v for k, v in row.items() if k != "run"}), flush=True)
-            if args.metrics:
-                write_metrics(args.metrics, history)
     if rank == 0 and args.plot:
         plot_runs({label: history}, args.plot)
     if rank == 0:

@@ -115,13 +115,15 @@ def test_augment_is_a_shifted_crop_or_its_mirror():
     assert not torch.equal(out, x)
 
 
-def test_benchmark_picks_the_grid_point_that_reaches_the_target_first():
+def test_benchmark_interpolates_the_time_to_target_and_picks_the_soonest_point():
     from examples.bench_converge import best, to_target
 
     def rows(*accs):
         return [{"epoch": e + 1, "test_acc": a, "train_time_s": 10.0 * (e + 1)}
                 for e, a in enumerate(accs)]
-    assert to_target(rows(0.8, 0.91, 0.93), 0.9) == (2, 20.0)
+    # between the evaluation at 80% (epoch 1, 10 s) and the one at 91% (epoch 2, 20 s)
+    assert to_target(rows(0.8, 0.91, 0.93), 0.9) == pytest.approx((1 + 1 / 1.1, 10 + 10 / 1.1))
+    assert to_target(rows(0.92), 0.9) == (1.0, 10.0)  # the first evaluation: its own point
     assert to_target(rows(0.8, 0.85), 0.9) is None
     grid = {"slow": rows(0.8, 0.91, 0.95), "fast": rows(0.92, 0.93, 0.94),
             "never": rows(0.5, 0.6, 0.89)}
