@@ -180,13 +180,19 @@ def table(regime: Regime, chosen: dict[str, tuple], targets: list[float]) -> str
                 cells.append("—")
         cells.append(_spread([max(r["test_acc"] for r in rows) for rows in seeds if rows],
                              ".4f"))
-        cells.append(f"{_per_epoch(seeds) / _per_epoch(sgd[1]):.2f}×" if sgd else "—")
+        mine, base = _per_epoch(seeds), _per_epoch(sgd[1]) if sgd else None
+        cells.append(f"{mine / base:.2f}×" if mine and base else "—")
+        if not any(seeds):
+            cells[1] += " (every grid point failed)"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _per_epoch(seeds: list[list[dict]]) -> float:
+def _per_epoch(seeds: list[list[dict]]) -> float | None:
+    """Mean training seconds per epoch over the runs that have metrics (None: none has)."""
     done = [rows for rows in seeds if rows]
+    if not done:
+        return None
     return statistics.fmean(rows[-1]["train_time_s"] / rows[-1]["epoch"] for rows in done)
 
 
