@@ -24,7 +24,7 @@ import argparse
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -51,8 +51,6 @@ class Method:
     args: tuple[str, ...]
     grid: tuple[tuple[tuple[str, str], ...], ...]
     one_process: bool = False  # ASDL's baselines run in one process
-    scale_lr: bool = True  # linear lr scaling in the large-batch regime
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _grid(lrs: tuple[float, ...], dampings: tuple[float | None, ...],
@@ -116,7 +114,7 @@ def flags_for(regime: Regime, method: Method, point: tuple[tuple[str, str], ...]
               ) -> dict[str, str]:
     """A grid point's ``train.py`` flags in ``regime`` (the lr scaled with the batch)."""
     flags = dict(point)
-    if method.scale_lr and regime.lr_scale != 1.0:
+    if regime.lr_scale != 1.0:
         flags["--lr"] = f"{float(flags['--lr']) * regime.lr_scale:g}"
     return flags
 
@@ -220,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         args.train_limit, args.test_limit, args.evals_per_epoch = 4096, 1000, 2
         methods = [Method(m.name, m.args, tuple((p[0], ("--epochs", "1")) + p[2:]
                                                  for p in m.grid[::len(EPOCHS)]),
-                          m.one_process, m.scale_lr) for m in methods]
+                          m.one_process) for m in methods]
     sizes = {len(m.grid) for m in methods}
     assert len(sizes) == 1, "every method gets the same number of tuning points"
     seeds = [args.tune_seed] + [int(s) for s in args.confirm_seeds.split(",") if s]

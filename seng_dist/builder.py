@@ -89,7 +89,7 @@ class CurvatureBuilder:
 
         ``loss_scale`` is the scale a ``GradScaler`` put on the captured output gradients.
         """
-        if not self.capture.armed:
+        if not self.armed:
             return Rebuilt(updated=False, skipped=0)
         updated, skipped = False, 0
         for curvature in self.curvatures:
