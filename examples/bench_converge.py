@@ -61,13 +61,17 @@ def _grid(lrs: tuple[float, ...], dampings: tuple[float | None, ...],
 
 
 EPOCHS = (3, 5)
+# Second-order methods share one (lr, λ) grid: on every direction its curvature does not see a
+# damped method steps ``lr/λ·g``, so both points hold lr/λ at SGD's best lr (0.05) with λ where
+# the recipe study (bench_recipe.py) found SENG best; K-FAC's damping 0.03 at lr 0.05 diverged.
+SECOND_ORDER = ((0.0015, 0.005), (0.03, 0.1))
 METHODS = (
-    Method("SGD", ("--optimizer", "sgd"), _grid((0.05, 0.1), (None, None), EPOCHS)),
+    Method("SGD", ("--optimizer", "sgd"), _grid((0.03, 0.05), (None, None), EPOCHS)),
     Method("Adam", ("--optimizer", "adam"), _grid((1e-3, 2e-3), (None, None), EPOCHS)),
-    Method("ASDL K-FAC", ("--optimizer", "kfac"), _grid((0.05, 0.1), (0.03, 0.03), EPOCHS),
+    Method("ASDL K-FAC", ("--optimizer", "kfac"), _grid(*SECOND_ORDER, EPOCHS),
            one_process=True),
-    Method("SENG", ("--optimizer", "seng", "--variant", "lagged"),
-           _grid((0.05, 0.1), (1.0, 0.3), EPOCHS)),
+    Method("SENG", ("--optimizer", "seng", "--variant", "blockdiag"),
+           _grid(*SECOND_ORDER, EPOCHS)),
 )
 REGIMES = (Regime("batch 128", 128, 1, 1.0, 0.0), Regime("batch 1024", 1024, 2, 8.0, 1.0))
 
@@ -77,8 +81,7 @@ def run(regime: Regime, method: Method, point: tuple[tuple[str, str], ...], seed
     """One training run (reused when its metrics are complete); its metrics rows."""
     ranks = 1 if method.one_process else regime.ranks
     flags = flags_for(regime, method, point)
-    tag = "_".join([regime.name.replace(" ", ""), method.name.lower().replace(" ", "-")]
-                   + [f"{k.strip('-')}{v}" for k, v in flags.items()] + [f"s{seed}"])
+    tag = run_name(regime, method, flags, seed)
     metrics = args.out / "runs" / f"{tag}.jsonl"
     failed = metrics.with_suffix(".failed")
     epochs = int(flags["--epochs"])
@@ -90,7 +93,7 @@ def run(regime: Regime, method: Method, point: tuple[tuple[str, str], ...], seed
     if ranks > 1:
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                     str(ranks)]
-    cmd += list(method.args) + [a for kv in flags.items() for a in kv] + [
+    cmd += list(method.args) + [
         "--model", args.model, "--batch-size", str(regime.batch // ranks), "--schedule",
         "cosine", "--warmup-epochs", str(regime.warmup_epochs), "--curvature-interval",
         str(args.curvature_interval), "--evals-per-epoch", str(args.evals_per_epoch),
@@ -100,6 +103,7 @@ def run(regime: Regime, method: Method, point: tuple[tuple[str, str], ...], seed
         cmd += ["--train-limit", str(args.train_limit)]
     if args.test_limit:
         cmd += ["--test-limit", str(args.test_limit)]
+    cmd += [a for kv in flags.items() for a in kv]  # last: a point may override the above
     print("$", " ".join(cmd[1:]), flush=True)
     metrics.parent.mkdir(parents=True, exist_ok=True)
     failed.unlink(missing_ok=True)
@@ -108,6 +112,14 @@ def run(regime: Regime, method: Method, point: tuple[tuple[str, str], ...], seed
         failed.touch()  # a diverging grid point is a result, not a crash of the benchmark
         print(f"run failed (diverged?): {tag}", flush=True)
     return read_metrics(metrics) if metrics.exists() else []
+
+
+def run_name(regime: Regime, method: Method, flags: dict[str, str], seed: int) -> str:
+    """The file name of a run: regime, method, every flag that differs between runs, seed."""
+    # the method's own flags past --optimizer (e.g. SENG's variant) name the run too
+    own = dict(zip(method.args[2::2], method.args[3::2], strict=True))
+    return "_".join([regime.name.replace(" ", ""), method.name.lower().replace(" ", "-")]
+                    + [f"{k.strip('-')}{v}" for k, v in (own | flags).items()] + [f"s{seed}"])
 
 
 def flags_for(regime: Regime, method: Method, point: tuple[tuple[str, str], ...]

@@ -1,4 +1,4 @@
-"""Models for the examples and benchmarks: a small CNN and CIFAR-style ResNet18 / VGG16_bn.
+"""Models for the examples and benchmarks: a small CNN and CIFAR-style ResNet18/20, VGG16_bn.
 
 The ResNet follows torchvision's BasicBlock (ReLU(inplace=True), ``out += identity``) with the
 CIFAR stem (3×3 conv, no max-pool) for 32×32 inputs.
@@ -49,20 +49,24 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
+    """CIFAR-style ResNet: ``layers[i]`` BasicBlocks at width ``width·2^i``, stage i ≥ 1
+    halving the resolution (stages named ``layer1``, ``layer2``, ... as in torchvision)."""
+
     def __init__(self, layers: list[int], num_classes: int = 10, width: int = 64,
                  in_channels: int = 3) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        stages, inplanes = [], width
+        inplanes = width
+        self.stages: list[str] = []
         for i, blocks in enumerate(layers):
             planes = width * 2 ** i
             stage = [BasicBlock(inplanes, planes, 1 if i == 0 else 2)]
             stage += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
-            stages.append(nn.Sequential(*stage))
+            self.stages.append(f"layer{i + 1}")
+            self.add_module(self.stages[-1], nn.Sequential(*stage))
             inplanes = planes
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
         for m in self.modules():
@@ -71,13 +75,20 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for name in self.stages:
+            x = getattr(self, name)(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def resnet18(num_classes: int = 10, width: int = 64, in_channels: int = 3) -> ResNet:
     """CIFAR-style ResNet18 (11.2M parameters at width 64)."""
     return ResNet([2, 2, 2, 2], num_classes, width, in_channels)
+
+
+def resnet20(num_classes: int = 10, in_channels: int = 3) -> ResNet:
+    """He et al.'s CIFAR ResNet-20: three stages of three BasicBlocks at widths 16/32/64
+    (0.27M parameters; 1×1-conv shortcuts where the shape changes)."""
+    return ResNet([3, 3, 3], num_classes, 16, in_channels)
 
 
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
@@ -97,4 +108,4 @@ def vgg16_bn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(512, num_classes))
 
 
-MODELS = {"cnn": SmallCNN, "resnet18": resnet18, "vgg16_bn": vgg16_bn}
+MODELS = {"cnn": SmallCNN, "resnet18": resnet18, "resnet20": resnet20, "vgg16_bn": vgg16_bn}

@@ -43,7 +43,7 @@ from data import augment, load_fashion_mnist  # noqa: E402
 from models import MODELS  # noqa: E402
 from plot import plot_runs, write_metrics  # noqa: E402
 
-from seng_dist import SENG, schedules  # noqa: E402
+from seng_dist import SENG, SENGConfig, schedules  # noqa: E402
 
 OPTIMIZERS = ("seng", "sgd", "adam", "kfac", "asdl-seng")
 DEFAULT_LR = {"seng": 0.05, "sgd": 0.05, "adam": 1e-3, "kfac": 0.05, "asdl-seng": 0.05}
@@ -70,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="ρ of the paper's damping schedule λ0·ρ^(epoch/10) (1: constant)")
     ap.add_argument("--curvature-interval", type=int, default=50,
                     help="steps between curvature updates (SENG, K-FAC)")
+    ap.add_argument("--curvature-batch-size", type=int,
+                    default=SENGConfig().curvature_batch_size,
+                    help="SENG's per-sample gradients per curvature update (0: the whole "
+                    "local batch)")
     ap.add_argument("--variant", default="blockdiag", choices=["blockdiag", "lagged"],
                     help="distributed SENG variant (eq. 26 or eq. 27)")
     ap.add_argument("--comm-dtype", default=None, choices=["bfloat16", "float16"],
@@ -126,6 +130,7 @@ def build_optimizer(args, model, engine, lr_fn, damping_fn, batch: int
         opt = SENG(model, lr=lr_fn, damping=damping_fn, momentum=args.momentum,
                    weight_decay=args.weight_decay,
                    curvature_update_interval=args.curvature_interval,
+                   curvature_batch_size=args.curvature_batch_size or None,
                    variant=args.variant, comm_dtype=args.comm_dtype, comm=engine.name,
                    skip_nonfinite=True)
         # A checkpoint written by rank 0 then holds every rank's curvature (eq. 26 keeps one

@@ -131,6 +131,35 @@ def test_benchmark_interpolates_the_time_to_target_and_picks_the_soonest_point()
     assert best({"a": rows(0.5, 0.7), "b": rows(0.8, 0.6)}, 0.9)[0] == "b"  # most accurate
 
 
+def test_benchmark_names_runs_by_every_flag_that_differs():
+    from examples.bench_converge import METHODS, REGIMES, Method, flags_for, run_name
+
+    seng = Method("SENG", ("--optimizer", "seng", "--variant", "blockdiag"), ())
+    lagged = Method("SENG", ("--optimizer", "seng", "--variant", "lagged"), ())
+    flags = {"--lr": "0.05", "--epochs": "3"}
+    # a blockdiag and a lagged run of one point must not share (and reuse) one metrics file
+    assert run_name(REGIMES[0], seng, flags, 0) != run_name(REGIMES[0], lagged, flags, 0)
+    assert run_name(REGIMES[0], seng, flags, 0) != run_name(REGIMES[0], seng, flags, 1)
+    names = {run_name(r, m, flags_for(r, m, p), 0)
+             for r in REGIMES for m in METHODS for p in m.grid}
+    assert len(names) == len(REGIMES) * sum(len(m.grid) for m in METHODS)
+    # the large-batch regime scales the lr grid linearly with the batch
+    sgd = METHODS[0]
+    assert float(flags_for(REGIMES[1], sgd, sgd.grid[0])["--lr"]) == pytest.approx(
+        float(dict(sgd.grid[0])["--lr"]) * REGIMES[1].batch / REGIMES[0].batch)
+
+
+def test_resnet20_is_he_et_al_s_size_and_seng_preconditions_every_conv_and_the_head():
+    from examples.models import resnet20
+    from seng_dist import SENG
+    model = resnet20(in_channels=1)
+    assert 0.26e6 < sum(p.numel() for p in model.parameters()) < 0.28e6
+    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(convs) == 1 + 18 + 2 + 1  # stem, 9 blocks × 2, two 1×1 shortcuts, head
+    opt = SENG(model)
+    assert {b.weight for b in opt.blocks} == {m.weight for m in convs}
+
+
 def test_two_rank_checkpoint_resumes_on_one_rank_rebuilding_the_curvature(tmp_path: Path):
     common = ["--train-limit", "1024", "--test-limit", "1000", "--curvature-interval", "5",
               "--no-progress"]
