@@ -24,59 +24,70 @@ import argparse
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from plot import plot_runs, read_metrics  # noqa: E402
 
+Point = tuple[tuple[str, str], ...]  # train.py flags and their values
+
 
 @dataclass(frozen=True)
 class Regime:
-    """A global batch, the ranks it runs on, and the learning-rate scale against batch 128."""
+    """A global batch, the ranks it runs on, the learning-rate scale against batch 128, the
+    warm-up, and the epoch budgets every point is tried at. A regime with ``transfer`` tunes
+    no lr or damping of its own: each method runs the point it was chosen at in that regime,
+    its lr scaled by ``lr_scale``."""
 
     name: str
     batch: int
     ranks: int
     lr_scale: float
     warmup_epochs: float
+    epochs: tuple[int, ...]
+    transfer: str | None = None
 
 
 @dataclass(frozen=True)
 class Method:
-    """``train.py`` arguments and the tuning grid (each point: extra arguments)."""
+    """``train.py`` arguments and the tuning grid (each point: lr and maybe damping flags, the
+    lr as at batch 128)."""
 
     name: str
     args: tuple[str, ...]
-    grid: tuple[tuple[tuple[str, str], ...], ...]
+    grid: tuple[Point, ...]
     one_process: bool = False  # ASDL's baselines run in one process
 
 
-def _grid(lrs: tuple[float, ...], dampings: tuple[float | None, ...],
-          epochs: tuple[int, ...]) -> tuple[tuple[tuple[str, str], ...], ...]:
-    return tuple(tuple([("--lr", f"{lr:g}"), ("--epochs", str(e))]
-                       + ([("--damping", f"{d:g}")] if d is not None else []))
-                 for lr, d in zip(lrs, dampings, strict=True) for e in epochs)
+def _grid(lrs: tuple[float, ...], dampings: tuple[float | None, ...]) -> tuple[Point, ...]:
+    return tuple((("--lr", f"{lr:g}"),) + ((("--damping", f"{d:g}"),) if d is not None else ())
+                 for lr, d in zip(lrs, dampings, strict=True))
 
 
-EPOCHS = (3, 5)
+def points(regime: Regime, grid: tuple[Point, ...]) -> list[Point]:
+    """Every grid point at every epoch budget of the regime (flags: lr, epochs, damping)."""
+    return [(p[0], ("--epochs", str(e))) + p[1:] for p in grid for e in regime.epochs]
+
+
 # Second-order methods share one (lr, λ) grid: on every direction its curvature does not see a
 # damped method steps ``lr/λ·g``, so both points hold lr/λ at SGD's best lr (0.05) with λ where
 # the recipe study (bench_recipe.py) found SENG best; K-FAC's damping 0.03 at lr 0.05 diverged.
-SECOND_ORDER = ((0.0015, 0.005), (0.03, 0.1))
+SECOND_ORDER = _grid((0.0015, 0.005), (0.03, 0.1))
 METHODS = (
-    Method("SGD", ("--optimizer", "sgd"), _grid((0.03, 0.05), (None, None), EPOCHS)),
-    Method("Adam", ("--optimizer", "adam"), _grid((1e-3, 2e-3), (None, None), EPOCHS)),
-    Method("ASDL K-FAC", ("--optimizer", "kfac"), _grid(*SECOND_ORDER, EPOCHS),
-           one_process=True),
-    Method("SENG", ("--optimizer", "seng", "--variant", "blockdiag"),
-           _grid(*SECOND_ORDER, EPOCHS)),
+    Method("SGD", ("--optimizer", "sgd"), _grid((0.03, 0.05), (None, None))),
+    Method("Adam", ("--optimizer", "adam"), _grid((1e-3, 2e-3), (None, None))),
+    Method("ASDL K-FAC", ("--optimizer", "kfac"), SECOND_ORDER, one_process=True),
+    Method("SENG", ("--optimizer", "seng", "--variant", "blockdiag"), SECOND_ORDER),
 )
-REGIMES = (Regime("batch 128", 128, 1, 1.0, 0.0), Regime("batch 1024", 1024, 2, 8.0, 1.0))
+# The large batch needs more epochs for as many steps; its lr and damping come from batch 128
+# (linear scaling, Goyal et al., 2017) for the time budget: two budgets per method.
+REGIMES = (Regime("batch 128", 128, 1, 1.0, 0.0, (3, 5)),
+           Regime("batch 1024", 1024, 2, 8.0, 1.0, (6, 10), transfer="batch 128"))
 
 
-def run(regime: Regime, method: Method, point: tuple[tuple[str, str], ...], seed: int,
+def run(regime: Regime, method: Method, point: Point, seed: int,
         args: argparse.Namespace) -> list[dict]:
     """One training run (reused when its metrics are complete); its metrics rows."""
     ranks = 1 if method.one_process else regime.ranks
@@ -122,7 +133,7 @@ def run_name(regime: Regime, method: Method, flags: dict[str, str], seed: int) -
                     + [f"{k.strip('-')}{v}" for k, v in (own | flags).items()] + [f"s{seed}"])
 
 
-def flags_for(regime: Regime, method: Method, point: tuple[tuple[str, str], ...]
+def flags_for(regime: Regime, method: Method, point: Point
               ) -> dict[str, str]:
     """A grid point's ``train.py`` flags in ``regime`` (the lr scaled with the batch)."""
     flags = dict(point)
@@ -163,13 +174,15 @@ def _spread(values: list[float], fmt: str) -> str:
     return f"{mean:{fmt}} ± {half:{fmt}}"
 
 
-def table(regime: Regime, chosen: dict[str, tuple], targets: list[float]) -> str:
+def table(regime: Regime, chosen: dict[str, tuple], targets: list[float], tuning: str) -> str:
     """The Markdown table of one regime: per method and target, mean ± half-range over seeds."""
     head = ["method", "chosen point"]
     for t in targets:
         head += [f"time to {t:.0%} (s)", f"epochs to {t:.0%}", f"time vs SGD ({t:.0%})"]
     head += ["best acc", "s/epoch vs SGD"]
-    lines = [f"**{regime.name}** ({regime.ranks} rank(s) for SGD/Adam/SENG)", "",
+    lines = [f"**{regime.name}** ({regime.ranks} rank(s) for SGD/Adam/SENG; {tuning}; "
+             f"epoch budgets {', '.join(map(str, regime.epochs))}; warm-up "
+             f"{regime.warmup_epochs:g} epoch(s))", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     sgd = chosen.get("SGD")
     for name, (point, seeds) in chosen.items():
@@ -226,29 +239,33 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     targets = [float(t) for t in args.targets.split(",")]
     methods = [m for m in METHODS if args.only is None or m.name in args.only.split(",")]
+    regimes = [r for r in REGIMES if r.name in args.regimes.split(",")]
     if args.smoke:
         args.train_limit, args.test_limit, args.evals_per_epoch = 4096, 1000, 2
-        methods = [Method(m.name, m.args, tuple((p[0], ("--epochs", "1")) + p[2:]
-                                                 for p in m.grid[::len(EPOCHS)]),
-                          m.one_process) for m in methods]
-    sizes = {len(m.grid) for m in methods}
-    assert len(sizes) == 1, "every method gets the same number of tuning points"
+        methods = [replace(m, grid=m.grid[:1]) for m in methods]
+        regimes = [replace(r, epochs=(1,)) for r in regimes]
     seeds = [args.tune_seed] + [int(s) for s in args.confirm_seeds.split(",") if s]
     report = [f"Targets {', '.join(f'{t:.0%}' for t in targets)}; {args.model}; training "
-              f"subset {args.train_limit or 'all'} images; {sizes.pop()} tuning points per "
-              f"method on seed {args.tune_seed}, best point on seeds {seeds}; "
-              f"{args.evals_per_epoch} evaluations per epoch; times exclude evaluation; "
-              "mean ± half-range over seeds.", ""]
+              f"subset {args.train_limit or 'all'} images; tuned on seed {args.tune_seed}, "
+              f"best point on seeds {seeds}; {args.evals_per_epoch} evaluations per epoch; "
+              "times exclude evaluation; mean ± half-range over seeds.", ""]
     curves = {}
-    for regime in (r for r in REGIMES if r.name in args.regimes.split(",")):
+    picked: dict[tuple[str, str], Point] = {}  # (regime, method) → the chosen grid point
+    for regime in regimes:
         chosen: dict[str, tuple] = {}
         for m in methods:
-            tuned = {p: run(regime, m, p, args.tune_seed, args) for p in m.grid}
+            grid = m.grid if regime.transfer is None else (picked[regime.transfer, m.name],)
+            tuned = {p: run(regime, m, p, args.tune_seed, args) for p in points(regime, grid)}
             point, rows = best(tuned, targets[0])
+            picked[regime.name, m.name] = tuple(kv for kv in point if kv[0] != "--epochs")
             chosen[m.name] = (flags_for(regime, m, point),
                               [rows] + [run(regime, m, point, s, args) for s in seeds[1:]])
             curves[f"{m.name} ({regime.name})"] = rows
-        report += [table(regime, chosen, targets), ""]
+        tuning = (f"{len(points(regime, methods[0].grid))} tuning points per method"
+                  if regime.transfer is None else
+                  f"each method's {regime.transfer} point, lr ×{regime.lr_scale:g}, at "
+                  f"{len(regime.epochs)} epoch budgets")
+        report += [table(regime, chosen, targets, tuning), ""]
     text = "\n".join(report)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_converge import Method, Regime, run, to_target  # noqa: E402
+from bench_converge import REGIMES, Method, run, to_target  # noqa: E402
 
-BATCH_128 = Regime("batch 128", 128, 1, 1.0, 0.0)
+BATCH_128 = REGIMES[0]
 SGD = ("--optimizer", "sgd")
 SENG = ("--optimizer", "seng", "--variant", "blockdiag")
 
