@@ -9,7 +9,8 @@ uses, so finished runs are reused and every run's metrics stay in ``--out``/runs
 * **damping at a fixed step outside the curvature**: SENG's direction is ``-g/λ`` on every
   direction its curvature does not see, so ``lr/λ`` is the step that SGD's ``lr`` is; the sweep
   holds ``lr/λ`` at SGD's tuned values and lowers ``λ`` (more curvature) from 1 to 0.03;
-* **curvature interval** and **curvature batch** at the best damping;
+* **curvature interval**, **curvature batch** and the large layer's **path** at the best
+  damping;
 * **SGD's learning rate** over the same number of points as the damping sweep, so that the
   baseline gets the tuning budget SENG's defaults got.
 
@@ -37,6 +38,9 @@ def _point(**flags: object) -> tuple[tuple[str, str], ...]:
                  for k, v in flags.items())
 
 
+FIRST_STUDIES = ("SGD learning rate", "SENG damping (lr/λ fixed)")  # the later ones: at the best
+
+
 def studies(best_damping: float, best_step: float) -> dict[str, tuple[Method, ...]]:
     """The studies, in order; the later ones at the damping and step the first one chose."""
     damping = [(0.05, d) for d in (1.0, 0.3, 0.1, 0.03)] + [(0.1, d) for d in (0.3, 0.1)]
@@ -54,6 +58,9 @@ def studies(best_damping: float, best_step: float) -> dict[str, tuple[Method, ..
         "SENG curvature batch": tuple(
             Method("SENG", SENG, (_point(**at_best, curvature_batch_size=b),))
             for b in (0,)),
+        # the CNN's 3136×128 Linear (401,536 parameters) on the explicit path
+        "SENG large-layer path": (
+            Method("SENG", SENG, (_point(**at_best, explicit_threshold=500_000),)),),
     }
 
 
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, list[tuple[Method, list[dict]]]] = {}
     best_damping, best_step = args.best_damping or 1.0, 0.05
     for name, methods in studies(best_damping, best_step).items():
-        if name.startswith("SENG curvature") and args.best_damping is None:
+        if name not in FIRST_STUDIES and args.best_damping is None:
             done = results.get("SENG damping (lr/λ fixed)", [])
             if done:
                 m, _ = min(done, key=lambda mr: score(mr[1]))

@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     default=SENGConfig().curvature_batch_size,
                     help="SENG's per-sample gradients per curvature update (0: the whole "
                     "local batch)")
+    ap.add_argument("--explicit-threshold", type=int,
+                    default=SENGConfig().sketch.explicit_threshold,
+                    help="SENG: layers with at most this many parameters keep U (explicit path)")
     ap.add_argument("--variant", default="blockdiag", choices=["blockdiag", "lagged"],
                     help="distributed SENG variant (eq. 26 or eq. 27)")
     ap.add_argument("--comm-dtype", default=None, choices=["bfloat16", "float16"],
@@ -131,6 +134,7 @@ def build_optimizer(args, model, engine, lr_fn, damping_fn, batch: int
                    weight_decay=args.weight_decay,
                    curvature_update_interval=args.curvature_interval,
                    curvature_batch_size=args.curvature_batch_size or None,
+                   explicit_threshold=args.explicit_threshold,
                    variant=args.variant, comm_dtype=args.comm_dtype, comm=engine.name,
                    skip_nonfinite=True)
         # A checkpoint written by rank 0 then holds every rank's curvature (eq. 26 keeps one
