@@ -209,3 +209,19 @@ def test_resume_with_other_seng_settings_names_them(tmp_path: Path):
     with pytest.raises(ValueError, match="saved with other SENG settings: "
                                          "variant='blockdiag' \\(here 'lagged'\\)"):
         main(args + ["--resume", str(tmp_path / "c.pt"), "--variant", "lagged", "--epochs", "2"])
+
+
+def test_direction_diagnostic_compares_every_layer_with_its_gradient(tmp_path: Path):
+    import json
+
+    from examples.diagnose_direction import main
+    main(["--damping", "1", "--train-limit", "512", "--every", "2", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "direction.jsonl").read_text().splitlines()]
+    layers = {r["layer"] for r in rows}
+    assert len(layers) == 4 and len(rows) == 4 * 2  # 4 steps of 128, measured on steps 0 and 2
+    # an exact (explicit, unsketched: n < sketch_size) SENG step is never longer than the damped
+    # gradient step, and points downhill
+    exact = [r for r in rows if r["layer"].split()[0] in ("features.0", "classifier.3")]
+    assert len(exact) == 4
+    assert all(0.0 < r["step_kept"] <= 1.0 + 1e-5 and r["cosine"] > 0.0 for r in exact)
+    assert "| 1 | features.0 (explicit) |" in (tmp_path / "direction.md").read_text()
