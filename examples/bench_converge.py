@@ -6,17 +6,18 @@
 Protocol (the same for every method): each regime (global batch, ranks, model) trains every
 method over the same number of tuning points — learning rate, damping for the second-order
 methods, and the epoch budget itself — on ``--tune-seed``; each method's best point (first to
-``--targets[0]``, interpolated, else the most accurate) is run again on every ``--confirm-seed``.
-Test accuracy is evaluated ``--evals-per-epoch`` times per epoch on a fixed step cadence; the time
-to a target is interpolated linearly between the two evaluations around it, from training time
-only (evaluation excluded). The large-batch regime runs each method's batch-128 point with the
-learning rate scaled linearly with the batch and one warm-up epoch (Goyal et al., 2017); the
-table shows the learning rate actually used. Every run writes its metrics to ``--out``/runs/
-and is reused when the benchmark runs again (``--fresh`` reruns); a run that fails (a diverging
-grid point) is recorded and marked. The tables (``--out``/results.md) give per method and
-regime the mean ± spread over the seeds of the time and epochs to each target, the best
-accuracy, and ratios to the tuned SGD of the same regime. Times are only comparable within one
-machine and session: rerun with ``--fresh`` rather than mix runs of different machines.
+``--targets[0]``, interpolated, else the most accurate) is run again on every
+``--confirm-seed``. Test accuracy is evaluated ``--evals-per-epoch`` times per epoch on a fixed
+step cadence; the time to a target is interpolated linearly between the two evaluations around
+it, from training time only (evaluation excluded). The large-batch regime runs each method's
+batch-128 point with the learning rate scaled linearly with the batch (Goyal et al., 2017) and
+at a quarter of that, one warm-up epoch; the table shows the learning rate actually used. Every
+run writes its metrics to ``--out``/runs/ and is reused when the benchmark runs again
+(``--fresh`` reruns); a run that fails (a diverging grid point) is recorded and marked. The
+tables (``--out``/results.md) give per method and regime the mean ± spread over the seeds of the
+time and epochs to each target, the best accuracy, and ratios to the tuned SGD of the same
+regime. Times are only comparable within one machine and session: rerun with ``--fresh`` rather
+than mix runs of different machines.
 """
 
 from __future__ import annotations
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         args.train_limit, args.test_limit, args.evals_per_epoch = 4096, 1000, 2
         methods = [replace(m, grid=m.grid[:1]) for m in methods]
         regimes = [replace(r, epochs=(1,)) for r in regimes]
+    assert len({len(m.grid) for m in methods}) == 1, "every method gets as many tuning points"
     seeds = [args.tune_seed] + [int(s) for s in args.confirm_seeds.split(",") if s]
     report = [f"Targets {', '.join(f'{t:.0%}' for t in targets)}; {args.model}; training "
               f"subset {args.train_limit or 'all'} images; tuned on seed {args.tune_seed}, "
