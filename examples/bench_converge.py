@@ -75,15 +75,17 @@ def points(regime: Regime, grid: tuple[Point, ...]) -> list[Point]:
             for p in grid for scale in regime.lr_scales for e in regime.epochs]
 
 
-# Second-order methods share one (lr, λ) grid: on every direction its curvature does not see a
-# damped method steps ``lr/λ·g``, so both points hold lr/λ at SGD's best lr (0.05) with λ where
-# the recipe study (bench_recipe.py) found SENG best; K-FAC's damping 0.03 at lr 0.05 diverged.
-SECOND_ORDER = _grid((0.0015, 0.005), (0.03, 0.1))
+# On every direction its curvature does not see, a damped method steps ``lr/λ·g``, so the
+# second-order points hold lr/λ at SGD's best lr (0.05). SENG's two are the best two of the
+# recipe study's exact-U·b damping sweep (bench_recipe.py); K-FAC's were its best in the
+# previous protocol (its damping 0.03 at lr 0.05 diverged).
 METHODS = (
     Method("SGD", ("--optimizer", "sgd"), _grid((0.03, 0.05), (None, None))),
     Method("Adam", ("--optimizer", "adam"), _grid((1e-3, 2e-3), (None, None))),
-    Method("ASDL K-FAC", ("--optimizer", "kfac"), SECOND_ORDER, one_process=True),
-    Method("SENG", ("--optimizer", "seng", "--variant", "blockdiag"), SECOND_ORDER),
+    Method("ASDL K-FAC", ("--optimizer", "kfac"), _grid((0.0015, 0.005), (0.03, 0.1)),
+           one_process=True),
+    Method("SENG", ("--optimizer", "seng", "--variant", "blockdiag", "--uc", "exact"),
+           _grid((0.05, 0.005), (1.0, 0.1))),
 )
 # The large batch runs each method's batch-128 lr and damping at one 6-epoch budget, the lr
 # scaled linearly with the batch (Goyal et al., 2017) and at a quarter of that (SGD diverges

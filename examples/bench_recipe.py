@@ -30,7 +30,9 @@ from bench_converge import REGIMES, Method, run, to_target  # noqa: E402
 
 BATCH_128 = REGIMES[0]
 SGD = ("--optimizer", "sgd")
-SENG = ("--optimizer", "seng", "--variant", "blockdiag")
+# the studies before the exact-U·b one ran when eq. 23's factored U·b was the default
+SENG = ("--optimizer", "seng", "--variant", "blockdiag", "--uc", "factored")
+SENG_EXACT = ("--optimizer", "seng", "--variant", "blockdiag", "--uc", "exact")
 
 
 def _point(**flags: object) -> tuple[tuple[str, str], ...]:
@@ -61,6 +63,11 @@ def studies(best_damping: float, best_step: float) -> dict[str, tuple[Method, ..
         # the CNN's 3136×128 Linear (401,536 parameters) on the explicit path
         "SENG large-layer path": (
             Method("SENG", SENG, (_point(**at_best, explicit_threshold=500_000),)),),
+        # the implicit path's U·b summed exactly instead of eq. 23's product of factor means,
+        # over the damping sweep's points at lr/λ = 0.05
+        "SENG exact U·b (lr/λ fixed)": tuple(
+            Method("SENG", SENG_EXACT, (_point(lr=0.05 * d, epochs=3, damping=d),))
+            for d in (1.0, 0.3, 0.1, 0.03)),
     }
 
 

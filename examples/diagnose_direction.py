@@ -27,7 +27,8 @@ sys.path.insert(0, str(HERE))
 from data import load_fashion_mnist  # noqa: E402
 from models import SmallCNN  # noqa: E402
 
-from seng_dist import SENG  # noqa: E402
+from seng_dist import SENG, SENGConfig  # noqa: E402
+from seng_dist.config import UC_MODES  # noqa: E402
 from seng_dist.update import MOMENTUM  # noqa: E402
 
 MOMENTUM_COEF, WEIGHT_DECAY, STEP = 0.9, 5e-4, 0.05
@@ -40,7 +41,8 @@ def measure(damping: float, args: argparse.Namespace) -> list[dict]:
     x, y = x[:args.train_limit], y[:args.train_limit]
     model = SmallCNN()
     opt = SENG(model, lr=STEP * damping, damping=damping, momentum=MOMENTUM_COEF,
-               weight_decay=WEIGHT_DECAY, curvature_update_interval=args.interval)
+               weight_decay=WEIGHT_DECAY, curvature_update_interval=args.interval,
+               uc=args.uc, explicit_threshold=args.explicit_threshold)
     names = {b.weight: f"{b.name} ({b.path})" for b in opt.blocks}
     steps_per_epoch = len(x) // args.batch
     out = []
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--interval", type=int, default=50)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--train-limit", type=int, default=30_000)
+    ap.add_argument("--uc", default=SENGConfig().sketch.uc, choices=UC_MODES)
+    ap.add_argument("--explicit-threshold", type=int,
+                    default=SENGConfig().sketch.explicit_threshold)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("diagnose-direction"))
     args = ap.parse_args(argv)
@@ -82,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for d in args.damping for r in measure(d, args)]
     parts = [(0.0, 0.25), (0.25, 1.0), (1.0, float("inf"))]
     lines = [f"SENG's direction against the gradient per layer: cnn, batch {args.batch}, "
-             f"curvature every {args.interval} steps, lr/λ = {STEP}, measured every "
+             f"curvature every {args.interval} steps, uc {args.uc}, explicit threshold "
+             f"{args.explicit_threshold}, lr/λ = {STEP}, measured every "
              f"{args.every} steps; mean (min-max) over each part of training.", "",
              "| λ | layer | epochs | cosine(-d, g) | step kept ‖d‖λ/‖g‖ |", "|---|---|---|---|---|"]
     for d in args.damping:

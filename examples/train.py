@@ -44,6 +44,7 @@ from models import MODELS  # noqa: E402
 from plot import plot_runs, write_metrics  # noqa: E402
 
 from seng_dist import SENG, SENGConfig, schedules  # noqa: E402
+from seng_dist.config import UC_MODES  # noqa: E402
 
 OPTIMIZERS = ("seng", "sgd", "adam", "kfac", "asdl-seng")
 DEFAULT_LR = {"seng": 0.05, "sgd": 0.05, "adam": 1e-3, "kfac": 0.05, "asdl-seng": 0.05}
@@ -77,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--explicit-threshold", type=int,
                     default=SENGConfig().sketch.explicit_threshold,
                     help="SENG: layers with at most this many parameters keep U (explicit path)")
+    ap.add_argument("--uc", default=SENGConfig().sketch.uc, choices=UC_MODES,
+                    help="SENG's U·b on the implicit path: eq. 23's product of the weighted "
+                    "factor means (factored, eq. 28's communication) or the exact sum")
     ap.add_argument("--variant", default="blockdiag", choices=["blockdiag", "lagged"],
                     help="distributed SENG variant (eq. 26 or eq. 27)")
     ap.add_argument("--comm-dtype", default=None, choices=["bfloat16", "float16"],
@@ -134,7 +138,7 @@ def build_optimizer(args, model, engine, lr_fn, damping_fn, batch: int
                    weight_decay=args.weight_decay,
                    curvature_update_interval=args.curvature_interval,
                    curvature_batch_size=args.curvature_batch_size or None,
-                   explicit_threshold=args.explicit_threshold,
+                   explicit_threshold=args.explicit_threshold, uc=args.uc,
                    variant=args.variant, comm_dtype=args.comm_dtype, comm=engine.name,
                    skip_nonfinite=True)
         # A checkpoint written by rank 0 then holds every rank's curvature (eq. 26 keeps one

@@ -119,8 +119,12 @@ class SketchConfig:
     rank: int | None = setting(4, curvature=True)
     #: rows sampled from each factor matrix on the implicit path (None: exact)
     factor_sketch_size: int | None = setting(1024, curvature=True)
-    #: ``"factored"`` (eq. 23, and eq. 28 between ranks) or ``"exact"`` ``U c``
-    uc: str = setting("factored", curvature=True)
+    #: ``"exact"`` ``U c = Σ c_i G_iᵀ A_i`` or ``"factored"`` (eq. 23, and eq. 28 between
+    #: ranks: ``r(n_G + n_A)`` numbers sent per implicit block instead of ``n_G·n_A``). Not a
+    #: curvature setting: both read the same stored factors, so a checkpoint resumes under
+    #: either. Exact by default: eq. 23's product of factor means left the direction on the
+    #: CNN's large Linear the gradient's (``examples/results/converge/direction.md``).
+    uc: str = setting("exact")
 
     def __post_init__(self) -> None:
         if isinstance(self.explicit_threshold, bool) or not isinstance(

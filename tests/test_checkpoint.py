@@ -24,7 +24,8 @@ def test_a_release_checkpoint_resumes_exactly_as_that_release_did(release, varia
     run = release["runs"][variant]
     model = MixedNet().train()
     model.load_state_dict(run["model"])
-    opt = SENG(model, variant=variant, **release["settings"])
+    # release 0.1.0 computed U c by eq. 23, then the default
+    opt = SENG(model, variant=variant, uc="factored", **release["settings"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the release's run: BLAS sums then match bit for bit
     try:
@@ -48,6 +49,25 @@ def test_a_release_checkpoint_is_refused_for_other_curvature_settings(release):
     opt = SENG(MixedNet(), **dict(release["settings"], variant="blockdiag"))
     with pytest.raises(ValueError, match="variant='lagged' \\(here 'blockdiag'\\)"):
         opt.load_state_dict(run["opt"])
+
+
+def test_a_checkpoint_resumes_under_the_other_uc_mode(release):
+    # both modes read the same stored factors: uc is not a setting the curvature was shaped by
+    import torch.nn.functional as F
+    from conftest import batch
+    run = release["runs"]["blockdiag"]
+    model = MixedNet().train()
+    model.load_state_dict(run["model"])
+    opt = SENG(model, variant="blockdiag", uc="exact", **release["settings"])
+    opt.load_state_dict(run["opt"])
+    assert opt.curvature_updates == 2
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = batch(10)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(p.detach(), before[n])
+               for n, p in model.named_parameters())
 
 
 def _compiled_and_plain_state(compiled_first: bool) -> tuple[dict, SENG]:
