@@ -37,9 +37,10 @@ from seng_dist.comm.torch_dist import TorchCommunicator  # noqa: E402
 
 SETUPS = {
     "SGD (DDP)": None,
-    "SENG blockdiag": dict(variant="blockdiag"),
-    "SENG lagged": dict(variant="lagged"),
-    "SENG lagged, bf16 buffer": dict(variant="lagged", comm_dtype="bfloat16"),
+    "SENG blockdiag, uc=factored": dict(variant="blockdiag", uc="factored"),
+    "SENG lagged, uc=factored": dict(variant="lagged", uc="factored"),
+    "SENG lagged, uc=factored, bf16 buffer": dict(variant="lagged", uc="factored",
+                                                  comm_dtype="bfloat16"),
     "SENG lagged, uc=exact": dict(variant="lagged", uc="exact"),
 }
 

@@ -11,7 +11,9 @@ methods, and the epoch budget itself — on ``--tune-seed``; each method's best 
 step cadence; the time to a target is interpolated linearly between the two evaluations around
 it, from training time only (evaluation excluded). The large-batch regime runs each method's
 batch-128 point with the learning rate scaled linearly with the batch (Goyal et al., 2017) and
-at a quarter of that, one warm-up epoch; the table shows the learning rate actually used. Every
+at a quarter of that, one warm-up epoch; the table shows the learning rate actually used. The
+ResNet-20 regime (BatchNorm; padded 32×32 images, random crops and flips) runs SGD's and SENG's
+batch-128 points on a smaller subset. Every
 run writes its metrics to ``--out``/runs/ and is reused when the benchmark runs again
 (``--fresh`` reruns); a run that fails (a diverging grid point) is recorded and marked. The
 tables (``--out``/results.md) give per method and regime the mean ± spread over the seeds of the
