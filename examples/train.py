@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--explicit-threshold", type=int,
                     default=SENGConfig().sketch.explicit_threshold,
                     help="SENG: layers with at most this many parameters keep U (explicit path)")
+    ap.add_argument("--skip-layers", default="",
+                    help="SENG: comma-separated layers left to the fallback rule, by module "
+                    "name or torch.nn class name (e.g. BatchNorm2d)")
     ap.add_argument("--uc", default=SENGConfig().sketch.uc, choices=UC_MODES,
                     help="SENG's U·b on the implicit path: eq. 23's product of the weighted "
                     "factor means (factored, eq. 28's communication) or the exact sum")
@@ -129,6 +132,13 @@ def lr_schedule(args: argparse.Namespace, steps_per_epoch: int) -> Callable[[int
     return schedules.linear_warmup(fn, warmup, lr * 0.1) if warmup else fn
 
 
+def skip_layers(flag: str) -> tuple[str | type, ...]:
+    """``--skip-layers``: a torch.nn class for each entry that names one, else a module name."""
+    names = [s.strip() for s in flag.split(",") if s.strip()]
+    return tuple(cls if isinstance(cls := getattr(torch.nn, s, None), type) else s
+                 for s in names)
+
+
 def build_optimizer(args, model, engine, lr_fn, damping_fn, batch: int
                     ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Step]:
     """The model as trained (maybe wrapped), the optimizer, and one training step
@@ -139,6 +149,7 @@ def build_optimizer(args, model, engine, lr_fn, damping_fn, batch: int
                    curvature_update_interval=args.curvature_interval,
                    curvature_batch_size=args.curvature_batch_size or None,
                    explicit_threshold=args.explicit_threshold, uc=args.uc,
+                   skip_layers=skip_layers(args.skip_layers),
                    variant=args.variant, comm_dtype=args.comm_dtype, comm=engine.name,
                    skip_nonfinite=True)
         # A checkpoint written by rank 0 then holds every rank's curvature (eq. 26 keeps one

@@ -86,9 +86,7 @@ class Capture:
             if rec is None:
                 rec = self.records[block] = Record(batch_size=x.shape[0])
             k = self.limit
-            # The input is saved by autograd for the weight gradient anyway, so autograd's
-            # version check already forbids in-place edits of it: a detached view suffices.
-            rec.inputs.append(x.detach()[:k])
+            rec.inputs.append(block.layer_input(x, k))
             rec.grads.append(None)
             slot = len(rec.grads) - 1
 

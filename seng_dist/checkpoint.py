@@ -109,8 +109,14 @@ def check_compatible(saved: dict[str, Any], config: SENGConfig, blocks: list[Blo
     layers or with other settings that shape the curvature."""
     mine = block_signature(blocks)
     if saved["blocks"] != mine:
+        then = {s[0] for s in saved["blocks"]}
+        extra = [s[0] for s in mine if s[0] not in then]
+        # e.g. BatchNorm, which releases up to 0.2.0 left to the fallback rule
+        hint = (f"; layers {extra} are preconditioned here but were not when it was saved: "
+                f"build SENG with skip_layers={extra} to resume it as saved"
+                if [s for s in mine if s[0] in then] == saved["blocks"] else "")
         raise ValueError("state_dict was saved for another model: its preconditioned "
-                         f"layers {saved['blocks']} differ from this model's {mine}")
+                         f"layers {saved['blocks']} differ from this model's {mine}{hint}")
     here, then = config.fingerprint(), saved["config"]
     diff = [k for k in SENGConfig.curvature_settings() if then.get(k) != here[k]]
     if diff:

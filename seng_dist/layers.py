@@ -4,6 +4,13 @@ A supported layer's weight and bias form one block ``W̄ = [W | b]`` of shape ``
 (bias as the last input column). For each sample ``i`` the layer gives ``Â_i`` (inputs at its κ
 positions, plus a ones column for the bias) and ``Ĝ_i`` (output gradients at those positions);
 the per-sample gradient of the block is ``Ĝ_iᵀ Â_i`` in the ``(κ, n)``-major layout used here.
+
+BatchNorm's block is ``[γ | β]`` of shape ``(C, 2)``: its per-sample gradient
+``[Σ x̂·∂L/∂y, Σ ∂L/∂y]`` per channel (sums over the spatial positions) is not one product of
+an output gradient and an input per position, so the channels are its positions: ``Ĝ_i`` is the
+identity and ``Â_i`` holds each channel's row. In train mode ``x̂`` uses the batch statistics,
+taken as constants (the per-sample gradient of the authors' code; the coupling of the samples
+through the statistics reaches the input gradient, not γ's and β's).
 """
 
 from __future__ import annotations
@@ -16,6 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .warn import warn
+
+BatchNorm = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: the layer types that can be blocks
+SUPPORTED = (nn.Linear, nn.Conv2d) + _BATCHNORMS
+#: layers with a weight that SENG does not precondition and says so about (the rest, e.g.
+#: other normalisations and embeddings, follow the fallback rule by design); SyncBatchNorm's
+#: statistics span the ranks, which the per-sample gradients of one rank cannot see
+_UNSUPPORTED_WARNED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                       nn.ConvTranspose3d, nn.SyncBatchNorm)
+_FALLBACK = "its parameters follow the fallback rule d = -g/(1+damping)"
 
 
 @dataclass(eq=False)
@@ -76,6 +94,17 @@ class Block:
         w = mat[:, :-1].reshape(self.weight.shape)
         return [w, mat[:, -1]]
 
+    def layer_input(self, x: Tensor, limit: int | None) -> Tensor:
+        """What the capture keeps of one call's input ``x``: its first ``limit`` samples,
+        normalised for BatchNorm (with the statistics of the whole call in train mode, as
+        the layer normalises them). Detached."""
+        x = x.detach()
+        if not isinstance(self.module, _BATCHNORMS):
+            # The input is saved by autograd for the weight gradient anyway, so autograd's
+            # version check already forbids in-place edits of it: a view suffices.
+            return x[:limit]
+        return _normalised(self.module, x, limit)
+
     def per_sample_factors(self, inputs: list[Tensor], grads: list[Tensor],
                            scale: float) -> tuple[Tensor, Tensor]:
         """``(Ĝ, Â)`` of shapes ``(ϱ, κ, n_G)`` and ``(ϱ, κ, n_A)`` from captured calls.
@@ -106,12 +135,19 @@ def _factor(module: nn.Module, x: Tensor, gy: Tensor, bias: bool) -> tuple[Tenso
     bias is appended in unfold's own layout, where it is a plain block copy.
     """
     b = x.shape[0]
+    if isinstance(module, _BATCHNORMS):
+        # x is already x̂ (Block.layer_input); positions: the channels, Ĝ the identity.
+        c = x.shape[1]
+        gy = gy.reshape(b, c, -1)
+        cols = [(x.reshape(b, c, -1) * gy).sum(2)] + ([gy.sum(2)] if bias else [])
+        eye = torch.eye(c, dtype=x.dtype, device=x.device)
+        return torch.stack(cols, dim=2), eye.expand(b, c, c)
     if isinstance(module, nn.Linear):
         a = x.reshape(b, -1, x.shape[-1])
         if bias:
             a = torch.cat([a, a.new_ones(b, a.shape[1], 1)], dim=2)
         return a, gy.reshape(b, -1, gy.shape[-1])
-    conv = cast(nn.Conv2d, module)  # only Linear and Conv2d are ever blocks
+    conv = cast(nn.Conv2d, module)  # the one other block type
     padding: int | tuple[int, ...] = 0
     if isinstance(conv.padding, str):
         # 'same'/'valid': the exact (possibly asymmetric) padding the layer applies.
@@ -123,6 +159,19 @@ def _factor(module: nn.Module, x: Tensor, gy: Tensor, bias: bool) -> tuple[Tenso
     if bias:
         cols = torch.cat([cols, cols.new_ones(b, 1, cols.shape[2])], dim=1)
     return cols.transpose(1, 2), gy.reshape(b, gy.shape[1], -1).transpose(1, 2)
+
+
+def _normalised(bn: BatchNorm, x: Tensor, limit: int | None) -> Tensor:
+    """``x̂`` of the first ``limit`` samples as ``bn`` computes it (``F.batch_norm``'s rule:
+    batch statistics in train mode or without running statistics, else the running ones)."""
+    x = x.to(bn.weight.dtype)  # BatchNorm's affine parameters stay float32 under autocast
+    if bn.training or bn.running_mean is None or bn.running_var is None:
+        dims = [0] + list(range(2, x.dim()))
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (x[:limit] - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
 
 
 def _string_padding(conv: nn.Conv2d) -> list[int]:
@@ -143,11 +192,6 @@ def module_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
-#: layers with a weight that SENG does not precondition yet and says so about (the rest, e.g.
-#: normalisation and embeddings, follow the fallback rule by design)
-_UNSUPPORTED_CONVS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                      nn.ConvTranspose3d)
-_FALLBACK = "its parameters follow the fallback rule d = -g/(1+damping)"
 
 
 @dataclass
@@ -164,9 +208,10 @@ def find_blocks(model: nn.Module, skip_layers: tuple[str | type, ...] = (),
     """The model's supported, trainable layers as blocks, in module order.
 
     A block of fewer than ``explicit_threshold`` entries takes the explicit path, any other
-    the implicit one. Supported: ``nn.Linear`` and ``nn.Conv2d`` with ``groups == 1`` and zero
-    padding mode. A grouped or non-zero-padded convolution, another convolution type, a layer
-    that overrides ``forward`` or shares its weight is left to the fallback rule with a warning;
+    the implicit one. Supported: ``nn.Linear``, ``nn.Conv2d`` with ``groups == 1`` and zero
+    padding mode, and affine ``nn.BatchNorm1d/2d/3d``. A grouped or non-zero-padded
+    convolution, another convolution type, ``nn.SyncBatchNorm``, a layer that overrides
+    ``forward`` or shares its weight is left to the fallback rule with a warning;
     so is, silently, any layer named (or whose class is listed) in ``skip_layers``. A name in
     ``skip_layers`` that matches no module raises ``ValueError``.
     """
@@ -199,9 +244,9 @@ def find_blocks(model: nn.Module, skip_layers: tuple[str | type, ...] = (),
     unmatched = [s for s in skip_layers if isinstance(s, str) and s not in skipped]
     if unmatched:
         names = [module_name(n) for n, m in model.named_modules()
-                 if isinstance(m, (nn.Linear, nn.Conv2d))]
+                 if isinstance(m, SUPPORTED)]
         raise ValueError(f"skip_layers names {', '.join(map(repr, unmatched))}, which match no "
-                         f"module of the model; its nn.Linear/nn.Conv2d layers are "
+                         f"module of the model; its supported layers are "
                          f"{', '.join(map(repr, names[:20]))}{' ...' if len(names) > 20 else ''}")
     return Layout(blocks, fallback)
 
@@ -221,15 +266,17 @@ def _unsupported(name: str, module: nn.Module, owners: dict[int, int]) -> str | 
     """Why a module with trainable parameters is not a block (warned where the user may not
     expect it), or None for a supported layer."""
     kind = type(module).__name__
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
-        why = f"{kind} is not a supported layer type (nn.Linear, nn.Conv2d)"
-        if isinstance(module, _UNSUPPORTED_CONVS):
+    if not isinstance(module, SUPPORTED):
+        why = (f"{kind} is not a supported layer type (nn.Linear, nn.Conv2d, "
+               "nn.BatchNorm1d/2d/3d)")
+        if isinstance(module, _UNSUPPORTED_WARNED):
             warn(f"SENG: layer {name!r} ({kind}) is not preconditioned; {_FALLBACK}")
         return why
     weight = module.weight
     if not weight.requires_grad:
         return "its weight is frozen (requires_grad=False)"
-    if type(module).forward not in (nn.Linear.forward, nn.Conv2d.forward):
+    if type(module).forward not in (nn.Linear.forward, nn.Conv2d.forward,
+                                    nn.BatchNorm2d.forward):
         # A subclass with its own forward: its per-sample factors are unknown.
         why = f"{kind} overrides forward"
     elif owners[id(weight)] > 1:

@@ -99,7 +99,8 @@ class SENG(torch.optim.Optimizer):
         self.layout = find_blocks(model, cfg.skip_layers, cfg.sketch.explicit_threshold)
         self.blocks: list[Block] = self.layout.blocks
         if not self.blocks:
-            warn("SENG: the model has no nn.Linear or nn.Conv2d layer to precondition (or "
+            warn("SENG: the model has no supported layer (nn.Linear, nn.Conv2d, BatchNorm) to "
+                 "precondition (or "
                  "skip_layers names them all): every parameter follows d = -g/(1+damping), "
                  "i.e. momentum SGD with lr/(1+damping)")
         GroupSchedules.check_blocks(self.blocks, self.param_groups)

@@ -34,7 +34,7 @@ class MixedNet(nn.Module):
         return self.head(t.mean(1))
 
 
-LAYERS = ["conv", "seq", "head"]
+LAYERS = ["conv", "bn", "seq", "head"]
 
 
 def make_mixed(seed: int = 0) -> MixedNet:

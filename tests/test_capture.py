@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -50,6 +51,83 @@ def test_conv2d_variants_are_exact(conv):
     x, y = _data((2, 7, 7))
     model(x)  # materialise the lazy head
     _check_exact(model, ["0", "2"], x, y)
+
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _random_running_stats(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics, so that eval-mode BatchNorm normalises for real."""
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, BATCHNORMS):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("shape,layers", [
+    ((5,), [nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4)]),
+    ((3, 5), [nn.Conv1d(3, 6, 1), nn.BatchNorm1d(6), nn.ReLU(), nn.Flatten(),
+              nn.Linear(30, 4)]),
+    ((2, 5, 5), [nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                 nn.Linear(27, 4)]),
+    ((1, 3, 4, 4), [nn.BatchNorm3d(1), nn.Flatten(), nn.Linear(48, 4)]),
+], ids=["bn1d", "bn1d-seq", "bn2d", "bn3d"])
+def test_batchnorm_in_eval_mode_is_exact(shape, layers):
+    torch.manual_seed(0)
+    model = _random_running_stats(nn.Sequential(*layers))
+    bn = next(i for i, m in enumerate(model) if isinstance(m, BATCHNORMS))
+    x, y = _data(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Conv1d of one case is not preconditioned
+        opt = _check_exact(model, [str(bn), str(len(model) - 1)], x, y)
+    assert [b.n_A for b in opt.blocks if b.name == str(bn)] == [2]
+
+
+def test_batchnorm_with_frozen_shift_is_exact_on_its_scale():
+    torch.manual_seed(0)
+    model = _random_running_stats(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6),
+                                                nn.ReLU(), nn.Linear(6, 4)))
+    model[1].bias.requires_grad_(False)
+    x, y = _data((5,))
+    opt = _check_exact(model, ["1"], x, y)
+    assert [(b.n_G, b.n_A) for b in opt.blocks if b.name == "1"] == [(6, 1)]
+
+
+def test_batchnorm_per_sample_gradients_in_train_mode_sum_to_the_batch_gradient():
+    # x̂ with the whole batch's statistics, of which the curvature batch is a part: the
+    # per-sample rows of γ and β (statistics held constant) add up to autograd's gradient.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(27, 4))
+    x, y = _data((2, 5, 5), n=16)
+    twin = copy.deepcopy(model)
+    opt = SENG(model, curvature_batch_size=None, sketch_size=None)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    bn = model[1]
+    grad = torch.stack([bn.weight.grad, bn.bias.grad], dim=1).clone()
+    opt.step()
+    rows = opt.state[bn.weight]["U"]
+    assert rows.shape == (16, 6)
+    total = rows.sum(0).view(3, 2) * 16 ** 0.5 / 16  # rows are ∇ψ_i/√ϱ
+    assert relative_error(total, grad) < 1e-5
+    # with a curvature batch of 4 the rows are the first 4 samples', normalised as above
+    opt = SENG(twin, curvature_batch_size=4, sketch_size=None)
+    F.cross_entropy(twin(x), y).backward()
+    opt.step()
+    part = opt.state[twin[1].weight]["U"]
+    assert relative_error(part, rows[:4] * (16 / 4) ** 0.5) < 1e-5
+
+
+def test_sync_batchnorm_and_skipped_batchnorm_follow_the_fallback_rule():
+    model = nn.Sequential(nn.Linear(4, 6), nn.SyncBatchNorm(6), nn.Linear(6, 2))
+    with pytest.warns(UserWarning, match=r"'1' \(SyncBatchNorm\) is not preconditioned"):
+        assert [b.name for b in SENG(model).blocks] == ["0", "2"]
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+    assert [b.name for b in SENG(model).blocks] == ["0", "1", "2"]
+    assert [b.name for b in SENG(model, skip_layers=nn.BatchNorm1d).blocks] == ["0", "2"]
 
 
 class SharedLinear(nn.Module):

@@ -24,8 +24,12 @@ def test_a_release_checkpoint_resumes_exactly_as_that_release_did(release, varia
     run = release["runs"][variant]
     model = MixedNet().train()
     model.load_state_dict(run["model"])
-    # release 0.1.0 computed U c by eq. 23, then the default
-    opt = SENG(model, variant=variant, uc="factored", **release["settings"])
+    # release 0.1.0 computed U c by eq. 23, then the default, and left BatchNorm to the
+    # fallback rule; without saying so SENG refuses the state and names the layer
+    with pytest.raises(ValueError, match=r"build SENG with skip_layers=\['bn'\] to resume"):
+        SENG(model, variant=variant, uc="factored", **release["settings"]
+             ).load_state_dict(run["opt"])
+    opt = SENG(model, variant=variant, uc="factored", skip_layers="bn", **release["settings"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the release's run: BLAS sums then match bit for bit
     try:
@@ -46,7 +50,7 @@ def test_a_release_checkpoint_resumes_exactly_as_that_release_did(release, varia
 
 def test_a_release_checkpoint_is_refused_for_other_curvature_settings(release):
     run = release["runs"]["lagged"]
-    opt = SENG(MixedNet(), **dict(release["settings"], variant="blockdiag"))
+    opt = SENG(MixedNet(), skip_layers="bn", **dict(release["settings"], variant="blockdiag"))
     with pytest.raises(ValueError, match="variant='lagged' \\(here 'blockdiag'\\)"):
         opt.load_state_dict(run["opt"])
 
@@ -58,7 +62,7 @@ def test_a_checkpoint_resumes_under_the_other_uc_mode(release):
     run = release["runs"]["blockdiag"]
     model = MixedNet().train()
     model.load_state_dict(run["model"])
-    opt = SENG(model, variant="blockdiag", uc="exact", **release["settings"])
+    opt = SENG(model, variant="blockdiag", uc="exact", skip_layers="bn", **release["settings"])
     opt.load_state_dict(run["opt"])
     assert opt.curvature_updates == 2
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -91,6 +95,6 @@ def _compiled_and_plain_state(compiled_first: bool) -> tuple[dict, SENG]:
                                                                 "plain->compiled"])
 def test_states_move_between_a_compiled_and_a_plain_model(compiled_first):
     state, other = _compiled_and_plain_state(compiled_first)
-    assert [b[0] for b in state["seng"]["blocks"]] == ["conv", "seq", "head"]
+    assert [b[0] for b in state["seng"]["blocks"]] == ["conv", "bn", "seq", "head"]
     other.load_state_dict(state)
     assert other.step_count == 1 and other.curvature.curvatures[0].ready

@@ -40,8 +40,9 @@ def test_describe_lists_every_parameter_with_its_path_and_why():
     rows = {line.split()[0]: line for line in table.splitlines()[2:]}
     assert set(rows) == {n for n, _ in model.named_parameters()}
     assert "Conv1d is not a supported layer type" in rows["stem.weight"]
-    assert "fallback" in rows["bn.weight"] and "BatchNorm2d" in rows["bn.weight"]
-    assert rows["bn.weight"].split()[-3] == "0"  # its own param group
+    bn = rows["bn.weight"].split()
+    assert bn[1:4] == ["BatchNorm2d", "4x2", "explicit"] and bn[-3] == "0"  # own param group
+    assert "(with the weight)" in rows["bn.bias"]
     assert "explicit" in rows["conv.weight"] and "n = 40 < explicit_threshold 200" in \
         rows["conv.weight"]
     fc = rows["fc.weight"].split()
@@ -55,7 +56,7 @@ def test_skip_layers_takes_one_name_or_class_or_an_iterable_and_refuses_the_rest
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     assert [b.name for b in SENG(model, skip_layers="2").blocks] == ["0"]
-    with pytest.warns(UserWarning, match="no nn.Linear or nn.Conv2d layer to precondition"):
+    with pytest.warns(UserWarning, match="no supported layer .* to precondition"):
         assert [b.name for b in SENG(model, skip_layers=nn.Linear).blocks] == []
     assert [b.name for b in SENG(model, skip_layers=("0",)).blocks] == ["2"]
     with pytest.raises(ValueError, match="skip_layers names 'fc', which match no module"):

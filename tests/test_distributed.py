@@ -221,7 +221,7 @@ def test_ranks_start_from_rank_zeros_parameters(extras):
 @pytest.mark.parametrize("job, names", [
     ("damping-mismatch", ["setting damping", "rank 0: 0.5", "rank 1: 0.25"]),
     ("variant-mismatch", ["setting variant", "'lagged'", "'blockdiag'"]),
-    ("model-mismatch", ["preconditioned layer 1", "seq (6x5", "seq (7x5"]),
+    ("model-mismatch", ["preconditioned layer 2", "seq (6x5", "seq (7x5"]),
 ])
 def test_inconsistent_ranks_raise_on_every_rank_naming_the_difference(extras, job, names):
     for res in extras:

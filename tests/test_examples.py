@@ -153,15 +153,23 @@ def test_benchmark_names_runs_by_every_flag_that_differs():
     assert dict(tried[0])["--epochs"] == str(large.epochs[0])
 
 
-def test_resnet20_is_he_et_al_s_size_and_seng_preconditions_every_conv_and_the_head():
+def test_resnet20_is_he_et_al_s_size_and_seng_preconditions_every_layer():
     from examples.models import resnet20
+    from examples.train import skip_layers
+
     from seng_dist import SENG
     model = resnet20(in_channels=1)
     assert 0.26e6 < sum(p.numel() for p in model.parameters()) < 0.28e6
     convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert len(convs) == 1 + 18 + 2 + 1  # stem, 9 blocks × 2, two 1×1 shortcuts, head
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == len(convs) - 1  # one after every convolution
     opt = SENG(model)
-    assert {b.weight for b in opt.blocks} == {m.weight for m in convs}
+    assert {b.weight for b in opt.blocks} == {m.weight for m in convs + bns}
+    assert all(b.path == "explicit" for b in opt.blocks if b.module in bns)
+    # train.py --skip-layers BatchNorm2d: the class, by its torch.nn name
+    opt = SENG(model, skip_layers=skip_layers("BatchNorm2d, fc"))
+    assert {b.weight for b in opt.blocks} == {m.weight for m in convs[:-1]}
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank_rebuilding_the_curvature(tmp_path: Path):
