@@ -6,9 +6,9 @@ positions, plus a ones column for the bias) and ``Ĝ_i`` (output gradients at th
 the per-sample gradient of the block is ``Ĝ_iᵀ Â_i`` in the ``(κ, n)``-major layout used here.
 
 BatchNorm's block is ``[γ | β]`` of shape ``(C, 2)``: its per-sample gradient
-``[Σ x̂·∂L/∂y, Σ ∂L/∂y]`` per channel (sums over the spatial positions) is not one product of
-an output gradient and an input per position, so the channels are its positions: ``Ĝ_i`` is the
-identity and ``Â_i`` holds each channel's row. In train mode ``x̂`` uses the batch statistics,
+``[Σ x̂·∂L/∂y | Σ ∂L/∂y]`` (sums over the spatial positions) is not one product of an output
+gradient and an input per position, so its two columns are its positions: ``Ĝ_i`` holds the
+columns and ``Â_i`` is the 2×2 identity. In train mode ``x̂`` uses the batch statistics,
 taken as constants (the per-sample gradient of the authors' code; the coupling of the samples
 through the statistics reaches the input gradient, not γ's and β's).
 """
@@ -136,12 +136,13 @@ def _factor(module: nn.Module, x: Tensor, gy: Tensor, bias: bool) -> tuple[Tenso
     """
     b = x.shape[0]
     if isinstance(module, _BATCHNORMS):
-        # x is already x̂ (Block.layer_input); positions: the channels, Ĝ the identity.
+        # x is already x̂ (Block.layer_input); one position per column of [γ | β], Â the
+        # identity: Σ_κ Ĝ_κᵀ Â_κ = [Σ x̂·gy | Σ gy].
         c = x.shape[1]
         gy = gy.reshape(b, c, -1)
-        cols = [(x.reshape(b, c, -1) * gy).sum(2)] + ([gy.sum(2)] if bias else [])
-        eye = torch.eye(c, dtype=x.dtype, device=x.device)
-        return torch.stack(cols, dim=2), eye.expand(b, c, c)
+        rows = [(x.reshape(b, c, -1) * gy).sum(2)] + ([gy.sum(2)] if bias else [])
+        eye = torch.eye(len(rows), dtype=x.dtype, device=x.device)
+        return eye.expand(b, len(rows), len(rows)), torch.stack(rows, dim=1)
     if isinstance(module, nn.Linear):
         a = x.reshape(b, -1, x.shape[-1])
         if bias:
