@@ -11,6 +11,9 @@ uses, so finished runs are reused and every run's metrics stay in ``--out``/runs
   holds ``lr/λ`` at SGD's tuned values and lowers ``λ`` (more curvature) from 1 to 0.03;
 * **curvature interval**, **curvature batch** and the large layer's **path** at the best
   damping;
+* the same knobs again once the implicit path's ``U·b`` is exact (the default since), with the
+  paper's damping schedule ``λ0·ρ^(epoch/10)`` (ρ = 0.1: λ falls to half over the 3 epochs),
+  a half-epoch warm-up and the paper's exp lr schedule;
 * **SGD's learning rate** over the same number of points as the damping sweep, so that the
   baseline gets the tuning budget SENG's defaults got.
 
@@ -68,6 +71,12 @@ def studies(best_damping: float, best_step: float) -> dict[str, tuple[Method, ..
         "SENG exact U·b (lr/λ fixed)": tuple(
             Method("SENG", SENG_EXACT, (_point(lr=0.05 * d, epochs=3, damping=d),))
             for d in (1.0, 0.3, 0.1, 0.03)),
+        # the other knobs again with the exact U·b, at its sweep's most accurate point
+        "SENG exact U·b: interval, curvature batch, schedules": tuple(
+            Method("SENG", SENG_EXACT, (_point(lr=0.05, epochs=3, damping=1.0, **knob),))
+            for knob in ({"curvature_interval": 10}, {"curvature_interval": 200},
+                         {"curvature_batch_size": 0}, {"damping_decay": 0.1},
+                         {"warmup_epochs": 0.5}, {"schedule": "exp"})),
     }
 
 
