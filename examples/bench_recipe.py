@@ -72,7 +72,7 @@ def studies(best_damping: float, best_step: float) -> dict[str, tuple[Method, ..
             Method("SENG", SENG_EXACT, (_point(lr=0.05 * d, epochs=3, damping=d),))
             for d in (1.0, 0.3, 0.1, 0.03)),
         # the other knobs again with the exact U·b, at its sweep's most accurate point
-        "SENG exact U·b: interval, curvature batch, schedules": tuple(
+        "SENG exact U·b: other knobs": tuple(
             Method("SENG", SENG_EXACT, (_point(lr=0.05, epochs=3, damping=1.0, **knob),))
             for knob in ({"curvature_interval": 10}, {"curvature_interval": 200},
                          {"curvature_batch_size": 0}, {"damping_decay": 0.1},
