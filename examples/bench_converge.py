@@ -262,7 +262,8 @@ def _per_epoch(seeds: list[list[dict]]) -> float | None:
     return statistics.fmean(rows[-1]["train_time_s"] / rows[-1]["epoch"] for rows in done)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's settings (also the run settings :mod:`bench_recipe` trains with)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench-converge"))
     ap.add_argument("--targets", default="0.90,0.91,0.85",
@@ -279,7 +280,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="tiny data and 1-epoch budgets: checks the pipeline, measures nothing")
     ap.add_argument("--fresh", action="store_true", help="rerun finished runs")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     targets = [float(t) for t in args.targets.split(",")]
     methods = [m for m in METHODS if args.only is None or m.name in args.only.split(",")]
     regimes = [r for r in REGIMES if r.name in args.regimes.split(",")]

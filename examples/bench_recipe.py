@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_converge import REGIMES, Method, run, to_target  # noqa: E402
+from bench_converge import REGIMES, Method, parse_args, run, to_target  # noqa: E402
 
 BATCH_128 = REGIMES[0]
 SGD = ("--optimizer", "sgd")
@@ -101,19 +101,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--best-damping", type=float, default=None,
                     help="damping for the later studies (default: the damping study's best)")
     ap.add_argument("--only", default=None, help="comma-separated study names")
-    args = ap.parse_args(argv)
+    mine = ap.parse_args(argv)
     # the run machinery's settings: bench_converge.py's defaults
-    args.model, args.evals_per_epoch, args.curvature_interval = "cnn", 4, 50
-    args.train_limit, args.test_limit, args.fresh = 30_000, None, False
+    args = parse_args(["--out", str(mine.out)])
 
     def score(rows: list[dict]) -> tuple:
-        hit = to_target(rows, args.target)
+        hit = to_target(rows, mine.target)
         return (0, hit[1]) if hit else (1, -max([r["test_acc"] for r in rows] or [0.0]))
 
     results: dict[str, list[tuple[Method, list[dict]]]] = {}
-    best_damping, best_step = args.best_damping or 1.0, 0.05
+    best_damping, best_step = mine.best_damping or 1.0, 0.05
     for name, methods in studies(best_damping, best_step).items():
-        if name not in FIRST_STUDIES and args.best_damping is None:
+        if name not in FIRST_STUDIES and mine.best_damping is None:
             done = results.get("SENG damping (lr/λ fixed)", [])
             if done:
                 m, _ = min(done, key=lambda mr: score(mr[1]))
@@ -121,20 +120,20 @@ def main(argv: list[str] | None = None) -> None:
                 best_damping = float(flags["--damping"])
                 best_step = float(flags["--lr"]) / best_damping
                 methods = studies(best_damping, best_step)[name]
-        if args.only and name not in args.only.split(","):
+        if mine.only and name not in mine.only.split(","):
             continue
         results[name] = [(m, run(BATCH_128, m, m.grid[0], 0, args)) for m in methods]
     sgd = [rows for _, rows in results.get("SGD learning rate", []) if rows]
     sgd_best = min(sgd, key=score) if sgd else None
     sgd_per_epoch = sgd_best[-1]["train_time_s"] / sgd_best[-1]["epoch"] if sgd_best else None
     lines = [f"Recipe studies: cnn, batch 128, one process, 3-epoch cosine budget, seed 0, "
-             f"training subset {args.train_limit} images; target {args.target:.0%}; "
+             f"training subset {args.train_limit} images; target {mine.target:.0%}; "
              "s/epoch against SGD's best point.", ""]
     for name, done in results.items():
         lines += [f"**{name}**", "", "| method | point | accuracy after epochs 1 / 2 / 3 | "
-                  f"time to {args.target:.0%} (s) | epochs to {args.target:.0%} | best acc | "
+                  f"time to {mine.target:.0%} (s) | epochs to {mine.target:.0%} | best acc | "
                   "s/epoch vs SGD |", "|---|---|---|---|---|---|---|"]
-        lines += [row(m, rows, args.target, sgd_per_epoch) for m, rows in done] + [""]
+        lines += [row(m, rows, mine.target, sgd_per_epoch) for m, rows in done] + [""]
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
