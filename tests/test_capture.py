@@ -61,6 +61,7 @@ def _random_running_stats(model: nn.Module) -> nn.Module:
     g = torch.Generator().manual_seed(3)
     for m in model.modules():
         if isinstance(m, BATCHNORMS):
+            assert m.running_mean is not None and m.running_var is not None
             m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     return model.eval()

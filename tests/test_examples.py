@@ -156,7 +156,6 @@ def test_benchmark_names_runs_by_every_flag_that_differs():
 def test_resnet20_is_he_et_al_s_size_and_seng_preconditions_every_layer():
     from examples.models import resnet20
     from examples.train import skip_layers
-
     from seng_dist import SENG
     model = resnet20(in_channels=1)
     assert 0.26e6 < sum(p.numel() for p in model.parameters()) < 0.28e6
