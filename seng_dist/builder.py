@@ -9,7 +9,6 @@ it is (:mod:`seng_dist.testing`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from torch import nn
 from .capture import Capture
 from .config import SENGConfig, resolve
 from .curvature import BlockCurvature, ParamState, make_curvature
-from .layers import Block
+from .layers import Block, PerSample
 
 
 @dataclass(frozen=True)
@@ -91,12 +90,13 @@ class CurvatureBuilder:
         """
         if not self.armed:
             return Rebuilt(updated=False, skipped=0)
+        self._check_batch_sizes()
         updated, skipped = False, 0
         for curvature in self.curvatures:
-            factors = self._factors(curvature.block, loss_scale)
-            if factors is None:
+            sample = self._per_sample(curvature.block, loss_scale)
+            if sample is None:
                 continue
-            if curvature.rebuild(*factors):
+            if curvature.rebuild(sample):
                 updated = True
             else:
                 skipped += 1
@@ -104,8 +104,23 @@ class CurvatureBuilder:
         self._rebuild_next = False
         return Rebuilt(updated=updated, skipped=skipped)
 
-    def _factors(self, block: Block, loss_scale: float) -> tuple[torch.Tensor, ...] | None:
-        """``(Ĝ/√ϱ, Â)`` of ``block`` from the capture, or None if it was not called with
+    def _check_batch_sizes(self) -> None:
+        """Every block of one forward saw the same batch: else a layer's batch dimension was
+        misread (a sequence-first model), which would silently take time steps for samples."""
+        sizes = {b.name: rec.batch_size for b, rec in self.capture.records.items()
+                 if rec.complete()}
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{name!r}: {n}" for name, n in sizes.items())
+            raise ValueError(
+                f"SENG: on rank {self.rank} the preconditioned layers saw different batch "
+                f"sizes in one forward ({listed}). A layer whose input has the batch second "
+                "(a sequence-first model, as nn.Transformer* modules with batch_first=False) "
+                "needs batch_first=False in SENG's settings, unless a module around it "
+                "declares batch_first; a layer that really sees another batch can be named in "
+                "skip_layers")
+
+    def _per_sample(self, block: Block, loss_scale: float) -> PerSample | None:
+        """``block``'s captured calls and their scale, or None if it was not called with
         gradients."""
         rec = self.capture.records.get(block)
         if rec is None or not rec.complete():
@@ -119,6 +134,4 @@ class CurvatureBuilder:
         scale = float(self.config.gradient_accumulation_steps) / loss_scale
         if self.config.loss_reduction == "mean":
             scale *= rec.batch_size
-        grads = [g for g in rec.grads if g is not None]  # all of them: the record is complete
-        G_hat, A_hat = block.per_sample_factors(rec.inputs, grads, scale)
-        return G_hat * (1.0 / math.sqrt(G_hat.shape[0])), A_hat
+        return PerSample(block, rec.calls(), scale)

@@ -5,18 +5,33 @@ plain steps pay nothing. The output gradient is taken with a tensor hook registe
 layer's output inside the forward hook, not with a module backward hook: a tensor hook keeps
 working when a later in-place op (``nn.ReLU(inplace=True)``) modifies that output, and it
 receives the gradient with respect to the layer's own output.
+
+``nn.MultiheadAttention`` does not call its projections as modules: its forward hands the
+weights to ``F.multi_head_attention_forward``, which calls ``torch.nn.functional.linear`` on
+them. For the length of an armed attention forward, :class:`LinearTap` puts a recording wrapper
+in that function's place; the wrapper calls the original with the same arguments, so the
+module computes exactly what it computes without SENG. (A ``__torch_function__`` mode cannot
+see these calls: ``multi_head_attention_forward`` dispatches itself to the mode as one call and
+runs its body with the mode off. Recomputing the projections' inputs and gradients instead
+would draw other attention-dropout masks.)
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .layers import Block
+from .layers import Block, Call
+
+#: turns a captured tensor into the batch-first layout
+Layout = Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -26,9 +41,15 @@ class Record:
     batch_size: int
     inputs: list[Tensor] = field(default_factory=list)
     grads: list[Tensor | None] = field(default_factory=list)
+    rows: list[slice | None] = field(default_factory=list)
 
     def complete(self) -> bool:
         return bool(self.inputs) and all(g is not None for g in self.grads)
+
+    def calls(self) -> list[Call]:
+        """The calls of a complete record."""
+        return [Call(x, g, r) for x, g, r in zip(self.inputs, self.grads, self.rows, strict=True)
+                if g is not None]
 
 
 class Capture:
@@ -54,8 +75,17 @@ class Capture:
             return
         self.forwarded = False
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook()))
+        attention: dict[nn.Module, list[Block]] = {}
         for block in self.blocks:
-            self._handles.append(block.module.register_forward_hook(self._forward_hook(block)))
+            if block.via is None:
+                self._handles.append(block.module.register_forward_hook(
+                    self._forward_hook(block)))
+            else:
+                attention.setdefault(block.via, []).append(block)
+        for module, blocks in attention.items():
+            tap = _AttentionTap(self, module, blocks)
+            self._handles.append(module.register_forward_pre_hook(tap.enter, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(tap.leave, always_call=True))
 
     def disarm(self) -> None:
         """Remove the hooks and drop what was recorded."""
@@ -63,6 +93,25 @@ class Capture:
             h.remove()
         self._handles.clear()
         self.records.clear()
+
+    def record(self, block: Block, x: Tensor, output: Tensor, layout: Layout,
+               rows: slice | None = None) -> None:
+        """Keep one call of ``block``: its input ``x`` and, once backward reaches it, the
+        gradient of ``output``; ``layout`` puts the batch first in both."""
+        x = layout(x.detach())
+        rec = self.records.get(block)
+        if rec is None:
+            rec = self.records[block] = Record(batch_size=x.shape[0])
+        k = self.limit
+        rec.inputs.append(block.kind.keep_input(block.module, x, k))
+        rec.grads.append(None)
+        rec.rows.append(rows)
+        slot = len(rec.grads) - 1
+
+        def grad_hook(grad: Tensor) -> None:
+            rec.grads[slot] = layout(grad.detach())[:k].clone()
+
+        output.register_hook(grad_hook)
 
     def _model_pre_hook(self) -> Callable[..., None]:
         # A closure, like the layers' hooks, not a bound method: copy.deepcopy of the model
@@ -77,22 +126,117 @@ class Capture:
         return hook
 
     def _forward_hook(self, block: Block) -> Callable[[nn.Module, tuple, Tensor], None]:
+        layout = block.kind.batch_first(block.module, block.batch_dim)
+
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             if not (torch.is_grad_enabled() and isinstance(output, Tensor)
                     and output.requires_grad):
                 return
-            x = inputs[0]
-            rec = self.records.get(block)
-            if rec is None:
-                rec = self.records[block] = Record(batch_size=x.shape[0])
-            k = self.limit
-            rec.inputs.append(block.layer_input(x, k))
-            rec.grads.append(None)
-            slot = len(rec.grads) - 1
-
-            def grad_hook(grad: Tensor) -> None:
-                rec.grads[slot] = grad.detach()[:k].clone()
-
-            output.register_hook(grad_hook)
+            self.record(block, inputs[0], output, layout)
 
         return hook
+
+
+class _AttentionTap:
+    """One attention module's armed forwards: the projections' calls go to the capture."""
+
+    def __init__(self, capture: Capture, module: nn.Module, blocks: list[Block]) -> None:
+        self.capture = capture
+        self.module = module
+        self.blocks = blocks
+        self.active = False
+
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if not torch.is_grad_enabled():
+            return
+        query = args[0] if args else kwargs["query"]
+        # Inside multi_head_attention_forward the projections' inputs are (L, N, E) and
+        # out_proj's is (L·N, E), whatever the module's batch_first.
+        batched = query.dim() == 3
+        n = (query.shape[0] if getattr(module, "batch_first", False) else query.shape[1]) \
+            if batched else 1
+
+        def layout(t: Tensor) -> Tensor:
+            if t.dim() == 2:
+                t = t.reshape(-1, n, t.shape[-1])
+            return t.transpose(0, 1)
+
+        TAP.push(self._on_linear(layout))
+        self.active = True
+
+    def leave(self, *_: object) -> None:
+        if self.active:
+            self.active = False
+            TAP.pop()
+
+    def _on_linear(self, layout: Layout) -> Callable[[Tensor, Tensor, Tensor], None]:
+        def on_linear(x: Tensor, weight: Tensor, output: Tensor) -> None:
+            if not output.requires_grad:
+                return
+            for block in self.blocks:
+                uses, rows = _rows_of(weight, block.weight)
+                if uses:
+                    self.capture.record(block, x, output, layout, rows)
+                    return
+
+        return on_linear
+
+
+def _rows_of(w: Tensor, param: Tensor) -> tuple[bool, slice | None]:
+    """Whether ``w`` is ``param`` or a view of some of its rows (``split`` along dim 0), and
+    which rows (None: all)."""
+    if w is param:
+        return True, None
+    if w.dim() != 2 or w.stride() != param.stride():
+        return False, None
+    try:
+        if w.untyped_storage().data_ptr() != param.untyped_storage().data_ptr():
+            return False, None
+    except (NotImplementedError, RuntimeError):  # no storage (a functorch or fake tensor)
+        return False, None
+    start, rest = divmod(int(w.storage_offset()) - int(param.storage_offset()),
+                         int(param.stride(0)))
+    return rest == 0, slice(start, start + w.shape[0])
+
+
+class LinearTap:
+    """The recording wrapper of ``torch.nn.functional.linear``: in place only while some
+    thread has an armed attention forward running (a process-wide count under a lock), and
+    recording only for the thread whose forward it is."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        # Kept for good: another thread may still hold the wrapper after it is taken out.
+        self._original = F.linear
+        self._local = threading.local()
+
+    def push(self, on_call: Callable[[Tensor, Tensor, Tensor], None]) -> None:
+        with self._lock:
+            if self._count == 0:
+                F.linear = self._linear
+            self._count += 1
+        self._stack().append(on_call)
+
+    def pop(self) -> None:
+        self._stack().pop()
+        with self._lock:
+            self._count -= 1
+            if self._count == 0:
+                F.linear = self._original
+
+    def _stack(self) -> list[Callable[[Tensor, Tensor, Tensor], None]]:
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        return self._local.stack
+
+    def _linear(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        out = self._original(input, weight, bias)
+        stack = self._stack()
+        if stack:
+            stack[-1](input, weight, out)
+        return out
+
+
+#: the one tap of this process
+TAP = LinearTap()

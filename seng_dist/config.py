@@ -214,6 +214,10 @@ class SENGConfig:
     seed: int = setting(0)
     #: module names (prefixes) or classes left to the fallback rule
     skip_layers: tuple[str | type, ...] = setting(())
+    #: whether a Linear's input and output have the batch first (False: second, as in a
+    #: sequence-first model); a layer inside a torch.nn module that declares ``batch_first``
+    #: (``nn.Transformer``, its encoder/decoder layers, the RNNs) follows that module
+    batch_first: bool = setting(True)
     sketch: SketchConfig = field(default_factory=SketchConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
@@ -221,7 +225,7 @@ class SENGConfig:
         for name, rng in _SCHEDULES.items():
             value = getattr(self, name)
             rng.check(name, value(0) if callable(value) else value)
-        for name in ("decoupled_weight_decay", "skip_nonfinite"):
+        for name in ("decoupled_weight_decay", "skip_nonfinite", "batch_first"):
             _check_bool(name, getattr(self, name))
         _check_optional_int("curvature_batch_size", self.curvature_batch_size)
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import solver
 from .config import SketchConfig
-from .layers import Block
+from .layers import Block, PerSample
 
 _GRAM = "K"
 
@@ -57,10 +57,10 @@ class BlockCurvature(ABC):
         """Whether the block has curvature (it is built at the first curvature step)."""
         return _GRAM in self._state
 
-    def rebuild(self, G_hat: Tensor, A_hat: Tensor) -> bool:
-        """Replace the curvature by the one of ``U = [vec(Ĝ_iᵀ Â_i)]`` (``Ĝ`` already holds
-        the ``1/√ϱ``); keep the old one and return False if a new factor is not finite."""
-        new = self._build(G_hat, A_hat)
+    def rebuild(self, sample: PerSample) -> bool:
+        """Replace the curvature by the one of ``U = [vec(∇ψ_i)]/√ϱ`` of ``sample``; keep the
+        old one and return False if a new factor is not finite."""
+        new = self._build(sample)
         if not solver.all_finite([t for t in new.values() if t.is_floating_point()]):
             return False
         self.clear()
@@ -115,7 +115,7 @@ class BlockCurvature(ABC):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @abstractmethod
-    def _build(self, G_hat: Tensor, A_hat: Tensor) -> dict[str, Tensor]:
+    def _build(self, sample: PerSample) -> dict[str, Tensor]:
         """The state tensors of the new curvature."""
 
     @abstractmethod
@@ -144,8 +144,8 @@ class ExplicitCurvature(BlockCurvature):
     def slot_shapes(self) -> list[tuple[int, int]]:
         return [(self.block.n_G, self.block.n_A)]
 
-    def _build(self, G_hat: Tensor, A_hat: Tensor) -> dict[str, Tensor]:
-        Ut = solver.per_sample_grads(G_hat, A_hat)
+    def _build(self, sample: PerSample) -> dict[str, Tensor]:
+        Ut = sample.grads()
         sk = self._sketch(Ut, self.settings.sketch_size)
         X = solver.sketch_columns(Ut, sk)
         out = {"U": Ut, _GRAM: X @ X.T}
@@ -184,8 +184,8 @@ class ImplicitCurvature(BlockCurvature):
         # eq. 28: the product of the averaged partial factors.
         return slot[0].T @ slot[1] if len(slot) == 2 else super().combine(slot)
 
-    def _build(self, G_hat: Tensor, A_hat: Tensor) -> dict[str, Tensor]:
-        G, A = solver.low_rank_factors(G_hat, A_hat, self.settings.rank, self._generator)
+    def _build(self, sample: PerSample) -> dict[str, Tensor]:
+        G, A = solver.low_rank_factors(*sample.factors(), self.settings.rank, self._generator)
         Gf = G.reshape(-1, G.shape[2]).contiguous()
         Af = A.reshape(-1, A.shape[2]).contiguous()
         out = {"Gf": Gf, "Af": Af}

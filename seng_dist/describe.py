@@ -40,8 +40,8 @@ def describe_table(model: nn.Module, layout: Layout, curvatures: list[BlockCurva
             sign = "<" if b.path == "explicit" else ">="
             rank = str(c.slot_rank) if isinstance(c, ImplicitCurvature) else "-"
             nbytes = f"{c.nbytes():,}" if p is b.weight else "(with the weight)"
-            rows.append((name, kind, f"{b.n_G}x{b.n_A}", b.path,
-                         f"n = {b.n:,} {sign} explicit_threshold {explicit_threshold:,}",
+            why = b.path_note or f"n = {b.n:,} {sign} explicit_threshold {explicit_threshold:,}"
+            rows.append((name, kind, f"{b.n_G}x{b.n_A}", b.path, why,
                          str(group_of[id(p)]), rank, nbytes))
     widths = [max(len(r[i]) for r in [_COLUMNS, *rows]) for i in range(len(_COLUMNS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()

@@ -1,39 +1,68 @@
-"""Per-layer helpers: which modules SENG preconditions, and their per-sample factors.
+"""Which modules SENG preconditions (blocks), and each block's per-sample gradients.
 
 A supported layer's weight and bias form one block ``W̄ = [W | b]`` of shape ``(n_G, n_A)``
 (bias as the last input column). For each sample ``i`` the layer gives ``Â_i`` (inputs at its κ
 positions, plus a ones column for the bias) and ``Ĝ_i`` (output gradients at those positions);
 the per-sample gradient of the block is ``Ĝ_iᵀ Â_i`` in the ``(κ, n)``-major layout used here.
-
-BatchNorm's block is ``[γ | β]`` of shape ``(C, 2)``: its per-sample gradient
-``[Σ x̂·∂L/∂y | Σ ∂L/∂y]`` (sums over the spatial positions) is not one product of an output
-gradient and an input per position, so its two columns are its positions: ``Ĝ_i`` holds the
-columns and ``Â_i`` is the 2×2 identity. In train mode ``x̂`` uses the batch statistics,
-taken as constants (the per-sample gradient of the authors' code; the coupling of the samples
-through the statistics reaches the input gradient, not γ's and β's).
+How each layer type gives them is its kind's (:mod:`seng_dist.kinds`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import solver
+from .kinds import BATCHNORMS, CONVS, LayerKind, kind_of
 from .warn import warn
 
-BatchNorm = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: the layer types that can be blocks
-SUPPORTED = (nn.Linear, nn.Conv2d) + _BATCHNORMS
+SUPPORTED = (nn.Linear, nn.MultiheadAttention) + CONVS + BATCHNORMS
 #: layers with a weight that SENG does not precondition and says so about (the rest, e.g.
 #: other normalisations and embeddings, follow the fallback rule by design); SyncBatchNorm's
 #: statistics span the ranks, which the per-sample gradients of one rank cannot see
-_UNSUPPORTED_WARNED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                       nn.ConvTranspose3d, nn.SyncBatchNorm)
+_UNSUPPORTED_WARNED = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                       nn.SyncBatchNorm)
 _FALLBACK = "its parameters follow the fallback rule d = -g/(1+damping)"
+
+
+@dataclass
+class Call:
+    """One captured use of a block's weight: its input and output gradient with the batch
+    first, and the rows of the weight it used (None: all of them)."""
+
+    x: Tensor
+    gy: Tensor
+    rows: slice | None = None
+
+
+@dataclass
+class PerSample:
+    """One block's captured calls and the factor on their output gradients (the batch size
+    under a mean-reduced loss): ``U``'s columns ``∇ψ_i/√ϱ`` as factors or as gradients."""
+
+    block: Block
+    calls: list[Call]
+    scale: float
+
+    @property
+    def _root(self) -> float:
+        return 1.0 / math.sqrt(self.calls[0].x.shape[0])
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(Ĝ/√ϱ, Â)`` (:meth:`Block.per_sample_factors`)."""
+        G_hat, A_hat = self.block.per_sample_factors(self.calls, self.scale)
+        return G_hat * self._root, A_hat
+
+    def grads(self) -> Tensor:
+        """``Uᵀ`` ``(ϱ, n)``: from the factors where the kind has them (the same sums as the
+        implicit path's), else :meth:`Block.per_sample_grads`."""
+        if self.block.kind.factorable:
+            return solver.per_sample_grads(*self.factors())
+        return self.block.per_sample_grads(self.calls, self.scale) * self._root
 
 
 @dataclass(eq=False)
@@ -48,6 +77,14 @@ class Block:
     n_G: int
     n_A: int
     path: str
+    kind: LayerKind = field(default_factory=LayerKind)
+    #: where the batch is in the inputs and outputs of the module's calls (0 or 1)
+    batch_dim: int = 0
+    #: the module whose forward uses the weight functionally (``nn.MultiheadAttention``), if
+    #: the layer is not called itself
+    via: nn.Module | None = None
+    #: why the path is not the size rule's (empty: it is)
+    path_note: str = ""
     params: tuple[Tensor, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -94,97 +131,49 @@ class Block:
         w = mat[:, :-1].reshape(self.weight.shape)
         return [w, mat[:, -1]]
 
-    def layer_input(self, x: Tensor, limit: int | None) -> Tensor:
-        """What the capture keeps of one call's input ``x``: its first ``limit`` samples,
-        normalised for BatchNorm (with the statistics of the whole call in train mode, as
-        the layer normalises them). Detached."""
-        x = x.detach()
-        if not isinstance(self.module, _BATCHNORMS):
-            # The input is saved by autograd for the weight gradient anyway, so autograd's
-            # version check already forbids in-place edits of it: a view suffices.
-            return x[:limit]
-        return _normalised(self.module, x, limit)
-
-    def per_sample_factors(self, inputs: list[Tensor], grads: list[Tensor],
-                           scale: float) -> tuple[Tensor, Tensor]:
+    def per_sample_factors(self, calls: list[Call], scale: float) -> tuple[Tensor, Tensor]:
         """``(Ĝ, Â)`` of shapes ``(ϱ, κ, n_G)`` and ``(ϱ, κ, n_A)`` from captured calls.
 
-        A module called several times in one forward contributes each call's positions: the
-        per-sample gradient is the sum over calls, so the positions are concatenated.
+        A weight used several times in one forward contributes each call's positions: the
+        per-sample gradient is the sum over calls, so the positions are concatenated; a call
+        on some rows of the weight (``Call.rows``) has zero output gradients on the others.
         ``scale`` multiplies the output gradients (the batch size under a mean-reduced loss).
         """
         gs, As = [], []
-        dtype = self.weight.dtype
-        for x, gy in zip(inputs, grads, strict=True):
-            # Under autocast the layer sees and returns bf16/fp16; curvature is kept in the
-            # parameters' dtype.
-            a, g = _factor(self.module, x.to(dtype), gy.to(dtype), self.bias is not None)
+        for call in calls:
+            x, gy = self._dtype(call)
+            a, g = self.kind.factors(self.module, x, gy, self.bias is not None)
+            if call.rows is not None:
+                full = g.new_zeros(g.shape[0], g.shape[1], self.n_G)
+                full[..., call.rows] = g
+                g = full
             gs.append(g)
             As.append(a)
         g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
         a = torch.cat(As, dim=1) if len(As) > 1 else As[0]
-        if scale != 1.0:
-            g = g * scale
-        return g, a
+        return (g * scale if scale != 1.0 else g), a
 
+    def per_sample_grads(self, calls: list[Call], scale: float) -> Tensor:
+        """``Uᵀ`` rows before normalisation: ``vec(∇ψ_i)`` of the block, ``(ϱ, n_G·n_A)``,
+        times ``scale``."""
+        total: Tensor | None = None
+        for call in calls:
+            x, gy = self._dtype(call)
+            u = self.kind.grads(self.module, x, gy, self.bias is not None)
+            if call.rows is not None:
+                full = u.new_zeros(u.shape[0], self.n_G, self.n_A)
+                full[:, call.rows] = u
+                u = full
+            total = u if total is None else total + u
+        assert total is not None, "a block is rebuilt from one call at least"
+        total = total.reshape(total.shape[0], -1)
+        return total * scale if scale != 1.0 else total
 
-def _factor(module: nn.Module, x: Tensor, gy: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
-    """``(Â, Ĝ)`` for one call: shapes ``(B, κ, n_A)`` and ``(B, κ, n_G)``.
-
-    For a convolution both are transposed views of ``(B, ·, κ)`` tensors: the ones row of the
-    bias is appended in unfold's own layout, where it is a plain block copy.
-    """
-    b = x.shape[0]
-    if isinstance(module, _BATCHNORMS):
-        # x is already x̂ (Block.layer_input); one position per column of [γ | β], Â the
-        # identity: Σ_κ Ĝ_κᵀ Â_κ = [Σ x̂·gy | Σ gy].
-        c = x.shape[1]
-        gy = gy.reshape(b, c, -1)
-        rows = [(x.reshape(b, c, -1) * gy).sum(2)] + ([gy.sum(2)] if bias else [])
-        eye = torch.eye(len(rows), dtype=x.dtype, device=x.device)
-        return eye.expand(b, len(rows), len(rows)), torch.stack(rows, dim=1)
-    if isinstance(module, nn.Linear):
-        a = x.reshape(b, -1, x.shape[-1])
-        if bias:
-            a = torch.cat([a, a.new_ones(b, a.shape[1], 1)], dim=2)
-        return a, gy.reshape(b, -1, gy.shape[-1])
-    conv = cast(nn.Conv2d, module)  # the one other block type
-    padding: int | tuple[int, ...] = 0
-    if isinstance(conv.padding, str):
-        # 'same'/'valid': the exact (possibly asymmetric) padding the layer applies.
-        x = F.pad(x, _string_padding(conv))
-    else:
-        padding = conv.padding
-    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding,
-                    stride=conv.stride)  # (B, C·kh·kw, κ)
-    if bias:
-        cols = torch.cat([cols, cols.new_ones(b, 1, cols.shape[2])], dim=1)
-    return cols.transpose(1, 2), gy.reshape(b, gy.shape[1], -1).transpose(1, 2)
-
-
-def _normalised(bn: BatchNorm, x: Tensor, limit: int | None) -> Tensor:
-    """``x̂`` of the first ``limit`` samples as ``bn`` computes it (``F.batch_norm``'s rule:
-    batch statistics in train mode or without running statistics, else the running ones)."""
-    x = x.to(bn.weight.dtype)  # BatchNorm's affine parameters stay float32 under autocast
-    if bn.training or bn.running_mean is None or bn.running_var is None:
-        dims = [0] + list(range(2, x.dim()))
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-    else:
-        mean, var = bn.running_mean, bn.running_var
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return (x[:limit] - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
-
-
-def _string_padding(conv: nn.Conv2d) -> list[int]:
-    """``F.pad``'s (last dim first) padding for ``padding='same'``/``'valid'``: for 'same' the
-    total ``dilation·(k-1)`` per dim, its odd unit on the right, as the layer itself pads."""
-    if conv.padding == "valid":
-        return [0, 0, 0, 0]
-    pad: list[int] = []
-    for d, k in zip(reversed(conv.dilation), reversed(conv.kernel_size), strict=True):
-        total = d * (k - 1)
-        pad += [total // 2, total - total // 2]
-    return pad
+    def _dtype(self, call: Call) -> tuple[Tensor, Tensor]:
+        # Under autocast the layer sees and returns bf16/fp16; curvature is kept in the
+        # parameters' dtype.
+        dtype = self.weight.dtype
+        return call.x.to(dtype), call.gy.to(dtype)
 
 
 def module_name(name: str) -> str:
@@ -205,21 +194,32 @@ class Layout:
 
 
 def find_blocks(model: nn.Module, skip_layers: tuple[str | type, ...] = (),
-                explicit_threshold: int = 0) -> Layout:
+                explicit_threshold: int = 0, batch_first: bool = True) -> Layout:
     """The model's supported, trainable layers as blocks, in module order.
 
     A block of fewer than ``explicit_threshold`` entries takes the explicit path, any other
-    the implicit one. Supported: ``nn.Linear``, ``nn.Conv2d`` with ``groups == 1`` and zero
-    padding mode, and affine ``nn.BatchNorm1d/2d/3d``. A grouped or non-zero-padded
-    convolution, another convolution type, ``nn.SyncBatchNorm``, a layer that overrides
-    ``forward`` or shares its weight is left to the fallback rule with a warning;
-    so is, silently, any layer named (or whose class is listed) in ``skip_layers``. A name in
-    ``skip_layers`` that matches no module raises ``ValueError``.
+    the implicit one (a grouped convolution: always explicit). Supported: ``nn.Linear``,
+    ``nn.Conv1d``/``nn.Conv2d`` (grouped and depthwise too) with zero padding mode, affine
+    ``nn.BatchNorm1d/2d/3d``, and ``nn.MultiheadAttention``: its packed ``in_proj_weight``
+    (Q, K, V) is one block, or with ``kdim``/``vdim`` each of ``q/k/v_proj_weight`` is, and
+    ``out_proj`` is one; the attention's forward uses them functionally, so the capture reads
+    its calls (:mod:`seng_dist.capture`). Another layer type that is usually trained
+    (``nn.Conv3d``, transposed convolutions, ``nn.SyncBatchNorm``), a layer that overrides
+    ``forward``, shares its weight or pads other than with zeros is left to the fallback rule
+    with a warning; so is, silently, any layer named (or whose class is listed) in
+    ``skip_layers``. A name in ``skip_layers`` that matches no module raises ``ValueError``.
+
+    ``batch_first`` says where the batch is in a Linear's input and output; a layer inside a
+    torch.nn module that declares it (``nn.Transformer``, its encoder and decoder layers,
+    ``nn.MultiheadAttention``, the RNNs) follows that module.
     """
     owners: dict[int, int] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
+    attention_of = {id(m.out_proj): m for m in model.modules()
+                    if isinstance(m, nn.MultiheadAttention)}
+    declared = _declared_batch_first(model)
     blocks, fallback, skipped = [], {}, set()
     for raw, module in model.named_modules():
         name = module_name(raw)
@@ -231,17 +231,22 @@ def find_blocks(model: nn.Module, skip_layers: tuple[str | type, ...] = (),
         if skip is not None:
             fallback[name] = skip[0]
             continue
+        if isinstance(module, nn.MultiheadAttention):
+            found, left = _attention_blocks(name, module, explicit_threshold)
+            blocks += found
+            if left:
+                fallback[name] = left
+            continue
         why = _unsupported(name, module, owners)
         if why is not None:
             fallback[name] = why
             continue
-        weight = module.weight
         bias = module.bias if module.bias is not None and module.bias.requires_grad else None
-        n_g = weight.shape[0]
-        n_a = weight[0].numel() + (1 if bias is not None else 0)
-        path = "explicit" if n_g * n_a < explicit_threshold else "implicit"
-        blocks.append(Block(name or type(module).__name__, module, weight, bias, n_g, n_a,
-                            path))
+        # Convolutions and BatchNorm always have the batch first; a Linear takes any layout.
+        linear = isinstance(module, nn.Linear)
+        batch_dim = 1 if linear and not declared.get(id(module), batch_first) else 0
+        blocks.append(_block(name or type(module).__name__, module, module.weight, bias,
+                             explicit_threshold, attention_of.get(id(module)), batch_dim))
     unmatched = [s for s in skip_layers if isinstance(s, str) and s not in skipped]
     if unmatched:
         names = [module_name(n) for n, m in model.named_modules()
@@ -250,6 +255,75 @@ def find_blocks(model: nn.Module, skip_layers: tuple[str | type, ...] = (),
                          f"module of the model; its supported layers are "
                          f"{', '.join(map(repr, names[:20]))}{' ...' if len(names) > 20 else ''}")
     return Layout(blocks, fallback)
+
+
+def _block(name: str, module: nn.Module, weight: Tensor, bias: Tensor | None,
+           explicit_threshold: int, via: nn.Module | None = None, batch_dim: int = 0) -> Block:
+    kind = kind_of(module)
+    n_g = weight.shape[0]
+    n_a = weight[0].numel() + (1 if bias is not None else 0)
+    if not kind.factorable:
+        path, note = "explicit", "grouped convolution: explicit path at any size"
+    else:
+        path = "explicit" if n_g * n_a < explicit_threshold else "implicit"
+        note = ""
+    return Block(name, module, weight, bias, n_g, n_a, path, kind, batch_dim, via, note)
+
+
+def _attention_blocks(name: str, mha: nn.MultiheadAttention, explicit_threshold: int
+                      ) -> tuple[list[Block], str]:
+    """The input-projection blocks of an attention module (``out_proj`` is a child module and
+    found as one), and why any of its own trainable parameters stays on the fallback rule."""
+    blocks, left = [], []
+    trainable = {id(p) for p in mha.parameters(recurse=False) if p.requires_grad}
+    packed = mha.in_proj_weight
+    if packed is not None:
+        if id(packed) in trainable:
+            bias = mha.in_proj_bias if mha.in_proj_bias is not None and \
+                id(mha.in_proj_bias) in trainable else None
+            blocks.append(_block(f"{name}.in_proj", mha, packed, bias, explicit_threshold,
+                                 via=mha))
+        elif mha.in_proj_bias is not None and id(mha.in_proj_bias) in trainable:
+            left.append("in_proj_bias (its weight is frozen)")
+    else:
+        for side in "qkv":
+            w = getattr(mha, f"{side}_proj_weight")
+            if id(w) in trainable:
+                blocks.append(_block(f"{name}.{side}_proj", mha, w, None, explicit_threshold,
+                                     via=mha))
+        if mha.in_proj_bias is not None and id(mha.in_proj_bias) in trainable:
+            left.append("in_proj_bias (shared by the q/k/v projections)")
+    left += [b for b in ("bias_k", "bias_v")
+             if getattr(mha, b) is not None and id(getattr(mha, b)) in trainable]
+    why = f"{', '.join(left)} of {type(mha).__name__}" if left else ""
+    return blocks, why
+
+
+def _declared_batch_first(model: nn.Module) -> dict[int, bool]:
+    """For every module inside a torch.nn module that declares where its batch is, the nearest
+    such declaration, by ``id``."""
+    out: dict[int, bool] = {}
+
+    def walk(module: nn.Module, inherited: bool | None) -> None:
+        here = _declares(module)
+        here = inherited if here is None else here
+        for child in module.children():
+            if here is not None:
+                out[id(child)] = here
+            walk(child, here)
+
+    walk(model, None)
+    return out
+
+
+def _declares(module: nn.Module) -> bool | None:
+    # torch.nn's own modules only: a user's module may keep a batch_first of its input's
+    # layout and transpose inside.
+    if isinstance(module, (nn.Transformer, nn.MultiheadAttention, nn.RNNBase)):
+        return bool(module.batch_first)
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return bool(module.self_attn.batch_first)
+    return None
 
 
 def _skip_reason(name: str, module: nn.Module, skip: tuple[str | type, ...]
@@ -263,28 +337,29 @@ def _skip_reason(name: str, module: nn.Module, skip: tuple[str | type, ...]
     return None
 
 
+#: the forwards whose calls the kinds know (a subclass that overrides them is not a block)
+_FORWARDS = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.BatchNorm2d.forward)
+
+
 def _unsupported(name: str, module: nn.Module, owners: dict[int, int]) -> str | None:
     """Why a module with trainable parameters is not a block (warned where the user may not
     expect it), or None for a supported layer."""
     kind = type(module).__name__
     if not isinstance(module, SUPPORTED):
-        why = (f"{kind} is not a supported layer type (nn.Linear, nn.Conv2d, "
-               "nn.BatchNorm1d/2d/3d)")
+        why = (f"{kind} is not a supported layer type (nn.Linear, nn.Conv1d/2d, "
+               "nn.BatchNorm1d/2d/3d, nn.MultiheadAttention)")
         if isinstance(module, _UNSUPPORTED_WARNED):
             warn(f"SENG: layer {name!r} ({kind}) is not preconditioned; {_FALLBACK}")
         return why
     weight = module.weight
     if not weight.requires_grad:
         return "its weight is frozen (requires_grad=False)"
-    if type(module).forward not in (nn.Linear.forward, nn.Conv2d.forward,
-                                    nn.BatchNorm2d.forward):
-        # A subclass with its own forward: its per-sample factors are unknown.
+    if type(module).forward not in _FORWARDS:
         why = f"{kind} overrides forward"
     elif owners[id(weight)] > 1:
         why = "it shares its weight with another module"
-    elif isinstance(module, nn.Conv2d) and (module.groups != 1
-                                            or module.padding_mode != "zeros"):
-        why = f"{module.groups} groups, padding_mode={module.padding_mode!r}"
+    elif isinstance(module, CONVS) and module.padding_mode != "zeros":
+        why = f"padding_mode={module.padding_mode!r}"
     else:
         return None
     warn(f"SENG: layer {name!r} ({why}) is not preconditioned; {_FALLBACK}")

@@ -96,7 +96,8 @@ class SENG(torch.optim.Optimizer):
                          {k: resolve(cfg, k, 0) for k in GROUP_SETTINGS})
         self.param_groups = ParamGroups(self.param_groups, self)
         self.model = model
-        self.layout = find_blocks(model, cfg.skip_layers, cfg.sketch.explicit_threshold)
+        self.layout = find_blocks(model, cfg.skip_layers, cfg.sketch.explicit_threshold,
+                                  cfg.batch_first)
         self.blocks: list[Block] = self.layout.blocks
         if not self.blocks:
             warn("SENG: the model has no supported layer (nn.Linear, nn.Conv2d, BatchNorm) to "

@@ -51,10 +51,17 @@ def per_sample_gradients(model: nn.Module, x: Tensor, y: Tensor,
 
 
 def block_matrix(grads: dict[str, Tensor], layer: str) -> Tensor:
-    """``[W | b]`` of a layer from per-name tensors with a leading sample dim: ``(B, n_G, n_A)``."""
-    w = grads[f"{layer}.weight"]
+    """``[W | b]`` of a block from per-name tensors with a leading sample dim: ``(B, n_G, n_A)``.
+
+    ``layer`` is a block name: a module's (``weight``, ``bias``), or an attention module's
+    projection, ``<attn>.in_proj`` (``in_proj_weight``, ``in_proj_bias``) or
+    ``<attn>.q_proj`` (``q_proj_weight`` alone; likewise ``k``, ``v``).
+    """
+    if f"{layer}.weight" in grads:
+        w, b = grads[f"{layer}.weight"], grads.get(f"{layer}.bias")
+    else:
+        w, b = grads[f"{layer}_weight"], grads.get(f"{layer}_bias")
     w = w.reshape(w.shape[0], w.shape[1], -1)
-    b = grads.get(f"{layer}.bias")
     return w if b is None else torch.cat([w, b.unsqueeze(-1)], dim=-1)
 
 
@@ -140,7 +147,8 @@ class _Emulation:
         self.replicas = [copy.deepcopy(model) for _ in range(workers)]
         self.builders = []
         for rep in self.replicas:
-            blocks = find_blocks(rep, cfg.skip_layers, cfg.sketch.explicit_threshold).blocks
+            blocks = find_blocks(rep, cfg.skip_layers, cfg.sketch.explicit_threshold,
+                                 cfg.batch_first).blocks
             self.builders.append(CurvatureBuilder(rep, blocks, cfg, defaultdict(dict)))
             self.builders[-1].arm_for(0)
         # block i of every worker

@@ -224,10 +224,10 @@ def test_uncalled_layer_falls_back_with_warning():
     assert not torch.equal(model.spare.weight, before)  # still updated (fallback rule)
 
 
-def test_grouped_conv_and_skip_layers_go_to_fallback():
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2),
-                          nn.Linear(2, 2))
-    with pytest.warns(UserWarning, match="2 groups"):
+def test_reflect_padded_conv_and_skip_layers_go_to_fallback():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
+                          nn.Linear(4 * 3 * 3, 2), nn.Linear(2, 2))
+    with pytest.warns(UserWarning, match="padding_mode='reflect'"):
         opt = SENG(model, skip_layers=["3"])
     assert [b.name for b in opt.blocks] == ["2"]
     with pytest.raises(ValueError, match="skip_layers"):

@@ -11,18 +11,18 @@ from seng_dist import SENG
 
 
 class Net(nn.Module):
-    """A Conv1d (not preconditioned), a Conv2d, BatchNorm and two Linear layers."""
+    """A ConvTranspose1d (not preconditioned), a Conv2d, BatchNorm and two Linear layers."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Conv1d(3, 4, 3)
+        self.stem = nn.ConvTranspose1d(3, 4, 3)
         self.conv = nn.Conv2d(1, 4, 3)
         self.bn = nn.BatchNorm2d(4)
         self.fc = nn.Linear(4 * 4 * 4, 32)
         self.head = nn.Linear(32, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seq = self.stem(x.flatten(2)[:, :1].expand(-1, 3, -1))  # (B, 4, 34)
+        seq = self.stem(x.flatten(2)[:, :1].expand(-1, 3, -1))  # (B, 4, 38)
         h = F.relu(self.bn(self.conv(x))) + seq.mean()
         return self.head(F.relu(self.fc(h.flatten(1))))
 
@@ -30,7 +30,7 @@ class Net(nn.Module):
 def test_describe_lists_every_parameter_with_its_path_and_why():
     torch.manual_seed(0)
     model = Net()
-    with pytest.warns(UserWarning, match=r"'stem' \(Conv1d\) is not preconditioned"):
+    with pytest.warns(UserWarning, match=r"'stem' \(ConvTranspose1d\) is not preconditioned"):
         opt = SENG(model, explicit_threshold=200, rank=2, param_groups=[
             {"params": [model.bn.weight, model.bn.bias], "weight_decay": 0.0}])
     x, y = torch.randn(4, 1, 6, 6), torch.randint(0, 5, (4,))
@@ -39,7 +39,7 @@ def test_describe_lists_every_parameter_with_its_path_and_why():
     table = opt.describe()
     rows = {line.split()[0]: line for line in table.splitlines()[2:]}
     assert set(rows) == {n for n, _ in model.named_parameters()}
-    assert "Conv1d is not a supported layer type" in rows["stem.weight"]
+    assert "ConvTranspose1d is not a supported layer type" in rows["stem.weight"]
     bn = rows["bn.weight"].split()
     assert bn[1:4] == ["BatchNorm2d", "4x2", "explicit"] and bn[-3] == "0"  # own param group
     assert "(with the weight)" in rows["bn.bias"]

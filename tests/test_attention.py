@@ -1,0 +1,210 @@
+"""Attention and sequence-first models: nn.MultiheadAttention's projections as blocks, exact
+against the float64 reference; the module computes what it computes without SENG; where the
+batch is in every captured layer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import seng_directions
+from torch import nn
+
+from seng_dist import SENG
+from seng_dist.testing import reference_directions, relative_error
+
+EXACT = dict(explicit_threshold=10**9, sketch_size=None, lr=1.0, damping=0.3, momentum=0.0)
+EXACT_IMPLICIT = dict(explicit_threshold=0, sketch_size=None, rank=None, factor_sketch_size=None,
+                      uc="exact", lr=1.0, damping=0.3, momentum=0.0)
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
+STOCK_LINEAR = F.linear
+
+
+class SelfAttention(nn.Module):
+    """Self-attention over (B, T, E) tokens, the last token channel a padding flag; the module
+    runs in either batch layout (the model transposes for batch_first=False)."""
+
+    def __init__(self, batch_first: bool, mask: str, need_weights: bool, kdim: int | None = None,
+                 embed: int = 8, heads: int = 2, classes: int = 3) -> None:
+        super().__init__()
+        self.batch_first, self.mask, self.need_weights = batch_first, mask, need_weights
+        self.embed = nn.Linear(5, embed)
+        self.attn = nn.MultiheadAttention(embed, heads, batch_first=batch_first, kdim=kdim,
+                                          vdim=kdim)
+        self.kv = nn.Linear(embed, kdim) if kdim else None
+        self.head = nn.Linear(embed, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x[..., :-1])
+        pad = x[..., -1] > 0  # (B, T): True where the key is padding
+        kv = self.kv(h) if self.kv is not None else h
+        if not self.batch_first:
+            h, kv = h.transpose(0, 1), kv.transpose(0, 1)
+        kw: dict = {}
+        if self.mask == "padding":
+            kw["key_padding_mask"] = pad
+        elif self.mask == "causal":
+            kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+            kw["is_causal"] = True
+        out, _ = self.attn(h, kv, kv if self.kv is not None else h,
+                           need_weights=self.need_weights, **kw)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return self.head(out.mean(1))
+
+
+def _tokens(n: int = 6, t: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, t, 6, generator=g)
+    x[..., -1] = 0.0
+    x[::2, -2:, -1] = 1.0  # every other sample: its last two keys are padding
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+def _check(model: nn.Module, layers: list[str], settings: dict, x: torch.Tensor,
+           y: torch.Tensor) -> SENG:
+    opt = SENG(model, **settings)
+    assert {b.name for b in opt.blocks} >= set(layers)
+    ref = reference_directions(model, x, y, layers, 0.3)
+    d = seng_directions(opt, model, x, y)
+    for layer in layers:
+        assert relative_error(d[layer], ref[layer]) < 1e-5, layer
+    return opt
+
+
+@pytest.mark.parametrize("settings", [EXACT, EXACT_IMPLICIT], ids=["explicit", "implicit"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+@pytest.mark.parametrize("mask,need_weights", [("padding", True), ("causal", False),
+                                               ("none", False)])
+def test_attention_projections_are_exact(settings, batch_first, mask, need_weights):
+    torch.manual_seed(0)
+    model = SelfAttention(batch_first, mask, need_weights)
+    x, y = _tokens()
+    _check(model, ["attn.in_proj", "attn.out_proj", "embed", "head"], settings, x, y)
+
+
+def test_attention_with_kdim_has_a_block_per_projection_and_its_bias_on_the_fallback_rule():
+    torch.manual_seed(0)
+    model = SelfAttention(True, "padding", False, kdim=4)
+    x, y = _tokens()
+    opt = _check(model, ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "kv"],
+                 EXACT, x, y)
+    rows = {line.split()[0]: line for line in opt.describe().splitlines()[2:]}
+    assert "fallback" in rows["attn.in_proj_bias"] and "shared by the q/k/v" in \
+        rows["attn.in_proj_bias"]
+
+
+class CrossAttention(nn.Module):
+    """Queries from one sequence, keys and values from another: the packed in_proj_weight is
+    used as two row blocks (Q; K and V)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, kv = x[:, :3, :8], x[:, 3:, :8]
+        out, _ = self.attn(q, kv, kv, need_weights=False)
+        return self.head(out.mean(1))
+
+
+def test_cross_attention_uses_the_packed_weight_in_two_row_blocks_and_is_exact():
+    torch.manual_seed(0)
+    x = torch.randn(6, 7, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (6,))
+    for settings in (EXACT, EXACT_IMPLICIT):
+        _check(CrossAttention(), ["attn.in_proj", "attn.out_proj"], settings, x, y)
+
+
+class Encoder(nn.Module):
+    """Two nn.TransformerEncoderLayer (pre-LN, no dropout) in either batch layout."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Linear(5, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
+                                           batch_first=batch_first, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x[..., :-1])
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        if self.batch_first:
+            return self.head(self.encoder(h, mask=mask, is_causal=True).mean(1))
+        out = self.encoder(h.transpose(0, 1), mask=mask, is_causal=True)
+        return self.head(out.mean(0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_transformer_encoder_layers_are_preconditioned_and_exact(batch_first, recwarn):
+    torch.manual_seed(0)
+    model = Encoder(batch_first).train()
+    x, y = _tokens(n=4, t=6)
+    layers = [f"encoder.layers.{i}.{name}" for i in range(2)
+              for name in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")]
+    opt = _check(model, layers + ["embed", "head"], EXACT, x, y)
+    # every Linear and projection has curvature, and nothing warned of a missing one
+    assert all(c.ready for c in opt.curvature.curvatures)
+    assert not [w for w in recwarn if "no curvature" in str(w.message)]
+
+
+def test_attention_output_and_gradients_are_bit_identical_to_stock_on_curvature_steps():
+    torch.manual_seed(0)
+    model = SelfAttention(False, "padding", True)
+    model.attn.dropout = 0.3  # attention dropout on: the same masks must be drawn
+    stock = copy.deepcopy(model)
+    opt = SENG(model, curvature_update_interval=1)
+    x, y = _tokens()
+    for _ in range(2):
+        assert opt.curvature.armed
+        torch.manual_seed(5)
+        out = model(x)
+        torch.manual_seed(5)
+        ref = stock(x)
+        assert torch.equal(out, ref)
+        F.cross_entropy(out, y).backward()
+        F.cross_entropy(ref, y).backward()
+        for (name, p), q in zip(model.named_parameters(), stock.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad), name
+        opt.step()
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), stock.parameters(), strict=True):
+                q.copy_(p)
+        opt.zero_grad()
+        stock.zero_grad()
+    assert F.linear is STOCK_LINEAR  # the tap is gone after the forward
+
+
+class SeqFirstLinear(nn.Module):
+    """A plain Linear on (T, B, E) tokens, outside any module that declares batch_first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(x.transpose(0, 1))).mean(0))
+
+
+def test_a_misread_batch_dimension_is_an_error_and_batch_first_false_is_exact():
+    torch.manual_seed(0)
+    model = SeqFirstLinear()
+    x = torch.randn(6, 5, 4, generator=torch.Generator().manual_seed(2))  # B 6, T 5
+    y = torch.randint(0, 3, (6,))
+    opt = SENG(model)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"different batch sizes in one forward \('mix': 5, "
+                                         r"'head': 6\).*batch_first=False"):
+        opt.step()
+    _check(model, ["mix", "head"], dict(EXACT, batch_first=False), x, y)
+
+
+def test_batch_first_must_be_a_bool():
+    with pytest.raises(ValueError, match="batch_first must be True or False, got 0"):
+        SENG(nn.Linear(2, 2), batch_first=0)

@@ -1,0 +1,64 @@
+"""Layer kinds: Conv1d, grouped and depthwise convolutions, exact against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import seng_directions
+from torch import nn
+
+from seng_dist import SENG
+from seng_dist.testing import reference_directions, relative_error
+
+EXACT = dict(explicit_threshold=10**9, sketch_size=None, lr=1.0, damping=0.3, momentum=0.0)
+EXACT_IMPLICIT = dict(explicit_threshold=0, sketch_size=None, rank=None, factor_sketch_size=None,
+                      uc="exact", lr=1.0, damping=0.3, momentum=0.0)
+
+
+def _check(model: nn.Module, layers: list[str], shape: tuple[int, ...], settings: dict) -> SENG:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, *shape, generator=g), torch.randint(0, 3, (8,), generator=g)
+    model(x)  # materialise a lazy head
+    opt = SENG(model, **settings)
+    ref = reference_directions(model, x, y, layers, 0.3)
+    d = seng_directions(opt, model, x, y)
+    for layer in layers:
+        assert relative_error(d[layer], ref[layer]) < 1e-5, layer
+    return opt
+
+
+@pytest.mark.parametrize("settings", [EXACT, EXACT_IMPLICIT], ids=["explicit", "implicit"])
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=4, padding="same", dilation=1, bias=False),
+    dict(kernel_size=2, dilation=2),
+], ids=["stride-pad", "same-even-nobias", "dilation"])
+def test_conv1d_is_exact(conv, settings):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 4, **conv), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    _check(model, ["0", "3"], (3, 9), settings)
+
+
+@pytest.mark.parametrize("conv,shape", [
+    (nn.Conv2d(4, 6, 3, padding=1, groups=2), (4, 5, 5)),
+    (nn.Conv2d(4, 4, 3, stride=2, groups=4), (4, 7, 7)),  # depthwise
+    (nn.Conv2d(4, 8, 3, padding="same", groups=4, bias=False), (4, 5, 5)),  # multiplier 2
+    (nn.Conv1d(4, 4, 3, groups=4), (4, 9)),
+], ids=["grouped", "depthwise", "depthwise-x2-nobias", "depthwise-1d"])
+def test_grouped_and_depthwise_convs_are_exact_on_the_explicit_path_at_any_size(conv, shape):
+    torch.manual_seed(0)
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    opt = _check(model, ["0", "3"], shape, dict(EXACT_IMPLICIT))  # threshold 0: all implicit
+    paths = {b.name: b.path for b in opt.blocks}
+    assert paths == {"0": "explicit", "3": "implicit"}
+    row = next(line for line in opt.describe().splitlines() if line.startswith("0.weight"))
+    assert "grouped convolution: explicit path at any size" in row
+
+
+def test_an_unbatched_conv1d_call_is_one_sample():
+    torch.manual_seed(0)
+    conv = nn.Conv1d(2, 3, 3)
+    opt = SENG(conv, curvature_update_interval=1, sketch_size=None)
+    conv(torch.randn(2, 7)).pow(2).sum().backward()  # (C, L): no batch dimension
+    opt.step()
+    assert opt.state[conv.weight]["U"].shape == (1, 3 * 7)
