@@ -47,6 +47,37 @@ def make_mixed(seed: int = 0) -> MixedNet:
     return m.eval()
 
 
+class TinyEncoder(nn.Module):
+    """Two nn.TransformerEncoderLayer (pre-LN, no dropout) in either batch layout."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Linear(5, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
+                                           batch_first=batch_first, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x[..., :-1])
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        if self.batch_first:
+            return self.head(self.encoder(h, mask=mask, is_causal=True).mean(1))
+        out = self.encoder(h.transpose(0, 1), mask=mask, is_causal=True)
+        return self.head(out.mean(0))
+
+
+def tokens(n: int = 6, t: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, T, 6)`` tokens, the last channel a padding flag (set on every other sample's last
+    two tokens), and labels of 3 classes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, t, 6, generator=g)
+    x[..., -1] = 0.0
+    x[::2, -2:, -1] = 1.0  # every other sample: its last two keys are padding
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
 def batch(n: int = 12, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)

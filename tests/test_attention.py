@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import seng_directions
+from conftest import TinyEncoder, seng_directions, tokens
 from torch import nn
 
 from seng_dist import SENG
@@ -55,14 +55,6 @@ class SelfAttention(nn.Module):
         return self.head(out.mean(1))
 
 
-def _tokens(n: int = 6, t: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, t, 6, generator=g)
-    x[..., -1] = 0.0
-    x[::2, -2:, -1] = 1.0  # every other sample: its last two keys are padding
-    return x, torch.randint(0, 3, (n,), generator=g)
-
-
 def _check(model: nn.Module, layers: list[str], settings: dict, x: torch.Tensor,
            y: torch.Tensor) -> SENG:
     opt = SENG(model, **settings)
@@ -81,14 +73,14 @@ def _check(model: nn.Module, layers: list[str], settings: dict, x: torch.Tensor,
 def test_attention_projections_are_exact(settings, batch_first, mask, need_weights):
     torch.manual_seed(0)
     model = SelfAttention(batch_first, mask, need_weights)
-    x, y = _tokens()
+    x, y = tokens()
     _check(model, ["attn.in_proj", "attn.out_proj", "embed", "head"], settings, x, y)
 
 
 def test_attention_with_kdim_has_a_block_per_projection_and_its_bias_on_the_fallback_rule():
     torch.manual_seed(0)
     model = SelfAttention(True, "padding", False, kdim=4)
-    x, y = _tokens()
+    x, y = tokens()
     opt = _check(model, ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "kv"],
                  EXACT, x, y)
     rows = {line.split()[0]: line for line in opt.describe().splitlines()[2:]}
@@ -119,32 +111,11 @@ def test_cross_attention_uses_the_packed_weight_in_two_row_blocks_and_is_exact()
         _check(CrossAttention(), ["attn.in_proj", "attn.out_proj"], settings, x, y)
 
 
-class Encoder(nn.Module):
-    """Two nn.TransformerEncoderLayer (pre-LN, no dropout) in either batch layout."""
-
-    def __init__(self, batch_first: bool) -> None:
-        super().__init__()
-        self.batch_first = batch_first
-        self.embed = nn.Linear(5, 8)
-        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
-                                           batch_first=batch_first, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x[..., :-1])
-        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
-        if self.batch_first:
-            return self.head(self.encoder(h, mask=mask, is_causal=True).mean(1))
-        out = self.encoder(h.transpose(0, 1), mask=mask, is_causal=True)
-        return self.head(out.mean(0))
-
-
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
 def test_transformer_encoder_layers_are_preconditioned_and_exact(batch_first, recwarn):
     torch.manual_seed(0)
-    model = Encoder(batch_first).train()
-    x, y = _tokens(n=4, t=6)
+    model = TinyEncoder(batch_first).train()
+    x, y = tokens(n=4, t=6)
     layers = [f"encoder.layers.{i}.{name}" for i in range(2)
               for name in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")]
     opt = _check(model, layers + ["embed", "head"], EXACT, x, y)
@@ -159,7 +130,7 @@ def test_attention_output_and_gradients_are_bit_identical_to_stock_on_curvature_
     model.attn.dropout = 0.3  # attention dropout on: the same masks must be drawn
     stock = copy.deepcopy(model)
     opt = SENG(model, curvature_update_interval=1)
-    x, y = _tokens()
+    x, y = tokens()
     for _ in range(2):
         assert opt.curvature.armed
         torch.manual_seed(5)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MixedNet, batch, make_mixed
+from conftest import MixedNet, TinyEncoder, batch, make_mixed, tokens
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -32,14 +32,27 @@ PATHS: dict[str, dict[str, Any]] = {
 }
 CONFIGS = {f"{path}-{variant}": dict(COMMON, **kw, variant=variant)
            for path, kw in PATHS.items() for variant in ("blockdiag", "lagged")}
+# A sequence-first Transformer (attention projections, feed-forward Linears) on every path.
+ENCODER_CONFIGS = {f"encoder-{name}": cfg for name, cfg in CONFIGS.items()}
 
 
 def shard(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return batch(8, seed=1000 * step + rank)
 
 
+def token_shard(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return tokens(8, 6, seed=1000 * step + rank)
+
+
+def make_encoder() -> TinyEncoder:
+    torch.manual_seed(0)
+    return TinyEncoder(batch_first=False).train()
+
+
 def _train(rank: int, world: int, job: dict) -> dict:
-    model: nn.Module = make_mixed(seed=rank if job.get("seed_by_rank") else 0)
+    encoder = job.get("model") == "encoder"
+    model: nn.Module = make_encoder() if encoder else \
+        make_mixed(seed=rank if job.get("seed_by_rank") else 0)
     if rank in job.get("width_by_rank", {}):
         model = MixedNet(width=job["width_by_rank"][rank]).eval()
     if job.get("ddp"):
@@ -53,7 +66,7 @@ def _train(rank: int, world: int, job: dict) -> dict:
     calls, params = [], []
     for k in range(STEPS):
         comm.reset()
-        x, y = shard(k, rank)
+        x, y = (token_shard if encoder else shard)(k, rank)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -72,14 +85,16 @@ def _jobs(rank: int, world: int, jobs: dict) -> dict:
     return out
 
 
-def _emulated(world: int, config: dict) -> list[dict[str, torch.Tensor]]:
+def _emulated(world: int, config: dict, encoder: bool = False) -> list[dict[str, torch.Tensor]]:
     # One thread, as on the ranks: BLAS results then match bit for bit, and only the order
     # of the ranks' sums can differ.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    data = token_shard if encoder else shard
     try:
-        return emulate_distributed(make_mixed(), [[shard(k, w) for w in range(world)]
-                                                  for k in range(STEPS)], **config)
+        return emulate_distributed(make_encoder() if encoder else make_mixed(),
+                                   [[data(k, w) for w in range(world)] for k in range(STEPS)],
+                                   **config)
     finally:
         torch.set_num_threads(threads)
 
@@ -97,6 +112,8 @@ def _displacement_error(run: list[dict], ref: list[dict], start: dict) -> float:
 def runs(request):
     world = request.param
     jobs = {name: {"config": cfg} for name, cfg in CONFIGS.items()}
+    jobs.update({name: {"config": cfg, "model": "encoder"}
+                 for name, cfg in ENCODER_CONFIGS.items()})
     return world, run_ranks(_jobs, world, jobs, timeout=300)
 
 
@@ -106,6 +123,16 @@ def test_ranks_equal_the_single_process_emulation(runs, name):
     start = dict(make_mixed().named_parameters())
     start = {n: p.detach() for n, p in start.items()}
     ref = _emulated(world, CONFIGS[name])
+    for rank, res in enumerate(results):
+        err = _displacement_error(res[name]["params"], ref, start)
+        assert err <= 1e-6, f"rank {rank}: {name} differs from the emulation by {err:.2e}"
+
+
+@pytest.mark.parametrize("name", list(ENCODER_CONFIGS))
+def test_transformer_ranks_equal_the_single_process_emulation(runs, name):
+    world, results = runs
+    start = {n: p.detach() for n, p in make_encoder().named_parameters()}
+    ref = _emulated(world, ENCODER_CONFIGS[name], encoder=True)
     for rank, res in enumerate(results):
         err = _displacement_error(res[name]["params"], ref, start)
         assert err <= 1e-6, f"rank {rank}: {name} differs from the emulation by {err:.2e}"
