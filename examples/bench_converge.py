@@ -182,16 +182,19 @@ def run_name(regime: Regime, method: Method, flags: dict[str, str], seed: int) -
                     + [f"{k.strip('-')}{v}" for k, v in (own | flags).items()] + [f"s{seed}"])
 
 
-def to_target(rows: list[dict], target: float) -> tuple[float, float] | None:
-    """(epochs, training seconds) when the test accuracy first reaches ``target``, linearly
-    interpolated between that evaluation and the one before (the first evaluation: its own)."""
+def to_target(rows: list[dict], target: float, metric: str = "test_acc", at: str = "epoch"
+              ) -> tuple[float, float] | None:
+    """(``at``, training seconds) when ``metric`` first reaches ``target`` (from below; a loss
+    metric, ``*_loss``, from above), linearly interpolated between that evaluation and the one
+    before (the first evaluation: its own)."""
+    sign = -1.0 if metric.endswith("_loss") else 1.0
     for i, r in enumerate(rows):
-        if r["test_acc"] >= target:
+        if sign * r[metric] >= sign * target:
             if i == 0:
-                return float(r["epoch"]), float(r["train_time_s"])
+                return float(r[at]), float(r["train_time_s"])
             p = rows[i - 1]
-            f = (target - p["test_acc"]) / (r["test_acc"] - p["test_acc"])
-            return (p["epoch"] + f * (r["epoch"] - p["epoch"]),
+            f = (target - p[metric]) / (r[metric] - p[metric])
+            return (p[at] + f * (r[at] - p[at]),
                     p["train_time_s"] + f * (r["train_time_s"] - p["train_time_s"]))
     return None
 

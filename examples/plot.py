@@ -43,25 +43,25 @@ def write_metrics(path: str | Path, rows: list[dict]) -> None:
     tmp.replace(path)  # a reader never sees half a file
 
 
-def plot_runs(runs: dict[str, list[dict]], out: str | Path, target: float | None = None
-              ) -> None:
-    """Two panels, test accuracy against epochs and against training time, one line a run."""
+def plot_runs(runs: dict[str, list[dict]], out: str | Path, target: float | None = None,
+              metric: str = "test_acc", at: str = "epoch") -> None:
+    """Two panels, ``metric`` against ``at`` and against training time, one line a run."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for label, rows in runs.items():
-        acc = [r["test_acc"] for r in rows]
-        axes[0].plot([r["epoch"] for r in rows], acc, marker="o", ms=3, label=label)
-        axes[1].plot([r["train_time_s"] for r in rows], acc, marker="o", ms=3, label=label)
-    for ax, xlabel in zip(axes, ("epoch", "training time (s)"), strict=True):
+        y = [r[metric] for r in rows]
+        axes[0].plot([r[at] for r in rows], y, marker="o", ms=3, label=label)
+        axes[1].plot([r["train_time_s"] for r in rows], y, marker="o", ms=3, label=label)
+    for ax, xlabel in zip(axes, (at, "training time (s)"), strict=True):
         if target is not None:
             ax.axhline(target, color="grey", ls="--", lw=0.8)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy")
-    axes[1].legend(fontsize=8, loc="lower right")
+    axes[0].set_ylabel(metric.replace("_", " "))
+    axes[1].legend(fontsize=8, loc="upper right" if metric.endswith("_loss") else "lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
