@@ -131,6 +131,23 @@ def test_benchmark_interpolates_the_time_to_target_and_picks_the_soonest_point()
             "never": rows(0.5, 0.6, 0.89)}
     assert best(grid, 0.9)[0] == "fast"
     assert best({"a": rows(0.5, 0.7), "b": rows(0.8, 0.6)}, 0.9)[0] == "b"  # most accurate
+    # a loss is reached from above: between 3.0 (step 50, 10 s) and 2.0 (step 100, 20 s)
+    losses = [{"step": 50 * (i + 1), "val_loss": v, "train_time_s": 10.0 * (i + 1)}
+              for i, v in enumerate((3.0, 2.0, 1.5))]
+    assert to_target(losses, 2.5, "val_loss", "step") == pytest.approx((75.0, 15.0))
+    assert to_target(losses, 1.0, "val_loss", "step") is None
+
+
+def test_language_model_example_reads_the_python_docs_and_learns(tmp_path: Path):
+    # 40 steps of lm.py: the corpus split by file, a loss that falls from ln 256.
+    out = tmp_path / "lm.jsonl"
+    subprocess.run([sys.executable, "examples/lm.py", "--optimizer", "seng", "--lr", "0.3",
+                    "--steps", "40", "--eval-every", "20", "--eval-windows", "64",
+                    "--curvature-interval", "10", "--metrics", str(out)],
+                   cwd=Path(__file__).resolve().parents[1], check=True, timeout=300)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 20, 40]
+    assert rows[0]["val_loss"] > 5.0 and rows[-1]["val_loss"] < 3.6
 
 
 def test_benchmark_names_runs_by_every_flag_that_differs():
@@ -234,3 +251,24 @@ def test_direction_diagnostic_compares_every_layer_with_its_gradient(tmp_path: P
     assert len(exact) == 4
     assert all(0.0 < r["step_kept"] <= 1.0 + 1e-5 and r["cosine"] > 0.0 for r in exact)
     assert "| 1 | features.0 (explicit) |" in (tmp_path / "direction.md").read_text()
+
+
+def test_the_language_model_has_every_linear_and_projection_preconditioned(recwarn):
+    import torch.nn.functional as F
+
+    from examples.lm import ByteLM
+    from seng_dist import SENG
+    torch.manual_seed(0)
+    model = ByteLM(width=32, layers=2, context=16)
+    opt = SENG(model, curvature_update_interval=1)
+    x, y = torch.randint(0, 256, (4, 16)), torch.randint(0, 256, (4, 16))
+    F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    opt.step()
+    rows = [line.split() for line in opt.describe().splitlines()[2:]]
+    kinds = {r[1]: {x[3] for x in rows if x[1] == r[1]} for r in rows}
+    assert kinds["MultiheadAttention"] <= {"explicit", "implicit"}
+    assert kinds["Linear"] <= {"explicit", "implicit"}  # linear1, linear2, head
+    assert kinds["NonDynamicallyQuantizableLinear"] <= {"explicit", "implicit"}  # out_proj
+    assert kinds["LayerNorm"] == kinds["Embedding"] == {"fallback"}
+    assert len(opt.blocks) == 2 * 4 + 1 and all(c.ready for c in opt.curvature.curvatures)
+    assert not [w for w in recwarn if "no curvature" in str(w.message)]

@@ -62,3 +62,19 @@ def test_an_unbatched_conv1d_call_is_one_sample():
     conv(torch.randn(2, 7)).pow(2).sum().backward()  # (C, L): no batch dimension
     opt.step()
     assert opt.state[conv.weight]["U"].shape == (1, 3 * 7)
+
+
+def test_a_kinds_per_sample_gradients_are_the_product_of_its_factors():
+    # LayerKind.grads, the per-call gradients a new kind may rely on, against torch.func.
+    from seng_dist.kinds import ConvKind, LayerKind
+    from seng_dist.testing import per_sample_gradients
+    torch.manual_seed(0)
+    for module, x in ((nn.Linear(4, 3), torch.randn(5, 2, 4)),
+                      (nn.Conv1d(2, 3, 3, padding=1), torch.randn(5, 2, 6))):
+        out = module(x)
+        gy = torch.randn_like(out)
+        kind = LayerKind() if isinstance(module, nn.Linear) else ConvKind()
+        mine = kind.grads(module, x, gy, bias=True)
+        ref = per_sample_gradients(module, x, gy, loss_fn=lambda o, g: (o * g).sum())
+        w = ref["weight"].reshape(5, 3, -1)
+        assert relative_error(mine, torch.cat([w, ref["bias"].unsqueeze(-1)], -1)) < 1e-5
