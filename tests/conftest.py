@@ -106,6 +106,27 @@ def seng_directions(opt: SENG, model: nn.Module, x: torch.Tensor, y: torch.Tenso
     return out
 
 
+#: exact solves on one path, as the reference computes them (damping 0.3, one step of lr 1)
+EXACT_EXPLICIT = dict(explicit_threshold=10**9, sketch_size=None, lr=1.0, damping=0.3,
+                      momentum=0.0)
+EXACT_IMPLICIT = dict(explicit_threshold=0, sketch_size=None, rank=None, factor_sketch_size=None,
+                      uc="exact", lr=1.0, damping=0.3, momentum=0.0)
+
+
+def check_exact(model: nn.Module, layers: list[str], x: torch.Tensor, y: torch.Tensor,
+                **settings: object) -> SENG:
+    """SENG built with ``settings`` (default: :data:`EXACT_EXPLICIT`) takes the float64
+    reference's direction on every named block, to 1e-5; returns the optimizer."""
+    from seng_dist.testing import reference_directions, relative_error
+    opt = SENG(model, **(settings or EXACT_EXPLICIT))
+    assert {b.name for b in opt.blocks} >= set(layers)
+    ref = reference_directions(model, x, y, layers, 0.3)
+    d = seng_directions(opt, model, x, y)
+    for layer in layers:
+        assert relative_error(d[layer], ref[layer]) < 1e-5, layer
+    return opt
+
+
 @pytest.fixture
 def mixed():
     return make_mixed()

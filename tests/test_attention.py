@@ -9,15 +9,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyEncoder, seng_directions, tokens
+from conftest import EXACT_EXPLICIT, EXACT_IMPLICIT, TinyEncoder, check_exact, tokens
 from torch import nn
 
 from seng_dist import SENG
-from seng_dist.testing import reference_directions, relative_error
 
-EXACT = dict(explicit_threshold=10**9, sketch_size=None, lr=1.0, damping=0.3, momentum=0.0)
-EXACT_IMPLICIT = dict(explicit_threshold=0, sketch_size=None, rank=None, factor_sketch_size=None,
-                      uc="exact", lr=1.0, damping=0.3, momentum=0.0)
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 STOCK_LINEAR = F.linear
 
@@ -55,18 +51,8 @@ class SelfAttention(nn.Module):
         return self.head(out.mean(1))
 
 
-def _check(model: nn.Module, layers: list[str], settings: dict, x: torch.Tensor,
-           y: torch.Tensor) -> SENG:
-    opt = SENG(model, **settings)
-    assert {b.name for b in opt.blocks} >= set(layers)
-    ref = reference_directions(model, x, y, layers, 0.3)
-    d = seng_directions(opt, model, x, y)
-    for layer in layers:
-        assert relative_error(d[layer], ref[layer]) < 1e-5, layer
-    return opt
-
-
-@pytest.mark.parametrize("settings", [EXACT, EXACT_IMPLICIT], ids=["explicit", "implicit"])
+@pytest.mark.parametrize("settings", [EXACT_EXPLICIT, EXACT_IMPLICIT],
+                         ids=["explicit", "implicit"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
 @pytest.mark.parametrize("mask,need_weights", [("padding", True), ("causal", False),
                                                ("none", False)])
@@ -74,15 +60,15 @@ def test_attention_projections_are_exact(settings, batch_first, mask, need_weigh
     torch.manual_seed(0)
     model = SelfAttention(batch_first, mask, need_weights)
     x, y = tokens()
-    _check(model, ["attn.in_proj", "attn.out_proj", "embed", "head"], settings, x, y)
+    check_exact(model, ["attn.in_proj", "attn.out_proj", "embed", "head"], x, y, **settings)
 
 
 def test_attention_with_kdim_has_a_block_per_projection_and_its_bias_on_the_fallback_rule():
     torch.manual_seed(0)
     model = SelfAttention(True, "padding", False, kdim=4)
     x, y = tokens()
-    opt = _check(model, ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "kv"],
-                 EXACT, x, y)
+    opt = check_exact(model, ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj",
+                              "kv"], x, y)
     rows = {line.split()[0]: line for line in opt.describe().splitlines()[2:]}
     assert "fallback" in rows["attn.in_proj_bias"] and "shared by the q/k/v" in \
         rows["attn.in_proj_bias"]
@@ -107,8 +93,8 @@ def test_cross_attention_uses_the_packed_weight_in_two_row_blocks_and_is_exact()
     torch.manual_seed(0)
     x = torch.randn(6, 7, 8, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 3, (6,))
-    for settings in (EXACT, EXACT_IMPLICIT):
-        _check(CrossAttention(), ["attn.in_proj", "attn.out_proj"], settings, x, y)
+    for settings in (EXACT_EXPLICIT, EXACT_IMPLICIT):
+        check_exact(CrossAttention(), ["attn.in_proj", "attn.out_proj"], x, y, **settings)
 
 
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
@@ -118,7 +104,7 @@ def test_transformer_encoder_layers_are_preconditioned_and_exact(batch_first, re
     x, y = tokens(n=4, t=6)
     layers = [f"encoder.layers.{i}.{name}" for i in range(2)
               for name in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")]
-    opt = _check(model, layers + ["embed", "head"], EXACT, x, y)
+    opt = check_exact(model, layers + ["embed", "head"], x, y)
     # every Linear and projection has curvature, and nothing warned of a missing one
     assert all(c.ready for c in opt.curvature.curvatures)
     assert not [w for w in recwarn if "no curvature" in str(w.message)]
@@ -173,7 +159,7 @@ def test_a_misread_batch_dimension_is_an_error_and_batch_first_false_is_exact():
     with pytest.raises(ValueError, match=r"different batch sizes in one forward \('mix': 5, "
                                          r"'head': 6\).*batch_first=False"):
         opt.step()
-    _check(model, ["mix", "head"], dict(EXACT, batch_first=False), x, y)
+    check_exact(model, ["mix", "head"], x, y, **EXACT_EXPLICIT, batch_first=False)
 
 
 def test_batch_first_must_be_a_bool():

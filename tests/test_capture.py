@@ -8,22 +8,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import seng_directions
+from conftest import EXACT_EXPLICIT, check_exact
 from torch import nn
 
 from seng_dist import SENG
-from seng_dist.testing import reference_directions, relative_error
-
-EXACT = dict(explicit_threshold=10**9, sketch_size=None, lr=1.0, damping=0.3, momentum=0.0)
+from seng_dist.testing import relative_error
 
 
 def _check_exact(model, layers, x, y, **kw):
-    opt = SENG(model, **{**EXACT, **kw})
-    ref = reference_directions(model, x, y, layers, 0.3)
-    d = seng_directions(opt, model, x, y)
-    for layer in layers:
-        assert relative_error(d[layer], ref[layer]) < 1e-5, layer
-    return opt
+    return check_exact(model, layers, x, y, **{**EXACT_EXPLICIT, **kw})
 
 
 def _data(shape, n=10, classes=4, seed=0):

@@ -4,30 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import seng_directions
+from conftest import EXACT_EXPLICIT, EXACT_IMPLICIT, check_exact
 from torch import nn
 
 from seng_dist import SENG
-from seng_dist.testing import reference_directions, relative_error
-
-EXACT = dict(explicit_threshold=10**9, sketch_size=None, lr=1.0, damping=0.3, momentum=0.0)
-EXACT_IMPLICIT = dict(explicit_threshold=0, sketch_size=None, rank=None, factor_sketch_size=None,
-                      uc="exact", lr=1.0, damping=0.3, momentum=0.0)
+from seng_dist.testing import relative_error
 
 
 def _check(model: nn.Module, layers: list[str], shape: tuple[int, ...], settings: dict) -> SENG:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, *shape, generator=g), torch.randint(0, 3, (8,), generator=g)
     model(x)  # materialise a lazy head
-    opt = SENG(model, **settings)
-    ref = reference_directions(model, x, y, layers, 0.3)
-    d = seng_directions(opt, model, x, y)
-    for layer in layers:
-        assert relative_error(d[layer], ref[layer]) < 1e-5, layer
-    return opt
+    return check_exact(model, layers, x, y, **settings)
 
 
-@pytest.mark.parametrize("settings", [EXACT, EXACT_IMPLICIT], ids=["explicit", "implicit"])
+@pytest.mark.parametrize("settings", [EXACT_EXPLICIT, EXACT_IMPLICIT], ids=["explicit", "implicit"])
 @pytest.mark.parametrize("conv", [
     dict(kernel_size=3, stride=2, padding=1),
     dict(kernel_size=4, padding="same", dilation=1, bias=False),
