@@ -83,7 +83,7 @@ class Capture:
             else:
                 attention.setdefault(block.via, []).append(block)
         for module, blocks in attention.items():
-            tap = _AttentionTap(self, module, blocks)
+            tap = _AttentionTap(self, blocks)
             self._handles.append(module.register_forward_pre_hook(tap.enter, with_kwargs=True))
             self._handles.append(module.register_forward_hook(tap.leave, always_call=True))
 
@@ -140,9 +140,8 @@ class Capture:
 class _AttentionTap:
     """One attention module's armed forwards: the projections' calls go to the capture."""
 
-    def __init__(self, capture: Capture, module: nn.Module, blocks: list[Block]) -> None:
+    def __init__(self, capture: Capture, blocks: list[Block]) -> None:
         self.capture = capture
-        self.module = module
         self.blocks = blocks
         self.active = False
 
