@@ -47,7 +47,9 @@ def per_sample_gradients(model: nn.Module, x: Tensor, y: Tensor,
         out = functional_call(m, (p, buffers), (xi.unsqueeze(0),))
         return loss_fn(out, yi.unsqueeze(0))
 
-    return vmap(grad(loss_i), in_dims=(None, 0, 0))(params, x.double(), y)
+    # Token ids (an Embedding's input) stay integers.
+    return vmap(grad(loss_i), in_dims=(None, 0, 0))(
+        params, x.double() if x.is_floating_point() else x, y)
 
 
 def block_matrix(grads: dict[str, Tensor], layer: str) -> Tensor:
@@ -75,18 +77,25 @@ def reference_directions(model: nn.Module, x: Tensor, y: Tensor, layers: list[st
     ϱ samples.
     """
     grads = per_sample_gradients(model, x, y, loss_fn)
-    out = {}
-    for layer in layers:
-        u = block_matrix(grads, layer)
-        shape = u.shape[1:]
-        u = u.reshape(u.shape[0], -1)
-        g = u.mean(0)
-        rho = u.shape[0] if curvature_batch_size is None else min(curvature_batch_size,
-                                                                  u.shape[0])
-        U = u[:rho].T / rho ** 0.5
-        M = U @ U.T + damping * torch.eye(U.shape[0], dtype=U.dtype)
-        out[layer] = -torch.linalg.solve(M, g).reshape(shape)
-    return out
+    return {layer: exact_direction(block_matrix(grads, layer), damping, curvature_batch_size)
+            for layer in layers}
+
+
+def exact_direction(u: Tensor, damping: float, curvature_batch_size: int | None = None
+                    ) -> Tensor:
+    """``-(UUᵀ + λI)⁻¹ g`` from per-sample gradients ``u`` (B, ...): ``g`` their mean, ``U``
+    the first ϱ of them over ``√ϱ``; by Sherman-Morrison-Woodbury, ``(g - U b)/λ`` with
+    ``b = (λI + UᵀU)⁻¹ Uᵀ g``, so that a block of any size costs ϱ×ϱ solves (the same
+    direction as the n×n solve, to rounding)."""
+    shape = u.shape[1:]
+    u = u.reshape(u.shape[0], -1)
+    g = u.mean(0)
+    rho = u.shape[0] if curvature_batch_size is None else min(curvature_batch_size,
+                                                              u.shape[0])
+    Ut = u[:rho] / rho ** 0.5
+    K = Ut @ Ut.T + damping * torch.eye(rho, dtype=u.dtype, device=u.device)
+    b = torch.linalg.solve(K, Ut @ g)
+    return -((g - b @ Ut) / damping).reshape(shape)
 
 
 def relative_error(a: Tensor, b: Tensor) -> float:

@@ -110,6 +110,50 @@ def test_transformer_encoder_layers_are_preconditioned_and_exact(batch_first, re
     assert not [w for w in recwarn if "no curvature" in str(w.message)]
 
 
+class TinyTransformer(nn.Module):
+    """nn.Transformer (one pre-LN encoder and decoder layer, no dropout) in either batch
+    layout: the source is the tokens with their padding mask, the target the first three
+    tokens under a causal mask; the decoder's cross-attention uses the packed in_proj_weight
+    as two row blocks."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Linear(5, 8)
+        self.transformer = nn.Transformer(8, 2, 1, 1, dim_feedforward=16, dropout=0.0,
+                                          batch_first=batch_first, norm_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        src = self.embed(x[..., :-1])
+        tgt = src[:, :3]
+        pad = x[..., -1] > 0
+        causal = nn.Transformer.generate_square_subsequent_mask(3)
+        if not self.batch_first:
+            src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+        out = self.transformer(src, tgt, tgt_mask=causal, tgt_is_causal=True,
+                               src_key_padding_mask=pad, memory_key_padding_mask=pad)
+        return self.head(out.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("settings", [EXACT_EXPLICIT, EXACT_IMPLICIT],
+                         ids=["explicit", "implicit"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_transformer_decoder_and_cross_attention_are_preconditioned_and_exact(
+        settings, batch_first, recwarn):
+    torch.manual_seed(0)
+    model = TinyTransformer(batch_first).train()
+    x, y = tokens(n=4, t=6)
+    encoder = [f"transformer.encoder.layers.0.{name}"
+               for name in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")]
+    decoder = [f"transformer.decoder.layers.0.{name}"
+               for name in ("self_attn.in_proj", "self_attn.out_proj", "multihead_attn.in_proj",
+                            "multihead_attn.out_proj", "linear1", "linear2")]
+    opt = check_exact(model, encoder + decoder + ["embed", "head"], x, y, **settings)
+    assert all(c.ready for c in opt.curvature.curvatures)
+    assert not [w for w in recwarn if "no curvature" in str(w.message)]
+
+
 def test_attention_output_and_gradients_are_bit_identical_to_stock_on_curvature_steps():
     torch.manual_seed(0)
     model = SelfAttention(False, "padding", True)
