@@ -84,8 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--optimizer", default="seng", choices=OPTIMIZERS)
     ap.add_argument("--lr", type=float, default=None, help="peak lr (adamw 2e-3, else 0.3)")
     ap.add_argument("--damping", type=float, default=1.0, help="SENG's λ")
-    ap.add_argument("--weight-decay", type=float, default=0.01,
-                    help="AdamW's decoupled decay; L2 for SGD and SENG")
+    ap.add_argument("--weight-decay", type=float, default=0.0,
+                    help="AdamW's decoupled decay; L2 for SGD and SENG (off by default: see "
+                         "bench_lm.py)")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps")
     ap.add_argument("--batch-size", type=int, default=32, help="global, split over ranks")
