@@ -60,6 +60,13 @@ METHODS = (
     Method("SENG", ("--optimizer", "seng", "--damping", "1"), (0.01, 0.03, 0.1)),
     Method("SENG, 2 ranks lagged", ("--optimizer", "seng", "--damping", "1", "--variant",
                                     "lagged"), None, ranks=2, of="SENG"),
+    # Damped by Adam's diagonal, SENG's step outside the curvature is Adam's over λ: with
+    # heavy-ball momentum 0.9 (10× the step) AdamW's grid over 10.
+    Method("SENG, Adam diagonal", ("--optimizer", "seng", "--damping", "1",
+                                   "--damping-diagonal", "adam"), (2e-4, 4e-4, 8e-4)),
+    Method("SENG, Adam diagonal, 2 ranks lagged",
+           ("--optimizer", "seng", "--damping", "1", "--damping-diagonal", "adam", "--variant",
+            "lagged"), None, ranks=2, of="SENG, Adam diagonal"),
 )
 
 

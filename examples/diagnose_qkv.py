@@ -6,9 +6,10 @@ SENG keeps an attention module's packed ``in_proj_weight`` (and ``in_proj_bias``
 block ``[W_q; W_k; W_v | b]``: its ``U`` has the per-sample gradients of all three, so the
 curvature keeps the products between Q's, K's and V's gradients; three blocks would keep only
 each one's own (block-diagonal). This trains ``examples/lm.py``'s model with SENG at the
-benchmark's point (λ 1, lr 0.03, no weight decay, the same schedule over ``--steps``) and, at each step of
-``--at``, takes a batch of 32 training windows and computes in float64 from ``torch.func``
-per-sample gradients (every sample's, ϱ = 32) each layer's ``in_proj`` direction both ways,
+benchmark's point (λ 1, lr 0.03, no weight decay, the same schedule over ``--steps``) and,
+at each step of ``--at``, takes a batch of 32 training windows and computes in float64 from
+``torch.func`` per-sample gradients (every sample's, ϱ = 32) each layer's ``in_proj``
+direction both ways,
 for each λ of ``--dampings``. It reports their relative difference, and the held-out loss
 (``--eval-windows`` validation windows) after moving every layer's ``in_proj`` along each
 direction — and along the plain gradient — with the best of ``--steps-grid`` step sizes

@@ -35,6 +35,7 @@ from seng_dist import SENG, schedules  # noqa: E402
 
 SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
 OPTIMIZERS = ("adamw", "sgd", "seng")
+BETAS = (0.9, 0.95)  # AdamW's; SENG's Adam diagonal takes the same β₂
 
 
 def load_corpus(root: Path = SOURCES) -> tuple[np.ndarray, np.ndarray, int]:
@@ -95,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--curvature-interval", type=int, default=50)
     ap.add_argument("--variant", default="blockdiag", choices=["blockdiag", "lagged"])
+    ap.add_argument("--damping-diagonal", default="identity", choices=["identity", "adam"],
+                    help="SENG's damping λI or λ·diag(√v̂ + ε) (Adam's, β₂ as AdamW's)")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-windows", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -123,12 +126,13 @@ def main(argv: list[str] | None = None) -> None:
         opt = SENG(model, lr=lr_fn, damping=args.damping, momentum=0.9,
                    weight_decay=args.weight_decay,
                    curvature_update_interval=args.curvature_interval,
-                   variant=args.variant, comm="torch" if world > 1 else "local")
+                   variant=args.variant, damping_diagonal=args.damping_diagonal,
+                   damping_beta2=BETAS[1], comm="torch" if world > 1 else "local")
     elif args.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9,
                               weight_decay=args.weight_decay)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=BETAS,
                                 weight_decay=args.weight_decay)
     if args.optimizer != "seng" and world > 1:
         raise SystemExit("the baselines run on one process")

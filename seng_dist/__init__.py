@@ -4,8 +4,9 @@
 """
 
 from . import schedules, solver
-from .config import DistributedConfig, SENGConfig, SketchConfig
+from .config import DiagonalConfig, DistributedConfig, SENGConfig, SketchConfig
 from .optimizer import SENG
 
-__all__ = ["SENG", "SENGConfig", "SketchConfig", "DistributedConfig", "schedules", "solver"]
+__all__ = ["SENG", "SENGConfig", "SketchConfig", "DistributedConfig", "DiagonalConfig",
+           "schedules", "solver"]
 __version__ = "0.2.0"

@@ -9,11 +9,11 @@ it is (:mod:`seng_dist.testing`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .capture import Capture
 from .config import SENGConfig, resolve
@@ -82,11 +82,14 @@ class CurvatureBuilder:
             c.clear()
         self._rebuild_next = True
 
-    def refresh(self, loss_scale: float = 1.0) -> Rebuilt:
+    def refresh(self, loss_scale: float = 1.0,
+                whitening: Callable[[Tensor], Tensor | None] | None = None) -> Rebuilt:
         """On a curvature step (hooks armed), rebuild every block that was called with
         gradients from the captured pass, then disarm; otherwise do nothing.
 
-        ``loss_scale`` is the scale a ``GradScaler`` put on the captured output gradients.
+        ``loss_scale`` is the scale a ``GradScaler`` put on the captured output gradients;
+        ``whitening`` gives a block's ``W`` (by its weight) for a curvature kept in the damping
+        diagonal's coordinates (:mod:`seng_dist.diagonal`).
         """
         if not self.armed:
             return Rebuilt(updated=False, skipped=0)
@@ -96,7 +99,8 @@ class CurvatureBuilder:
             sample = self._per_sample(curvature.block, loss_scale)
             if sample is None:
                 continue
-            if curvature.rebuild(sample):
+            w = whitening(curvature.block.weight) if whitening is not None else None
+            if curvature.rebuild(sample, w):
                 updated = True
             else:
                 skipped += 1

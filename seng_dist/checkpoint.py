@@ -117,11 +117,13 @@ def check_compatible(saved: dict[str, Any], config: SENGConfig, blocks: list[Blo
                 if [s for s in mine if s[0] in then] == saved["blocks"] else "")
         raise ValueError("state_dict was saved for another model: its preconditioned "
                          f"layers {saved['blocks']} differ from this model's {mine}{hint}")
-    here, then = config.fingerprint(), saved["config"]
-    diff = [k for k in SENGConfig.curvature_settings() if then.get(k) != here[k]]
+    # A setting newer than the checkpoint was its default then (damping_diagonal: 0.2.0).
+    here = config.fingerprint()
+    written = {**SENGConfig().fingerprint(), **saved["config"]}
+    diff = [k for k in SENGConfig.curvature_settings() if written.get(k) != here[k]]
     if diff:
         raise ValueError("state_dict was saved with other SENG settings: " + ", ".join(
-            f"{k}={then.get(k)!r} (here {here[k]!r})" for k in diff))
+            f"{k}={written.get(k)!r} (here {here[k]!r})" for k in diff))
 
 
 def structure_settings(config: SENGConfig, comm: Communicator, grads_averaged: bool,

@@ -34,6 +34,7 @@ IntSchedule = int | Callable[[int], int]
 SKETCH_METHODS = ("uniform", "leverage")
 UC_MODES = ("factored", "exact")
 VARIANTS = ("blockdiag", "lagged")
+DAMPING_DIAGONALS = ("identity", "adam")
 LOSS_REDUCTIONS = ("mean", "sum")
 COMM_DTYPE_NAMES = tuple(COMM_DTYPES)
 
@@ -96,6 +97,10 @@ def _check_optional_int(name: str, value: Any, minimum: int = 1) -> None:
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_bool(name: str, value: Any) -> None:
@@ -182,6 +187,31 @@ _MOMENTUM = Range(positive=False, upper=1.0)
 
 
 @dataclass(frozen=True, kw_only=True)
+class DiagonalConfig:
+    """The diagonal ``D`` of the damping: ``d = -(U Uᵀ + λD)⁻¹ g`` (:mod:`seng_dist.diagonal`)."""
+
+    #: ``"identity"`` (the paper's ``λI``) or ``"adam"``: ``D = diag(√v̂ + ε)`` with ``v̂`` the
+    #: bias-corrected running mean of the averaged gradient's squares (Adam's second moment), so
+    #: that every direction the curvature does not see takes Adam's step ``-g/(λ(√v̂ + ε))``
+    #: instead of ``-g/λ`` — per coordinate, which Transformers need (``docs/design.md``); the
+    #: parameters outside the blocks follow the same rule. Shapes the stored curvature (it is
+    #: kept in ``D``'s coordinates), so a checkpoint resumes only with the same value.
+    damping_diagonal: str = setting("identity", curvature=True)
+    #: ``β₂`` of that second moment
+    damping_beta2: float = setting(0.999)
+    #: ``ε`` added to ``√v̂``
+    damping_epsilon: float = setting(1e-8)
+
+    def __post_init__(self) -> None:
+        _check_choice("damping_diagonal", self.damping_diagonal, DAMPING_DIAGONALS)
+        beta2, eps = self.damping_beta2, self.damping_epsilon
+        if not _is_number(beta2) or not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"damping_beta2 must be a number in [0, 1), got {beta2!r}")
+        if not _is_number(eps) or not 0.0 < eps < math.inf:
+            raise ValueError(f"damping_epsilon must be a finite number > 0, got {eps!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SENGConfig:
     """All SENG settings. Build it directly, or let ``SENG(model, **settings)`` build it from
     flat keyword arguments (any field of this class or of its nested configs)."""
@@ -220,6 +250,7 @@ class SENGConfig:
     batch_first: bool = setting(True)
     sketch: SketchConfig = field(default_factory=SketchConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    diagonal: DiagonalConfig = field(default_factory=DiagonalConfig)
 
     def __post_init__(self) -> None:
         for name, rng in _SCHEDULES.items():

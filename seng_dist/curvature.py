@@ -57,10 +57,12 @@ class BlockCurvature(ABC):
         """Whether the block has curvature (it is built at the first curvature step)."""
         return _GRAM in self._state
 
-    def rebuild(self, sample: PerSample) -> bool:
-        """Replace the curvature by the one of ``U = [vec(∇ψ_i)]/√ϱ`` of ``sample``; keep the
-        old one and return False if a new factor is not finite."""
-        new = self._build(sample)
+    def rebuild(self, sample: PerSample, whitening: Tensor | None = None) -> bool:
+        """Replace the curvature by the one of ``U = [vec(∇ψ_i)]/√ϱ`` of ``sample`` (of
+        ``Ũ = WU`` for a whitening ``W`` of the block's ``(n_G, n_A)`` shape,
+        :mod:`seng_dist.diagonal`); keep the old one and return False if a new factor is not
+        finite."""
+        new = self._build(sample, whitening)
         if not solver.all_finite([t for t in new.values() if t.is_floating_point()]):
             return False
         self.clear()
@@ -115,8 +117,8 @@ class BlockCurvature(ABC):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @abstractmethod
-    def _build(self, sample: PerSample) -> dict[str, Tensor]:
-        """The state tensors of the new curvature."""
+    def _build(self, sample: PerSample, whitening: Tensor | None) -> dict[str, Tensor]:
+        """The state tensors of the new curvature (of ``Ũ = WU`` with a whitening)."""
 
     @abstractmethod
     def _correction(self, z: Tensor, inverse: Tensor) -> list[Tensor]:
@@ -144,8 +146,10 @@ class ExplicitCurvature(BlockCurvature):
     def slot_shapes(self) -> list[tuple[int, int]]:
         return [(self.block.n_G, self.block.n_A)]
 
-    def _build(self, sample: PerSample) -> dict[str, Tensor]:
+    def _build(self, sample: PerSample, whitening: Tensor | None) -> dict[str, Tensor]:
         Ut = sample.grads()
+        if whitening is not None:
+            Ut = Ut * whitening.reshape(1, -1)
         sk = self._sketch(Ut, self.settings.sketch_size)
         X = solver.sketch_columns(Ut, sk)
         out = {"U": Ut, _GRAM: X @ X.T}
@@ -184,8 +188,12 @@ class ImplicitCurvature(BlockCurvature):
         # eq. 28: the product of the averaged partial factors.
         return slot[0].T @ slot[1] if len(slot) == 2 else super().combine(slot)
 
-    def _build(self, sample: PerSample) -> dict[str, Tensor]:
-        G, A = solver.low_rank_factors(*sample.factors(), self.settings.rank, self._generator)
+    def _build(self, sample: PerSample, whitening: Tensor | None) -> dict[str, Tensor]:
+        G_hat, A_hat = sample.factors()
+        if whitening is not None:
+            w_G, w_A = solver.factored_whitening(whitening)
+            G_hat, A_hat = G_hat * w_G, A_hat * w_A
+        G, A = solver.low_rank_factors(G_hat, A_hat, self.settings.rank, self._generator)
         Gf = G.reshape(-1, G.shape[2]).contiguous()
         Af = A.reshape(-1, A.shape[2]).contiguous()
         out = {"Gf": Gf, "Af": Af}

@@ -26,7 +26,10 @@ SUPPORTED = (nn.Linear, nn.MultiheadAttention) + CONVS + BATCHNORMS
 #: statistics span the ranks, which the per-sample gradients of one rank cannot see
 _UNSUPPORTED_WARNED = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                        nn.SyncBatchNorm)
-_FALLBACK = "its parameters follow the fallback rule d = -g/(1+damping)"
+#: the fallback rule, as the warnings state it
+FALLBACK_RULE = ("d = -g/(1+damping) (with damping_diagonal='adam': Adam's step over damping, "
+                 "-g/(damping·(√v̂+ε)))")
+_FALLBACK = f"its parameters follow the fallback rule {FALLBACK_RULE}"
 
 
 @dataclass

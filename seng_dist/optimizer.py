@@ -22,7 +22,7 @@ from .config import GROUP_SETTINGS, SENGConfig, resolve
 from .curvature import BlockCurvature
 from .describe import describe_table
 from .groups import GroupSchedules, StepSettings, check_shape, group_params
-from .layers import Block, find_blocks
+from .layers import FALLBACK_RULE, Block, find_blocks
 from .rounds import make_round
 from .update import apply_update
 from .warn import warn
@@ -43,7 +43,8 @@ class SENG(torch.optim.Optimizer):
 
     Per supported layer (``nn.Linear``, ``nn.Conv2d``; weight and bias as one block)
     ``d = -(U Uᵀ + λI)⁻¹ g`` with ``U`` the per-sample gradients of the curvature batch over
-    ``√ϱ``; every other trainable parameter follows ``d = -g/(1 + λ)``; then heavy-ball
+    ``√ϱ`` (``λI`` becomes ``λD``, Adam's diagonal, with ``damping_diagonal="adam"``); every
+    other trainable parameter follows ``d = -g/(1 + λ)`` (``-g/(λD)``); then heavy-ball
     momentum and ``θ ← θ + lr·v``. What is computed, and how: ``docs/design.md``.
 
     Args:
@@ -102,8 +103,7 @@ class SENG(torch.optim.Optimizer):
         if not self.blocks:
             warn("SENG: the model has no supported layer (nn.Linear, nn.Conv2d, BatchNorm) to "
                  "precondition (or "
-                 "skip_layers names them all): every parameter follows d = -g/(1+damping), "
-                 "i.e. momentum SGD with lr/(1+damping)")
+                 f"skip_layers names them all): every parameter follows {FALLBACK_RULE}")
         GroupSchedules.check_blocks(self.blocks, self.param_groups)
         self.communicator = make_communicator(comm)
         _check_dtype(self.communicator, cfg)
@@ -139,7 +139,7 @@ class SENG(torch.optim.Optimizer):
         added = list(self.param_groups[-1]["params"])
         self._fallback.extend(added)
         warn(f"SENG: the {len(added)} parameter(s) added with add_param_group follow the "
-             "fallback rule d = -g/(1+damping): SENG preconditions the layers it found when it "
+             f"fallback rule {FALLBACK_RULE}: SENG preconditions the layers it found when it "
              "was built. Build SENG with param_groups=[...] to have them preconditioned")
         if self.communicator.world_size > 1:
             self._check_ranks_agree()
@@ -208,7 +208,7 @@ class SENG(torch.optim.Optimizer):
             return self._empty(loss)
         self.schedules.resolve(self.param_groups, k)
         scale = 1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale())
-        rebuilt = self.curvature.refresh(scale)
+        rebuilt = self.curvature.refresh(scale, self.round.diagonal.current)
         self._counters.curvature_updates += int(rebuilt.updated)
         self._counters.curvature_skips += rebuilt.skipped
         decoupled = self.config.decoupled_weight_decay

@@ -26,20 +26,24 @@ from . import solver
 from .comm import Communicator
 from .config import SENGConfig
 from .curvature import BlockCurvature, ParamState
+from .diagonal import make_diagonal
 from .groups import StepSettings
+from .layers import FALLBACK_RULE
 from .warn import warn
 
 
 @dataclass
 class Exchanged:
-    """A round's averaged result: per block ``z = ḡ + l2·θ`` and the averaged slot; the
-    (clipped) averaged fallback gradients; and the averaged flags (``present`` then
-    ``ready``, as decoded by :meth:`Agreement.decode`)."""
+    """A round's averaged result: per block ``z = ḡ + l2·θ``, the averaged slot and the
+    damping diagonal's whitening ``W`` (None for ``λI``); the (clipped) averaged fallback
+    gradients; and the averaged flags (``present`` then ``ready``, as decoded by
+    :meth:`Agreement.decode`)."""
 
     zs: list[Tensor]
     slots: list[list[Tensor]]
     fallback: list[Tensor]
     flags: list[float]
+    whitenings: list[Tensor | None]
 
 
 class Agreement:
@@ -72,7 +76,8 @@ class Round(ABC):
     Args:
         config: the settings (clipping, non-finite skipping, the buffer dtype).
         curvatures: every preconditioned block's curvature.
-        fallback: the trainable parameters outside the blocks (``d = -g/(1+λ)``).
+        fallback: the trainable parameters outside the blocks (``d = -g/(1+λ)``, or the
+            damping diagonal's rule).
         comm: the communicator.
         grads_averaged: the engine averages the gradients in backward (DDP,
             ``hvd.DistributedOptimizer``, the DeepSpeed engine): only corrections are sent.
@@ -88,6 +93,7 @@ class Round(ABC):
         self.comm = comm
         self.grads_averaged = grads_averaged
         self._states = state
+        self.diagonal = make_diagonal(config.diagonal, state)
         first = curvatures[0].block.weight if curvatures else fallback[0]
         self.agreement = Agreement(comm, first.device)
         self._warned: set[str] = set()
@@ -192,11 +198,15 @@ class Round(ABC):
             if not present[i]:
                 continue
             damping = hyper.damping[id(c.block.weight)]
+            w = done.whitenings[i]
             if ready[i] >= 1.0:
-                d = solver.direction(z, c.combine(slot), damping)
+                # In D's coordinates: d = W (Ũb - Wz)/λ (docs/design.md).
+                d = solver.direction(_whiten(z, w), c.combine(slot), damping)
+                if w is not None:
+                    d.mul_(w)
             else:
                 self._warn_no_curvature(c)
-                d = z.mul(-1.0 / (1.0 + damping))
+                d = self.diagonal.without_curvature(z, w, damping)
             params.extend(c.block.params)
             dirs.extend(c.block.split(d))
         # The fallback rule, fused over the parameters that share damping and L2.
@@ -208,7 +218,7 @@ class Round(ABC):
             fps, grads = [p for p, _ in kept], [g for _, g in kept]
             if l2:
                 grads = list(torch._foreach_add(grads, fps, alpha=l2))
-            dirs.extend(torch._foreach_mul(grads, -1.0 / (1.0 + damping)))
+            dirs.extend(self.diagonal.fallback(fps, grads, damping))
             params.extend(fps)
         return params, dirs
 
@@ -217,7 +227,7 @@ class Round(ABC):
         if name not in self._warned:
             self._warned.add(name)
             warn(f"SENG: layer {name!r} has no curvature yet ({self._missing(curvature)}); it "
-                 "follows the fallback rule d = -g/(1+damping) until it has")
+                 f"follows the fallback rule {FALLBACK_RULE} until it has")
 
 
 class BlockDiagonalRound(Round):
@@ -235,14 +245,22 @@ class BlockDiagonalRound(Round):
         if averaged is None:
             return None
         here = (values if values is not None else present)[:len(gs)]
-        slots = [c.correction(z if h else None, hyper.damping[id(c.block.weight)])
-                 for c, z, h in zip(self.curvatures, gs, here, strict=True)]
+        ws = self._whitenings(gs, here)
+        slots = [c.correction(_whiten(z, w) if h else None, hyper.damping[id(c.block.weight)])
+                 for c, z, w, h in zip(self.curvatures, gs, ws, here, strict=True)]
         if self.multi:
             self._allreduce(_flat(slots) + ([] if flags is None or self.sends_gradients
                                             else [flags]), "seng.correction")
         if values is None:
             values = self.agreement.decode(flags, local)
-        return Exchanged(gs, slots, averaged, values)
+        return Exchanged(gs, slots, averaged, values, ws)
+
+    def _whitenings(self, zs: list[Tensor], present: Sequence[float | bool]
+                    ) -> list[Tensor | None]:
+        """Each present block's ``W`` after folding in its averaged ``z`` (the same on every
+        rank: every rank folds the same ``z``)."""
+        return [self.diagonal.update(c.block.weight, z) if h else None
+                for c, z, h in zip(self.curvatures, zs, present, strict=True)]
 
 
 class LaggedRound(BlockDiagonalRound):
@@ -286,14 +304,18 @@ class LaggedRound(BlockDiagonalRound):
             return super()._exchange(gs, fgs, present, ready, hyper)
         local = present + ready
         flags = self.agreement.pack(local)
-        slots = [c.correction(self._previous(c), hyper.damping[id(c.block.weight)])
+        # The previous z in the coordinates of the previous step's D (its W is the current).
+        slots = [c.correction(_whiten_previous(self._previous(c),
+                                               self.diagonal.current(c.block.weight)),
+                              hyper.damping[id(c.block.weight)])
                  for c in self.curvatures]
         self._allreduce((gs + fgs if self.sends_gradients else []) + _flat(slots)
                         + ([flags] if flags is not None else []), "seng.step")
         averaged = self._averaged(gs, fgs, hyper)
         if averaged is None:
             return None
-        return Exchanged(gs, slots, averaged, self.agreement.decode(flags, local))
+        values = self.agreement.decode(flags, local)
+        return Exchanged(gs, slots, averaged, values, self._whitenings(gs, values[:len(gs)]))
 
 
 def make_round(config: SENGConfig, curvatures: list[BlockCurvature],
@@ -313,3 +335,12 @@ def make_round(config: SENGConfig, curvatures: list[BlockCurvature],
 
 def _flat(slots: list[list[Tensor]]) -> list[Tensor]:
     return [t for slot in slots for t in slot]
+
+
+def _whiten(z: Tensor, w: Tensor | None) -> Tensor:
+    """``Wz`` (``z`` itself for ``λI``)."""
+    return z if w is None else z * w
+
+
+def _whiten_previous(z: Tensor | None, w: Tensor | None) -> Tensor | None:
+    return None if z is None else _whiten(z, w)

@@ -248,3 +248,11 @@ def all_finite(tensors: list[Tensor]) -> bool:
 def direction(g: Tensor, uc: Tensor, damping: float) -> Tensor:
     """``d = -(g - U b) / λ`` (eq. 8/13/24)."""
     return (uc - g).div_(damping)
+
+
+def factored_whitening(w: Tensor) -> tuple[Tensor, Tensor]:
+    """``(w_G, w_A)`` with ``w ≈ w_G w_Aᵀ`` for an ``(n_G, n_A)`` whitening ``w = D^-½``:
+    ``D ≈ r cᵀ/m`` from its row means ``r``, column means ``c`` and mean ``m``."""
+    d = w.pow(-2)
+    root = d.mean().sqrt()
+    return (d.mean(1) / root).rsqrt_(), (d.mean(0) / root).rsqrt_()

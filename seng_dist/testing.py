@@ -2,7 +2,8 @@
 
 * :func:`reference_directions` shares nothing with the solver: per-sample gradients come from
   ``torch.func`` (``vmap(grad(...))``) on a float64 copy of the model, and each layer's
-  direction is a dense solve ``-(U Uᵀ + λI)⁻¹ g``. Models with BatchNorm must be in eval mode:
+  direction is ``-(U Uᵀ + λI)⁻¹ g`` (or ``-(U Uᵀ + λD)⁻¹ g`` for a given diagonal ``D``) by
+  Sherman-Morrison-Woodbury in float64. Models with BatchNorm must be in eval mode:
   in train mode the batch statistics couple the samples and a per-sample gradient is not
   defined.
 * :func:`emulate_distributed` runs distributed SENG's formulas (``docs/design.md``) for M
@@ -69,33 +70,39 @@ def block_matrix(grads: dict[str, Tensor], layer: str) -> Tensor:
 
 def reference_directions(model: nn.Module, x: Tensor, y: Tensor, layers: list[str],
                          damping: float, curvature_batch_size: int | None = None,
-                         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
+                         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+                         diagonal: Callable[[Tensor], Tensor] | None = None
                          ) -> dict[str, Tensor]:
-    """Exact SENG direction ``-(UUᵀ + λI)⁻¹ g`` of each named layer, ``(n_G, n_A)`` float64.
+    """Exact SENG direction ``-(UUᵀ + λD)⁻¹ g`` of each named layer, ``(n_G, n_A)`` float64.
 
     ``g`` is the mean gradient over the whole batch, ``U = [u_1 … u_ϱ]/√ϱ`` over its first
-    ϱ samples.
+    ϱ samples; ``D`` is ``I``, or ``diagonal(g)`` (the block's shape) when given.
     """
     grads = per_sample_gradients(model, x, y, loss_fn)
-    return {layer: exact_direction(block_matrix(grads, layer), damping, curvature_batch_size)
-            for layer in layers}
+    out = {}
+    for layer in layers:
+        u = block_matrix(grads, layer)
+        d = None if diagonal is None else diagonal(u.mean(0))
+        out[layer] = exact_direction(u, damping, curvature_batch_size, d)
+    return out
 
 
-def exact_direction(u: Tensor, damping: float, curvature_batch_size: int | None = None
-                    ) -> Tensor:
-    """``-(UUᵀ + λI)⁻¹ g`` from per-sample gradients ``u`` (B, ...): ``g`` their mean, ``U``
-    the first ϱ of them over ``√ϱ``; by Sherman-Morrison-Woodbury, ``(g - U b)/λ`` with
-    ``b = (λI + UᵀU)⁻¹ Uᵀ g``, so that a block of any size costs ϱ×ϱ solves (the same
-    direction as the n×n solve, to rounding)."""
+def exact_direction(u: Tensor, damping: float, curvature_batch_size: int | None = None,
+                    diagonal: Tensor | None = None) -> Tensor:
+    """``-(UUᵀ + λD)⁻¹ g`` from per-sample gradients ``u`` (B, ...): ``g`` their mean, ``U``
+    the first ϱ of them over ``√ϱ``, ``D`` the given diagonal (``u[0]``'s shape) or ``I``; by
+    Sherman-Morrison-Woodbury, ``(D⁻¹g - D⁻¹U b)/λ`` with ``b = (λI + UᵀD⁻¹U)⁻¹ UᵀD⁻¹g``, so
+    that a block of any size costs ϱ×ϱ solves."""
     shape = u.shape[1:]
     u = u.reshape(u.shape[0], -1)
     g = u.mean(0)
+    inv = torch.ones_like(g) if diagonal is None else 1.0 / diagonal.reshape(-1)
     rho = u.shape[0] if curvature_batch_size is None else min(curvature_batch_size,
                                                               u.shape[0])
     Ut = u[:rho] / rho ** 0.5
-    K = Ut @ Ut.T + damping * torch.eye(rho, dtype=u.dtype, device=u.device)
-    b = torch.linalg.solve(K, Ut @ g)
-    return -((g - b @ Ut) / damping).reshape(shape)
+    K = (Ut * inv) @ Ut.T + damping * torch.eye(rho, dtype=u.dtype, device=u.device)
+    b = torch.linalg.solve(K, Ut @ (inv * g))
+    return -(inv * (g - b @ Ut) / damping).reshape(shape)
 
 
 def relative_error(a: Tensor, b: Tensor) -> float:
@@ -121,27 +128,65 @@ def emulate_distributed(model: nn.Module, shards: list[list[tuple[Tensor, Tensor
     first lagged step) or the previous step's ``z`` (lagged); ``d = -(z - mean_w U_w c_w)/λ``,
     with eq. 28's ``(mean_w Gᶜ_w)ᵀ (mean_w Aᶜ_w)`` on implicit blocks with ``uc="factored"``;
     the fallback ``-z/(1+λ)``; heavy-ball momentum and ``θ ← θ + lr·v``. Every gradient must
-    be present.
+    be present. With ``damping_diagonal="adam"``: every block's and fallback parameter's
+    ``v ← β₂v + (1-β₂)z²`` and ``W = (√(v/(1-β₂ᵗ)) + ε)^-½``; the curvature built from ``W``
+    of the step before (none at the first step), the sources ``W z`` (blockdiag) or the
+    previous ``z`` times the previous ``W`` (lagged), ``d = W (U c - W z)/λ`` and the
+    fallback ``-W² z/λ``.
     """
     cfg = SENGConfig.from_settings(**seng_kwargs)
     run = _Emulation(model, cfg, len(shards[0]))
     previous: list[Tensor] | None = None
     history = []
     for k, step_shards in enumerate(shards):
-        run.backward(step_shards, loss_fn)
+        before = [run.moments.whitening(i) for i in range(len(run.per_block))]
+        run.backward(step_shards, loss_fn, before)
         lr, lam, mu, wd = (float(resolve(cfg, h, k))
                            for h in ("lr", "damping", "momentum", "weight_decay"))
         l2 = 0.0 if cfg.decoupled_weight_decay else wd
         zs, fmeans = run.averaged(l2)
         lagged = cfg.distributed.variant == "lagged" and previous is not None
-        sources = previous if lagged and previous is not None else zs
-        update = run.directions(zs, fmeans, sources, lam, l2)
+        ws = [run.moments.update(i, z) for i, z in enumerate(zs)]
+        if lagged and previous is not None:
+            sources = [_times(z, w) for z, w in zip(previous, before, strict=True)]
+        else:
+            sources = [_times(z, w) for z, w in zip(zs, ws, strict=True)]
+        update = run.directions(zs, fmeans, sources, ws, lam, l2)
         previous = zs
         run.apply(update, lr, mu, wd)
         for builder in run.builders:
             builder.arm_for(k + 1)
         history.append({n: p.detach().clone() for n, p in run.params[0].items()})
     return history
+
+
+def _times(z: Tensor, w: Tensor | None) -> Tensor:
+    return z if w is None else z * w
+
+
+class _Moments:
+    """The damping diagonal's second moments, written out: ``W`` per key (None for ``λI``,
+    or before the key's first step)."""
+
+    def __init__(self, cfg: SENGConfig) -> None:
+        self.on = cfg.diagonal.damping_diagonal == "adam"
+        self.beta2, self.eps = cfg.diagonal.damping_beta2, cfg.diagonal.damping_epsilon
+        self.sq: dict[Any, Tensor] = {}
+        self.steps: dict[Any, int] = {}
+
+    def whitening(self, key: Any) -> Tensor | None:
+        if key not in self.sq:
+            return None
+        v = self.sq[key] / (1.0 - self.beta2 ** self.steps[key])
+        return (v.sqrt() + self.eps).rsqrt()
+
+    def update(self, key: Any, z: Tensor) -> Tensor | None:
+        if not self.on:
+            return None
+        self.sq[key] = self.sq.get(key, torch.zeros_like(z)).mul(self.beta2).addcmul(
+            z, z, value=1.0 - self.beta2)
+        self.steps[key] = self.steps.get(key, 0) + 1
+        return self.whitening(key)
 
 
 class _Emulation:
@@ -168,15 +213,23 @@ class _Emulation:
         self.fallback = [n for n, p in self.params[0].items()
                          if p.requires_grad and id(p) not in in_blocks]
         self.momentum: dict[str, Tensor] = {}
+        self.moments = _Moments(cfg)
 
     def backward(self, shards: list[tuple[Tensor, Tensor]],
-                 loss_fn: Callable[[Tensor, Tensor], Tensor]) -> None:
-        """Each worker's gradient on its shard, and its curvature on curvature steps."""
+                 loss_fn: Callable[[Tensor, Tensor], Tensor],
+                 whitenings: list[Tensor | None]) -> None:
+        """Each worker's gradient on its shard, and its curvature (from ``whitenings[i]``'s
+        ``W`` for block ``i``) on curvature steps."""
         for builder, rep, (x, y) in zip(self.builders, self.replicas, shards, strict=True):
             for p in rep.parameters():
                 p.grad = None
             loss_fn(rep(x), y).backward()
-            builder.refresh()
+            index = {id(c.block.weight): i for i, c in enumerate(builder.curvatures)}
+
+            def whitening(weight: Tensor, index: dict[int, int] = index) -> Tensor | None:
+                return whitenings[index[id(weight)]]
+
+            builder.refresh(whitening=whitening)
 
     def averaged(self, l2: float) -> tuple[list[Tensor], list[Tensor]]:
         """``z = ḡ + l2·θ`` per block and ``ḡ`` per fallback parameter (``ḡ`` clipped)."""
@@ -193,22 +246,24 @@ class _Emulation:
         return zs, fmeans
 
     def directions(self, zs: list[Tensor], fmeans: list[Tensor], sources: list[Tensor],
-                   lam: float, l2: float) -> dict[str, Tensor]:
+                   ws: list[Tensor | None], lam: float, l2: float) -> dict[str, Tensor]:
         """Every parameter's direction, by name: each worker's correction for ``sources``."""
         update: dict[str, Tensor] = {}
-        for cs, z, src in zip(self.per_block, zs, sources, strict=True):
+        for cs, z, src, w in zip(self.per_block, zs, sources, ws, strict=True):
             parts = [c.correction(src, lam) for c in cs]
             if len(parts[0]) == 1:
                 uc = torch.stack([p[0] for p in parts]).mean(0)
             else:
                 uc = (torch.stack([p[0] for p in parts]).mean(0).T
                       @ torch.stack([p[1] for p in parts]).mean(0))
-            d = (uc - z) / lam
+            d = (uc - _times(z, w)) / lam
+            d = _times(d, w)
             for p, piece in zip(cs[0].block.params, cs[0].block.split(d), strict=True):
                 update[self.names[id(p)]] = piece
         for n, g in zip(self.fallback, fmeans, strict=True):
             g = g.add(self.params[0][n].detach(), alpha=l2)
-            update[n] = g * (-1.0 / (1.0 + lam))
+            w = self.moments.update(n, g)
+            update[n] = g * (-1.0 / (1.0 + lam)) if w is None else g * w * w * (-1.0 / lam)
         return update
 
     @torch.no_grad()

@@ -29,6 +29,9 @@ PATHS: dict[str, dict[str, Any]] = {
     # and leverage row sketches on the implicit blocks.
     "sketched": dict(explicit_threshold=32, sketch_size=12, rank=2, factor_sketch_size=10,
                      sketch_method="leverage", uc="exact"),
+    # the same, damped by Adam's diagonal: whitened curvature on both paths
+    "diagonal": dict(explicit_threshold=32, sketch_size=12, rank=2, factor_sketch_size=10,
+                     sketch_method="leverage", uc="exact", damping_diagonal="adam"),
 }
 CONFIGS = {f"{path}-{variant}": dict(COMMON, **kw, variant=variant)
            for path, kw in PATHS.items() for variant in ("blockdiag", "lagged")}

@@ -90,11 +90,12 @@ RESUME_SETTINGS = dict(lr=0.05, damping=0.5, momentum=0.9, weight_decay=1e-3,
                        curvature_batch_size=10)
 
 
+@pytest.mark.parametrize("diagonal", ["identity", "adam"])
 @pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
-def test_resume_is_bit_exact(variant):
+def test_resume_is_bit_exact(variant, diagonal):
     batches = _batches(10)
     model = make_mixed().train()
-    opt = SENG(model, variant=variant, **RESUME_SETTINGS)
+    opt = SENG(model, variant=variant, damping_diagonal=diagonal, **RESUME_SETTINGS)
     assert {b.path for b in opt.blocks} == {"explicit", "implicit"}
     head = _train(model, opt, batches[:4])  # stops right after a curvature update (step 3)
     buf = io.BytesIO()
@@ -106,7 +107,7 @@ def test_resume_is_bit_exact(variant):
     ckpt = torch.load(buf, weights_only=False)
     model2 = MixedNet()
     model2.load_state_dict(ckpt["model"])
-    opt2 = SENG(model2.train(), variant=variant, **RESUME_SETTINGS)
+    opt2 = SENG(model2.train(), variant=variant, damping_diagonal=diagonal, **RESUME_SETTINGS)
     opt2.load_state_dict(ckpt["opt"])
     assert opt2.step_count == 4
     tail2 = _train(model2, opt2, batches[4:])
