@@ -50,15 +50,19 @@ class Agreement:
     """0/1 flags averaged with a round, so that every rank takes the same decision (a block
     has a gradient, a block has curvature) without a collective of its own."""
 
-    def __init__(self, comm: Communicator, device: torch.device) -> None:
+    def __init__(self, comm: Communicator, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.comm = comm
         self.device = device
+        # The gradients' dtype when it is wider than float32 (a float64 model), so that the
+        # flags share their buffer and the round stays one collective.
+        self.dtype = torch.promote_types(dtype, torch.float32)
 
     def pack(self, values: list[bool]) -> Tensor | None:
         """The flags as a tensor to average (None on one process: nothing to agree on)."""
         if self.comm.world_size == 1 or not values:
             return None
-        return torch.tensor(values, dtype=torch.float32, device=self.device)
+        return torch.tensor(values, dtype=self.dtype, device=self.device)
 
     def decode(self, flags: Tensor | None, local: list[bool]) -> list[float]:
         """Averaged flags as ``1.0`` (every rank), ``0.5`` (some) or ``0.0`` (none)."""
@@ -95,7 +99,7 @@ class Round(ABC):
         self._states = state
         self.diagonal = make_diagonal(config.diagonal, state)
         first = curvatures[0].block.weight if curvatures else fallback[0]
-        self.agreement = Agreement(comm, first.device)
+        self.agreement = Agreement(comm, first.device, first.dtype)
         self._warned: set[str] = set()
 
     @property

@@ -29,7 +29,7 @@ PATHS: dict[str, dict[str, Any]] = {
     # and leverage row sketches on the implicit blocks.
     "sketched": dict(explicit_threshold=32, sketch_size=12, rank=2, factor_sketch_size=10,
                      sketch_method="leverage", uc="exact"),
-    # the same, damped by Adam's diagonal: whitened curvature on both paths
+    # the same, damped by Adam's diagonal: whitened curvature on both paths (in float64)
     "diagonal": dict(explicit_threshold=32, sketch_size=12, rank=2, factor_sketch_size=10,
                      sketch_method="leverage", uc="exact", damping_diagonal="adam"),
 }
@@ -52,10 +52,25 @@ def make_encoder() -> TinyEncoder:
     return TinyEncoder(batch_first=False).train()
 
 
+def _in_float64(config: dict) -> bool:
+    """Adam's diagonal amplifies rounding: its whitened Gram matrix is far worse conditioned
+    than under λI (reordering 3 workers' sums moves the float32 result by 1e-6 against 7e-8),
+    so its equivalence runs in float64, where only the math can differ."""
+    return config.get("damping_diagonal") == "adam"
+
+
+def _data(encoder: bool, config: dict, step: int, rank: int
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = (token_shard if encoder else shard)(step, rank)
+    return (x.double() if _in_float64(config) else x), y
+
+
 def _train(rank: int, world: int, job: dict) -> dict:
     encoder = job.get("model") == "encoder"
     model: nn.Module = make_encoder() if encoder else \
         make_mixed(seed=rank if job.get("seed_by_rank") else 0)
+    if _in_float64(job["config"]):
+        model = model.double()
     if rank in job.get("width_by_rank", {}):
         model = MixedNet(width=job["width_by_rank"][rank]).eval()
     if job.get("ddp"):
@@ -69,7 +84,7 @@ def _train(rank: int, world: int, job: dict) -> dict:
     calls, params = [], []
     for k in range(STEPS):
         comm.reset()
-        x, y = (token_shard if encoder else shard)(k, rank)
+        x, y = _data(encoder, config, k, rank)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -93,11 +108,11 @@ def _emulated(world: int, config: dict, encoder: bool = False) -> list[dict[str,
     # of the ranks' sums can differ.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    data = token_shard if encoder else shard
+    model = make_encoder() if encoder else make_mixed()
     try:
-        return emulate_distributed(make_encoder() if encoder else make_mixed(),
-                                   [[data(k, w) for w in range(world)] for k in range(STEPS)],
-                                   **config)
+        return emulate_distributed(model.double() if _in_float64(config) else model,
+                                   [[_data(encoder, config, k, w) for w in range(world)]
+                                    for k in range(STEPS)], **config)
     finally:
         torch.set_num_threads(threads)
 
