@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         ratio = (f"{statistics.fmean(h[1] for h in hits) / statistics.fmean(h[1] for h in base_hits):.2f}×"  # noqa: E501
                  if hits and base_hits else "—")
         mine, theirs = per_step(runs), per_step(base[1]) if base else None
-        grid = "SENG's point" if m.lrs is None else ", ".join(f"{x:g}" for x in m.lrs)
+        grid = f"{m.of}'s point" if m.lrs is None else ", ".join(f"{x:g}" for x in m.lrs)
         reached = f" ({len(hits)}/{len(runs)} seeds)" if len(hits) < len(runs) else ""
         lines.append("| " + " | ".join([
             m.name, f"{lr:g} ({grid})", _spread([h[1] for h in hits], ".0f") + reached,

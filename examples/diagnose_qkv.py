@@ -5,16 +5,16 @@
 SENG keeps an attention module's packed ``in_proj_weight`` (and ``in_proj_bias``) as ONE
 block ``[W_q; W_k; W_v | b]``: its ``U`` has the per-sample gradients of all three, so the
 curvature keeps the products between Q's, K's and V's gradients; three blocks would keep only
-each one's own (block-diagonal). This trains ``examples/lm.py``'s model with SENG at the
-benchmark's point (λ 1, lr 0.03, no weight decay, the same schedule over ``--steps``) and,
-at each step of ``--at``, takes a batch of 32 training windows and computes in float64 from
-``torch.func`` per-sample gradients (every sample's, ϱ = 32) each layer's ``in_proj``
-direction both ways,
-for each λ of ``--dampings``. It reports their relative difference, and the held-out loss
-(``--eval-windows`` validation windows) after moving every layer's ``in_proj`` along each
-direction — and along the plain gradient — with the best of ``--steps-grid`` step sizes
-``η`` (the step is ``η·λ·d``: at the same ``η`` the directions have the same scale where the
-curvature sees nothing). Writes ``qkv.md`` and ``qkv.jsonl`` to ``--out``.
+each one's own (block-diagonal). This trains ``examples/lm.py``'s model with SENG damped by
+Adam's diagonal (λ 1, ``--lr``, no weight decay, the benchmark's schedule over ``--steps``)
+and, at each step of ``--at``, takes a batch of 32 training windows and computes in float64,
+from ``torch.func`` per-sample gradients (every sample's: ϱ = 32), each layer's ``in_proj``
+direction ``-(UUᵀ + λD)⁻¹g`` both ways, for ``D = I`` at each λ of ``--dampings`` and for
+Adam's ``D`` (this batch's ``|g| + ε``) at each of ``--adam-dampings``. It reports their
+relative difference, and the held-out loss (``--eval-windows`` validation windows) after
+moving every layer's ``in_proj`` along each direction — and along the plain ``-g/(λD)`` —
+with the best step ``η·λ·d`` of a grid of ``η`` (at one ``η`` the directions have the same
+scale where the curvature sees nothing). Writes ``qkv.md`` and ``qkv.jsonl`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -48,13 +48,17 @@ def in_projs(model: ByteLM) -> dict[str, nn.MultiheadAttention]:
             if isinstance(m, nn.MultiheadAttention)}
 
 
-def directions(u: Tensor, damping: float) -> dict[str, Tensor]:
-    """The in_proj block's direction as one block and as three (Q, K, V rows; the bias
-    column with its rows), and the plain gradient's ``-g/λ``."""
-    thirds = u.chunk(3, dim=1)
-    return {"one block": exact_direction(u, damping),
-            "three blocks": torch.cat([exact_direction(t, damping) for t in thirds], dim=0),
-            "gradient": -u.mean(0) / damping}
+def directions(u: Tensor, damping: float, adam: bool) -> dict[str, Tensor]:
+    """The in_proj block's direction ``-(UUᵀ + λD)⁻¹g`` as one block and as three (Q, K, V
+    rows; the bias column with its rows), and the plain ``-g/(λD)``; ``D`` is ``I``, or with
+    ``adam`` this batch's ``|g| + 1e-8`` (Adam's ``√v̂ + ε`` from one batch)."""
+    g = u.mean(0)
+    d = g.abs() + 1e-8 if adam else torch.ones_like(g)
+    thirds, parts = u.chunk(3, dim=1), d.chunk(3, dim=0)
+    return {"one block": exact_direction(u, damping, diagonal=d),
+            "three blocks": torch.cat([exact_direction(t, damping, diagonal=p)
+                                       for t, p in zip(thirds, parts, strict=True)], dim=0),
+            "gradient": -g / (damping * d)}
 
 
 @torch.no_grad()
@@ -86,16 +90,18 @@ def measure(model: ByteLM, step: int, train: np.ndarray, val: np.ndarray,
     us = {k: block_matrix(grads, k) for k in in_projs(model)}
     base = loss_after(model, {k: torch.zeros_like(u[0]) for k, u in us.items()}, 0.0, vx, vy)
     out = []
-    for damping in args.dampings:
-        per_layer = {k: directions(u, damping) for k, u in us.items()}
-        row: dict = {"step": step, "damping": damping, "loss": base}
+    for adam, damping in [(False, lam) for lam in args.dampings] + [(True, lam) for lam in
+                                                                     args.adam_dampings]:
+        per_layer = {k: directions(u, damping, adam) for k, u in us.items()}
+        row: dict = {"step": step, "D": "Adam's" if adam else "I", "damping": damping,
+                     "loss": base}
         one = torch.cat([d["one block"].flatten() for d in per_layer.values()])
         three = torch.cat([d["three blocks"].flatten() for d in per_layer.values()])
         row["relative difference"] = float((one - three).norm() / one.norm())
         for way in ("one block", "three blocks", "gradient"):
             moves = {k: d[way] for k, d in per_layer.items()}
             losses = {eta: loss_after(model, moves, eta * damping, vx, vy)
-                      for eta in args.steps_grid}
+                      for eta in (args.adam_steps_grid if adam else args.steps_grid)}
             best = min(losses, key=losses.__getitem__)
             row[way] = {"best eta": best, "loss": losses[best]}
         out.append(row)
@@ -107,12 +113,17 @@ def measure(model: ByteLM, step: int, train: np.ndarray, val: np.ndarray,
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("."))
-    ap.add_argument("--at", type=int, nargs="+", default=[0, 200, 400])
+    ap.add_argument("--at", type=int, nargs="+", default=[0, 300])
     ap.add_argument("--steps", type=int, default=600, help="the schedule's length")
-    ap.add_argument("--lr", type=float, default=0.03)
-    ap.add_argument("--dampings", type=float, nargs="+", default=[1.0, 0.01])
+    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--dampings", type=float, nargs="+", default=[1.0, 0.01],
+                    help="λ with D = I")
+    ap.add_argument("--adam-dampings", type=float, nargs="+", default=[1.0],
+                    help="λ with Adam's D")
     ap.add_argument("--steps-grid", type=float, nargs="+",
-                    default=[0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0])
+                    default=[0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0])
+    ap.add_argument("--adam-steps-grid", type=float, nargs="+",
+                    default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
@@ -125,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     opt = SENG(model, lr=schedules.linear_warmup(
         schedules.cosine(lr, 1, args.steps, final=lr * 0.01), warmup, lr * 0.01),
         damping=1.0, momentum=0.9, weight_decay=0.0, curvature_update_interval=50,
-        comm="local")
+        damping_diagonal="adam", damping_beta2=0.95, comm="local")
     rng = np.random.default_rng(args.seed)
     rows: list[dict] = []
     for step in range(max(args.at) + 1):
@@ -137,16 +148,17 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "qkv.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    lines = [f"Q, K, V as one block or three ({Path(__file__).name}, SENG training at λ 1, "
-             f"lr {lr}; ϱ = 32, held-out loss on {args.eval_windows} validation windows after "
-             "moving every in_proj along each direction with the best step of "
-             f"{args.steps_grid})", "",
-             "| step | λ | loss before | ‖one − three‖/‖one‖ | one block | three blocks | "
-             "gradient |", "|---|---|---|---|---|---|---|"]
+    lines = [f"Q, K, V as one block or three ({Path(__file__).name}; the model trained by "
+             f"SENG with Adam's diagonal, λ 1, lr {lr}; ϱ = 32; held-out loss on "
+             f"{args.eval_windows} validation windows after moving every in_proj along each "
+             f"direction with the best step η·λ of η in {args.steps_grid} (D = I) or "
+             f"{args.adam_steps_grid} (Adam's D))", "",
+             "| step | D | λ | loss before | ‖one − three‖/‖one‖ | one block | three blocks | "
+             "gradient |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r[w]['loss']:.4f} (η {r[w]['best eta']:g})"
                  for w in ("one block", "three blocks", "gradient")]
-        lines.append(f"| {r['step']} | {r['damping']:g} | {r['loss']:.4f} | "
+        lines.append(f"| {r['step']} | {r['D']} | {r['damping']:g} | {r['loss']:.4f} | "
                      f"{r['relative difference']:.3f} | " + " | ".join(cells) + " |")
     (args.out / "qkv.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -21,6 +21,7 @@ result are whitened by the full ``W`` on both paths.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -88,10 +89,7 @@ class AdamDiagonal(Diagonal):
 
     def current(self, key: Tensor) -> Tensor | None:
         state = self._states.get(key, {})
-        if self.SQUARES not in state:
-            return None
-        corrected = state[self.SQUARES] / (1.0 - self.beta2 ** state[self.STEPS])
-        return corrected.sqrt_().add_(self.eps).rsqrt_()
+        return self._whitening(state) if self.SQUARES in state else None
 
     def update(self, key: Tensor, z: Tensor) -> Tensor:
         state = self._states[key]
@@ -100,12 +98,15 @@ class AdamDiagonal(Diagonal):
             sq = state[self.SQUARES] = torch.zeros_like(z)
         state[self.STEPS] = state.get(self.STEPS, 0) + 1
         sq.mul_(self.beta2).addcmul_(z, z, value=1.0 - self.beta2)
-        w = self.current(key)
-        assert w is not None  # just stored
-        return w
+        return self._whitening(state)
+
+    def _whitening(self, state: dict[str, Any]) -> Tensor:
+        """``W = (√v̂ + ε)^-½`` of a parameter's state."""
+        corrected = state[self.SQUARES] / (1.0 - self.beta2 ** state[self.STEPS])
+        return corrected.sqrt_().add_(self.eps).rsqrt_()
 
     def without_curvature(self, z: Tensor, w: Tensor | None, damping: float) -> Tensor:
-        assert w is not None  # update() returns one
+        assert w is not None  # update() always returns one
         return (z * w).mul_(w).mul_(-1.0 / damping)
 
     def fallback(self, params: list[Tensor], grads: list[Tensor], damping: float

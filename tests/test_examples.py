@@ -138,11 +138,14 @@ def test_benchmark_interpolates_the_time_to_target_and_picks_the_soonest_point()
     assert to_target(losses, 1.0, "val_loss", "step") is None
 
 
-def test_language_model_example_reads_the_python_docs_and_learns(tmp_path: Path):
+@pytest.mark.parametrize("flags", [("--lr", "0.1"),
+                                   ("--lr", "4e-4", "--damping-diagonal", "adam")],
+                         ids=["identity", "adam-diagonal"])
+def test_language_model_example_reads_the_python_docs_and_learns(tmp_path: Path, flags):
     # 40 steps of lm.py: the corpus split by file, a loss that falls from ln 256 (2.9 after
-    # 40 steps here).
+    # 40 steps here with λI, 2.8 with Adam's diagonal).
     out = tmp_path / "lm.jsonl"
-    subprocess.run([sys.executable, "examples/lm.py", "--optimizer", "seng", "--lr", "0.1",
+    subprocess.run([sys.executable, "examples/lm.py", "--optimizer", "seng", *flags,
                     "--steps", "40", "--eval-every", "20", "--eval-windows", "64",
                     "--curvature-interval", "10", "--metrics", str(out)],
                    cwd=Path(__file__).resolve().parents[1], check=True, timeout=300)
@@ -252,6 +255,22 @@ def test_direction_diagnostic_compares_every_layer_with_its_gradient(tmp_path: P
     assert len(exact) == 4
     assert all(0.0 < r["step_kept"] <= 1.0 + 1e-5 and r["cosine"] > 0.0 for r in exact)
     assert "| 1 | features.0 (explicit) |" in (tmp_path / "direction.md").read_text()
+
+
+def test_qkv_diagnostic_compares_one_block_with_three(tmp_path: Path):
+    import json
+
+    from examples.diagnose_qkv import main
+    main(["--at", "0", "--steps", "10", "--context", "16", "--eval-windows", "8",
+          "--dampings", "1", "--adam-dampings", "1", "--steps-grid", "1", "10",
+          "--adam-steps-grid", "1e-3", "1e-2", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "qkv.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["D"]) for r in rows] == [(0, "I"), (0, "Adam's")]
+    for r in rows:
+        assert r["relative difference"] > 0.0  # the Q-K-V cross terms change the direction
+        # at initialisation each direction, at its best step, lowers the held-out loss
+        assert all(r[w]["loss"] < r["loss"] for w in ("one block", "three blocks", "gradient"))
+    assert "| 0 | Adam's | 1 |" in (tmp_path / "qkv.md").read_text()
 
 
 def test_the_language_model_has_every_linear_and_projection_preconditioned(recwarn):
