@@ -1,15 +1,16 @@
 """Language-model benchmark: SENG against AdamW and SGD on real text, to a validation loss.
 
-    python examples/bench_lm.py --out examples/results/lm          # ~1 h here; reuses runs
+    python examples/bench_lm.py --out examples/results/lm          # ~75 min here; reuses runs
     python examples/bench_lm.py --smoke --out /tmp/lm-smoke        # 2-minute pipeline check
 
 ``examples/lm.py`` trains a 4-layer pre-LN byte-level Transformer (0.88 M parameters, context
 128, global batch 32 windows) on the Python documentation's reStructuredText sources
 (Debian's ``python3.11-doc``; a held-out split by file) for ``--steps`` steps, linear warm-up
 (5%) then cosine, for every method. Each method gets the same number of tuning points (3
-learning rates; SENG's at λ = 1, so that ``lr/λ`` is SGD's step), tuned on ``--tune-seed``, its
-best point confirmed on every ``--confirm-seeds``; SENG on 2 Gloo ranks with the lagged variant
-runs SENG's point on every seed (same global batch). The target is AdamW's: the validation loss
+learning rates; SENG's at λ = 1, so that ``lr/λ`` is SGD's step; SENG damped by Adam's
+diagonal at AdamW's grid over 10), tuned on ``--tune-seed``, its best point confirmed on every
+``--confirm-seeds``; each SENG on 2 Gloo ranks with the lagged variant runs its one-rank point
+on every seed (same global batch). The target is AdamW's: the validation loss
 its best tuning run has at 80% of its budget. The time to it is interpolated between
 evaluations (every ``--eval-every`` steps), training time only. Every run's metrics stay in
 ``--out``/runs/ and are reused (``--fresh`` reruns); ``--out``/results.md has the table and

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps-grid", type=float, nargs="+",
                     default=[0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0])
     ap.add_argument("--adam-steps-grid", type=float, nargs="+",
-                    default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+                    default=[1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0])
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)

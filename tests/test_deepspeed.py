@@ -56,8 +56,11 @@ def _ds_train(rank: int, world: int, configs: dict) -> dict:
     return out
 
 
-JOBS = {f"{path}-{variant}": ds_config(**{k: v for k, v in CONFIGS[f"{path}-{variant}"].items()})
-        for path in ("explicit", "factored", "sketched") for variant in ("blockdiag", "lagged")}
+# test_distributed's configs but the Adam-diagonal ones: those run in float64 there, and this
+# engine trains in float32 (the plugin builds the same SENG whatever its damping).
+PLAIN = [f"{path}-{variant}" for path in ("explicit", "factored", "sketched")
+         for variant in ("blockdiag", "lagged")]
+JOBS = {name: ds_config(**CONFIGS[name]) for name in PLAIN}
 
 
 def _accumulated(variant: str) -> tuple[dict, dict]:
@@ -80,11 +83,10 @@ EMULATED = dict(CONFIGS, **{f"accumulated-{v}": _accumulated(v)[1]
 def test_plugin_built_seng_equals_the_emulation_and_the_torch_run_for_both_variants():
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
     ranks = run_ranks(_ds_train, 2, JOBS, timeout=300)
-    torch_runs = run_ranks(_jobs, 2, {n: {"config": c} for n, c in CONFIGS.items()},
-                           timeout=300)
+    torch_runs = run_ranks(_jobs, 2, {n: {"config": CONFIGS[n]} for n in PLAIN}, timeout=300)
     for rank, res in enumerate(ranks):
         assert res["passthrough"] != "SENG"
-        for name in CONFIGS:
+        for name in PLAIN:
             assert _displacement_error(res[name]["params"], torch_runs[rank][name]["params"],
                                        start) <= 1e-6, name
     for name in JOBS:
