@@ -56,8 +56,7 @@ class Range:
             raise ValueError(f"{name} schedule returned {value!r} at step {step}; it must be "
                              f"{requirement}")
 
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                self.integer and not isinstance(value, int)):
+        if not _is_number(value) or (self.integer and not isinstance(value, int)):
             fail(f"{'an int' if self.integer else 'a number'} or a callable of the step "
                  "returning one")
         if not math.isfinite(value):
