@@ -163,9 +163,18 @@ class DistributedConfig:
     #: communication buffer dtype: None (the gradients'), a name of ``COMM_DTYPES`` or the
     #: torch dtype (kept as its name)
     comm_dtype: str | None = setting(None)
+    #: start the round's collectives during backward, bucket by bucket as the gradients become
+    #: ready (as DDP's reducer does), when SENG averages the gradients itself
+    overlap: bool = setting(True)
+    #: size of one bucket of an overlapped round, in MiB (DDP's ``bucket_cap_mb``)
+    bucket_size_mb: float = setting(25.0)
 
     def __post_init__(self) -> None:
         _check_choice("variant", self.variant, VARIANTS)
+        _check_bool("overlap", self.overlap)
+        size = self.bucket_size_mb
+        if not _is_number(size) or not 0.0 < size < math.inf:
+            raise ValueError(f"bucket_size_mb must be a finite number > 0 (MiB), got {size!r}")
         dtype: Any = self.comm_dtype
         if isinstance(dtype, torch.dtype):
             dtype = next((k for k, v in COMM_DTYPES.items() if v == dtype), str(dtype))

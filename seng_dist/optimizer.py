@@ -122,7 +122,7 @@ class SENG(torch.optim.Optimizer):
             self._check_ranks_agree()
             self.communicator.broadcast_([t.detach() for t in model.parameters()]
                                          + list(model.buffers()), name="seng.init")
-        self.curvature.arm_for(0)
+        self._arm(0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (``torch.optim.Optimizer.add_param_group``). Its keys are checked
@@ -157,9 +157,14 @@ class SENG(torch.optim.Optimizer):
                  "hvd.DistributedOptimizer); variant='lagged' then costs the engine's "
                  "collectives plus SENG's one per step. Use SENG alone to send gradient and "
                  "correction together")
+        previous = getattr(self, "round", None)
+        if previous is not None:
+            previous.close()
         self.round = make_round(self.config, self.curvature.curvatures, self._fallback,
                                 self.communicator, grads_averaged=grads_averaged,
-                                state=self.state)
+                                state=self.state, order=list(self.model.parameters()))
+        if previous is not None:
+            self._arm(self._counters.step)
 
     def _adopt(self, original: SENG) -> None:
         """Become ``original`` inside ``hvd.DistributedOptimizer(original, ...)``: share its
@@ -167,6 +172,18 @@ class SENG(torch.optim.Optimizer):
         backward, so this one averages only its corrections."""
         self.__dict__.update(original.__dict__)
         self._set_round(grads_averaged=True)
+
+    def _arm(self, step: int) -> None:
+        """Prepare step ``step``: the capture hooks iff it rebuilds the curvature, and the
+        round's buckets that may start during its backward."""
+        self.curvature.arm_for(step)
+        self.round.arm(self.curvature.armed, self._early_settings)
+
+    def _early_settings(self) -> StepSettings:
+        """The coming step's settings, for corrections computed during its backward (the
+        step checks that they still hold)."""
+        self.schedules.resolve(self.param_groups, self._counters.step)
+        return self._step_settings()
 
     # ------------------------------------------------------------------ counters
     @property
@@ -218,14 +235,14 @@ class SENG(torch.optim.Optimizer):
             if n & (n - 1) == 0:  # 1st, 2nd, 4th, ...: visible, but not a flood
                 warn(f"SENG: step {k} skipped: the averaged gradient holds NaN or Inf ({n} "
                      "such step(s) so far); parameters and momentum are unchanged")
-            self.curvature.arm_for(k)  # step k is taken again by the next call
+            self._arm(k)  # step k is taken again by the next call
             return loss
         if not found[0]:  # no parameter had a gradient, on any rank
-            self.curvature.arm_for(k)
+            self._arm(k)
             return self._empty(loss)
         apply_update(self.state, self.param_groups, *found, decoupled)
         self._counters.step = k + 1
-        self.curvature.arm_for(k + 1)
+        self._arm(k + 1)
         return loss
 
     def _empty(self, loss: Tensor | None) -> Tensor | None:
@@ -282,7 +299,7 @@ class SENG(torch.optim.Optimizer):
         if comm.rank != src:
             self.load_state_dict(state)
         self.curvature.drop()
-        self.curvature.arm_for(self._counters.step)
+        self._arm(self._counters.step)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state (momentum, lagged gradient, curvature per parameter) plus
@@ -303,7 +320,7 @@ class SENG(torch.optim.Optimizer):
         self.state = kept
         self.param_groups = ParamGroups(self.param_groups, self)
         self._counters = self._codec.restore(saved, indexed)
-        self.curvature.arm_for(self._counters.step)
+        self._arm(self._counters.step)
 
     def _curvature_indices(self) -> list[tuple[int, BlockCurvature]]:
         """``(index of the block's weight in the state_dict, its curvature)`` per block."""

@@ -7,22 +7,28 @@ take the same decision), and hands back every parameter's direction:
 * :class:`BlockDiagonalRound` (eq. 26): ``ḡ`` in one collective, then the corrections of
   ``b_w = (λI + U_wᵀU_w)⁻¹ U_wᵀ ḡ`` in a second;
 * :class:`LaggedRound` (eq. 27): ``b_w`` from the previous step's averaged gradient, so the
-  gradient and the corrections travel in ONE collective; its first step is block-diagonal.
+  gradient and the corrections travel in ONE round; its first step is block-diagonal.
 
-:func:`make_round` picks the class from the config's ``variant``. On one process every
-collective is the identity and both are single-process SENG (lagged with its lag).
+The round that carries the gradients goes in :class:`~seng_dist.buckets.Buckets`: with
+``overlap`` its buckets start during backward (block-diagonal: the gradients; lagged: each
+block's gradient with its correction, computed before the gradient is even there), else it is
+one collective in ``step()``. :func:`make_round` picks the class from the config's
+``variant``. On one process every collective is the identity and both are single-process SENG
+(lagged with its lag).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import solver
+from .buckets import BucketPlan, Buckets, Payload
 from .comm import Communicator
 from .config import SENGConfig
 from .curvature import BlockCurvature, ParamState
@@ -48,7 +54,14 @@ class Exchanged:
 
 class Agreement:
     """0/1 flags averaged with a round, so that every rank takes the same decision (a block
-    has a gradient, a block has curvature) without a collective of its own."""
+    has a gradient, a block has curvature, a rank's early buckets went stale) without a
+    collective of its own.
+
+    Each flag travels with its complement: "some rank" is a mean of the flags above 0 and
+    "every rank" a mean of the complements equal to 0. Sums of non-negative numbers are 0 only
+    when every term is, in any buffer dtype (a bf16 mean of 0/1 flags at hundreds of ranks
+    cannot tell ``m-1`` from ``m``; these never need to).
+    """
 
     def __init__(self, comm: Communicator, device: torch.device,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -62,16 +75,17 @@ class Agreement:
         """The flags as a tensor to average (None on one process: nothing to agree on)."""
         if self.comm.world_size == 1 or not values:
             return None
-        return torch.tensor(values, dtype=self.dtype, device=self.device)
+        flags = torch.tensor(values, dtype=self.dtype, device=self.device)
+        return torch.cat([flags, 1.0 - flags])
 
     def decode(self, flags: Tensor | None, local: list[bool]) -> list[float]:
         """Averaged flags as ``1.0`` (every rank), ``0.5`` (some) or ``0.0`` (none)."""
         if flags is None:
             return [float(v) for v in local]
-        m = self.comm.world_size
-        # Tolerances, not equality: a bf16/fp16 buffer rounds the mean of 0/1 flags.
-        return [1.0 if v > 1.0 - 0.5 / m else (0.5 if v > 0.5 / m else 0.0)
-                for v in flags.tolist()]
+        n = len(local)
+        some, missing = flags[:n].tolist(), flags[n:].tolist()
+        return [1.0 if m == 0.0 else (0.5 if s > 0.0 else 0.0)
+                for s, m in zip(some, missing, strict=True)]
 
 
 class Round(ABC):
@@ -86,11 +100,16 @@ class Round(ABC):
         grads_averaged: the engine averages the gradients in backward (DDP,
             ``hvd.DistributedOptimizer``, the DeepSpeed engine): only corrections are sent.
         state: the per-parameter state mapping (the optimizer's ``state``).
+        order: the model's parameters in registration order; backward makes their gradients
+            ready roughly in reverse, which orders the buckets.
     """
+
+    #: the name of the round that carries the gradients
+    SENDS = "seng.grad"
 
     def __init__(self, config: SENGConfig, curvatures: list[BlockCurvature],
                  fallback: list[Tensor], comm: Communicator, *, grads_averaged: bool,
-                 state: ParamState) -> None:
+                 state: ParamState, order: Sequence[Tensor] = ()) -> None:
         self.config = config
         self.curvatures = curvatures
         self.fallback = fallback
@@ -101,6 +120,76 @@ class Round(ABC):
         first = curvatures[0].block.weight if curvatures else fallback[0]
         self.agreement = Agreement(comm, first.device, first.dtype)
         self._warned: set[str] = set()
+        #: per unit (each block, then each fallback parameter) its parameters
+        self.units: list[list[Tensor]] = [list(c.block.params) for c in curvatures] + \
+            [[p] for p in fallback]
+        self.buckets = self._buckets(order)
+
+    def _buckets(self, order: Sequence[Tensor]) -> Buckets:
+        """The buckets of the round that carries the gradients: with ``overlap`` (and SENG
+        averaging the gradients) of ``bucket_size_mb`` in the order backward fills them, else
+        one."""
+        dist = self.config.distributed
+        hooks = dist.overlap and self.sends_gradients
+        if hooks:
+            index = {id(p): i for i, p in enumerate(order)}
+            first = [min((index.get(id(p), len(index)) for p in unit), default=len(index))
+                     for unit in self.units]
+            ready = sorted(range(len(self.units)), key=lambda u: -first[u])
+            plan = BucketPlan.build(self._unit_bytes(), ready,
+                                    int(dist.bucket_size_mb * 2**20))
+        else:
+            plan = BucketPlan.single(len(self.units))
+        return Buckets(plan, self.units, self.comm, name=self.SENDS,
+                       comm_dtype=dist.buffer_dtype,
+                       accumulation=self.config.gradient_accumulation_steps, hooks=hooks)
+
+    def _unit_bytes(self) -> list[int]:
+        """Each unit's payload in bytes (its gradient's; the lagged round adds its slot)."""
+        dtype = self.config.distributed.buffer_dtype
+        return [sum(p.numel() for p in unit) * (dtype or unit[0].dtype).itemsize
+                for unit in self.units]
+
+    def arm(self, curvature_due: bool, settings: Callable[[], StepSettings]) -> None:
+        """Set up the coming step's early buckets: called after every step (and whenever the
+        state changed), with whether the step rebuilds the curvature and how to get the
+        step's settings (a callable: read when the first bucket starts)."""
+        self.buckets.arm(self._gradients if self.sends_gradients else None)
+
+    def close(self) -> None:
+        """Stop starting buckets during backward (the round is being replaced)."""
+        self.buckets.retire()
+
+    def _gradients(self, units: Sequence[int]) -> list[list[Tensor]]:
+        """Each unit's gradient, fresh (a block's as its matrix; a missing one as zeros)."""
+        nb = len(self.curvatures)
+        return [[self.curvatures[u].block.grad_matrix()] if u < nb
+                else [self._fallback_gradient(self.fallback[u - nb])] for u in units]
+
+    def _fallback_gradient(self, p: Tensor) -> Tensor:
+        # SENG never changes .grad: on several ranks it is averaged (and clipped) in a copy.
+        if p.grad is None:
+            return torch.zeros_like(p)
+        return p.grad.clone() if self.multi else p.grad
+
+    def _fresh(self, hyper: StepSettings) -> bool:
+        """Whether the early buckets were computed with this step's settings."""
+        return True
+
+    def _send(self, payload: Payload, local: list[bool], hyper: StepSettings
+              ) -> tuple[list[list[Tensor]], list[float]]:
+        """The round in :attr:`buckets` (the early ones included) with the flags ``local``;
+        when a rank's early buckets went stale, the whole round again from here, on every
+        rank. Returns each unit's averaged payload and the decoded flags."""
+        stale = self.buckets.stale or not self._fresh(hyper)
+        flags = self.agreement.pack(local + [stale])
+        payloads = self.buckets.finish(payload, flags)
+        values = self.agreement.decode(flags, local + [stale])
+        if values[-1] > 0.0:
+            flags = self.agreement.pack(local + [False])
+            payloads = self.buckets.finish(payload, flags)
+            values = self.agreement.decode(flags, local + [False])
+        return payloads, values[:-1]
 
     @property
     def multi(self) -> bool:
@@ -120,15 +209,9 @@ class Round(ABC):
         gradient before preconditioning.
         """
         self._check_gradients()
-        gs = [c.block.grad_matrix() for c in self.curvatures]
-        # SENG never changes .grad: the fallback gradients are averaged (and clipped) in copies.
-        fgs = [torch.zeros_like(p) if p.grad is None else (p.grad.clone() if self.multi
-                                                            else p.grad)
-               for p in self.fallback]
-        present = [any(p.grad is not None for p in c.block.params) for c in self.curvatures]
-        present += [p.grad is not None for p in self.fallback]
+        present = [any(p.grad is not None for p in unit) for unit in self.units]
         ready = self._ready()
-        done = self._exchange(gs, fgs, present, ready, hyper)
+        done = self._exchange(present, ready, hyper)
         return None if done is None else self._finish(done, hyper)
 
     def _check_gradients(self) -> None:
@@ -150,10 +233,15 @@ class Round(ABC):
                      "leave them out")
 
     @abstractmethod
-    def _exchange(self, gs: list[Tensor], fgs: list[Tensor], present: list[bool],
-                  ready: list[bool], hyper: StepSettings) -> Exchanged | None:
-        """Run the step's collectives on the block gradients ``gs`` (fresh matrices, changed in
-        place), the fallback gradients ``fgs`` and the flags."""
+    def _exchange(self, present: list[bool], ready: list[bool], hyper: StepSettings
+                  ) -> Exchanged | None:
+        """Run the step's collectives on the gradients and the flags (``present`` per unit,
+        ``ready`` per block)."""
+
+    def _split(self, payloads: list[list[Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+        """The block gradients and the fallback gradients: each unit's first tensor."""
+        nb = len(self.curvatures)
+        return [p[0] for p in payloads[:nb]], [p[0] for p in payloads[nb:]]
 
     def _ready(self) -> list[bool]:
         """Per block, whether this rank can precondition it this step."""
@@ -237,14 +325,15 @@ class Round(ABC):
 class BlockDiagonalRound(Round):
     """eq. 26: ``d = -(ḡ - mean_w U_w b_w)/λ`` with ``b_w`` from ``ḡ``; two collectives."""
 
-    def _exchange(self, gs: list[Tensor], fgs: list[Tensor], present: list[bool],
-                  ready: list[bool], hyper: StepSettings) -> Exchanged | None:
+    def _exchange(self, present: list[bool], ready: list[bool], hyper: StepSettings
+                  ) -> Exchanged | None:
         local = present + ready
-        flags = self.agreement.pack(local)
         values: list[float] | None = None
         if self.sends_gradients:
-            self._allreduce(gs + fgs + [flags], "seng.grad")  # type: ignore[list-item]
-            values = self.agreement.decode(flags, local)
+            payloads, values = self._send(self._gradients, local, hyper)
+        else:
+            payloads = self._gradients(range(len(self.units)))
+        gs, fgs = self._split(payloads)
         averaged = self._averaged(gs, fgs, hyper)
         if averaged is None:
             return None
@@ -252,9 +341,10 @@ class BlockDiagonalRound(Round):
         ws = self._whitenings(gs, here)
         slots = [c.correction(_whiten(z, w) if h else None, hyper.damping[id(c.block.weight)])
                  for c, z, w, h in zip(self.curvatures, gs, ws, here, strict=True)]
+        flags = None if values is not None else self.agreement.pack(local)
         if self.multi:
-            self._allreduce(_flat(slots) + ([] if flags is None or self.sends_gradients
-                                            else [flags]), "seng.correction")
+            self._allreduce(_flat(slots) + ([flags] if flags is not None else []),
+                            "seng.correction")
         if values is None:
             values = self.agreement.decode(flags, local)
         return Exchanged(gs, slots, averaged, values, ws)
@@ -269,11 +359,18 @@ class BlockDiagonalRound(Round):
 
 class LaggedRound(BlockDiagonalRound):
     """eq. 27: ``b_w`` from the previous step's averaged ``z``, so the gradient, the
-    corrections and the flags travel in ONE collective. The first step (no previous ``z``
-    yet) is block-diagonal. The previous ``z`` is kept in each block weight's state as
-    ``PREVIOUS`` (it is part of the checkpoint)."""
+    corrections and the flags travel in ONE round (one collective, or the buckets of one
+    round when overlapped). The first step (no previous ``z`` yet) is block-diagonal. The
+    previous ``z`` is kept in each block weight's state as ``PREVIOUS`` (it is part of the
+    checkpoint)."""
 
     PREVIOUS = "prev_g"
+    SENDS = "seng.step"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: the settings the step's early corrections were computed with (None: none were)
+        self._launched: StepSettings | None = None
+        super().__init__(*args, **kwargs)
 
     def _previous(self, curvature: BlockCurvature) -> Tensor | None:
         prev: Tensor | None = self._states.get(curvature.block.weight, {}).get(self.PREVIOUS)
@@ -302,29 +399,80 @@ class LaggedRound(BlockDiagonalRound):
                 self._states[c.block.weight][self.PREVIOUS] = z
         return out
 
-    def _exchange(self, gs: list[Tensor], fgs: list[Tensor], present: list[bool],
-                  ready: list[bool], hyper: StepSettings) -> Exchanged | None:
+    def arm(self, curvature_due: bool, settings: Callable[[], StepSettings]) -> None:
+        self._launched = None
+        if not self._lagging or not self.sends_gradients:
+            super().arm(curvature_due, settings)
+        elif curvature_due:
+            # The corrections need the curvature this step rebuilds in step(): none early.
+            self.buckets.arm(None)
+        else:
+            def early(units: Sequence[int]) -> list[list[Tensor]]:
+                if self._launched is None:
+                    self._launched = settings()
+                return self._payloads(units, self._launched)
+            self.buckets.arm(early)
+
+    def _fresh(self, hyper: StepSettings) -> bool:
+        return self._launched is None or self._launched.damping == hyper.damping
+
+    def _unit_bytes(self) -> list[int]:
+        dtype = self.config.distributed.buffer_dtype
+        sizes = super()._unit_bytes()
+        for u, c in enumerate(self.curvatures):
+            slot = sum(a * b for a, b in c.slot_shapes())
+            sizes[u] += slot * (dtype or c.block.weight.dtype).itemsize
+        return sizes
+
+    def _slots(self, units: Sequence[int], hyper: StepSettings) -> list[list[Tensor]]:
+        """Each unit's correction slot from the previous ``z`` in the coordinates of the
+        previous step's ``D`` (its ``W`` is the current one); none for a fallback unit."""
+        out: list[list[Tensor]] = []
+        for u in units:
+            if u >= len(self.curvatures):
+                out.append([])
+                continue
+            c = self.curvatures[u]
+            out.append(c.correction(_whiten_previous(self._previous(c),
+                                                     self.diagonal.current(c.block.weight)),
+                                    hyper.damping[id(c.block.weight)]))
+        return out
+
+    def _payloads(self, units: Sequence[int], hyper: StepSettings) -> list[list[Tensor]]:
+        """Each unit's gradient and correction slot, sent together."""
+        return [g + s for g, s in zip(self._gradients(units), self._slots(units, hyper),
+                                      strict=True)]
+
+    def _exchange(self, present: list[bool], ready: list[bool], hyper: StepSettings
+                  ) -> Exchanged | None:
         if not self._lagging:
-            return super()._exchange(gs, fgs, present, ready, hyper)
+            return super()._exchange(present, ready, hyper)
         local = present + ready
-        flags = self.agreement.pack(local)
-        # The previous z in the coordinates of the previous step's D (its W is the current).
-        slots = [c.correction(_whiten_previous(self._previous(c),
-                                               self.diagonal.current(c.block.weight)),
-                              hyper.damping[id(c.block.weight)])
-                 for c in self.curvatures]
-        self._allreduce((gs + fgs if self.sends_gradients else []) + _flat(slots)
-                        + ([flags] if flags is not None else []), "seng.step")
+        every = range(len(self.units))
+        if self.sends_gradients:
+            payloads, values = self._send(lambda units: self._payloads(units, hyper), local,
+                                          hyper)
+            gs, fgs = self._split(payloads)
+            slots = [p[1:] for p in payloads[:len(self.curvatures)]]
+        else:
+            # The engine averaged the gradients (or one process): the corrections and flags
+            # are the round.
+            gs, fgs = self._split(self._gradients(every))
+            slots = self._slots(every, hyper)[:len(self.curvatures)]
+            flags = self.agreement.pack(local)
+            if self.multi:
+                self._allreduce(_flat(slots) + ([flags] if flags is not None else []),
+                                "seng.step")
+            values = self.agreement.decode(flags, local)
         averaged = self._averaged(gs, fgs, hyper)
         if averaged is None:
             return None
-        values = self.agreement.decode(flags, local)
         return Exchanged(gs, slots, averaged, values, self._whitenings(gs, values[:len(gs)]))
 
 
 def make_round(config: SENGConfig, curvatures: list[BlockCurvature],
                fallback: list[Tensor], comm: Communicator, *, grads_averaged: bool,
-               state: ParamState) -> Round:
+               state: ParamState, order: Sequence[Tensor] = ()) -> Round:
     """The round of ``config.distributed.variant``."""
     match config.distributed.variant:
         case "blockdiag":
@@ -334,7 +482,7 @@ def make_round(config: SENGConfig, curvatures: list[BlockCurvature],
         case other:
             raise ValueError(f"variant must be one of 'blockdiag', 'lagged', got {other!r}")
     return cls(config, curvatures, fallback, comm, grads_averaged=grads_averaged,
-               state=state)
+               state=state, order=order)
 
 
 def _flat(slots: list[list[Tensor]]) -> list[Tensor]:

@@ -63,6 +63,17 @@ def _collectives(rank: int, world: int) -> dict:
     comm.allreduce_mean_([d, e], name="cast", comm_dtype=torch.bfloat16)
     cast = (d.clone(), e.clone(), list(comm.calls))
     comm.reset()
+    # Two rounds, the first in two buckets: started together, finished in order.
+    g, h, k = (torch.full((n,), float(rank)) for n in (2, 3, 4))
+    first = comm.allreduce_mean_async_([g], name="r1/b0")
+    second = comm.allreduce_mean_async_([h], name="r1/b1")
+    g_before = g.clone()
+    first.wait()
+    second.wait()
+    comm.allreduce_mean_([k], name="r2")
+    buckets = (g_before, g.clone(), h.clone(), k.clone(), comm.collectives, comm.rounds,
+               [c.round for c in comm.calls])
+    comm.reset()
     f = torch.full((3,), float(rank))
     comm.broadcast_([f], name="bcast", src=world - 1)
     gathered = comm.allgather(torch.tensor([rank, 7 * rank]), name="gather")
@@ -71,23 +82,27 @@ def _collectives(rank: int, world: int) -> dict:
         mismatch = ""
     except ValueError as err:
         mismatch = str(err)
-    return {"mixed": mixed, "cast": cast, "bcast": f, "gathered": gathered,
-            "mismatch": mismatch}
+    return {"mixed": mixed, "cast": cast, "buckets": buckets, "bcast": f,
+            "gathered": gathered, "mismatch": mismatch}
 
 
 def test_fused_collectives_on_three_gloo_ranks():
     world = 3
-    for res in run_ranks(_collectives, world, timeout=120):
+    for rank, res in enumerate(run_ranks(_collectives, world, timeout=120)):
         a, b, c, calls = res["mixed"]
         assert torch.equal(a, torch.full((2, 3), 1.0))  # mean of 0, 1, 2
         assert torch.equal(b, torch.full((4,), 10.0, dtype=torch.float64))
         assert torch.equal(c, torch.full((5,), 2.0))
         # one buffer per dtype: float32 (a and c, 11 values) and float64 (b, 4 values)
-        assert sorted(call[2] for call in calls) == [4 * 8, 11 * 4]
+        assert sorted(call.bytes for call in calls) == [4 * 8, 11 * 4]
         d, e, calls = res["cast"]
         assert torch.equal(d, torch.full((3,), 2.0)) and e.dtype == torch.float64
         assert torch.equal(e, torch.full((2,), -1.0, dtype=torch.float64))
-        assert [call[2] for call in calls] == [5 * 2]  # one bf16 buffer for both dtypes
+        assert [call.bytes for call in calls] == [5 * 2]  # one bf16 buffer for both dtypes
+        g_before, g, h, k, collectives, rounds, names = res["buckets"]
+        assert torch.equal(g_before, torch.full((2,), float(rank)))  # in flight: not yet mean
+        assert all(torch.equal(t, torch.ones_like(t)) for t in (g, h, k))
+        assert (collectives, rounds, names) == (3, 2, ["r1", "r1", "r2"])
         assert torch.equal(res["bcast"], torch.full((3,), 2.0))
         assert res["gathered"].tolist() == [[0, 0], [1, 7], [2, 14]]
         assert "rank-dependent: rank 0: r0, rank 1: r1, rank 2: r2" in res["mismatch"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import pytest
@@ -18,7 +19,10 @@ from seng_dist.testing import block_matrix, emulate_distributed, per_sample_grad
 
 STEPS = 4
 COMMON: dict[str, Any] = dict(lr=0.1, damping=0.5, momentum=0.9, weight_decay=1e-3,
-              curvature_update_interval=2, curvature_batch_size=None)
+              curvature_update_interval=2, curvature_batch_size=None, overlap=False)
+# Buckets of ~200 bytes: MixedNet's units (52 to 448 bytes) go in several buckets, every one but
+# the last started during backward.
+TINY_BUCKETS = 2e-4
 # MixedNet's blocks: conv 4x28 (κ=16), seq 6x5 (κ=16), head 5x7 (κ=1).
 PATHS: dict[str, dict[str, Any]] = {
     "explicit": dict(sketch_size=None, rank=None, factor_sketch_size=None),
@@ -35,6 +39,9 @@ PATHS: dict[str, dict[str, Any]] = {
 }
 CONFIGS = {f"{path}-{variant}": dict(COMMON, **kw, variant=variant)
            for path, kw in PATHS.items() for variant in ("blockdiag", "lagged")}
+# The same, overlapped with backward.
+CONFIGS.update({f"{name}-overlap": dict(cfg, overlap=True, bucket_size_mb=TINY_BUCKETS)
+                for name, cfg in list(CONFIGS.items())})
 # A sequence-first Transformer (attention projections, feed-forward Linears) on every path.
 ENCODER_CONFIGS = {f"encoder-{name}": cfg for name, cfg in CONFIGS.items()}
 
@@ -81,16 +88,31 @@ def _train(rank: int, world: int, job: dict) -> dict:
     if job.get("hvd_wrap"):
         import horovod.torch as hvd
         opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
-    calls, params = [], []
+    calls, params, early, rounds = [], [], [], []
+    caught = warnings.catch_warnings(record=True)
+    said = caught.__enter__()
+    warnings.simplefilter("always")
     for k in range(STEPS):
         comm.reset()
         x, y = _data(encoder, config, k, rank)
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        for _ in range(job.get("backwards", 1)):
+            loss = F.cross_entropy(model(x), y)
+            if k == 1 and rank in job.get("skip_seq_by_rank", ()):
+                # This rank's backward leaves seq without a gradient: its bucket never fills.
+                loss.backward(inputs=[p for n, p in model.named_parameters() if "seq" not in n])
+            else:
+                loss.backward()
+        early.append(comm.collectives)  # started during backward
+        if k == 3 and "damping_before_step" in job:
+            opt.param_groups[0]["damping"] = job["damping_before_step"]
         opt.step()
         calls.append(list(comm.calls))
+        rounds.append(comm.rounds)
         params.append({n: p.detach().clone() for n, p in opt.model.named_parameters()})
-    return {"params": params, "calls": calls}
+    caught.__exit__(None, None, None)
+    return {"params": params, "calls": calls, "early": early, "rounds": rounds,
+            "warnings": [str(w.message) for w in said]}
 
 
 def _jobs(rank: int, world: int, jobs: dict) -> dict:
@@ -156,16 +178,31 @@ def test_transformer_ranks_equal_the_single_process_emulation(runs, name):
         assert err <= 1e-6, f"rank {rank}: {name} differs from the emulation by {err:.2e}"
 
 
+def assert_rounds(run: dict, name: str) -> None:
+    """Lagged is one round per step after the first, blockdiag two; a round is one collective,
+    or several buckets started during backward when overlapped (but on lagged curvature
+    steps, 0 and 2 here, whose corrections need the step's curvature)."""
+    lagged = "-lagged" in name
+    assert run["rounds"] == ([2] + [1] * (STEPS - 1) if lagged else [2] * STEPS)
+    counts = [len(c) for c in run["calls"]]
+    if not name.endswith("overlap"):
+        assert counts == run["rounds"] and run["early"] == [0] * STEPS
+        return
+    for k, (c, started) in enumerate(zip(run["calls"], run["early"], strict=True)):
+        buckets = [call for call in c if call.round != "seng.correction"]
+        assert len(buckets) >= 3 and len(c) == len(buckets) + (not lagged or k == 0)
+        assert [call.name.split("/")[1] for call in buckets] == \
+            [f"b{j}" for j in range(len(buckets))]
+        # Every bucket but the last (it carries the flags) starts during backward.
+        assert started == (0 if lagged and k == 2 else len(buckets) - 1), (k, started)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_lagged_is_one_collective_per_step_blockdiag_two(runs, name):
+def test_lagged_is_one_round_per_step_blockdiag_two(runs, name):
     _, results = runs
-    calls = results[0][name]["calls"]
-    counts = [len(c) for c in calls]
-    if name.endswith("lagged"):
-        assert counts == [2] + [1] * (STEPS - 1), counts  # step 0 has no previous gradient
-    else:
-        assert counts == [2] * STEPS, counts
-    assert all(call[0] == "allreduce" for c in calls for call in c)
+    for res in results:
+        assert all(call.kind == "allreduce" for c in res[name]["calls"] for call in c)
+        assert_rounds(res[name], name)
 
 
 def test_blockdiag_first_step_is_the_mean_of_each_workers_exact_direction():
@@ -227,6 +264,22 @@ EXTRAS: dict[str, dict[str, Any]] = {
                          "config_by_rank": {0: {"variant": "lagged"}}},
     "model-mismatch": {"config": CONFIGS["explicit-blockdiag"], "width_by_rank": {1: 7}},
 }
+# What users do between backward and step, overlapped and not: two backward passes per step
+# told to SENG (accumulation) or not, a damping changed after the corrections were sent, a
+# rank whose backward leaves a layer without a gradient.
+TRIP_UPS: dict[str, dict[str, Any]] = {
+    "accumulation": {"config": dict(CONFIGS["factored-lagged"],
+                                    gradient_accumulation_steps=2), "backwards": 2},
+    "untold-accumulation": {"config": CONFIGS["factored-lagged"], "backwards": 2},
+    "damping-changed": {"config": CONFIGS["factored-lagged"], "damping_before_step": 0.25},
+    "rank-without-seq": {"config": CONFIGS["factored-lagged"], "skip_seq_by_rank": (1,)},
+    "blockdiag-rank-without-seq": {"config": CONFIGS["factored-blockdiag"],
+                                   "skip_seq_by_rank": (1,)},
+}
+for _name, _job in TRIP_UPS.items():
+    EXTRAS[_name] = _job
+    EXTRAS[f"{_name}-overlap"] = dict(_job, config=dict(_job["config"], overlap=True,
+                                                         bucket_size_mb=TINY_BUCKETS))
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +306,28 @@ def test_bf16_buffer_halves_the_bytes_and_stays_close(extras):
     fp32 = extras[0]["fp32-lagged"]["calls"]
     assert [len(c) for c in run["calls"]] == [len(c) for c in fp32]
     for bf16_call, fp32_call in zip(run["calls"][1], fp32[1], strict=True):
-        assert bf16_call[2] * 2 == fp32_call[2]
+        assert bf16_call.bytes * 2 == fp32_call.bytes
+
+
+@pytest.mark.parametrize("name", list(TRIP_UPS))
+def test_overlap_equals_the_step_time_round_whatever_happens_between_backward_and_step(
+        extras, name):
+    start = {n: p.detach() for n, p in make_mixed().named_parameters()}
+    for res in extras:
+        ran, want = res[f"{name}-overlap"], res[name]
+        assert _displacement_error(ran["params"], want["params"], start) <= 1e-6
+    ran = extras[0][f"{name}-overlap"]
+    assert ran["early"][1] > 0  # step 1 started buckets during backward
+    lagged = not name.startswith("blockdiag")
+    assert ran["rounds"] == ([2, 1, 1, 1] if lagged else [2] * STEPS)
+    stale = [w for w in ran["warnings"] if "backward ran 2 times" in w]
+    assert len(stale) == (name == "untold-accumulation")
+    # Step 2 (a curvature step: nothing lagged starts early, nothing goes stale) is the plain
+    # count; stale early buckets mean the whole round again from step(), on every rank.
+    calls = [len(c) for c in ran["calls"]]
+    resent = {"untold-accumulation": (1, 3), "damping-changed": (3,)}.get(name, ())
+    for k in (1, 3):
+        assert calls[k] == calls[2] * (2 if k in resent else 1), (k, calls)
 
 
 def test_ranks_start_from_rank_zeros_parameters(extras):

@@ -51,6 +51,9 @@ def _net():
     (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps must be None or an int"),
     (dict(comm_dtype="int8"), "comm_dtype must be None .* or one of 'float32', 'bfloat16'"),
     (dict(comm_dtype=torch.float64), "comm_dtype must be None"),
+    (dict(overlap="yes"), "overlap must be True or False, got 'yes'"),
+    (dict(bucket_size_mb=0), "bucket_size_mb must be a finite number > 0 .MiB., got 0"),
+    (dict(bucket_size_mb=float("inf")), "bucket_size_mb must be a finite number > 0"),
 ])
 def test_bad_settings_raise_naming_the_setting(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

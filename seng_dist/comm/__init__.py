@@ -14,16 +14,21 @@ import torch
 
 from .base import (
     COMM_DTYPES,
+    Call,
     CommunicationError,
     Communicator,
     CountingCommunicator,
     LocalCommunicator,
+    Pending,
+    Work,
+    round_of,
 )
 
 ENGINES = ("local", "torch", "horovod", "deepspeed", "mpi")
 
-__all__ = ["COMM_DTYPES", "CommunicationError", "Communicator", "CountingCommunicator",
-           "LocalCommunicator", "ENGINES", "make_communicator"]
+__all__ = ["COMM_DTYPES", "Call", "CommunicationError", "Communicator",
+           "CountingCommunicator", "LocalCommunicator", "ENGINES", "Pending", "Work",
+           "make_communicator", "round_of"]
 
 
 def make_communicator(comm: Any) -> Communicator:

@@ -1,9 +1,14 @@
 """The communication seam: one small abstract class every engine implements.
 
 The distributed SENG variants talk only to :class:`Communicator`. An engine implements four
-primitives on ONE flat, contiguous buffer (sum-allreduce, broadcast, allgather, barrier); the
-public methods here pack a list of tensors into that buffer (optionally cast to a lower
-``comm_dtype``), run one collective, and unpack, so every round is one call to the engine.
+primitives on ONE flat, contiguous buffer (sum-allreduce, broadcast, allgather, barrier), and
+may implement a fifth, the asynchronous sum-allreduce; the public methods here pack a list of
+tensors into that buffer (optionally cast to a lower ``comm_dtype``), run one collective, and
+unpack, so every call is one call to the engine.
+
+Names: a collective's name is ``"<round>"`` or ``"<round>/<part>"`` (a round sent in several
+buckets: ``"seng.step/b0"``, ``"seng.step/b1"``); :func:`round_of` reads the round back, and
+:class:`CountingCommunicator` counts rounds and calls apart.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -38,6 +44,52 @@ def import_engine(module: str, install_hint: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as err:
         raise ImportError(f"{install_hint} ({err})") from err
+
+
+def round_of(name: str) -> str:
+    """The round a collective's name belongs to (its part before the first ``/``)."""
+    return name.split("/", 1)[0]
+
+
+class Work(Protocol):
+    """An engine's handle of a collective in flight."""
+
+    def wait(self) -> Any:
+        """Block until the collective has finished and its result is in the buffer."""
+
+
+class _Done:
+    """The handle of a collective that ran synchronously."""
+
+    def wait(self) -> None:
+        return None
+
+
+class Pending:
+    """A fused mean-allreduce in flight (:meth:`Communicator.allreduce_mean_async_`):
+    :meth:`wait` finishes it and writes each tensor's mean over the ranks in place."""
+
+    def __init__(self, comm: Communicator, name: str,
+                 parts: list[tuple[Tensor, list[Tensor], Work]]) -> None:
+        self._comm = comm
+        self._name = name
+        self._parts = parts
+
+    def progress(self) -> None:
+        """Let the engine advance the collective (engines that progress only inside their own
+        calls, as MPI libraries without a progress thread, need such calls)."""
+        for _, _, work in self._parts:
+            self._comm.progress_flat(work)
+
+    def wait(self) -> None:
+        """Wait for the engine, then divide and unpack (once; later calls do nothing)."""
+        parts, self._parts = self._parts, []
+        for buf, group, work in parts:
+            with self._comm.guard("allreduce", self._name):
+                self._comm.wait_flat(work, buf, self._name)
+            # Sum then divide (not divide then sum): a mean of equal values stays exact.
+            buf.div_(self._comm.world_size)
+            _unpack(buf, group)
 
 
 #: ``comm_dtype`` names and the dtypes they mean.
@@ -78,6 +130,21 @@ class Communicator(ABC):
     def barrier(self) -> None:
         """Wait until every rank gets here."""
 
+    def allreduce_sum_flat_async_(self, buf: Tensor, name: str) -> Work:
+        """Start summing ``buf`` over all ranks, in place; the result is there after
+        :meth:`wait_flat`. Engines without asynchronous collectives keep this default: the
+        sum runs now and the handle is already done."""
+        self.allreduce_sum_flat_(buf, name)
+        return _Done()
+
+    def wait_flat(self, work: Work, buf: Tensor, name: str) -> None:
+        """Finish ``work``, the handle :meth:`allreduce_sum_flat_async_` gave for ``buf``."""
+        work.wait()
+
+    def progress_flat(self, work: Work) -> None:
+        """Advance ``work`` without waiting (default: nothing; the engine progresses it)."""
+        del work  # most engines progress collectives on their own threads or streams
+
     # ------------------------------------------------------------------ fused public API
     def allreduce_mean_(self, tensors: Sequence[Tensor], *, name: str,
                         comm_dtype: torch.dtype | None = None) -> None:
@@ -86,16 +153,21 @@ class Communicator(ABC):
         Tensors are packed into one flat buffer of ``comm_dtype`` (default: their own dtype;
         tensors of several dtypes without a ``comm_dtype`` take one buffer per dtype).
         """
+        self.allreduce_mean_async_(tensors, name=name, comm_dtype=comm_dtype).wait()
+
+    def allreduce_mean_async_(self, tensors: Sequence[Tensor], *, name: str,
+                              comm_dtype: torch.dtype | None = None) -> Pending:
+        """Start :meth:`allreduce_mean_` and return at once; the tensors hold their means
+        after the handle's ``wait()``. The tensors are packed now: changing them before the
+        wait changes nothing that is sent, and the wait overwrites them."""
         if self.world_size == 1 or not tensors:
-            return
+            return Pending(self, name, [])
+        parts = []
         for i, (dtype, group) in enumerate(_by_dtype(tensors, comm_dtype).items()):
             buf = _pack(group, dtype)
-            with self._guard("allreduce", name):
-                self.allreduce_sum_flat_(buf, f"{name}.{i}")
-            # Sum then divide (not divide then sum): a mean of equal values stays exact, which
-            # the 0/1 flags packed with the gradients rely on.
-            buf.div_(self.world_size)
-            _unpack(buf, group)
+            with self.guard("allreduce", name):
+                parts.append((buf, group, self.allreduce_sum_flat_async_(buf, f"{name}/{i}")))
+        return Pending(self, name, parts)
 
     def broadcast_(self, tensors: Sequence[Tensor], *, name: str, src: int = 0) -> None:
         """Overwrite each tensor with rank ``src``'s copy, in place, one collective per dtype."""
@@ -103,8 +175,8 @@ class Communicator(ABC):
             return
         for i, (dtype, group) in enumerate(_by_dtype(tensors, None).items()):
             buf = _pack(group, dtype)
-            with self._guard("broadcast", name):
-                self.broadcast_flat_(buf, src, f"{name}.{i}")
+            with self.guard("broadcast", name):
+                self.broadcast_flat_(buf, src, f"{name}/{i}")
             _unpack(buf, group)
 
     def allgather(self, tensor: Tensor, *, name: str) -> Tensor:
@@ -112,12 +184,12 @@ class Communicator(ABC):
         if self.world_size == 1:
             return tensor.unsqueeze(0).clone()
         flat = tensor.detach().reshape(-1).contiguous()
-        with self._guard("allgather", name):
+        with self.guard("allgather", name):
             gathered = self.allgather_flat(flat, name)
         return gathered.view(self.world_size, *tensor.shape)
 
     @contextmanager
-    def _guard(self, kind: str, name: str) -> Iterator[None]:
+    def guard(self, kind: str, name: str) -> Iterator[None]:
         """Turn an engine's failure inside a collective into a :class:`CommunicationError`
         that says where it happened and what to do (the engines' own messages rarely do)."""
         try:
@@ -139,10 +211,10 @@ class Communicator(ABC):
         if self.rank == src:
             data = _to_bytes(obj)
         length = torch.tensor([data.numel()], dtype=torch.int64)
-        self.broadcast_([length], name=f"{name}.len", src=src)
+        self.broadcast_([length], name=f"{name}/len", src=src)
         if self.rank != src:
             data = torch.empty(int(length), dtype=torch.uint8)
-        self.broadcast_([data], name=f"{name}.data", src=src)
+        self.broadcast_([data], name=f"{name}/data", src=src)
         if self.rank == src:
             return obj
         return _from_bytes(data)
@@ -154,10 +226,10 @@ class Communicator(ABC):
             return [obj]
         data = _to_bytes(obj)
         lengths = self.allgather(torch.tensor([data.numel()], dtype=torch.int64),
-                                 name=f"{name}.len").view(-1).tolist()
+                                 name=f"{name}/len").view(-1).tolist()
         padded = torch.zeros(max(lengths), dtype=torch.uint8)
         padded[:data.numel()] = data
-        rows = self.allgather(padded, name=f"{name}.data")
+        rows = self.allgather(padded, name=f"{name}/data")
         return [_from_bytes(rows[r, :lengths[r]]) for r in range(self.world_size)]
 
     def check_consistent(self, settings: dict[str, str], what: str = "SENG") -> None:
@@ -168,7 +240,7 @@ class Communicator(ABC):
         """
         if self.world_size == 1:
             return
-        views = self.allgather_object(settings, name=f"{what}.consistency")
+        views = self.allgather_object(settings, name=f"{what}/consistency")
         keys = sorted(set().union(*views))
         diff = [k for k in keys if len({json.dumps(v.get(k)) for v in views}) > 1]
         if diff:
@@ -195,13 +267,31 @@ class LocalCommunicator(Communicator):
         pass
 
 
-class CountingCommunicator(Communicator):
-    """Wraps a communicator and counts the collectives and payload bytes it runs.
+@dataclass
+class Call:
+    """One collective a :class:`CountingCommunicator` ran."""
 
-    Counting happens at the flat-buffer level, so one count is one call into the engine and
-    the bytes are those of the packed buffer (in ``comm_dtype`` when one is used). ``calls``
-    holds ``(kind, name, bytes, seconds)`` per collective; the seconds are wall time in the
-    engine's call (with NCCL, the launch only: the collective itself is asynchronous).
+    kind: str
+    name: str
+    bytes: int
+    #: wall time in the engine's calls: the launch plus, for an asynchronous collective, the
+    #: wait for it (the time it kept this rank waiting)
+    seconds: float
+
+    @property
+    def round(self) -> str:
+        """The round it belongs to (:func:`round_of`)."""
+        return round_of(self.name)
+
+
+class CountingCommunicator(Communicator):
+    """Wraps a communicator and counts the collectives, rounds and payload bytes it runs.
+
+    Counting happens at the flat-buffer level, so one call is one call into the engine and
+    the bytes are those of the packed buffer (in ``comm_dtype`` when one is used); calls named
+    ``"<round>/<part>"`` (the buckets of one round) count as one round. ``calls`` holds a
+    :class:`Call` per collective; its seconds are wall time in the engine (with NCCL, the launch
+    and the wait only: the collective itself runs on the GPU).
     """
 
     def __init__(self, inner: Communicator) -> None:
@@ -210,7 +300,8 @@ class CountingCommunicator(Communicator):
         self.inner = inner
         self.rank, self.world_size = inner.rank, inner.world_size
         self.unsupported_dtypes = inner.unsupported_dtypes
-        self.calls: list[tuple[str, str, int, float]] = []
+        self.calls: list[Call] = []
+        self._in_flight: dict[int, Call] = {}
 
     @property
     def name(self) -> str:
@@ -221,25 +312,46 @@ class CountingCommunicator(Communicator):
 
     @property
     def collectives(self) -> int:
+        """Calls into the engine."""
         return len(self.calls)
 
     @property
+    def rounds(self) -> int:
+        """Rounds: the distinct :func:`round_of` of the calls' names."""
+        return len({c.round for c in self.calls})
+
+    @property
     def bytes(self) -> int:
-        return sum(c[2] for c in self.calls)
+        return sum(c.bytes for c in self.calls)
 
     @property
     def seconds(self) -> float:
-        return sum(c[3] for c in self.calls)
+        return sum(c.seconds for c in self.calls)
 
     def _timed(self, kind: str, name: str, buf: Tensor, call: Callable[[], Any]) -> Any:
         start = time.perf_counter()
         out = call()
-        self.calls.append((kind, name, buf.numel() * buf.element_size(),
-                           time.perf_counter() - start))
+        self.calls.append(Call(kind, name, buf.numel() * buf.element_size(),
+                               time.perf_counter() - start))
         return out
 
     def allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
         self._timed("allreduce", name, buf, lambda: self.inner.allreduce_sum_flat_(buf, name))
+
+    def allreduce_sum_flat_async_(self, buf: Tensor, name: str) -> Work:
+        work = self._timed("allreduce", name, buf,
+                           lambda: self.inner.allreduce_sum_flat_async_(buf, name))
+        self._in_flight[id(work)] = self.calls[-1]
+        return work
+
+    def wait_flat(self, work: Work, buf: Tensor, name: str) -> None:
+        call = self._in_flight.pop(id(work))
+        start = time.perf_counter()
+        self.inner.wait_flat(work, buf, name)
+        call.seconds += time.perf_counter() - start
+
+    def progress_flat(self, work: Work) -> None:
+        self.inner.progress_flat(work)
 
     def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         self._timed("broadcast", name, buf,

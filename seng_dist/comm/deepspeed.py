@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Communicator, import_engine
+from .base import Communicator, Work, import_engine
 
 INSTALL_HINT = ("DeepSpeed is not installed. Install it with `bash ci/install_deepspeed.sh` "
                 "from the seng-dist checkout (DeepSpeed 0.19.8 with DS_BUILD_OPS=0 and its "
@@ -35,6 +35,10 @@ class DeepSpeedCommunicator(Communicator):
 
     def allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
         self.comm.all_reduce(buf, op=self.comm.ReduceOp.SUM)
+
+    def allreduce_sum_flat_async_(self, buf: Tensor, name: str) -> Work:
+        work: Work = self.comm.all_reduce(buf, op=self.comm.ReduceOp.SUM, async_op=True)
+        return work
 
     def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         self.comm.broadcast(buf, src=src)

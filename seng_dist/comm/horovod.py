@@ -13,7 +13,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .base import Communicator, import_engine
+from .base import Communicator, Work, import_engine
 
 INSTALL_HINT = (
     "Horovod with PyTorch support is not installed. Install it with "
@@ -47,6 +47,10 @@ class HorovodCommunicator(Communicator):
     def allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
         self.hvd.allreduce_(buf, op=self.hvd.Sum, name=name)
 
+    def allreduce_sum_flat_async_(self, buf: Tensor, name: str) -> Work:
+        return _HorovodWork(self.hvd, self.hvd.allreduce_async_(buf, op=self.hvd.Sum,
+                                                                 name=name))
+
     def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         self.hvd.broadcast_(buf, root_rank=src, name=name)
 
@@ -55,6 +59,16 @@ class HorovodCommunicator(Communicator):
 
     def barrier(self) -> None:
         self.hvd.barrier()
+
+
+class _HorovodWork:
+    """A Horovod handle; ``hvd.synchronize`` waits for it."""
+
+    def __init__(self, hvd: ModuleType, handle: int) -> None:
+        self.hvd, self.handle = hvd, handle
+
+    def wait(self) -> None:
+        self.hvd.synchronize(self.handle)
 
 
 def horovod_initialized() -> bool:

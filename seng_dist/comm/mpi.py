@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Communicator, import_engine
+from .base import Communicator, Work, import_engine
 
 INSTALL_HINT = ("mpi4py or an MPI library is missing. Install them with `bash ci/install_mpi.sh` "
                 "(Debian: apt-get install openmpi-bin libopenmpi-dev; pip install mpi4py==4.1.2)")
@@ -60,6 +60,21 @@ class MPICommunicator(Communicator):
         if staged:
             buf.copy_(work)
 
+    def allreduce_sum_flat_async_(self, buf: Tensor, name: str) -> Work:
+        work, staged = self._host(buf)
+        return _MPIWork(self.comm.Iallreduce(self.MPI.IN_PLACE, _mpi_buffer(work),
+                                             op=self.MPI.SUM), work if staged else None)
+
+    def progress_flat(self, work: Work) -> None:
+        if isinstance(work, _MPIWork):
+            work.request.Test()
+
+    def wait_flat(self, work: Work, buf: Tensor, name: str) -> None:
+        work.wait()
+        staged = work.staged if isinstance(work, _MPIWork) else None
+        if staged is not None:
+            buf.copy_(staged)
+
     def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         work, staged = self._host(buf)
         self.comm.Bcast(_mpi_buffer(work), root=src)
@@ -74,6 +89,19 @@ class MPICommunicator(Communicator):
 
     def barrier(self) -> None:
         self.comm.Barrier()
+
+
+class _MPIWork:
+    """An ``Iallreduce`` request and, for a CUDA buffer staged through the host, the host copy
+    the result arrives in. MPI libraries progress a non-blocking collective inside MPI calls
+    (or on a progress thread where one is configured): ``progress_flat`` tests it, the wait
+    finishes it."""
+
+    def __init__(self, request: Any, staged: Tensor | None) -> None:
+        self.request, self.staged = request, staged
+
+    def wait(self) -> None:
+        self.request.Wait()
 
 
 def _mpi_buffer(t: Tensor) -> object:

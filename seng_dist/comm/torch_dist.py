@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .base import Communicator
+from .base import Communicator, Work
 
 # torch 2.13 renamed all_gather_into_tensor (now deprecated); older releases have only it.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -36,6 +36,10 @@ class TorchCommunicator(Communicator):
 
     def allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+
+    def allreduce_sum_flat_async_(self, buf: Tensor, name: str) -> Work:
+        work: Work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        return work
 
     def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         dist.broadcast(buf, src=dist.get_global_rank(self.group, src)
