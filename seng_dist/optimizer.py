@@ -138,6 +138,7 @@ class SENG(torch.optim.Optimizer):
             return
         added = list(self.param_groups[-1]["params"])
         self._fallback.extend(added)
+        self._set_round(self.round.grads_averaged)  # its units and buckets include them now
         warn(f"SENG: the {len(added)} parameter(s) added with add_param_group follow the "
              f"fallback rule {FALLBACK_RULE}: SENG preconditions the layers it found when it "
              "was built. Build SENG with param_groups=[...] to have them preconditioned")
@@ -152,12 +153,14 @@ class SENG(torch.optim.Optimizer):
             self.blocks, self.param_groups))
 
     def _set_round(self, grads_averaged: bool) -> None:
-        if grads_averaged and self.config.distributed.variant == "lagged":
+        """Build the round (again: for the Horovod wrapper, or parameters added later)."""
+        previous = getattr(self, "round", None)
+        if grads_averaged and self.config.distributed.variant == "lagged" and (
+                previous is None or not previous.grads_averaged):
             warn("SENG: the engine averages the gradients in backward (DDP, "
                  "hvd.DistributedOptimizer); variant='lagged' then costs the engine's "
                  "collectives plus SENG's one per step. Use SENG alone to send gradient and "
                  "correction together")
-        previous = getattr(self, "round", None)
         if previous is not None:
             previous.close()
         self.round = make_round(self.config, self.curvature.curvatures, self._fallback,

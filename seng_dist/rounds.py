@@ -154,7 +154,16 @@ class Round(ABC):
         """Set up the coming step's early buckets: called after every step (and whenever the
         state changed), with whether the step rebuilds the curvature and how to get the
         step's settings (a callable: read when the first bucket starts)."""
-        self.buckets.arm(self._gradients if self.sends_gradients else None)
+        self.buckets.arm(self._checked(self._gradients) if self.sends_gradients else None)
+
+    def _checked(self, payload: Payload) -> Payload:
+        """``payload`` after ``step()``'s checks of its units' parameters (a sparse gradient is
+        refused with SENG's message in backward too)."""
+        def run(units: Sequence[int]) -> list[list[Tensor]]:
+            for u in units:
+                self._check(self.units[u])
+            return payload(units)
+        return run
 
     def close(self) -> None:
         """Stop starting buckets during backward (the round is being replaced)."""
@@ -411,7 +420,7 @@ class LaggedRound(BlockDiagonalRound):
                 if self._launched is None:
                     self._launched = settings()
                 return self._payloads(units, self._launched)
-            self.buckets.arm(early)
+            self.buckets.arm(self._checked(early))
 
     def _fresh(self, hyper: StepSettings) -> bool:
         return self._launched is None or self._launched.damping == hyper.damping

@@ -255,7 +255,7 @@ def _launch(launcher: str, fault: str, timeout_s: float = 600.0) -> tuple[int, s
 
 # What the job says when rank 1 is killed (SIGKILL) at step 5.
 LOST_RANK = [
-    pytest.param("no agent", r"CommunicationError: SENG: allreduce 'seng\.\w+' failed on rank "
+    pytest.param("no agent", r"CommunicationError: SENG: allreduce 'seng\.[\w/]+' failed on rank "
                  r"0 of 2 \(TorchCommunicator\).*another rank died", id="no agent"),
     pytest.param("torchrun", r"exitcode\s*: -9 \(pid: \d+\)|Signal 9 \(SIGKILL\)",
                  id="torchrun"),
