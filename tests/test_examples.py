@@ -42,8 +42,11 @@ def test_train_script_learns_with_seng(capsys):
     assert acc > 0.45
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def _torchrun(args: list[str], cwd: Path) -> str:
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            "2", str(root / "examples" / "train.py"), "--no-progress"] + args
     env = dict(os.environ, PYTHONPATH=str(root))
@@ -255,6 +258,27 @@ def test_direction_diagnostic_compares_every_layer_with_its_gradient(tmp_path: P
     assert len(exact) == 4
     assert all(0.0 < r["step_kept"] <= 1.0 + 1e-5 and r["cosine"] > 0.0 for r in exact)
     assert "| 1 | features.0 (explicit) |" in (tmp_path / "direction.md").read_text()
+
+
+def test_communication_benchmark_counts_overlapped_rounds_and_writes_its_table(tmp_path: Path):
+    import json
+
+    done = subprocess.run([sys.executable, "examples/bench_comm.py", "--worlds", "2", "--reps",
+                           "1", "--steps", "1", "--warmup", "1", "--width", "8",
+                           "--batch-size", "8", "--bucket-size-mb", "0.05", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["setup"]: r for r in json.loads(
+        (tmp_path / "bench_comm_2ranks.json").read_text())["rows"]}
+    assert (rows["SENG lagged"]["rounds"], rows["SENG lagged"]["collectives"]) == (1, 1)
+    overlapped = rows["SENG lagged, overlap"]
+    assert overlapped["rounds"] == 1 and overlapped["collectives"] > 1
+    # The same payload, in buckets.
+    assert overlapped["bytes"] == rows["SENG lagged"]["bytes"]
+    assert rows["SENG blockdiag, overlap"]["rounds"] == 2
+    assert rows["SENG lagged, overlap, bf16 buffer"]["bytes"] * 2 == overlapped["bytes"]
+    assert "| SENG lagged, overlap |" in (tmp_path / "bench_comm_2ranks.md").read_text()
 
 
 def test_qkv_diagnostic_compares_one_block_with_three(tmp_path: Path):
