@@ -1,7 +1,9 @@
-"""Models for the examples and benchmarks: a small CNN and CIFAR-style ResNet18/20, VGG16_bn.
+"""Models for the examples and benchmarks: a small CNN, CIFAR-style ResNet18/20, VGG16_bn, and
+the ImageNet ResNet50 (the paper's distributed benchmark; ``scaling_model.py`` counts its bytes).
 
 The ResNet follows torchvision's BasicBlock (ReLU(inplace=True), ``out += identity``) with the
-CIFAR stem (3×3 conv, no max-pool) for 32×32 inputs.
+CIFAR stem (3×3 conv, no max-pool) for 32×32 inputs. ResNet50 follows torchvision's
+``resnet50`` (v1.5: the stride on the 3×3 conv of a Bottleneck; 7×7 stem and max-pool).
 """
 
 from __future__ import annotations
@@ -89,6 +91,74 @@ def resnet20(num_classes: int = 10, in_channels: int = 3) -> ResNet:
     """He et al.'s CIFAR ResNet-20: three stages of three BasicBlocks at widths 16/32/64
     (0.27M parameters; 1×1-conv shortcuts where the shape changes)."""
     return ResNet([3, 3, 3], num_classes, 16, in_channels)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck: 1×1 reduce, 3×3 (with the stride), 1×1 expand by 4."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or inplanes != out:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False),
+                                            nn.BatchNorm2d(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+class ImageNetResNet(nn.Module):
+    """ImageNet ResNet of Bottlenecks: 7×7/2 stem, 3×3/2 max-pool, four stages at widths
+    64·2^i (×4 out), global average pool, linear head (torchvision's module names)."""
+
+    def __init__(self, layers: list[int], num_classes: int = 1000, in_channels: int = 3
+                 ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inplanes = 64
+        self.stages: list[str] = []
+        for i, blocks in enumerate(layers):
+            planes = 64 * 2 ** i
+            stage = [Bottleneck(inplanes, planes, 1 if i == 0 else 2)]
+            inplanes = planes * Bottleneck.expansion
+            stage += [Bottleneck(inplanes, planes) for _ in range(blocks - 1)]
+            self.stages.append(f"layer{i + 1}")
+            self.add_module(self.stages[-1], nn.Sequential(*stage))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for name in self.stages:
+            x = getattr(self, name)(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet50(num_classes: int = 1000, in_channels: int = 3) -> ImageNetResNet:
+    """torchvision's ResNet50 (25,557,032 parameters at 1000 classes); any input of at least
+    32×32 runs (the global pool absorbs the size)."""
+    return ImageNetResNet([3, 4, 6, 3], num_classes, in_channels)
 
 
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
