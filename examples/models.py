@@ -27,48 +27,91 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-class BasicBlock(nn.Module):
+class Residual(nn.Module):
+    """``relu(body(x) + shortcut(x))``: the shortcut is the identity, or a strided 1×1
+    projection with BatchNorm (``downsample``) when the body changes the shape."""
+
+    def add_shortcut(self, inplanes: int, out: int, stride: int) -> None:
+        """The ReLU and the shortcut, registered after the body's layers: the order in which
+        the seeded initialisation draws (and the parameters are listed) stays torchvision's."""
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != out:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False),
+                                            nn.BatchNorm2d(out))
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.body(x)
+        out += identity
+        return self.relu(out)
+
+
+class BasicBlock(Residual):
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
-                                            nn.BatchNorm2d(planes))
+        self.add_shortcut(inplanes, planes, stride)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+
+
+class Bottleneck(Residual):
+    """torchvision's Bottleneck: 1×1 reduce, 3×3 (with the stride), 1×1 expand by 4."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.add_shortcut(inplanes, out, stride)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return self.relu(out)
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.bn3(self.conv3(out))
 
 
 class ResNet(nn.Module):
-    """CIFAR-style ResNet: ``layers[i]`` BasicBlocks at width ``width·2^i``, stage i ≥ 1
-    halving the resolution (stages named ``layer1``, ``layer2``, ... as in torchvision)."""
+    """``layers[i]`` residual blocks (``block``) at width ``width·2^i`` (times the block's
+    expansion out), stage i ≥ 1 halving the resolution (stages named ``layer1``, ``layer2``,
+    ... as in torchvision), global average pool, linear head. The stem is CIFAR's 3×3 conv, or
+    with ``imagenet_stem`` ImageNet's 7×7/2 conv and 3×3/2 max-pool."""
 
     def __init__(self, layers: list[int], num_classes: int = 10, width: int = 64,
-                 in_channels: int = 3) -> None:
+                 in_channels: int = 3, block: type[BasicBlock | Bottleneck] | None = None,
+                 imagenet_stem: bool = False) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        block = block or BasicBlock
+        self.conv1 = (nn.Conv2d(in_channels, width, 7, 2, 3, bias=False) if imagenet_stem
+                      else nn.Conv2d(in_channels, width, 3, 1, 1, bias=False))
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if imagenet_stem else nn.Identity()
         inplanes = width
         self.stages: list[str] = []
         for i, blocks in enumerate(layers):
             planes = width * 2 ** i
-            stage = [BasicBlock(inplanes, planes, 1 if i == 0 else 2)]
-            stage += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
+            stage = [block(inplanes, planes, 1 if i == 0 else 2)]
+            inplanes = planes * block.expansion
+            stage += [block(inplanes, planes) for _ in range(blocks - 1)]
             self.stages.append(f"layer{i + 1}")
             self.add_module(self.stages[-1], nn.Sequential(*stage))
-            inplanes = planes
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
         for m in self.modules():
@@ -76,7 +119,7 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for name in self.stages:
             x = getattr(self, name)(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
@@ -93,72 +136,10 @@ def resnet20(num_classes: int = 10, in_channels: int = 3) -> ResNet:
     return ResNet([3, 3, 3], num_classes, 16, in_channels)
 
 
-class Bottleneck(nn.Module):
-    """torchvision's Bottleneck: 1×1 reduce, 3×3 (with the stride), 1×1 expand by 4."""
-
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        out = planes * self.expansion
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or inplanes != out:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False),
-                                            nn.BatchNorm2d(out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        out += identity
-        return self.relu(out)
-
-
-class ImageNetResNet(nn.Module):
-    """ImageNet ResNet of Bottlenecks: 7×7/2 stem, 3×3/2 max-pool, four stages at widths
-    64·2^i (×4 out), global average pool, linear head (torchvision's module names)."""
-
-    def __init__(self, layers: list[int], num_classes: int = 1000, in_channels: int = 3
-                 ) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        inplanes = 64
-        self.stages: list[str] = []
-        for i, blocks in enumerate(layers):
-            planes = 64 * 2 ** i
-            stage = [Bottleneck(inplanes, planes, 1 if i == 0 else 2)]
-            inplanes = planes * Bottleneck.expansion
-            stage += [Bottleneck(inplanes, planes) for _ in range(blocks - 1)]
-            self.stages.append(f"layer{i + 1}")
-            self.add_module(self.stages[-1], nn.Sequential(*stage))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(inplanes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for name in self.stages:
-            x = getattr(self, name)(x)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def resnet50(num_classes: int = 1000, in_channels: int = 3) -> ImageNetResNet:
+def resnet50(num_classes: int = 1000, in_channels: int = 3) -> ResNet:
     """torchvision's ResNet50 (25,557,032 parameters at 1000 classes); any input of at least
     32×32 runs (the global pool absorbs the size)."""
-    return ImageNetResNet([3, 4, 6, 3], num_classes, in_channels)
+    return ResNet([3, 4, 6, 3], num_classes, 64, in_channels, Bottleneck, imagenet_stem=True)
 
 
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
