@@ -88,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="distributed SENG variant (eq. 26 or eq. 27)")
     ap.add_argument("--comm-dtype", default=None, choices=["bfloat16", "float16"],
                     help="dtype of SENG's communication buffer (default: the gradients')")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="send SENG's round in step() instead of bucket by bucket during "
+                    "backward")
     ap.add_argument("--augment", default="auto", choices=["auto", "on", "off"],
                     help="random crop and flip (auto: on for the 32×32 CIFAR-style models)")
     ap.add_argument("--train-limit", type=int, default=None, help="use the first N images")
@@ -151,7 +154,7 @@ def build_optimizer(args, model, engine, lr_fn, damping_fn, batch: int
                    explicit_threshold=args.explicit_threshold, uc=args.uc,
                    skip_layers=skip_layers(args.skip_layers),
                    variant=args.variant, comm_dtype=args.comm_dtype, comm=engine.name,
-                   skip_nonfinite=True)
+                   overlap=not args.no_overlap, skip_nonfinite=True)
         # A checkpoint written by rank 0 then holds every rank's curvature (eq. 26 keeps one
         # per worker), so all ranks resume exactly.
         opt.state_dict_all_ranks = True

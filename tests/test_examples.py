@@ -81,7 +81,7 @@ def test_train_script_under_torchrun_writes_metrics_checkpoint_and_plot(tmp_path
 
 def test_two_rank_resume_matches_the_uninterrupted_run(tmp_path: Path):
     args = ["--train-limit", "1024", "--test-limit", "1000", "--batch-size", "32",
-            "--curvature-interval", "3", "--schedule", "constant", "--epochs"]
+            "--curvature-interval", "3", "--schedule", "constant", "--no-overlap", "--epochs"]
     _torchrun(args + ["2", "--checkpoint", "straight.pt", "--metrics", "straight.jsonl"],
               tmp_path)
     _torchrun(args + ["1", "--checkpoint", "first.pt"], tmp_path)
