@@ -126,8 +126,9 @@ class Buckets:
                         self._handles.append(
                             p.register_post_accumulate_grad_hook(partial(_on_gradient, me)))
                         previous = _OWNERS.get(p)
-                        if previous is not None and previous() not in (None, self):
-                            previous().retire()
+                        owner = previous() if previous is not None else None
+                        if owner is not None and owner is not self:
+                            owner.retire()
                         _OWNERS[p] = me
         self._said_stale = False
         self._reset()
