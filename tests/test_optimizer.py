@@ -380,3 +380,12 @@ def _one_rank_without_gradients(rank: int, world: int) -> tuple[int, int]:
 def test_an_empty_step_is_decided_by_all_ranks_together():
     results = run_ranks(_one_rank_without_gradients, 2, timeout=120)
     assert results == [(1, 1), (1, 0)]  # rank 1 had no curvature pass of its own
+
+
+def test_sparse_gradients_are_refused_naming_the_fix():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 3))
+    opt = SENG(model, lr=0.1)
+    model(torch.randint(0, 10, (5, 2))).sum().backward()
+    with pytest.raises(ValueError, match=r"sparse gradients \(use nn.Embedding\(sparse=False\)\)"):
+        opt.step()
