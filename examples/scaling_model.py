@@ -41,7 +41,7 @@ from lm import ByteLM  # noqa: E402
 from models import SmallCNN, resnet50  # noqa: E402
 
 from seng_dist import SENG  # noqa: E402
-from seng_dist.buckets import BucketPlan  # noqa: E402
+from seng_dist.buckets import BucketPlan, first_positions  # noqa: E402
 from seng_dist.comm import CountingCommunicator, round_of  # noqa: E402
 from seng_dist.comm.torch_dist import TorchCommunicator  # noqa: E402
 from seng_dist.testing import run_ranks  # noqa: E402
@@ -324,19 +324,12 @@ class Unit:
     nbytes: int
 
 
-def seng_units(opt: SENG, model: nn.Module, lagged: bool, itemsize: int) -> list[Unit]:
-    """The units of ``opt``'s round in the order backward makes them ready (latest-registered
-    first): a block's gradient (plus, lagged, its correction slot), a fallback gradient."""
-    index = {id(p): i for i, p in enumerate(model.parameters())}
-    units, in_blocks = [], set()
-    for c in opt.curvature.curvatures:
-        params = c.block.params
-        in_blocks.update(id(p) for p in params)
-        slot = sum(a * b for a, b in c.slot_shapes()) if lagged else 0
-        units.append(Unit(min(index[id(p)] for p in params),
-                          (sum(p.numel() for p in params) + slot) * itemsize))
-    units += [Unit(index[id(p)], p.numel() * itemsize) for p in model.parameters()
-              if p.requires_grad and id(p) not in in_blocks]
+def seng_units(opt: SENG, model: nn.Module) -> list[Unit]:
+    """The units of ``opt``'s round (a block's gradient, plus, lagged, its correction slot; a
+    fallback gradient) with their bytes, in the order backward makes them ready
+    (latest-registered first), as the round itself orders them."""
+    first = first_positions(opt.round.units, list(model.parameters()))
+    units = [Unit(f, n) for f, n in zip(first, opt.round.unit_bytes(), strict=True)]
     return sorted(units, key=lambda u: -u.first)
 
 
@@ -393,8 +386,7 @@ def _count_rank(rank: int, world: int, spec_name: str, setups: list[Setup],
                          [{"name": c.name, "bytes": c.bytes} for c in comm.calls])
         row = {"setup": asdict(s), "steps": steps}
         if isinstance(opt, SENG):
-            row["units"] = [asdict(u) for u in seng_units(opt, model, s.method == "lagged",
-                                                         itemsize)]
+            row["units"] = [asdict(u) for u in seng_units(opt, model)]
         out.append(row)
     return out
 

@@ -45,6 +45,14 @@ Payload = Callable[[Sequence[int]], list[list[Tensor]]]
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def first_positions(units: Sequence[Sequence[Tensor]], order: Sequence[Tensor]) -> list[int]:
+    """Each unit's earliest parameter position in ``order`` (``len(order)`` for a unit with
+    none in it): backward makes gradients ready roughly in reverse of this."""
+    index = {id(p): i for i, p in enumerate(order)}
+    return [min((index.get(id(p), len(index)) for p in unit), default=len(index))
+            for unit in units]
+
+
 @dataclass(frozen=True)
 class BucketPlan:
     """Units (by index) per bucket, in the order the buckets start."""

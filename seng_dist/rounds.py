@@ -22,13 +22,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import solver
-from .buckets import BucketPlan, Buckets, Payload
+from .buckets import BucketPlan, Buckets, Payload, first_positions
 from .comm import Communicator
 from .config import SENGConfig
 from .curvature import BlockCurvature, ParamState
@@ -132,20 +131,18 @@ class Round(ABC):
         dist = self.config.distributed
         hooks = dist.overlap and self.sends_gradients
         if hooks:
-            index = {id(p): i for i, p in enumerate(order)}
-            first = [min((index.get(id(p), len(index)) for p in unit), default=len(index))
-                     for unit in self.units]
+            first = first_positions(self.units, order)
             ready = sorted(range(len(self.units)), key=lambda u: -first[u])
-            plan = BucketPlan.build(self._unit_bytes(), ready,
-                                    int(dist.bucket_size_mb * 2**20))
+            plan = BucketPlan.build(self.unit_bytes(), ready, int(dist.bucket_size_mb * 2**20))
         else:
             plan = BucketPlan.single(len(self.units))
         return Buckets(plan, self.units, self.comm, name=self.SENDS,
                        comm_dtype=dist.buffer_dtype,
                        accumulation=self.config.gradient_accumulation_steps, hooks=hooks)
 
-    def _unit_bytes(self) -> list[int]:
-        """Each unit's payload in bytes (its gradient's; the lagged round adds its slot)."""
+    def unit_bytes(self) -> list[int]:
+        """Each unit's payload in bytes in the buffer (its gradient's; the lagged round adds
+        its correction slot)."""
         dtype = self.config.distributed.buffer_dtype
         return [sum(p.numel() for p in unit) * (dtype or unit[0].dtype).itemsize
                 for unit in self.units]
@@ -376,10 +373,8 @@ class LaggedRound(BlockDiagonalRound):
     PREVIOUS = "prev_g"
     SENDS = "seng.step"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        #: the settings the step's early corrections were computed with (None: none were)
-        self._launched: StepSettings | None = None
-        super().__init__(*args, **kwargs)
+    #: the settings the step's early corrections were computed with (None: none were)
+    _launched: StepSettings | None = None
 
     def _previous(self, curvature: BlockCurvature) -> Tensor | None:
         prev: Tensor | None = self._states.get(curvature.block.weight, {}).get(self.PREVIOUS)
@@ -425,9 +420,9 @@ class LaggedRound(BlockDiagonalRound):
     def _fresh(self, hyper: StepSettings) -> bool:
         return self._launched is None or self._launched.damping == hyper.damping
 
-    def _unit_bytes(self) -> list[int]:
+    def unit_bytes(self) -> list[int]:
         dtype = self.config.distributed.buffer_dtype
-        sizes = super()._unit_bytes()
+        sizes = super().unit_bytes()
         for u, c in enumerate(self.curvatures):
             slot = sum(a * b for a, b in c.slot_shapes())
             sizes[u] += slot * (dtype or c.block.weight.dtype).itemsize
