@@ -46,10 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _torchrun(args: list[str], cwd: Path) -> str:
-    root = ROOT
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", str(root / "examples" / "train.py"), "--no-progress"] + args
-    env = dict(os.environ, PYTHONPATH=str(root))
+           "2", str(ROOT / "examples" / "train.py"), "--no-progress"] + args
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("test accuracy:")]
@@ -151,7 +150,7 @@ def test_language_model_example_reads_the_python_docs_and_learns(tmp_path: Path,
     subprocess.run([sys.executable, "examples/lm.py", "--optimizer", "seng", *flags,
                     "--steps", "40", "--eval-every", "20", "--eval-windows", "64",
                     "--curvature-interval", "10", "--metrics", str(out)],
-                   cwd=Path(__file__).resolve().parents[1], check=True, timeout=300)
+                   cwd=ROOT, check=True, timeout=300)
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 20, 40]
     assert rows[0]["val_loss"] > 5.0 and rows[-1]["val_loss"] < 4.0  # ln 256 = 5.55
@@ -200,13 +199,12 @@ def test_two_rank_checkpoint_resumes_on_one_rank_rebuilding_the_curvature(tmp_pa
               "--no-progress"]
     _torchrun(common + ["--batch-size", "32", "--epochs", "1", "--checkpoint", "c.pt"],
               tmp_path)
-    root = Path(__file__).resolve().parents[1]
     # One rank with twice the per-rank batch keeps the global batch of 64.
-    done = subprocess.run([sys.executable, str(root / "examples" / "train.py")] + common
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "train.py")] + common
                           + ["--batch-size", "64", "--epochs", "2", "--resume", "c.pt",
                              "--checkpoint", "c.pt"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env=dict(os.environ, PYTHONPATH=str(root)))
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "holds the curvature of 2 ranks and this job has 1" in done.stderr
     assert "(seng, cnn, 2 epoch(s), 1 rank(s))" in done.stdout
