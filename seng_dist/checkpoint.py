@@ -17,6 +17,7 @@ from .comm import Communicator
 from .config import SENGConfig
 from .curvature import BlockCurvature
 from .layers import Block, module_name
+from .rounds import LaggedRound
 from .warn import warn
 
 #: ``(index of a block's weight in the state_dict, its curvature)`` per block
@@ -48,8 +49,9 @@ class Saved:
 
 class StateCodec:
     """SENG's part of a ``state_dict``: the counters, the sketch generator, the settings'
-    fingerprint, the preconditioned layers and (all-ranks checkpoints) every rank's curvature
-    under ``"seng"``; on load, the checks and each block's curvature back to its object."""
+    fingerprint, the preconditioned layers, the rank and world size that wrote it and
+    (all-ranks checkpoints) every rank's curvature under ``"seng"``; on load, the checks and
+    each block's curvature back to its object."""
 
     def __init__(self, config: SENGConfig, blocks: list[Block], builder: CurvatureBuilder,
                  comm: Communicator) -> None:
@@ -59,7 +61,8 @@ class StateCodec:
              all_ranks: bool) -> dict[str, Any]:
         """torch's ``state_dict`` with SENG's entry added (a collective when ``all_ranks``)."""
         extra = dict(asdict(counters), rng=self.builder.generator.get_state(),
-                     config=self.config.fingerprint(), blocks=block_signature(self.blocks))
+                     config=self.config.fingerprint(), blocks=block_signature(self.blocks),
+                     saved_by_rank=self.comm.rank, saved_world_size=self.comm.world_size)
         if all_ranks and self.comm.world_size > 1:
             sd["state"], mine = split_curvature(sd["state"], indexed)
             extra["curvature_by_rank"] = self.comm.allgather_object(mine, name="seng.state_dict")
@@ -81,12 +84,19 @@ class StateCodec:
         if by_rank is not None and len(by_rank) == self.comm.world_size:
             for i, entries in by_rank[self.comm.rank].items():
                 state.setdefault(i, {}).update(entries)
+        if self.config.distributed.variant != "lagged":
+            # A lagged checkpoint resumed under another variant: its previous gradient would
+            # be kept unused and come back stale if the state were resumed as lagged again.
+            for entries in state.values():
+                entries.pop(LaggedRound.PREVIOUS, None)
         torch_part["state"], curvature = split_curvature(state, indexed)
         return torch_part, Saved(extra, curvature)
 
     def restore(self, saved: Saved, indexed: Indexed) -> Counters:
         """Give each block its curvature and the generator its state; return the counters.
-        A checkpoint of another number of ranks drops the curvature (rebuilt next step)."""
+        The curvature is dropped (rebuilt at the next step) when it is not this rank's: a
+        checkpoint of every rank of another number of ranks, or one rank's checkpoint loaded
+        on another rank of a multi-rank job."""
         for i, c in indexed:
             c.load_state_dict(saved.curvature.get(i, {}))
         self.builder.generator.set_state(saved.extra["rng"])
@@ -96,7 +106,24 @@ class StateCodec:
                  f"job has {self.comm.world_size}; every rank rebuilds its curvature at the "
                  "next step")
             self.builder.drop()
+        elif by_rank is None and self._another_ranks(saved):
+            rank = self.comm.rank
+            warn(f"SENG: this state_dict holds the curvature of rank "
+                 f"{saved.extra['saved_by_rank']} of a {saved.extra['saved_world_size']}-rank "
+                 f"job, loaded on rank {rank} of {self.comm.world_size}. Each rank's curvature "
+                 f"comes from its own batch, so rank {rank} drops it and rebuilds its own at "
+                 "the next step. To resume every rank exactly, load on each rank the "
+                 "state_dict() that rank saved, or set opt.state_dict_all_ranks = True before "
+                 "saving (one checkpoint then holds every rank's curvature)")
+            self.builder.drop()
         return Counters.from_dict(saved.extra)
+
+    def _another_ranks(self, saved: Saved) -> bool:
+        """Whether ``saved`` holds one rank's curvature and that rank is not this one, in a
+        multi-rank job (a checkpoint from before the writer was recorded: unknown, kept)."""
+        writer = saved.extra.get("saved_by_rank")
+        return (self.comm.world_size > 1 and writer is not None and writer != self.comm.rank
+                and any(saved.curvature.values()))
 
 
 def block_signature(blocks: list[Block]) -> list[tuple[str, int, int, str]]:

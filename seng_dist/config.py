@@ -19,6 +19,7 @@ value raises ``ValueError`` naming the setting and what is allowed.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import Field, dataclass, field, fields, is_dataclass, replace
@@ -37,6 +38,14 @@ VARIANTS = ("blockdiag", "lagged")
 DAMPING_DIAGONALS = ("identity", "adam")
 LOSS_REDUCTIONS = ("mean", "sum")
 COMM_DTYPE_NAMES = tuple(COMM_DTYPES)
+#: ``seed`` is in ``[0, SEED_LIMIT)``: ``torch.Generator.manual_seed`` takes a 64-bit seed and
+#: wraps a negative one to ``seed + 2**64`` (so ``-1`` and ``2**64 - 1`` would be one generator)
+SEED_LIMIT = 2**64
+#: ``gradient_accumulation_steps`` is at most this. The curvature comes from the last
+#: micro-batch of a step alone (rescaled by the count), so beyond 2**16 micro-batches per step it
+#: would see under 0.002% of the step's samples, and each step would take 65,536 backward
+#: passes: a larger value is likelier a sample or token count than a micro-batch count.
+MAX_ACCUMULATION_STEPS = 2**16
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,36 @@ class Range:
         if self.upper is not None and value >= self.upper:
             fail(f"< {self.upper}")
 
+    def at(self, name: str, value: Any, step: int) -> Any:
+        """``value`` at ``step`` (a number, or a schedule called with the step), checked:
+        ``ValueError`` naming ``name`` if it is out of range or a callable that cannot take
+        the step."""
+        if not callable(value):
+            self.check(name, value)
+            return value
+        try:
+            out = value(step)
+        except TypeError:
+            if _takes_the_step(value):
+                raise  # the schedule's own error, raised inside it
+            raise ValueError(f"{name} must be a number or a callable of the step (called as "
+                             f"{name}(step), with the 0-based step), got {value!r}, which does "
+                             "not take one argument") from None
+        self.check(name, out, step)
+        return out
+
+
+def _takes_the_step(schedule: Callable[..., Any]) -> bool:
+    """Whether ``schedule`` can be called with one positional argument (True when its
+    signature cannot be read: then the call's own error is the best one)."""
+    try:
+        inspect.signature(schedule).bind(0)
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
+
 
 def setting(default: Any, *, schedule: Range | None = None, group: Range | None = None,
             curvature: bool = False) -> Any:
@@ -79,11 +118,7 @@ def setting(default: Any, *, schedule: Range | None = None, group: Range | None 
 def resolve(config: SENGConfig, name: str, step: int) -> Any:
     """The value of the scheduled setting ``name`` at ``step``, checked against its range."""
     value = getattr(config, name)
-    if not callable(value):
-        return value
-    out = value(step)
-    _SCHEDULES[name].check(name, out, step)
-    return out
+    return _SCHEDULES[name].at(name, value, step) if callable(value) else value
 
 
 def _check_optional_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -91,6 +126,11 @@ def _check_optional_int(name: str, value: Any, minimum: int = 1) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be None or an int >= {minimum}, got {value!r}")
+
+
+def _check_int_in(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an int from {low} to {high}, got {value!r}")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -158,8 +198,11 @@ class SketchConfig:
 class DistributedConfig:
     """How the ranks combine their gradients and corrections (paper section 4)."""
 
-    #: ``"blockdiag"`` (eq. 26, two rounds) or ``"lagged"`` (eq. 27, one round)
-    variant: str = setting("blockdiag", curvature=True)
+    #: ``"blockdiag"`` (eq. 26, two rounds) or ``"lagged"`` (eq. 27, one round). Not a
+    #: curvature setting: both keep the same curvature, so a checkpoint resumes under either
+    #: (the lagged round's previous gradient is dropped under blockdiag; its first step without
+    #: one is block-diagonal)
+    variant: str = setting("blockdiag")
     #: communication buffer dtype: None (the gradients'), a name of ``COMM_DTYPES`` or the
     #: torch dtype (kept as its name)
     comm_dtype: str | None = setting(None)
@@ -243,14 +286,16 @@ class SENGConfig:
     #: ``"mean"`` or ``"sum"``: the reduction of the loss whose gradient the user computes
     loss_reduction: str = setting("mean")
     #: micro-batches whose gradients are summed before each ``step()``
+    #: (1 to :data:`MAX_ACCUMULATION_STEPS`)
     gradient_accumulation_steps: int = setting(1)
     #: clip the averaged gradient to this global norm (None: no clipping)
     max_grad_norm: float | None = setting(None)
     #: skip (and count) a step whose averaged gradient is not finite
     skip_nonfinite: bool = setting(False)
-    #: seed of the sketch generator
+    #: seed of the sketch generator (0 to ``SEED_LIMIT - 1``)
     seed: int = setting(0)
-    #: module names (prefixes) or classes left to the fallback rule
+    #: module names (as ``model.named_modules()`` gives them; a name also leaves out the
+    #: modules inside that one) or classes left to the fallback rule
     skip_layers: tuple[str | type, ...] = setting(())
     #: whether a Linear's input and output have the batch first (False: second, as in a
     #: sequence-first model); a layer inside a torch.nn module that declares ``batch_first``
@@ -262,24 +307,27 @@ class SENGConfig:
 
     def __post_init__(self) -> None:
         for name, rng in _SCHEDULES.items():
-            value = getattr(self, name)
-            rng.check(name, value(0) if callable(value) else value)
+            rng.at(name, getattr(self, name), 0)
         for name in ("decoupled_weight_decay", "skip_nonfinite", "batch_first"):
             _check_bool(name, getattr(self, name))
         _check_optional_int("curvature_batch_size", self.curvature_batch_size)
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
-        _check_optional_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
-        if self.gradient_accumulation_steps is None:
-            raise ValueError("gradient_accumulation_steps must be an int >= 1, got None")
+        _check_int_in("gradient_accumulation_steps", self.gradient_accumulation_steps, 1,
+                      MAX_ACCUMULATION_STEPS)
         if self.max_grad_norm is not None:
             _POSITIVE.check("max_grad_norm", self.max_grad_norm)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        _check_int_in("seed", self.seed, 0, SEED_LIMIT - 1)
         object.__setattr__(self, "skip_layers", _as_skip_tuple(self.skip_layers))
         for s in self.skip_layers:
             if not isinstance(s, (str, type)):
                 raise ValueError("skip_layers must hold module names (str) or module classes, "
                                  f"got {s!r}")
+            if s == "":
+                # '' is the name of the model itself, which owns no parameter of its own
+                # unless it is one layer: it would leave out nothing, silently.
+                raise ValueError("skip_layers holds an empty module name ''; name the modules "
+                                 "as model.named_modules() does (e.g. 'head' or "
+                                 "'encoder.layers.0'), or give a module class")
 
     # ------------------------------------------------------------------ flat settings
     @classmethod

@@ -1,20 +1,28 @@
-"""Checkpoints: one written by release 0.1.0 still loads and resumes as that release did."""
+"""Checkpoints: one written by release 0.1.0 still loads and resumes as that release did; what
+a checkpoint resumes under (another variant, another rank)."""
 
 from __future__ import annotations
 
+import copy
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from conftest import MixedNet
+import torch.nn.functional as F
+from conftest import MixedNet, batch, make_mixed
 
 from seng_dist import SENG
+from seng_dist.rounds import LaggedRound
+from seng_dist.testing import run_ranks
 
 RELEASE = Path(__file__).resolve().parent / "data" / "release-0.1.0.pt"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def release():
+    # Loaded for each test: a resumed run's steps update the loaded tensors in place.
     return torch.load(RELEASE, weights_only=True)
 
 
@@ -48,37 +56,81 @@ def test_a_release_checkpoint_resumes_exactly_as_that_release_did(release, varia
         assert torch.equal(p.detach(), run["after"][name]), name
 
 
-def test_a_release_checkpoint_is_refused_for_other_curvature_settings(release):
+@pytest.mark.parametrize("setting, message", [
+    (dict(sketch_method="uniform"), "sketch_method='leverage' \\(here 'uniform'\\)"),
+    # a setting newer than the release: the checkpoint was written with its default then
+    (dict(damping_diagonal="adam"), "damping_diagonal='identity' \\(here 'adam'\\)"),
+])
+def test_a_release_checkpoint_is_refused_for_other_curvature_settings(release, setting,
+                                                                      message):
     run = release["runs"]["lagged"]
-    opt = SENG(MixedNet(), skip_layers="bn", **dict(release["settings"], variant="blockdiag"))
-    with pytest.raises(ValueError, match="variant='lagged' \\(here 'blockdiag'\\)"):
+    opt = SENG(MixedNet(), variant="lagged", uc="factored", skip_layers="bn",
+               **dict(release["settings"], **setting))
+    with pytest.raises(ValueError, match=message):
         opt.load_state_dict(run["opt"])
 
 
-def test_a_checkpoint_resumes_under_the_other_uc_mode(release):
-    # both modes read the same stored factors: uc is not a setting the curvature was shaped by
-    import torch.nn.functional as F
-    from conftest import batch
-    run = release["runs"]["blockdiag"]
+def _resumed(release: dict, saved: str, variant: str, state: dict | None = None,
+             uc: str = "factored") -> tuple[MixedNet, SENG]:
+    """The release's ``saved`` run (or ``state`` of that model) resumed under ``variant``."""
+    run = release["runs"][saved]
     model = MixedNet().train()
     model.load_state_dict(run["model"])
-    opt = SENG(model, variant="blockdiag", uc="exact", skip_layers="bn", **release["settings"])
-    opt.load_state_dict(run["opt"])
-    assert opt.curvature_updates == 2
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = SENG(model, variant=variant, uc=uc, skip_layers="bn", **release["settings"])
+    # a copy: torch's load keeps the given tensors, which the steps update in place
+    opt.load_state_dict(copy.deepcopy(run["opt"] if state is None else state))
+    return model, opt
+
+
+def _step(model: MixedNet, opt: SENG) -> dict[str, torch.Tensor]:
     x, y = batch(10)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()
-    assert all(torch.isfinite(p).all() and not torch.equal(p.detach(), before[n])
-               for n, p in model.named_parameters())
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def _has_previous(opt: SENG) -> list[bool]:
+    return [LaggedRound.PREVIOUS in opt.state[b.weight] for b in opt.blocks]
+
+
+def test_a_blockdiag_checkpoint_resumes_as_lagged_with_a_block_diagonal_first_step(release):
+    lagged = _resumed(release, "blockdiag", "lagged")
+    blockdiag = _resumed(release, "blockdiag", "blockdiag")
+    assert _has_previous(lagged[1]) == [False] * 3
+    assert _equal(_step(*lagged), _step(*blockdiag))
+    assert _has_previous(lagged[1]) == [True] * 3  # lagging from the next step on
+
+
+def test_a_lagged_checkpoint_resumes_as_blockdiag_without_its_previous_gradient(release):
+    model, opt = _resumed(release, "lagged", "blockdiag")
+    assert LaggedRound.PREVIOUS in release["runs"]["lagged"]["opt"]["state"][0]
+    assert _has_previous(opt) == [False] * 3
+    state = copy.deepcopy(opt.state_dict())
+    assert not any(LaggedRound.PREVIOUS in st for st in state["state"].values())
+    # Resumed as lagged again, the gradient of the lagged run is not used (it is stale): the
+    # first step is block-diagonal.
+    again = _step(*_resumed(release, "lagged", "lagged", state))
+    assert _equal(again, _step(model, opt))
+
+
+def test_a_checkpoint_resumes_under_the_other_uc_mode(release):
+    # both modes read the same stored factors: uc is not a setting the curvature was shaped by
+    model, opt = _resumed(release, "blockdiag", "blockdiag", uc="exact")
+    assert opt.curvature_updates == 2
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    after = _step(model, opt)
+    assert all(torch.isfinite(p).all() and not torch.equal(p, before[n])
+               for n, p in after.items())
 
 
 def _compiled_and_plain_state(compiled_first: bool) -> tuple[dict, SENG]:
     """A state saved by SENG built on one form of the model (torch.compile or plain), and a
     SENG on the other form, ready to load it."""
-    import torch.nn.functional as F
-    from conftest import batch, make_mixed
     forms = [lambda m: torch.compile(m, backend="eager"), lambda m: m]
     if not compiled_first:
         forms.reverse()
@@ -98,3 +150,64 @@ def test_states_move_between_a_compiled_and_a_plain_model(compiled_first):
     assert [b[0] for b in state["seng"]["blocks"]] == ["conv", "bn", "seq", "head"]
     other.load_state_dict(state)
     assert other.step_count == 1 and other.curvature.curvatures[0].ready
+
+
+def _resume_rank_zeros_state(rank: int, world: int, config: dict) -> dict[str, Any]:
+    """Train 2 steps; then resume steps 2-3 from rank 0's state on every rank, from each rank's
+    own state (rank 1 rebuilding its curvature at step 2: the expected outcome), and from rank
+    0's state as a checkpoint from before the writer was recorded."""
+    def steps(model: MixedNet, opt: SENG, ks: range) -> None:
+        for k in ks:
+            x, y = batch(8, seed=1000 * k + rank)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    model = make_mixed()
+    opt = SENG(model, **config)
+    steps(model, opt, range(2))
+    own = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    zeros = opt.communicator.broadcast_object(own if rank == 0 else None, name="test.ckpt")
+    legacy = copy.deepcopy(zeros)
+    for key in ("saved_by_rank", "saved_world_size"):
+        del legacy["opt"]["seng"][key]
+
+    def resume(state: dict, rebuild: bool) -> dict[str, Any]:
+        model = make_mixed(seed=5)
+        model.load_state_dict(state["model"])
+        # (the ranks' settings agree: a schedule is compared as "<callable>")
+        opt = SENG(model, **config, curvature_update_interval=lambda k: 2 if rebuild and k == 2
+                   else 200)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            opt.load_state_dict(copy.deepcopy(state["opt"]))
+        before = opt.curvature_updates
+        steps(model, opt, range(2, 4))
+        return {"warnings": [str(w.message) for w in said if "curvature of rank" in str(
+                    w.message)],
+                "rebuilt": opt.curvature_updates - before,
+                "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+    return {"foreign": resume(zeros, False), "expected": resume(own, rank != 0),
+            "legacy": resume(legacy, False)}
+
+
+@pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
+def test_one_ranks_state_loaded_on_every_rank_is_said_and_rebuilt_on_the_others(variant):
+    # Overlapped in tiny buckets: rank 1 rebuilds at step 2, rank 0 does not, so their early
+    # buckets differ (the lagged round sends none early on a curvature step).
+    config = dict(variant=variant, bucket_size_mb=2e-4,
+                  explicit_threshold=32, sketch_size=12, rank=2, factor_sketch_size=10,
+                  sketch_method="leverage")
+    ranks = run_ranks(_resume_rank_zeros_state, 2, config, timeout=240)
+    assert ranks[0]["foreign"]["warnings"] == [] and ranks[0]["foreign"]["rebuilt"] == 0
+    [said] = ranks[1]["foreign"]["warnings"]
+    assert "the curvature of rank 0 of a 2-rank job, loaded on rank 1 of 2" in said
+    assert "state_dict_all_ranks = True" in said
+    assert ranks[1]["foreign"]["rebuilt"] == 1
+    for res in ranks:
+        for name, p in res["expected"]["params"].items():
+            assert torch.equal(res["foreign"]["params"][name], p), name
+            assert torch.equal(ranks[0]["foreign"]["params"][name], p), name
+        # a checkpoint that does not say who wrote it loads as before: kept, unsaid
+        assert res["legacy"]["warnings"] == [] and res["legacy"]["rebuilt"] == 0

@@ -27,7 +27,10 @@ def _net():
     (dict(lr=float("nan")), "lr must be finite"),
     (dict(lr="fast"), "lr must be a number"),
     (dict(damping=0), "damping must be > 0"),
-    (dict(damping=lambda s: -1.0), "damping must be > 0"),
+    (dict(damping=lambda s: -1.0), "damping schedule returned -1.0 at step 0; it must be > 0"),
+    (dict(lr=lambda: 0.1), "lr must be a number or a callable of the step .*which does not "
+                           "take one argument"),
+    (dict(momentum=lambda s, total: 0.9), "momentum must be a number or a callable of the step"),
     (dict(momentum=1.0), "momentum must be < 1"),
     (dict(momentum=-0.1), "momentum must be >= 0"),
     (dict(weight_decay=-1e-4), "weight_decay must be >= 0"),
@@ -47,8 +50,18 @@ def _net():
     (dict(sketch_replacement=1), "sketch_replacement must be True or False"),
     (dict(comm="nccl"), "comm must be None, one of 'local', 'torch', 'horovod', 'deepspeed'"),
     (dict(seed=1.5), "seed must be an int"),
+    (dict(seed=2**64), "seed must be an int from 0 to 18446744073709551615, got "
+                       "18446744073709551616"),
+    # torch would wrap it to 2**64 - 1: two settings for one generator
+    (dict(seed=-1), "seed must be an int from 0 to 18446744073709551615, got -1"),
+    (dict(skip_layers=[""]), "skip_layers holds an empty module name ''"),
+    (dict(skip_layers=""), "skip_layers holds an empty module name ''"),
     (dict(max_grad_norm=0.0), "max_grad_norm must be > 0"),
-    (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps must be None or an int"),
+    (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps must be an int from 1 to "
+                                          "65536, got 0"),
+    (dict(gradient_accumulation_steps=10**9), "gradient_accumulation_steps must be an int from 1 "
+                                              "to 65536, got 1000000000"),
+    (dict(gradient_accumulation_steps=None), "gradient_accumulation_steps must be an int from 1"),
     (dict(comm_dtype="int8"), "comm_dtype must be None .* or one of 'float32', 'bfloat16'"),
     (dict(comm_dtype=torch.float64), "comm_dtype must be None"),
     (dict(overlap="yes"), "overlap must be True or False, got 'yes'"),
@@ -58,6 +71,17 @@ def _net():
 def test_bad_settings_raise_naming_the_setting(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         SENG(_net(), **kwargs)
+
+
+def test_the_ends_of_the_seed_and_accumulation_ranges_are_accepted():
+    opt = SENG(_net(), seed=2**64 - 1, gradient_accumulation_steps=2**16)
+    assert opt.curvature.generator.initial_seed() == 2**64 - 1
+
+
+def test_a_type_error_inside_a_schedule_is_the_schedules_own():
+    # The schedule takes the step: its own bug is not reported as a wrong signature.
+    with pytest.raises(TypeError, match="unsupported operand"):
+        SENG(_net(), lr=lambda step: step + "0.1")
 
 
 def test_model_without_trainable_parameters_is_rejected():
