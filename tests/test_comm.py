@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from seng_dist.comm import Communicator, CountingCommunicator, LocalCommunicator, make_communicator
-from seng_dist.comm.base import _pack, _unpack
+from seng_dist.comm.base import _from_bytes, _pack, _to_bytes, _unpack
 from seng_dist.comm.torch_dist import TorchCommunicator
 from seng_dist.testing import run_ranks
 
@@ -23,6 +23,21 @@ def test_pack_and_unpack_round_trip_shapes_and_dtypes():
     _unpack(half, targets)  # back into float32 tensors, rounded through bf16
     assert all(torch.allclose(a, b, rtol=1e-2, atol=1e-2)
                for a, b in zip(tensors, targets, strict=True))
+
+
+def test_object_bytes_round_trip_from_a_gathered_row_without_numpy(monkeypatch):
+    # `import seng_dist` needs only torch: decoding must not go through Tensor.numpy().
+    def no_numpy(self):
+        raise RuntimeError("Numpy is not available")
+
+    monkeypatch.setattr(torch.Tensor, "numpy", no_numpy)
+    obj = {"t": torch.arange(6.0).view(2, 3), "s": ["x", 1]}
+    data = _to_bytes(obj)
+    # allgather_object decodes a row of the gathered table: a view at an offset, with padding.
+    rows = torch.full((2, data.numel() + 5), 7, dtype=torch.uint8)
+    rows[1, :data.numel()] = data
+    back = _from_bytes(rows[1, :data.numel()])
+    assert torch.equal(back["t"], obj["t"]) and back["s"] == ["x", 1]
 
 
 def test_make_communicator_choices():

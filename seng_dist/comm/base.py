@@ -13,6 +13,7 @@ buckets: ``"seng.step/b0"``, ``"seng.step/b1"``); :func:`round_of` reads the rou
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import io
 import json
@@ -390,7 +391,12 @@ def _to_bytes(obj: Any) -> Tensor:
 
 
 def _from_bytes(data: Tensor) -> Any:
-    return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)
+    """The object :func:`_to_bytes` serialised into ``data`` (e.g. a row of a gathered table)."""
+    # One copy of host memory into bytes, which BytesIO reads without copying again; not
+    # Tensor.numpy(): `import seng_dist` needs only torch, and torch may run without numpy.
+    flat = data.detach().cpu().contiguous()
+    return torch.load(io.BytesIO(ctypes.string_at(flat.data_ptr(), flat.nbytes)),
+                      weights_only=False)
 
 
 def _short(value: object, limit: int = 120) -> str:

@@ -1,8 +1,9 @@
 """The MPI engine: mpi4py collectives on the fused flat buffer (buffers, never pickles).
 
-Launch with ``mpirun -np N`` or ``srun``. CPU buffers are passed to MPI as NumPy views of the
-tensor's memory (no copy); CUDA buffers go to MPI directly when the MPI library is CUDA-aware
-and are staged through host memory otherwise.
+Launch with ``mpirun -np N`` or ``srun``. The tensors themselves are MPI's buffers: mpi4py
+reads their memory through DLPack (no copy, and no numpy: ``import seng_dist`` needs only
+torch). CUDA buffers go to MPI directly when the MPI library is CUDA-aware and are staged
+through host memory otherwise.
 """
 
 from __future__ import annotations
@@ -56,14 +57,14 @@ class MPICommunicator(Communicator):
 
     def allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
         work, staged = self._host(buf)
-        self.comm.Allreduce(self.MPI.IN_PLACE, _mpi_buffer(work), op=self.MPI.SUM)
+        self.comm.Allreduce(self.MPI.IN_PLACE, work, op=self.MPI.SUM)
         if staged:
             buf.copy_(work)
 
     def allreduce_sum_flat_async_(self, buf: Tensor, name: str) -> Work:
         work, staged = self._host(buf)
-        return _MPIWork(self.comm.Iallreduce(self.MPI.IN_PLACE, _mpi_buffer(work),
-                                             op=self.MPI.SUM), work if staged else None)
+        return _MPIWork(self.comm.Iallreduce(self.MPI.IN_PLACE, work, op=self.MPI.SUM),
+                        work if staged else None)
 
     def progress_flat(self, work: Work) -> None:
         if isinstance(work, _MPIWork):
@@ -77,14 +78,14 @@ class MPICommunicator(Communicator):
 
     def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         work, staged = self._host(buf)
-        self.comm.Bcast(_mpi_buffer(work), root=src)
+        self.comm.Bcast(work, root=src)
         if staged:
             buf.copy_(work)
 
     def allgather_flat(self, buf: Tensor, name: str) -> Tensor:
         work, staged = self._host(buf.contiguous())
         out = torch.empty(self.world_size * work.numel(), dtype=work.dtype, device=work.device)
-        self.comm.Allgather(_mpi_buffer(work), _mpi_buffer(out))
+        self.comm.Allgather(work, out)
         return out.to(buf.device) if staged else out
 
     def barrier(self) -> None:
@@ -102,8 +103,3 @@ class _MPIWork:
 
     def wait(self) -> None:
         self.request.Wait()
-
-
-def _mpi_buffer(t: Tensor) -> object:
-    """A buffer MPI can read and write in place: a NumPy view on CPU, the tensor on CUDA."""
-    return t.numpy() if t.device.type == "cpu" else t
