@@ -13,12 +13,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .capture import Capture
 from .config import SENGConfig, resolve
 from .curvature import BlockCurvature, ParamState, make_curvature
 from .layers import Block, PerSample
+from .passes import BackwardPasses
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,16 @@ class CurvatureBuilder:
     """Builds and rebuilds the curvature of ``blocks`` from captured forward/backward passes.
 
     Args:
-        model: the module whose forward starts a fresh capture.
-        blocks: its preconditioned layers.
+        passes: the backward passes (a pass's end starts a fresh capture; the passes in the
+            step's window are its micro-batches).
+        blocks: the preconditioned layers.
         config: the settings (sketching, ``T``, ``ϱ``, loss reduction, accumulation, seed).
         state: the per-parameter state mapping the blocks' tensors live in (the optimizer's
             ``state``; a ``defaultdict(dict)`` outside an optimizer).
         rank: this process's rank, for messages.
     """
 
-    def __init__(self, model: nn.Module, blocks: list[Block], config: SENGConfig,
+    def __init__(self, passes: BackwardPasses, blocks: list[Block], config: SENGConfig,
                  state: ParamState, rank: int = 0) -> None:
         self.config = config
         self.rank = rank
@@ -50,7 +52,8 @@ class CurvatureBuilder:
         self.curvatures: list[BlockCurvature] = [
             make_curvature(b, state, config.sketch, self.generator) for b in blocks]
         #: the hooks that record each block's inputs and output gradients
-        self.capture = Capture(model, blocks)
+        self.capture = Capture(blocks, passes)
+        self.passes = passes
         self._rebuild_next = False
 
     @property
@@ -59,11 +62,11 @@ class CurvatureBuilder:
         return self.capture.armed
 
     def idle(self, params: Iterable[torch.Tensor]) -> bool:
-        """Whether this is a curvature step on which no forward pass ran since the hooks were
-        armed and every gradient of ``params`` is zero: ``hvd.broadcast_optimizer_state``'s
-        dummy step, which must not use up the curvature update. Free on other steps; one
-        host sync on that one."""
-        if not self.armed or self.capture.forwarded:
+        """Whether this is a curvature step on which no backward pass ran since the last step
+        and every gradient of ``params`` is zero: ``hvd.broadcast_optimizer_state``'s dummy
+        step, which must not use up the curvature update. Free on other steps; one host sync
+        on that one."""
+        if not self.armed or self.passes.in_window:
             return False
         grads = [p.grad for p in params if p.grad is not None]
         return bool(grads) and not bool(torch.stack([g.abs().sum() for g in grads]).any())
@@ -111,10 +114,11 @@ class CurvatureBuilder:
     def _check_batch_sizes(self) -> None:
         """Every block of one forward saw the same batch: else a layer's batch dimension was
         misread (a sequence-first model), which would silently take time steps for samples."""
-        sizes = {b.name: rec.batch_size for b, rec in self.capture.records.items()
+        sizes = {b.name: rec.batch_sizes for b, rec in self.capture.records.items()
                  if rec.complete()}
-        if len(set(sizes.values())) > 1:
-            listed = ", ".join(f"{name!r}: {n}" for name, n in sizes.items())
+        if len(set().union(*sizes.values())) > 1:
+            listed = ", ".join(f"{name!r}: {', '.join(map(str, sorted(n)))}"
+                               for name, n in sizes.items())
             raise ValueError(
                 f"SENG: on rank {self.rank} the preconditioned layers saw different batch "
                 f"sizes in one forward ({listed}). A layer whose input has the batch second "
@@ -129,13 +133,16 @@ class CurvatureBuilder:
         rec = self.capture.records.get(block)
         if rec is None or not rec.complete():
             return None
-        if rec.batch_size == 0:
+        if 0 in rec.batch_sizes:
             raise ValueError(f"SENG: the local batch on rank {self.rank} is empty on a "
                              f"curvature step (layer {block.name!r}); every rank needs at least "
                              "one sample per step (drop_last=True in the DataLoader or "
                              "DistributedSampler)")
-        # The captured gradients are those of loss/accumulation over the last micro-batch.
-        scale = float(self.config.gradient_accumulation_steps) / loss_scale
+        # The captured gradients are those of loss/accumulation over the last micro-batch: the
+        # accumulation is the passes SENG saw (told or not), or the setting's when gradients
+        # came without a backward pass it saw.
+        passes = self.passes.in_window or self.config.gradient_accumulation_steps
+        scale = float(passes) / loss_scale
         if self.config.loss_reduction == "mean":
-            scale *= rec.batch_size
+            scale *= next(iter(rec.batch_sizes))
         return PerSample(block, rec.calls(), scale)

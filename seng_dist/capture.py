@@ -1,10 +1,19 @@
 """Capture of per-sample layer inputs and output gradients on stock ``torch.nn`` modules.
 
 Hooks are installed only while a curvature update is due (``arm``) and removed afterwards, so
-plain steps pay nothing. The output gradient is taken with a tensor hook registered on the
-layer's output inside the forward hook, not with a module backward hook: a tensor hook keeps
-working when a later in-place op (``nn.ReLU(inplace=True)``) modifies that output, and it
-receives the gradient with respect to the layer's own output.
+plain steps pay nothing. A record is started afresh at the first call after a backward pass
+ended (:class:`~seng_dist.passes.BackwardPasses`), so the capture holds the last micro-batch's
+calls however the model is called (its forward, or its submodules directly) and calls within
+one forward accumulate (weight sharing, several views of a batch). A call whose output gets no
+gradient (an extra call on a detached or unused output, or the forward that activation
+checkpointing recomputes without backpropagating through it) is left out: the recomputation
+inside a checkpoint's backward is captured when it is the one backpropagated (reentrant
+checkpointing), the original call when it is (non-reentrant).
+
+The output gradient is taken with a tensor hook registered on the layer's output inside the
+forward hook, not with a module backward hook: a tensor hook keeps working when a later
+in-place op (``nn.ReLU(inplace=True)``) modifies that output, and it receives the gradient with
+respect to the layer's own output.
 
 ``nn.MultiheadAttention`` does not call its projections as modules: its forward hands the
 weights to ``F.multi_head_attention_forward``, which calls ``torch.nn.functional.linear`` on
@@ -29,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .layers import Block, Call
+from .passes import BackwardPasses
 
 #: turns a captured tensor into the batch-first layout
 Layout = Callable[[Tensor], Tensor]
@@ -36,32 +46,38 @@ Layout = Callable[[Tensor], Tensor]
 
 @dataclass
 class Record:
-    """One block's captured calls in the current forward pass."""
+    """One block's captured calls in the current micro-batch."""
 
-    batch_size: int
     inputs: list[Tensor] = field(default_factory=list)
     grads: list[Tensor | None] = field(default_factory=list)
     rows: list[slice | None] = field(default_factory=list)
+    #: each call's whole batch (the inputs and gradients keep its first ``limit`` samples)
+    sizes: list[int] = field(default_factory=list)
 
     def complete(self) -> bool:
-        return bool(self.inputs) and all(g is not None for g in self.grads)
+        """Whether some call got its output gradient."""
+        return any(g is not None for g in self.grads)
 
     def calls(self) -> list[Call]:
-        """The calls of a complete record."""
+        """The calls that got their output gradient."""
         return [Call(x, g, r) for x, g, r in zip(self.inputs, self.grads, self.rows, strict=True)
                 if g is not None]
+
+    @property
+    def batch_sizes(self) -> set[int]:
+        """The batch sizes of the calls that got their output gradient."""
+        return {n for n, g in zip(self.sizes, self.grads, strict=True) if g is not None}
 
 
 class Capture:
     """Records ``(x, ∂L/∂y)`` for the first ``limit`` samples of each block's calls."""
 
-    def __init__(self, model: nn.Module, blocks: list[Block]) -> None:
-        self.model = model
+    def __init__(self, blocks: list[Block], passes: BackwardPasses) -> None:
         self.blocks = blocks
+        self.passes = passes
         self.limit: int | None = None
         self.records: dict[Block, Record] = {}
-        #: whether a forward pass with gradients ran since the hooks were armed
-        self.forwarded = False
+        self._epoch = passes.completed  # the passes ended when the records were started
         self._handles: list[RemovableHandle] = []
 
     @property
@@ -73,8 +89,6 @@ class Capture:
         self.limit = limit
         if self._handles:
             return
-        self.forwarded = False
-        self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook()))
         attention: dict[nn.Module, list[Block]] = {}
         for block in self.blocks:
             if block.via is None:
@@ -98,14 +112,18 @@ class Capture:
                rows: slice | None = None) -> None:
         """Keep one call of ``block``: its input ``x`` and, once backward reaches it, the
         gradient of ``output``; ``layout`` puts the batch first in both."""
+        if self._epoch != self.passes.completed:  # a pass ended: a new micro-batch
+            self._epoch = self.passes.completed
+            self.records.clear()
         x = layout(x.detach())
         rec = self.records.get(block)
         if rec is None:
-            rec = self.records[block] = Record(batch_size=x.shape[0])
+            rec = self.records[block] = Record()
         k = self.limit
         rec.inputs.append(block.kind.keep_input(block.module, x, k))
         rec.grads.append(None)
         rec.rows.append(rows)
+        rec.sizes.append(x.shape[0])
         slot = len(rec.grads) - 1
 
         def grad_hook(grad: Tensor) -> None:
@@ -113,23 +131,13 @@ class Capture:
 
         output.register_hook(grad_hook)
 
-    def _model_pre_hook(self) -> Callable[..., None]:
-        # A closure, like the layers' hooks, not a bound method: copy.deepcopy of the model
-        # copies its hooks, and a copied bound method would carry a copy of this capture.
-        def hook(*_: object) -> None:
-            # A new forward of the whole model starts a fresh capture (e.g. after an evaluation
-            # pass in train mode); calls within one forward accumulate.
-            if torch.is_grad_enabled():
-                self.records.clear()
-                self.forwarded = True
-
-        return hook
-
     def _forward_hook(self, block: Block) -> Callable[[nn.Module, tuple, Tensor], None]:
         layout = block.kind.batch_first(block.module, block.batch_dim)
 
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if not (torch.is_grad_enabled() and isinstance(output, Tensor)
+            # A deep copy of the model (a reference, an EMA copy) carries this hook along.
+            if module is not block.module or not (
+                    torch.is_grad_enabled() and isinstance(output, Tensor)
                     and output.requires_grad):
                 return
             self.record(block, inputs[0], output, layout)
@@ -146,7 +154,7 @@ class _AttentionTap:
         self.active = False
 
     def enter(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        if not torch.is_grad_enabled():
+        if module is not self.blocks[0].via or not torch.is_grad_enabled():
             return
         query = args[0] if args else kwargs["query"]
         # Inside multi_head_attention_forward the projections' inputs are (L, N, E) and

@@ -8,6 +8,7 @@ per-block math :mod:`seng_dist.curvature`'s and :mod:`seng_dist.solver`'s.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -23,6 +24,7 @@ from .curvature import BlockCurvature
 from .describe import describe_table
 from .groups import GroupSchedules, StepSettings, check_shape, group_params
 from .layers import FALLBACK_RULE, Block, find_blocks
+from .passes import BackwardPasses
 from .rounds import make_round
 from .update import apply_update
 from .warn import warn
@@ -76,8 +78,15 @@ class SENG(torch.optim.Optimizer):
     state_dict_all_ranks: bool = False
 
     #: The ``torch.amp.GradScaler`` whose ``step(opt)`` calls ``opt.step()``, if any: the
-    #: captured output gradients carry its loss scale, which the curvature divides out.
+    #: captured output gradients carry its loss scale, which the curvature divides out. Needed
+    #: only when ``scaler.unscale_(opt)`` runs before ``scaler.step(opt)`` (to clip): otherwise
+    #: the scaler hands its scale to ``step()`` itself.
     grad_scaler: torch.amp.GradScaler | None = None
+
+    #: ``GradScaler.step(opt)`` always calls ``step()``, with the scale still on ``.grad``
+    #: (unless ``unscale_`` ran) and its overflow check as ``self.grad_scale``/``found_inf``:
+    #: an overflow step is skipped here, on every rank together, and counted.
+    _step_supports_amp_scaling = True
 
     def __init__(self, model: nn.Module, config: SENGConfig | None = None, *,
                  param_groups: list[dict[str, Any]] | None = None,
@@ -107,7 +116,8 @@ class SENG(torch.optim.Optimizer):
         GroupSchedules.check_blocks(self.blocks, self.param_groups)
         self.communicator = make_communicator(comm)
         _check_dtype(self.communicator, cfg)
-        self.curvature = CurvatureBuilder(model, self.blocks, cfg, self.state,
+        self.passes = BackwardPasses(model, group_params(self.param_groups))
+        self.curvature = CurvatureBuilder(self.passes, self.blocks, cfg, self.state,
                                           self.communicator.rank)
         in_blocks = {id(p) for b in self.blocks for p in b.params}
         self._fallback: list[Tensor] = [p for p in group_params(self.param_groups)
@@ -115,6 +125,7 @@ class SENG(torch.optim.Optimizer):
         self._counters = Counters()
         self._codec = StateCodec(cfg, self.blocks, self.curvature, self.communicator)
         self._said_empty = False
+        self._wrappers_checked = False
         self._settings_key: tuple = ()
         self._settings = StepSettings({}, {})
         self._set_round(grads_averaged)
@@ -138,6 +149,7 @@ class SENG(torch.optim.Optimizer):
             return
         added = list(self.param_groups[-1]["params"])
         self._fallback.extend(added)
+        self.passes.watch(added)
         self._set_round(self.round.grads_averaged)  # its units and buckets include them now
         warn(f"SENG: the {len(added)} parameter(s) added with add_param_group follow the "
              f"fallback rule {FALLBACK_RULE}: SENG preconditions the layers it found when it "
@@ -165,7 +177,8 @@ class SENG(torch.optim.Optimizer):
             previous.close()
         self.round = make_round(self.config, self.curvature.curvatures, self._fallback,
                                 self.communicator, grads_averaged=grads_averaged,
-                                state=self.state, order=list(self.model.parameters()))
+                                state=self.state, order=list(self.model.parameters()),
+                                passes=self.passes)
         if previous is not None:
             self._arm(self._counters.step)
 
@@ -206,7 +219,8 @@ class SENG(torch.optim.Optimizer):
 
     @property
     def nonfinite_steps(self) -> int:
-        """Steps skipped because the averaged gradient was not finite (``skip_nonfinite``)."""
+        """Steps skipped because the averaged gradient was not finite (``skip_nonfinite``) or
+        a ``GradScaler`` found an overflow on some rank."""
         return self._counters.nonfinite_steps
 
     def curvature_state_bytes(self) -> int:
@@ -218,35 +232,91 @@ class SENG(torch.optim.Optimizer):
     @torch.no_grad()
     def step(  # type: ignore[override]  # returns the closure's loss, as torch's own do
             self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """One SENG update; rebuilds the curvature first on curvature steps."""
+        """One SENG update from the gradients in ``.grad`` (averaged over the ranks when the
+        backward pass ended); rebuilds the curvature first on curvature steps."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        k = self._counters.step
-        if self.curvature.idle(p for g in self.param_groups for p in g["params"]):
-            return self._empty(loss)
+        try:
+            if self.curvature.idle(p for g in self.param_groups for p in g["params"]):
+                return self._empty(loss)
+            if not self._take(self._counters.step):
+                return self._empty(loss)
+            return loss
+        finally:
+            # The gradients are consumed (or the step is taken again by the next call).
+            self.passes.open_window()
+            self._arm(self._counters.step)
+
+    def _take(self, k: int) -> bool:
+        """Step ``k`` (or its skip); False when no parameter had a gradient on any rank."""
+        loss_scale, overflow = self._amp_scaling()
+        agreed = self.round.agree(overflow)
+        if agreed.overflow:
+            # The GradScaler lowers its scale; the step, its curvature update included, is
+            # taken again by the next call.
+            self._counters.nonfinite_steps += 1
+            return True
         self.schedules.resolve(self.param_groups, k)
-        scale = 1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale())
-        rebuilt = self.curvature.refresh(scale, self.round.diagonal.current)
+        rebuilt = self.curvature.refresh(loss_scale, self.round.diagonal.current)
         self._counters.curvature_updates += int(rebuilt.updated)
         self._counters.curvature_skips += rebuilt.skipped
-        decoupled = self.config.decoupled_weight_decay
-        found = self.round.directions(self._step_settings())
+        found = self.round.directions(self._step_settings(), agreed)
         if found is None:
             n = self._counters.nonfinite_steps = self._counters.nonfinite_steps + 1
             if n & (n - 1) == 0:  # 1st, 2nd, 4th, ...: visible, but not a flood
                 warn(f"SENG: step {k} skipped: the averaged gradient holds NaN or Inf ({n} "
                      "such step(s) so far); parameters and momentum are unchanged")
-            self._arm(k)  # step k is taken again by the next call
-            return loss
-        if not found[0]:  # no parameter had a gradient, on any rank
-            self._arm(k)
-            return self._empty(loss)
-        apply_update(self.state, self.param_groups, *found, decoupled)
+            return True
+        if not found[0]:
+            return False
+        apply_update(self.state, self.param_groups, *found, self.config.decoupled_weight_decay)
         self._counters.step = k + 1
-        self._arm(k + 1)
-        return loss
+        self._stop_double_averaging()
+        return True
+
+    def _amp_scaling(self) -> tuple[float, bool]:
+        """``(the loss scale the captured curvature carries, whether this rank's GradScaler
+        found an Inf/NaN)``; takes a scale that ``GradScaler.step`` left on ``.grad`` off it
+        (as ``unscale_`` would)."""
+        found: Tensor | None = getattr(self, "found_inf", None)
+        if found is None:  # no GradScaler.step around this call
+            return (1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale()),
+                    False)
+        overflow = bool(found.item() > 0)
+        scale: Tensor | None = getattr(self, "grad_scale", None)
+        if scale is not None:
+            grads = [p.grad for g in self.param_groups for p in g["params"]
+                     if p.grad is not None]
+            if grads and not overflow:
+                torch._foreach_div_(grads, scale.to(grads[0].device))
+            return float(scale), overflow
+        if self.grad_scaler is None:
+            raise ValueError("SENG: scaler.unscale_(opt) ran before scaler.step(opt), so SENG "
+                             "cannot read the loss scale that its captured curvature carries: "
+                             "set opt.grad_scaler = scaler once, after building both")
+        return float(self.grad_scaler.get_scale()), overflow
+
+    def _stop_double_averaging(self) -> None:
+        """After the first step: if a ``DistributedDataParallel`` wraps the model SENG was
+        built on (wrapped after SENG, as Lightning's ddp strategy and Accelerate's
+        ``prepare`` do), DDP averages the gradients already; stop averaging them again."""
+        if self._wrappers_checked:
+            return
+        self._wrappers_checked = True
+        if not self.round.sends_gradients or not _wrapped_by_ddp(self.model):
+            return
+        warn("SENG: a DistributedDataParallel wraps the model after SENG was built on it; DDP "
+             "averages the gradients, so from now on SENG averages only its corrections (as "
+             "if built with grads_averaged=True). Build SENG on the DDP model to say so")
+        self._set_round(grads_averaged=True)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; the next backward pass starts a new step's
+        accumulation."""
+        super().zero_grad(set_to_none)
+        self.passes.open_window()
 
     def _empty(self, loss: Tensor | None) -> Tensor | None:
         """A step with nothing to do (no gradient on any rank; or zeros with no forward since
@@ -330,6 +400,13 @@ class SENG(torch.optim.Optimizer):
         index = {id(p): i for i, p in enumerate(
             p for group in self.param_groups for p in group["params"])}
         return [(index[id(c.block.weight)], c) for c in self.curvature.curvatures]
+
+def _wrapped_by_ddp(model: nn.Module) -> bool:
+    """Whether some ``DistributedDataParallel`` in this process wraps ``model`` (a scan of the
+    garbage collector's objects: run once)."""
+    return any(isinstance(o, DistributedDataParallel) and o.module is model
+               for o in gc.get_objects())
+
 
 def _unwrap(model: nn.Module, grads_averaged: bool | None) -> tuple[bool, nn.Module]:
     """``(grads_averaged, the module to precondition)``: DDP averages the gradients in

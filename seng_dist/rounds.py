@@ -1,20 +1,24 @@
 """One class per distributed round: what goes into which collective, and the directions.
 
-A :class:`Round` takes this rank's gradients, averages what must be averaged (gradients,
-corrections ``U_w b_w`` or eq. 28's partial factors, and the 0/1 flags that make every rank
-take the same decision), and hands back every parameter's direction:
+A :class:`Round` averages what must be averaged (gradients, corrections ``U_w b_w`` or eq.
+28's partial factors, and the 0/1 flags that make every rank take the same decision) and hands
+back every parameter's direction:
 
 * :class:`BlockDiagonalRound` (eq. 26): ``ḡ`` in one collective, then the corrections of
   ``b_w = (λI + U_wᵀU_w)⁻¹ U_wᵀ ḡ`` in a second;
 * :class:`LaggedRound` (eq. 27): ``b_w`` from the previous step's averaged gradient, so the
-  gradient and the corrections travel in ONE round; its first step is block-diagonal.
+  gradient and the corrections travel in ONE round; its first step is block-diagonal, and a
+  curvature step sends its corrections (which need the step's new curvature) in a second.
 
-The round that carries the gradients goes in :class:`~seng_dist.buckets.Buckets`: with
-``overlap`` its buckets start during backward (block-diagonal: the gradients; lagged: each
-block's gradient with its correction, computed before the gradient is even there), else it is
-one collective in ``step()``. :func:`make_round` picks the class from the config's
-``variant``. On one process every collective is the identity and both are single-process SENG
-(lagged with its lag).
+The gradient round honours DDP's contract: it finishes when the backward pass that completes
+the step's accumulation ends, and writes the average into each ``.grad``, so whatever the user
+does to ``.grad`` before ``step()`` (clipping, a GradScaler's unscaling and overflow check) acts
+on the averaged gradient, on every rank alike, and ``step()`` reads ``.grad`` as it then is.
+With ``overlap`` its buckets start during backward as the gradients arrive; without, it is one
+collective at the end of the pass. It runs in ``step()`` only when no pass completed the
+accumulation (gradients set by hand, or fewer passes than ``gradient_accumulation_steps``).
+:func:`make_round` picks the class from the config's ``variant``. On one process every
+collective is the identity and both are single-process SENG (lagged with its lag).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,6 +39,7 @@ from .curvature import BlockCurvature, ParamState
 from .diagonal import make_diagonal
 from .groups import StepSettings
 from .layers import FALLBACK_RULE
+from .passes import BackwardPasses
 from .warn import warn
 
 
@@ -41,14 +47,29 @@ from .warn import warn
 class Exchanged:
     """A round's averaged result: per block ``z = ḡ + l2·θ``, the averaged slot and the
     damping diagonal's whitening ``W`` (None for ``λI``); the (clipped) averaged fallback
-    gradients; and the averaged flags (``present`` then ``ready``, as decoded by
-    :meth:`Agreement.decode`)."""
+    gradients; and the agreed flags (``present`` per unit, then ``ready`` per block, as
+    decoded by :meth:`Agreement.decode`)."""
 
     zs: list[Tensor]
     slots: list[list[Tensor]]
     fallback: list[Tensor]
     flags: list[float]
     whitenings: list[Tensor | None]
+
+
+@dataclass
+class Agreed:
+    """What the gradient round decided for the step. ``present``: per unit, whether some rank
+    has its gradient (decoded flags; this rank's own when ``local``, i.e. no gradient round
+    ran: the engine averages, or one process). ``overflow``: some rank's GradScaler found an
+    Inf/NaN. ``slots`` and ``ready``: the averaged corrections that travelled with the
+    gradients (lagged) and, per block, whether every rank could compute its own."""
+
+    present: list[float]
+    local: bool
+    overflow: bool = False
+    slots: list[list[Tensor]] | None = None
+    ready: list[float] | None = None
 
 
 class Agreement:
@@ -91,7 +112,7 @@ class Round(ABC):
     """The per-step exchange and the directions, for one variant.
 
     Args:
-        config: the settings (clipping, non-finite skipping, the buffer dtype).
+        config: the settings (clipping, non-finite skipping, the buffer dtype, overlap).
         curvatures: every preconditioned block's curvature.
         fallback: the trainable parameters outside the blocks (``d = -g/(1+λ)``, or the
             damping diagonal's rule).
@@ -101,14 +122,19 @@ class Round(ABC):
         state: the per-parameter state mapping (the optimizer's ``state``).
         order: the model's parameters in registration order; backward makes their gradients
             ready roughly in reverse, which orders the buckets.
+        passes: the backward passes; the gradient round listens to them (None: it runs in
+            ``step()``).
     """
 
     #: the name of the round that carries the gradients
     SENDS = "seng.grad"
+    #: the name of the round of corrections computed in ``step()``
+    CORRECTS = "seng.correction"
 
     def __init__(self, config: SENGConfig, curvatures: list[BlockCurvature],
                  fallback: list[Tensor], comm: Communicator, *, grads_averaged: bool,
-                 state: ParamState, order: Sequence[Tensor] = ()) -> None:
+                 state: ParamState, order: Sequence[Tensor] = (),
+                 passes: BackwardPasses | None = None) -> None:
         self.config = config
         self.curvatures = curvatures
         self.fallback = fallback
@@ -123,22 +149,26 @@ class Round(ABC):
         self.units: list[list[Tensor]] = [list(c.block.params) for c in curvatures] + \
             [[p] for p in fallback]
         self.buckets = self._buckets(order)
+        self.accumulation = config.gradient_accumulation_steps
+        self.passes = passes
+        #: the gradient round's outcome, once it ran for this step
+        self.synced: Agreed | None = None
+        self._payload: Payload = self._checked(self._gradients)
+        if passes is not None and self.sends_gradients:
+            passes.listeners.append(self)
 
     def _buckets(self, order: Sequence[Tensor]) -> Buckets:
-        """The buckets of the round that carries the gradients: with ``overlap`` (and SENG
-        averaging the gradients) of ``bucket_size_mb`` in the order backward fills them, else
-        one."""
+        """The buckets of the round that carries the gradients: with ``overlap`` of
+        ``bucket_size_mb`` in the order backward fills them, else one."""
         dist = self.config.distributed
-        hooks = dist.overlap and self.sends_gradients
-        if hooks:
+        if dist.overlap and self.sends_gradients:
             first = first_positions(self.units, order)
             ready = sorted(range(len(self.units)), key=lambda u: -first[u])
             plan = BucketPlan.build(self.unit_bytes(), ready, int(dist.bucket_size_mb * 2**20))
         else:
             plan = BucketPlan.single(len(self.units))
         return Buckets(plan, self.units, self.comm, name=self.SENDS,
-                       comm_dtype=dist.buffer_dtype,
-                       accumulation=self.config.gradient_accumulation_steps, hooks=hooks)
+                       comm_dtype=dist.buffer_dtype)
 
     def unit_bytes(self) -> list[int]:
         """Each unit's payload in bytes in the buffer (its gradient's; the lagged round adds
@@ -147,11 +177,36 @@ class Round(ABC):
         return [sum(p.numel() for p in unit) * (dtype or unit[0].dtype).itemsize
                 for unit in self.units]
 
+    # ------------------------------------------------------------------ the backward passes
+    def gradient(self, param: Tensor, passes: int) -> None:
+        """A gradient arrived in pass ``passes + 1``: start the buckets it completes, once the
+        pass is one that completes the accumulation."""
+        self.synced = None  # a pass after the round: .grad is moving again
+        if self.config.distributed.overlap and passes + 1 >= self.accumulation:
+            self.buckets.gradient_ready(param, self._payload)
+
+    def pass_ended(self, passes: int) -> None:
+        """A pass ended: the round, if it completes the accumulation (or comes after it)."""
+        if passes < self.accumulation:
+            return
+        if passes > self.accumulation:
+            self._warn_once("extra", f"SENG: backward ran {passes} times before step() but "
+                            f"gradient_accumulation_steps={self.accumulation}: the gradients "
+                            f"are averaged again after each pass past the {self.accumulation}"
+                            "th (correct, one more round each). Set "
+                            "gradient_accumulation_steps to the backward passes per step to "
+                            "average once")
+        self.synced = self._sync(overflow=False)
+
+    def window_opened(self) -> None:
+        """The gradients were cleared: the next pass starts a new step."""
+        self.synced = None
+
     def arm(self, curvature_due: bool, settings: Callable[[], StepSettings]) -> None:
-        """Set up the coming step's early buckets: called after every step (and whenever the
+        """Set up the coming step's gradient round: called after every step (and whenever the
         state changed), with whether the step rebuilds the curvature and how to get the
-        step's settings (a callable: read when the first bucket starts)."""
-        self.buckets.arm(self._checked(self._gradients) if self.sends_gradients else None)
+        step's settings (a callable: read when the first payload is computed)."""
+        self._payload = self._checked(self._gradients)
 
     def _checked(self, payload: Payload) -> Payload:
         """``payload`` after ``step()``'s checks of its units' parameters (a sparse gradient is
@@ -163,39 +218,78 @@ class Round(ABC):
         return run
 
     def close(self) -> None:
-        """Stop starting buckets during backward (the round is being replaced)."""
-        self.buckets.retire()
+        """Stop listening to the backward passes (the round is being replaced)."""
+        if self.passes is not None and self in self.passes.listeners:
+            self.passes.listeners.remove(self)
 
     def _gradients(self, units: Sequence[int]) -> list[list[Tensor]]:
-        """Each unit's gradient, fresh (a block's as its matrix; a missing one as zeros)."""
+        """Each unit's gradient as a new tensor (a block's as its matrix; a missing one as
+        zeros): the round overwrites them with their means."""
         nb = len(self.curvatures)
-        return [[self.curvatures[u].block.grad_matrix()] if u < nb
-                else [self._fallback_gradient(self.fallback[u - nb])] for u in units]
+        out: list[list[Tensor]] = []
+        for u in units:
+            if u < nb:
+                out.append([self.curvatures[u].block.grad_matrix()])
+            else:
+                p = self.fallback[u - nb]
+                out.append([torch.zeros_like(p) if p.grad is None else p.grad.clone()])
+        return out
 
-    def _fallback_gradient(self, p: Tensor) -> Tensor:
-        # SENG never changes .grad: on several ranks it is averaged (and clipped) in a copy.
-        if p.grad is None:
-            return torch.zeros_like(p)
-        return p.grad.clone() if self.multi else p.grad
+    def _sync(self, overflow: bool) -> Agreed:
+        """The gradient round: every bucket not started yet, the flags (each unit's
+        gradient, each block's readiness, a GradScaler's overflow) in the last; then the
+        averages into ``.grad`` of every unit some rank has a gradient for."""
+        present = [any(p.grad is not None for p in unit) for unit in self.units]
+        local = present + self._ready() + [overflow]
+        flags = self.agreement.pack(local)
+        payloads = self.buckets.finish(self._payload, flags)
+        values = self.agreement.decode(flags, local)
+        nu, nb = len(self.units), len(self.curvatures)
+        agreed = values[:nu]
+        with torch.no_grad():
+            for u, (payload, some) in enumerate(zip(payloads, agreed, strict=True)):
+                if some:
+                    _write_grads(self.units[u], self._split_unit(u, payload[0]))
+        return Agreed(agreed, local=False, overflow=values[-1] > 0.0,
+                      slots=self._sent_slots(payloads[:nb]), ready=values[nu:nu + nb])
 
-    def _fresh(self, hyper: StepSettings) -> bool:
-        """Whether the early buckets were computed with this step's settings."""
-        return True
+    def _split_unit(self, u: int, gradient: Tensor) -> list[Tensor]:
+        """Unit ``u``'s averaged gradient as one tensor per parameter."""
+        if u < len(self.curvatures):
+            return self.curvatures[u].block.split(gradient)
+        return [gradient]
 
-    def _send(self, payload: Payload, local: list[bool], hyper: StepSettings
-              ) -> tuple[list[list[Tensor]], list[float]]:
-        """The round in :attr:`buckets` (the early ones included) with the flags ``local``;
-        when a rank's early buckets went stale, the whole round again from here, on every
-        rank. Returns each unit's averaged payload and the decoded flags."""
-        stale = self.buckets.stale or not self._fresh(hyper)
-        flags = self.agreement.pack(local + [stale])
-        payloads = self.buckets.finish(payload, flags)
-        values = self.agreement.decode(flags, local + [stale])
-        if values[-1] > 0.0:
-            flags = self.agreement.pack(local + [False])
-            payloads = self.buckets.finish(payload, flags)
-            values = self.agreement.decode(flags, local + [False])
-        return payloads, values[:-1]
+    def _sent_slots(self, payloads: list[list[Tensor]]) -> list[list[Tensor]] | None:
+        """The averaged corrections that travelled with the gradients (none here)."""
+        return None
+
+    def agree(self, overflow: bool) -> Agreed:
+        """The gradient round's decisions for the step, running the round now if no backward
+        pass did (``overflow``: this rank's GradScaler found an Inf/NaN; every rank's counts).
+        Without a gradient round (the engine averages, or one process) this rank's own view."""
+        self._check_gradients()
+        if not self.sends_gradients:
+            return Agreed([float(any(p.grad is not None for p in unit)) for unit in self.units],
+                          local=True, overflow=overflow)
+        if self.synced is None:
+            done = self.passes.in_window if self.passes is not None else 0
+            if 0 < done < self.accumulation:
+                self._warn_once("short", f"SENG: step() came after {done} backward pass(es) "
+                                f"but gradient_accumulation_steps={self.accumulation}: the "
+                                "gradients were averaged in step(), so what changed .grad "
+                                "after backward (clipping, unscaling) acted on this rank's "
+                                "gradients alone. Set gradient_accumulation_steps to the "
+                                "backward passes per step")
+            self.synced = self._sync(overflow)
+            return self.synced
+        # .grad held the averaged gradient when the overflow was checked: every rank agrees.
+        self.synced.overflow = self.synced.overflow or overflow
+        return self.synced
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warn(message)
 
     @property
     def multi(self) -> bool:
@@ -207,17 +301,18 @@ class Round(ABC):
         """Whether this round averages the gradients (not already done by the engine)."""
         return self.multi and not self.grads_averaged
 
-    def directions(self, hyper: StepSettings) -> tuple[list[Tensor], list[Tensor]] | None:
-        """Every parameter with a gradient (on some rank) and its direction, running this
-        step's collectives; None when ``skip_nonfinite`` and ``ḡ`` is not finite.
+    def directions(self, hyper: StepSettings, agreed: Agreed
+                   ) -> tuple[list[Tensor], list[Tensor]] | None:
+        """Every parameter with a gradient (on some rank) and its direction from ``.grad``
+        (averaged), running the step's correction round; None when ``skip_nonfinite`` and
+        ``ḡ`` is not finite.
 
         ``hyper`` gives each parameter's damping and the L2 weight decay added to the averaged
-        gradient before preconditioning.
+        gradient before preconditioning; ``agreed`` is :meth:`agree`'s result.
         """
-        self._check_gradients()
-        present = [any(p.grad is not None for p in unit) for unit in self.units]
-        ready = self._ready()
-        done = self._exchange(present, ready, hyper)
+        gs = [c.block.grad_matrix() for c in self.curvatures]
+        fgs = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.fallback]
+        done = self._exchange(gs, fgs, agreed, hyper)
         return None if done is None else self._finish(done, hyper)
 
     def _check_gradients(self) -> None:
@@ -239,26 +334,37 @@ class Round(ABC):
                      "leave them out")
 
     @abstractmethod
-    def _exchange(self, present: list[bool], ready: list[bool], hyper: StepSettings
-                  ) -> Exchanged | None:
-        """Run the step's collectives on the gradients and the flags (``present`` per unit,
-        ``ready`` per block)."""
-
-    def _split(self, payloads: list[list[Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
-        """The block gradients and the fallback gradients: each unit's first tensor."""
-        nb = len(self.curvatures)
-        return [p[0] for p in payloads[:nb]], [p[0] for p in payloads[nb:]]
+    def _exchange(self, gs: list[Tensor], fgs: list[Tensor], agreed: Agreed,
+                  hyper: StepSettings) -> Exchanged | None:
+        """The step's corrections for the averaged gradients ``gs`` (blocks) and ``fgs``
+        (fallback), with their collective and flags."""
 
     def _ready(self) -> list[bool]:
         """Per block, whether this rank can precondition it this step."""
         return [c.ready for c in self.curvatures]
+
+    def _corrected(self, slots: list[list[Tensor]], agreed: Agreed
+                   ) -> tuple[list[float], list[float]]:
+        """The correction round: ``slots`` averaged in place with the flags still to agree on
+        (each block's readiness; each unit's gradient too when no gradient round ran).
+        Returns the agreed ``present`` and ``ready``."""
+        mine = self._ready()
+        local = ([bool(v) for v in agreed.present] if agreed.local else []) + mine
+        flags = self.agreement.pack(local)
+        if self.multi:
+            self._allreduce(_flat(slots) + ([flags] if flags is not None else []),
+                            self.CORRECTS)
+        values = self.agreement.decode(flags, local)
+        if agreed.local:
+            n = len(self.units)
+            return values[:n], values[n:]
+        return agreed.present, values
 
     def _missing(self, curvature: BlockCurvature) -> str:
         """Why a block has no agreed curvature, for the warning."""
         if not curvature.ready:
             return "it was not called with gradients on a curvature step"
         return "it has curvature here but not on every rank"
-
     def _averaged(self, gs: list[Tensor], fgs: list[Tensor], hyper: StepSettings
                   ) -> list[Tensor] | None:
         """After ``ḡ`` is known: None if it must be skipped (``skip_nonfinite``; every rank
@@ -328,32 +434,23 @@ class Round(ABC):
                  f"follows the fallback rule {FALLBACK_RULE} until it has")
 
 
+
+
 class BlockDiagonalRound(Round):
     """eq. 26: ``d = -(ḡ - mean_w U_w b_w)/λ`` with ``b_w`` from ``ḡ``; two collectives."""
 
-    def _exchange(self, present: list[bool], ready: list[bool], hyper: StepSettings
-                  ) -> Exchanged | None:
-        local = present + ready
-        values: list[float] | None = None
-        if self.sends_gradients:
-            payloads, values = self._send(self._gradients, local, hyper)
-        else:
-            payloads = self._gradients(range(len(self.units)))
-        gs, fgs = self._split(payloads)
+    def _exchange(self, gs: list[Tensor], fgs: list[Tensor], agreed: Agreed,
+                  hyper: StepSettings) -> Exchanged | None:
         averaged = self._averaged(gs, fgs, hyper)
         if averaged is None:
             return None
-        here = (values if values is not None else present)[:len(gs)]
+        nb = len(self.curvatures)
+        here = agreed.present[:nb]
         ws = self._whitenings(gs, here)
         slots = [c.correction(_whiten(z, w) if h else None, hyper.damping[id(c.block.weight)])
                  for c, z, w, h in zip(self.curvatures, gs, ws, here, strict=True)]
-        flags = None if values is not None else self.agreement.pack(local)
-        if self.multi:
-            self._allreduce(_flat(slots) + ([flags] if flags is not None else []),
-                            "seng.correction")
-        if values is None:
-            values = self.agreement.decode(flags, local)
-        return Exchanged(gs, slots, averaged, values, ws)
+        present, ready = self._corrected(slots, agreed)
+        return Exchanged(gs, slots, averaged, present + ready, ws)
 
     def _whitenings(self, zs: list[Tensor], present: Sequence[float | bool]
                     ) -> list[Tensor | None]:
@@ -366,15 +463,23 @@ class BlockDiagonalRound(Round):
 class LaggedRound(BlockDiagonalRound):
     """eq. 27: ``b_w`` from the previous step's averaged ``z``, so the gradient, the
     corrections and the flags travel in ONE round (one collective, or the buckets of one
-    round when overlapped). The first step (no previous ``z`` yet) is block-diagonal. The
+    round when overlapped). The first step (no previous ``z`` yet) is block-diagonal; a
+    curvature step, or a step whose corrections went stale between backward and ``step()``
+    (its damping changed, or state was loaded), sends its corrections in a second round. The
     previous ``z`` is kept in each block weight's state as ``PREVIOUS`` (it is part of the
     checkpoint)."""
 
     PREVIOUS = "prev_g"
     SENDS = "seng.step"
 
-    #: the settings the step's early corrections were computed with (None: none were)
-    _launched: StepSettings | None = None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: the settings the step's early corrections were computed with (None: none were)
+        self._launched: StepSettings | None = None
+        #: whether the payload carries the corrections
+        self._with_slots = False
+        #: the corrections that travelled with the gradients no longer hold
+        self._stale = False
 
     def _previous(self, curvature: BlockCurvature) -> Tensor | None:
         prev: Tensor | None = self._states.get(curvature.block.weight, {}).get(self.PREVIOUS)
@@ -404,21 +509,28 @@ class LaggedRound(BlockDiagonalRound):
         return out
 
     def arm(self, curvature_due: bool, settings: Callable[[], StepSettings]) -> None:
+        if self.synced is not None:
+            # State loaded between backward and step(): the gradients in .grad still hold,
+            # the corrections sent with them may not.
+            self._stale = True
+            return
         self._launched = None
-        if not self._lagging or not self.sends_gradients:
+        self._stale = False
+        # A curvature step's corrections need the curvature it rebuilds in step().
+        self._with_slots = self.sends_gradients and self._lagging and not curvature_due
+        if not self._with_slots:
             super().arm(curvature_due, settings)
-        elif curvature_due:
-            # The corrections need the curvature this step rebuilds in step(): none early.
-            self.buckets.arm(None)
-        else:
-            def early(units: Sequence[int]) -> list[list[Tensor]]:
-                if self._launched is None:
-                    self._launched = settings()
-                return self._payloads(units, self._launched)
-            self.buckets.arm(self._checked(early))
+            return
 
-    def _fresh(self, hyper: StepSettings) -> bool:
-        return self._launched is None or self._launched.damping == hyper.damping
+        def early(units: Sequence[int]) -> list[list[Tensor]]:
+            if self._launched is None:
+                self._launched = settings()
+            return self._payloads(units, self._launched)
+        self._payload = self._checked(early)
+
+    def window_opened(self) -> None:
+        super().window_opened()
+        self._stale = False
 
     def unit_bytes(self) -> list[int]:
         dtype = self.config.distributed.buffer_dtype
@@ -447,36 +559,35 @@ class LaggedRound(BlockDiagonalRound):
         return [g + s for g, s in zip(self._gradients(units), self._slots(units, hyper),
                                       strict=True)]
 
-    def _exchange(self, present: list[bool], ready: list[bool], hyper: StepSettings
-                  ) -> Exchanged | None:
+    def _sent_slots(self, payloads: list[list[Tensor]]) -> list[list[Tensor]] | None:
+        return [p[1:] for p in payloads] if self._with_slots else None
+
+    def _exchange(self, gs: list[Tensor], fgs: list[Tensor], agreed: Agreed,
+                  hyper: StepSettings) -> Exchanged | None:
         if not self._lagging:
-            return super()._exchange(present, ready, hyper)
-        local = present + ready
-        every = range(len(self.units))
-        if self.sends_gradients:
-            payloads, values = self._send(lambda units: self._payloads(units, hyper), local,
-                                          hyper)
-            gs, fgs = self._split(payloads)
-            slots = [p[1:] for p in payloads[:len(self.curvatures)]]
-        else:
-            # The engine averaged the gradients (or one process): the corrections and flags
-            # are the round.
-            gs, fgs = self._split(self._gradients(every))
-            slots = self._slots(every, hyper)[:len(self.curvatures)]
-            flags = self.agreement.pack(local)
-            if self.multi:
-                self._allreduce(_flat(slots) + ([flags] if flags is not None else []),
-                                "seng.step")
-            values = self.agreement.decode(flags, local)
+            return super()._exchange(gs, fgs, agreed, hyper)
         averaged = self._averaged(gs, fgs, hyper)
         if averaged is None:
             return None
-        return Exchanged(gs, slots, averaged, values, self._whitenings(gs, values[:len(gs)]))
+        fresh = (agreed.slots is not None and agreed.ready is not None and not self._stale
+                 and self._launched is not None and self._launched.damping == hyper.damping)
+        if fresh:
+            assert agreed.slots is not None and agreed.ready is not None
+            slots, present, ready = agreed.slots, agreed.present, agreed.ready
+        else:
+            # The engine averaged the gradients (or one process), a curvature step, or stale
+            # corrections: the corrections and flags are a round of their own.
+            slots = self._slots(range(len(self.curvatures)), hyper)
+            present, ready = self._corrected(slots, agreed)
+        nb = len(self.curvatures)
+        return Exchanged(gs, slots, averaged, present + ready,
+                         self._whitenings(gs, present[:nb]))
 
 
 def make_round(config: SENGConfig, curvatures: list[BlockCurvature],
                fallback: list[Tensor], comm: Communicator, *, grads_averaged: bool,
-               state: ParamState, order: Sequence[Tensor] = ()) -> Round:
+               state: ParamState, order: Sequence[Tensor] = (),
+               passes: BackwardPasses | None = None) -> Round:
     """The round of ``config.distributed.variant``."""
     match config.distributed.variant:
         case "blockdiag":
@@ -486,7 +597,7 @@ def make_round(config: SENGConfig, curvatures: list[BlockCurvature],
         case other:
             raise ValueError(f"variant must be one of 'blockdiag', 'lagged', got {other!r}")
     return cls(config, curvatures, fallback, comm, grads_averaged=grads_averaged,
-               state=state, order=order)
+               state=state, order=order, passes=passes)
 
 
 def _flat(slots: list[list[Tensor]]) -> list[Tensor]:
@@ -500,3 +611,13 @@ def _whiten(z: Tensor, w: Tensor | None) -> Tensor:
 
 def _whiten_previous(z: Tensor | None, w: Tensor | None) -> Tensor | None:
     return None if z is None else _whiten(z, w)
+
+
+def _write_grads(params: list[Tensor], grads: list[Tensor]) -> None:
+    """Put each averaged gradient in its parameter's ``.grad`` (in place where there is one,
+    as DDP does, so references to it see the average)."""
+    for p, g in zip(params, grads, strict=True):
+        if p.grad is None:
+            p.grad = g.reshape(p.shape).contiguous()
+        else:
+            p.grad.copy_(g.reshape(p.shape))

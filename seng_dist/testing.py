@@ -34,6 +34,7 @@ from torch.func import functional_call, grad, vmap
 from .builder import CurvatureBuilder
 from .config import SENGConfig, resolve
 from .layers import find_blocks
+from .passes import BackwardPasses
 
 
 def per_sample_gradients(model: nn.Module, x: Tensor, y: Tensor,
@@ -203,7 +204,8 @@ class _Emulation:
         for rep in self.replicas:
             blocks = find_blocks(rep, cfg.skip_layers, cfg.sketch.explicit_threshold,
                                  cfg.batch_first).blocks
-            self.builders.append(CurvatureBuilder(rep, blocks, cfg, defaultdict(dict)))
+            passes = BackwardPasses(rep, list(rep.parameters()))
+            self.builders.append(CurvatureBuilder(passes, blocks, cfg, defaultdict(dict)))
             self.builders[-1].arm_for(0)
         # block i of every worker
         self.per_block = list(zip(*(b.curvatures for b in self.builders), strict=True))
@@ -223,6 +225,7 @@ class _Emulation:
         for builder, rep, (x, y) in zip(self.builders, self.replicas, shards, strict=True):
             for p in rep.parameters():
                 p.grad = None
+            builder.passes.open_window()
             loss_fn(rep(x), y).backward()
             index = {id(c.block.weight): i for i, c in enumerate(builder.curvatures)}
 

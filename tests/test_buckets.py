@@ -1,16 +1,16 @@
-"""Bucket plans, and the hooks that start buckets during backward (one process: the
+"""Bucket plans, and buckets started as a backward pass's gradients arrive (one process: the
 communicator is the identity, so what is checked is when each bucket's payload is taken)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pytest
 import torch
 from torch import Tensor, nn
 
 from seng_dist.buckets import LAST_BUCKET_BYTES, BucketPlan, Buckets
 from seng_dist.comm import LocalCommunicator
+from seng_dist.passes import BackwardPasses
 
 
 def test_plan_fills_buckets_in_ready_order_and_keeps_the_last_one_small():
@@ -49,38 +49,54 @@ class Recorder:
                             p.grad.reshape(-1) for p in self.units[u]])] for u in units]
 
 
-def _setup(accumulation: int = 1) -> tuple[Chain, Buckets, Recorder]:
+class Driver:
+    """Feeds a Buckets from a model's backward passes, as a round does: every gradient to
+    :meth:`Buckets.gradient_ready`, and the round finished when a pass ends."""
+
+    def __init__(self, buckets: Buckets, payload: Recorder) -> None:
+        self.buckets, self.payload = buckets, payload
+        self.started_in_pass: list[int] = []
+
+    def gradient(self, param: Tensor, passes: int) -> None:
+        self.buckets.gradient_ready(param, self.payload)
+
+    def pass_ended(self, passes: int) -> None:
+        self.started_in_pass.append(self.buckets.started)
+
+    def window_opened(self) -> None:
+        pass
+
+
+def _setup() -> tuple[Chain, Buckets, Recorder]:
     torch.manual_seed(0)
     model = Chain()
     units: list[list[Tensor]] = [list(layer.parameters()) for layer in model.layers]
     # One unit per bucket, in backward's order (last layer first); the first layer last.
     plan = BucketPlan(((3,), (2,), (1,), (0,)))
-    buckets = Buckets(plan, units, LocalCommunicator(), name="test", comm_dtype=None,
-                      accumulation=accumulation, hooks=True)
-    return model, buckets, Recorder(units)
+    buckets = Buckets(plan, units, LocalCommunicator(), name="test", comm_dtype=None)
+    early = Recorder(units)
+    passes = BackwardPasses(model, list(model.parameters()))
+    passes.listeners.append(Driver(buckets, early))
+    model.passes = passes  # type: ignore[assignment]  # kept alive with the model
+    return model, buckets, early
 
 
 def test_buckets_start_during_backward_in_plan_order_the_last_in_finish():
     model, buckets, early = _setup()
-    buckets.arm(early)
     model(torch.randn(2, 3)).backward()
     assert early.taken == [(3,), (2,), (1,)]  # the last bucket waits for finish
+    assert buckets.started == 3
     late = Recorder(early.units)
     out = buckets.finish(late, None)
     assert late.taken == [(0,)]
     assert [len(p) for p in out] == [1] * 4
     assert torch.equal(out[3][0], torch.cat([p.grad.reshape(-1)
                                              for p in model.layers[3].parameters()]))
-    assert not buckets.stale
-    # finish disarms: nothing starts in the next backward until the round arms it again.
-    model.zero_grad()
-    model(torch.randn(2, 3)).backward()
-    assert early.taken == [(3,), (2,), (1,)]
+    assert buckets.started == 0  # finish resets: the next pass starts from the first bucket
 
 
 def test_a_bucket_without_its_gradient_holds_back_every_later_one():
     model, buckets, early = _setup()
-    buckets.arm(early)
     skipped = set(model.layers[2].parameters())
     loss = model(torch.randn(2, 3))
     loss.backward(inputs=[p for p in model.parameters() if p not in skipped])
@@ -90,44 +106,14 @@ def test_a_bucket_without_its_gradient_holds_back_every_later_one():
     assert late.taken == [(2,), (1,), (0,)]
 
 
-def test_accumulation_starts_buckets_on_the_last_backward_of_the_step():
-    model, buckets, early = _setup(accumulation=2)
-    buckets.arm(early)
-    model(torch.randn(2, 3)).backward()
+def test_a_parameter_counts_once_per_pass_until_the_round_resets():
+    model, buckets, early = _setup()
+    w = model.layers[3].weight
+    buckets.gradient_ready(w, early)
+    buckets.gradient_ready(w, early)  # the same gradient again: still short of the bias
     assert early.taken == []
-    model(torch.randn(2, 3)).backward()
-    assert early.taken == [(3,), (2,), (1,)]
-    assert not buckets.stale
-
-
-def test_a_backward_too_many_makes_the_early_buckets_stale_and_says_so():
-    model, buckets, early = _setup()
-    buckets.arm(early)
-    model(torch.randn(2, 3)).backward()
-    with pytest.warns(UserWarning, match="backward ran 2 times before step.. but "
-                                         "gradient_accumulation_steps=1"):
-        model(torch.randn(2, 3)).backward()
-    assert buckets.stale and early.taken == [(3,), (2,), (1,)]
-    buckets.finish(Recorder(early.units), None)
-    assert not buckets.stale
-
-
-def test_arming_while_buckets_are_out_makes_them_stale():
-    model, buckets, early = _setup()
-    buckets.arm(early)
-    model(torch.randn(2, 3)).backward()
-    buckets.arm(early)  # e.g. load_state_dict between backward and step
-    assert buckets.stale
-
-
-def test_a_newer_round_on_the_same_parameters_takes_the_hooks_over():
-    model, old, early = _setup()
-    units: list[list[Tensor]] = [list(layer.parameters()) for layer in model.layers]
-    new = Buckets(BucketPlan(((3, 2), (1, 0))), units, LocalCommunicator(), name="new",
-                  comm_dtype=None, accumulation=1, hooks=True)
-    assert not old.overlapping and new.overlapping
-    old.arm(early)
-    fresh = Recorder(units)
-    new.arm(fresh)
-    model(torch.randn(2, 3)).backward()
-    assert early.taken == [] and fresh.taken == [(3, 2)]
+    buckets.gradient_ready(model.layers[3].bias, early)
+    assert early.taken == [(3,)]
+    buckets.reset()
+    buckets.gradient_ready(w, early)
+    assert early.taken == [(3,)]

@@ -88,6 +88,13 @@ def _train(rank: int, world: int, job: dict) -> dict:
     if job.get("hvd_wrap"):
         import horovod.torch as hvd
         opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+    # A DDP wrapper added after SENG (Lightning's ddp strategy, Accelerate's prepare).
+    forward = DistributedDataParallel(model) if job.get("ddp_after") else model
+    # A GradScaler on fp32 (its powers of two scale exactly): the scale on .grad, its
+    # overflow check, and the step skipped on every rank when one rank overflows.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if job.get("scaler") else None
+    if scaler is not None and job.get("unscale"):
+        opt.grad_scaler = scaler  # unscale_ before step: SENG reads the scale from here
     calls, params, early, rounds = [], [], [], []
     caught = warnings.catch_warnings(record=True)
     said = caught.__enter__()
@@ -97,7 +104,11 @@ def _train(rank: int, world: int, job: dict) -> dict:
         x, y = _data(encoder, config, k, rank)
         opt.zero_grad()
         for _ in range(job.get("backwards", 1)):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
+            if (k, rank) == job.get("overflow_at"):
+                loss = loss * float("inf")
+            if scaler is not None:
+                loss = scaler.scale(loss)
             if k == 1 and rank in job.get("skip_seq_by_rank", ()):
                 # This rank's backward leaves seq without a gradient: its bucket never fills.
                 loss.backward(inputs=[p for n, p in model.named_parameters() if "seq" not in n])
@@ -106,13 +117,23 @@ def _train(rank: int, world: int, job: dict) -> dict:
         early.append(comm.collectives)  # started during backward
         if k == 3 and "damping_before_step" in job:
             opt.param_groups[0]["damping"] = job["damping_before_step"]
-        opt.step()
+        if scaler is not None and job.get("unscale"):
+            scaler.unscale_(opt)
+        if "clip" in job:  # edits of .grad between backward and step: on the average
+            torch.nn.utils.clip_grad_norm_(model.parameters(), job["clip"])
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         calls.append(list(comm.calls))
         rounds.append(comm.rounds)
         params.append({n: p.detach().clone() for n, p in opt.model.named_parameters()})
     caught.__exit__(None, None, None)
     return {"params": params, "calls": calls, "early": early, "rounds": rounds,
-            "warnings": [str(w.message) for w in said]}
+            "warnings": [str(w.message) for w in said], "steps": opt.step_count,
+            "skipped": opt.nonfinite_steps,
+            "scale": None if scaler is None else scaler.get_scale()}
 
 
 def _jobs(rank: int, world: int, jobs: dict) -> dict:
@@ -125,7 +146,10 @@ def _jobs(rank: int, world: int, jobs: dict) -> dict:
     return out
 
 
-def _emulated(world: int, config: dict, encoder: bool = False) -> list[dict[str, torch.Tensor]]:
+def _emulated(world: int, config: dict, encoder: bool = False, batches: Any = range(STEPS)
+              ) -> list[dict[str, torch.Tensor]]:
+    """The emulation's parameters after each step, step ``i`` on the ``batches[i]``-th
+    shards."""
     # One thread, as on the ranks: BLAS results then match bit for bit, and only the order
     # of the ranks' sums can differ.
     threads = torch.get_num_threads()
@@ -134,7 +158,7 @@ def _emulated(world: int, config: dict, encoder: bool = False) -> list[dict[str,
     try:
         return emulate_distributed(model.double() if _in_float64(config) else model,
                                    [[_data(encoder, config, k, w) for w in range(world)]
-                                    for k in range(STEPS)], **config)
+                                    for k in batches], **config)
     finally:
         torch.set_num_threads(threads)
 
@@ -179,22 +203,19 @@ def test_transformer_ranks_equal_the_single_process_emulation(runs, name):
 
 
 def assert_rounds(run: dict, name: str) -> None:
-    """Lagged is one round per step after the first, blockdiag two; a round is one collective,
-    or several buckets started during backward when overlapped (but on lagged curvature
-    steps, 0 and 2 here, whose corrections need the step's curvature)."""
+    """Lagged is one round per step, blockdiag two; lagged's first step (no previous gradient
+    yet) and its curvature steps (0 and 2 here: their corrections need the step's new
+    curvature) send their corrections in a second round. The gradient round ran during
+    backward (one collective at its end, or buckets as the gradients came when overlapped);
+    the corrections in step()."""
     lagged = "-lagged" in name
-    assert run["rounds"] == ([2] + [1] * (STEPS - 1) if lagged else [2] * STEPS)
-    counts = [len(c) for c in run["calls"]]
-    if not name.endswith("overlap"):
-        assert counts == run["rounds"] and run["early"] == [0] * STEPS
-        return
-    for k, (c, started) in enumerate(zip(run["calls"], run["early"], strict=True)):
-        buckets = [call for call in c if call.round != "seng.correction"]
-        assert len(buckets) >= 3 and len(c) == len(buckets) + (not lagged or k == 0)
-        assert [call.name.split("/")[1] for call in buckets] == \
-            [f"b{j}" for j in range(len(buckets))]
-        # Every bucket but the last (it carries the flags) starts during backward.
-        assert started == (0 if lagged and k == 2 else len(buckets) - 1), (k, started)
+    assert run["rounds"] == ([2, 1, 2, 1] if lagged else [2] * STEPS)
+    for c, started in zip(run["calls"], run["early"], strict=True):
+        sends = [call for call in c if call.round != "seng.correction"]
+        assert started == len(sends) and len(c) - len(sends) <= 1
+        assert len(sends) >= 3 if name.endswith("overlap") else len(sends) == 1
+        assert [call.name.split("/")[1] for call in sends] == \
+            [f"b{j}" for j in range(len(sends))]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -280,6 +301,21 @@ for _name, _job in TRIP_UPS.items():
     EXTRAS[_name] = _job
     EXTRAS[f"{_name}-overlap"] = dict(_job, config=dict(_job["config"], overlap=True,
                                                          bucket_size_mb=TINY_BUCKETS))
+# Edits of .grad between backward and step: clipping, a GradScaler (with unscale_ and
+# clipping), one rank's overflow; and a DDP wrapper added after SENG.
+CLIP = 0.05
+GRAD_EDITS: dict[str, dict[str, Any]] = {
+    "clip": {"clip": CLIP},
+    "scaler": {"scaler": True},
+    "scaler-clip": {"scaler": True, "unscale": True, "clip": CLIP},
+    "overflow": {"scaler": True, "overflow_at": (2, 1)},
+}
+for _edit, _options in GRAD_EDITS.items():
+    for _config in ("blockdiag", "lagged", "blockdiag-overlap", "lagged-overlap"):
+        EXTRAS[f"{_edit}-{_config}"] = dict(_options, config=CONFIGS[f"factored-{_config}"])
+for _variant in ("blockdiag", "lagged"):
+    EXTRAS[f"ddp-after-{_variant}"] = {"config": CONFIGS[f"factored-{_variant}-overlap"],
+                                       "ddp_after": True}
 
 
 @pytest.fixture(scope="module")
@@ -310,24 +346,76 @@ def test_bf16_buffer_halves_the_bytes_and_stays_close(extras):
 
 
 @pytest.mark.parametrize("name", list(TRIP_UPS))
-def test_overlap_equals_the_step_time_round_whatever_happens_between_backward_and_step(
+def test_overlap_equals_the_round_at_the_end_of_backward_whatever_happens_before_step(
         extras, name):
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
     for res in extras:
         ran, want = res[f"{name}-overlap"], res[name]
         assert _displacement_error(ran["params"], want["params"], start) <= 1e-6
-    ran = extras[0][f"{name}-overlap"]
-    assert ran["early"][1] > 0  # step 1 started buckets during backward
     lagged = not name.startswith("blockdiag")
-    assert ran["rounds"] == ([2, 1, 1, 1] if lagged else [2] * STEPS)
-    stale = [w for w in ran["warnings"] if "backward ran 2 times" in w]
-    assert len(stale) == (name == "untold-accumulation")
-    # Step 2 (a curvature step: nothing lagged starts early, nothing goes stale) is the plain
-    # count; stale early buckets mean the whole round again from step(), on every rank.
-    calls = [len(c) for c in ran["calls"]]
-    resent = {"untold-accumulation": (1, 3), "damping-changed": (3,)}.get(name, ())
-    for k in (1, 3):
-        assert calls[k] == calls[2] * (2 if k in resent else 1), (k, calls)
+    for overlap in (False, True):
+        ran = extras[0][name + ("-overlap" if overlap else "")]
+        corrections = [sum(c.round == "seng.correction" for c in calls)
+                       for calls in ran["calls"]]
+        # Lagged: its first and curvature steps, and a step whose damping changed after its
+        # corrections travelled with the gradients.
+        assert corrections == ([1, 0, 1, int(name == "damping-changed")] if lagged
+                               else [1] * STEPS), corrections
+        sends = [len(c) - n for c, n in zip(ran["calls"], corrections, strict=True)]
+        # Every gradient bucket went during backward; an untold second pass averages again.
+        assert ran["early"] == sends and len(set(sends)) == 1
+        per_pass = sends[0] // (2 if name == "untold-accumulation" else 1)
+        assert per_pass >= 3 if overlap else per_pass == 1
+        untold = [w for w in ran["warnings"] if "backward ran 2 times" in w]
+        assert len(untold) == (name == "untold-accumulation")
+
+
+def _plain(name: str) -> str:
+    """The CONFIGS entry a grad-edit job runs."""
+    return name.split("-", 1)[1].replace("clip-", "")
+
+
+@pytest.mark.parametrize("name", [n for n in EXTRAS if n.startswith(("clip-", "scaler-"))])
+def test_edits_of_grad_between_backward_and_step_act_on_the_averaged_gradient(extras, name):
+    """Clipping, and a GradScaler's scale and unscale_, after backward: the step is the one
+    of the averaged gradient so edited (SENG's own max_grad_norm clips it the same way)."""
+    start = {n: p.detach() for n, p in make_mixed().named_parameters()}
+    config = CONFIGS[f"factored-{_plain(name)}"]
+    clipped = "clip" in name
+    ref = _emulated(2, dict(config, max_grad_norm=CLIP) if clipped else config)
+    for res in extras:
+        assert _displacement_error(res[name]["params"], ref, start) <= 1e-6
+        assert not [w for w in res[name]["warnings"] if "SENG" in w]
+    if clipped:  # the clipping bites
+        assert _displacement_error(extras[0][name]["params"], _emulated(2, config), start) > 0.1
+
+
+@pytest.mark.parametrize("name", [n for n in EXTRAS if n.startswith("overflow-")])
+def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(extras, name):
+    """Rank 1's loss is Inf at iteration 2 (a curvature step): every rank skips it, its
+    GradScaler halves the scale, and step 2 is then taken on iteration 3's batch."""
+    start = {n: p.detach() for n, p in make_mixed().named_parameters()}
+    ref = _emulated(2, CONFIGS[f"factored-{_plain(name)}"], batches=[0, 1, 3])
+    for res in extras:
+        run = res[name]
+        assert (run["steps"], run["skipped"], run["scale"]) == (STEPS - 1, 1, 2.0**9)
+        kept = [run["params"][i] for i in (0, 1, 3)]
+        assert _displacement_error(kept, ref, start) <= 1e-6
+        for n, p in run["params"][2].items():
+            assert torch.equal(p, run["params"][1][n]), n
+
+
+@pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
+def test_a_ddp_wrapper_added_after_seng_stops_its_gradient_round(extras, variant):
+    start = {n: p.detach() for n, p in make_mixed().named_parameters()}
+    ref = _emulated(2, CONFIGS[f"factored-{variant}"])
+    for res in extras:
+        run = res[f"ddp-after-{variant}"]
+        assert _displacement_error(run["params"], ref, start) <= 1e-6
+        assert [w for w in run["warnings"] if "DistributedDataParallel wraps the model" in w]
+        # From the second step on, SENG sends only its corrections (with their flags).
+        assert [len(c) for c in run["calls"][1:]] == [1] * (STEPS - 1)
+        assert {c.round for c in run["calls"][1]} == {"seng.correction"}
 
 
 def test_ranks_start_from_rank_zeros_parameters(extras):

@@ -1,0 +1,164 @@
+"""Backward passes as SENG sees them: which parameter's gradient arrived, when a pass ended,
+and how many passes the current step's gradients hold.
+
+:class:`BackwardPasses` puts a post-accumulate-grad hook on every trainable parameter the
+optimizer updates. The first gradient of a pass queues a callback that the autograd engine runs
+when that backward call is over (as DDP's reducer does), so listeners hear of every gradient
+as it is accumulated and of the end of each pass. Two counts follow from that:
+
+* ``completed``: passes since construction. The capture starts a fresh record at its first
+  call after a pass ended, so a micro-batch's records never mix with the previous one's,
+  however the model is called (its own forward, or its submodules directly).
+* ``in_window``: passes since the step's gradients were last cleared (``step()``, the
+  optimizer's ``zero_grad()``, or gradients found reset to None when a pass starts, as
+  ``model.zero_grad()`` does). It is the number of micro-batches the gradients accumulate,
+  whether or not the user told SENG.
+
+A pass's end is queued from the model's output gradient when the model's own forward produced
+the output: that hook runs in the outermost backward, so a reentrant checkpoint's inner
+backward (run inside it) does not end the pass early. Without it (submodules called directly)
+the first parameter gradient queues the callback.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import Variable
+from torch.utils._pytree import tree_leaves
+from torch.utils.hooks import RemovableHandle
+from torch.utils.weak import WeakIdKeyDictionary
+
+# Which BackwardPasses owns each parameter's hook: a newer SENG on the same parameters takes
+# over, so an abandoned optimizer never starts collectives no step() of its will wait for.
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+class PassListener(Protocol):
+    """What a :class:`BackwardPasses` tells."""
+
+    def gradient(self, param: Tensor, passes: int) -> None:
+        """``param``'s gradient was accumulated in the pass ``passes + 1`` of the window."""
+
+    def pass_ended(self, passes: int) -> None:
+        """A pass that reached the parameters ended; the window now holds ``passes``."""
+
+    def window_opened(self) -> None:
+        """The gradients were cleared: a new step's accumulation starts."""
+
+
+class BackwardPasses:
+    """The backward passes that reach ``params`` (see the module docstring).
+
+    Args:
+        model: the module whose forward's outputs mark the outermost backward.
+        params: the parameters to watch (the trainable ones get a hook).
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[Tensor]) -> None:
+        #: passes ended since construction
+        self.completed = 0
+        #: passes ended since the gradients were last cleared
+        self.in_window = 0
+        self.listeners: list[PassListener] = []
+        self._queued = False  # the end of the running pass is queued
+        self._touched = False  # a watched gradient arrived in the running pass
+        self._last: Tensor | None = None  # the last parameter whose gradient arrived
+        self._me = weakref.ref(self)
+        self._handles: list[RemovableHandle] = [
+            model.register_forward_hook(partial(_on_output, self._me))]
+        self.watch(params)
+
+    def watch(self, params: Sequence[Tensor]) -> None:
+        """Hook the trainable ones of ``params`` (taking them over from an older owner)."""
+        for p in params:
+            if not p.requires_grad:
+                continue
+            self._handles.append(
+                p.register_post_accumulate_grad_hook(partial(_on_grad, self._me)))
+            previous = _OWNERS.get(p)
+            owner = previous() if previous is not None else None
+            if owner is not None and owner is not self:
+                owner.close()
+            _OWNERS[p] = self._me
+
+    def close(self) -> None:
+        """Remove the hooks (a newer optimizer took the parameters over)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def watching(self) -> bool:
+        """Whether the hooks are in place."""
+        return bool(self._handles)
+
+    def open_window(self) -> None:
+        """The gradients were cleared or consumed: the next pass is a new step's first.
+        Called from user code (``step()``, ``zero_grad()``), never during a pass: a pass that
+        raised before its end is forgotten too."""
+        self._queued = self._touched = False
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self.in_window = 0
+        self._last = None
+        for listener in self.listeners:
+            listener.window_opened()
+
+    def queue_end(self) -> None:
+        """Have the autograd engine call :meth:`_end` when the running backward is over
+        (once per pass). Call only from inside a backward pass."""
+        if not self._queued:
+            self._queued = True
+            # torch has no public hook for "backward is over"; DDP and FSDP use this one.
+            Variable._execution_engine.queue_callback(self._end)  # noqa: SLF001
+
+    def gradient(self, param: Tensor) -> None:
+        """The hook: ``param``'s gradient was accumulated."""
+        if not self._touched:
+            self._touched = True
+            # model.zero_grad() (set_to_none) between passes, with no step(): a new window.
+            if self._last is not None and self._last is not param and self._last.grad is None:
+                self._new_window()
+        self._last = param
+        self.queue_end()
+        for listener in self.listeners:
+            listener.gradient(param, self.in_window)
+
+    def _end(self) -> None:
+        self._queued = False
+        if not self._touched:  # e.g. torch.autograd.grad: nothing was accumulated
+            return
+        self._touched = False
+        self.completed += 1
+        self.in_window += 1
+        for listener in self.listeners:
+            listener.pass_ended(self.in_window)
+
+
+def _on_grad(passes: weakref.ref[BackwardPasses], param: Tensor) -> None:
+    owner = passes()
+    if owner is not None:
+        owner.gradient(param)
+
+
+def _on_output(passes: weakref.ref[BackwardPasses], module: nn.Module, inputs: Any,
+               output: Any) -> None:
+    owner = passes()
+    if owner is None or not torch.is_grad_enabled():
+        return
+    for t in tree_leaves(output):
+        if isinstance(t, Tensor) and t.requires_grad:
+            t.register_hook(partial(_on_output_grad, passes))
+
+
+def _on_output_grad(passes: weakref.ref[BackwardPasses], grad: Tensor) -> None:
+    owner = passes()
+    if owner is not None and owner.watching:
+        owner.queue_end()
