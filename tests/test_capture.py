@@ -8,11 +8,17 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EXACT_EXPLICIT, check_exact
+from conftest import EXACT_EXPLICIT, check_exact, seng_directions
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from seng_dist import SENG
-from seng_dist.testing import relative_error
+from seng_dist.testing import (
+    block_matrix,
+    per_sample_gradients,
+    reference_directions,
+    relative_error,
+)
 
 
 def _check_exact(model, layers, x, y, **kw):
@@ -243,3 +249,76 @@ def test_torchvision_style_resnet_runs_with_inplace_ops():
             opt.step()
     assert all("K" in opt.state[b.weight] for b in opt.blocks)
     assert opt.curvature_updates == 2
+
+
+class Stack(nn.Module):
+    """Three Linear blocks; the middle one optionally under activation checkpointing, and
+    optionally an extra call of the head on a detached input (as a logging hook might)."""
+
+    def __init__(self, checkpointed: str = "", extra_call: bool = False) -> None:
+        super().__init__()
+        self.body, self.mid, self.head = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.checkpointed, self.extra_call = checkpointed, extra_call
+
+    def inner(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.mid(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        if self.checkpointed:
+            h = checkpoint(self.inner, h, use_reentrant=self.checkpointed == "reentrant")
+        else:
+            h = self.inner(h)
+        if self.extra_call:
+            self.head(h.detach())  # its output never gets a gradient
+        return self.head(h)
+
+
+STACK = ["body", "mid", "head"]
+
+
+@pytest.mark.parametrize("model", [Stack("reentrant"), Stack("non-reentrant"),
+                                   Stack(extra_call=True)],
+                         ids=["reentrant-checkpoint", "non-reentrant-checkpoint",
+                              "detached-extra-call"])
+def test_checkpointed_layers_and_extra_calls_keep_their_exact_curvature(model):
+    torch.manual_seed(0)
+    model.load_state_dict(Stack().state_dict())
+    x, y = _data((5,), n=8, classes=3)
+    plain = Stack()
+    plain.load_state_dict(model.state_dict())
+    ref = reference_directions(plain, x, y, STACK, 0.3)
+    opt = SENG(model, **EXACT_EXPLICIT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no layer may go without curvature
+        d = seng_directions(opt, model, x, y)
+    for layer in STACK:
+        assert relative_error(d[layer], ref[layer]) < 1e-5, layer
+
+
+@pytest.mark.parametrize("told", [True, False], ids=["told", "untold"])
+def test_micro_batches_through_submodules_take_the_last_ones_curvature(told):
+    """Two micro-batches, the loss divided by 2 (as HF Trainer, Accelerate and Lightning do,
+    told to SENG or not), the model called through its submodules: U is the last
+    micro-batch's per-sample gradients, g the mean over both."""
+    torch.manual_seed(0)
+    model = Stack()
+    x, y = _data((5,), n=12, classes=3)
+    halves = [(x[:6], y[:6]), (x[6:], y[6:])]
+    opt = SENG(model, **EXACT_EXPLICIT, gradient_accumulation_steps=2 if told else 1)
+    per_sample = [per_sample_gradients(model, xb, yb) for xb, yb in halves]
+    for xb, yb in halves:
+        out = model.head(model.inner(torch.tanh(model.body(xb))))
+        (F.cross_entropy(out, yb) / 2).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    opt.step()  # lr 1 from θ = 0: the parameters are the direction
+    for layer in STACK:
+        u = block_matrix(per_sample[-1], layer).flatten(1)
+        g = torch.cat([block_matrix(s, layer).flatten(1) for s in per_sample]).mean(0)
+        Ut = u / u.shape[0] ** 0.5
+        b = torch.linalg.solve(0.3 * torch.eye(len(Ut), dtype=Ut.dtype) + Ut @ Ut.T, Ut @ g)
+        want = -(g - b @ Ut) / 0.3
+        got = next(blk for blk in opt.blocks if blk.name == layer).param_matrix()
+        assert relative_error(got.flatten(), want) < 1e-5, layer
