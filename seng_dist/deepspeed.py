@@ -12,9 +12,10 @@ gradients in backward and SENG averages only its corrections; with ``variant="la
 engine's backward allreduce is switched off and SENG's single fused round carries the
 gradient.
 
-Supported in this release: ZeRO stage 0; fp32 training or ``torch_autocast`` (bf16 with both
-variants, fp16 with ``blockdiag``: the engine's GradScaler skips overflow steps, which then
-never enter SENG's curvature, and its loss scale is divided out of the curvature);
+Supported in this release: ZeRO stage 0; fp32 training or ``torch_autocast`` (bf16 or fp16,
+both variants: the gradients are averaged when backward ends, so the engine's GradScaler finds
+an overflow on every rank alike, and SENG skips that step, its curvature update included, on
+every rank; the loss scale is divided out of the curvature);
 ``train_micro_batch_size_per_gpu``; ``gradient_accumulation_steps`` (the curvature comes from
 the last micro-batch of each step, rescaled for the engine's ``1/accumulation`` loss scaling);
 ``gradient_clipping`` with both variants (SENG clips the averaged gradient); lr schedulers
@@ -76,14 +77,6 @@ def seng_params(cfg: dict) -> dict | None:
                              "fp32 master copies, not the layers' parameters. Replace the "
                              f'"{key}" section by "torch_autocast": {{"enabled": true, '
                              f'"dtype": "{dtype}"}} (fp32 parameters, {dtype} forward)')
-    if _enabled(cfg, "torch_autocast"):
-        dtype = str(cfg["torch_autocast"].get("dtype", "bfloat16")).lower()
-        if dtype in ("float16", "fp16", "half", "torch.float16") and \
-                SENGConfig.from_settings(**params).distributed.variant == "lagged":
-            raise ValueError("ds_config torch_autocast with dtype float16 and SENG variant "
-                             "'lagged' is not supported: the engine's GradScaler would check "
-                             "each rank's local gradient for overflow, so ranks could disagree "
-                             "on skipping a step. Use variant 'blockdiag' or dtype 'bfloat16'")
     gas = cfg.get("gradient_accumulation_steps", 1)
     if gas in ("auto", None):
         gas = 1
@@ -141,8 +134,8 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
         args.deepspeed_config = None
     engine, opt, loader, scheduler = deepspeed.initialize(args=args, model=model,
                                                           optimizer=seng, config=cfg, **kwargs)
-    # fp16 autocast: the engine's GradScaler unscales the gradients and skips overflow steps;
-    # SENG divides its scale out of the captured output gradients.
+    # fp16 autocast: the engine's GradScaler hands SENG's step() its scale and overflow check
+    # (SENG unscales and skips); told here too, for a caller that unscales first.
     seng.grad_scaler = engine.torch_autocast_z0_gradscaler
     if lagged:
         engine.enable_backward_allreduce = False
