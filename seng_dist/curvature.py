@@ -24,6 +24,7 @@ from torch import Tensor
 from . import solver
 from .config import SketchConfig
 from .layers import Block, PerSample
+from .warn import warn
 
 _GRAM = "K"
 
@@ -46,6 +47,7 @@ class BlockCurvature(ABC):
         self._states = state
         self._generator = generator
         self._inverse: tuple[float, Tensor] | None = None
+        self._warned_damping = False
 
     @property
     def _state(self) -> dict[str, Any]:
@@ -91,17 +93,20 @@ class BlockCurvature(ABC):
         return {k: self._state[k] for k in self.KEYS if k in self._state}
 
     def load_state_dict(self, entries: dict[str, Tensor]) -> None:
-        """Take saved curvature tensors: floating ones in the parameter's dtype, the sketches'
-        row indices as saved (they must stay integers), all on the parameter's device."""
+        """Take saved curvature tensors: floating ones in the parameter's dtype (``K`` in
+        :func:`~seng_dist.solver.gram_dtype`'s), the sketches' row indices as saved (they must
+        stay integers), all on the parameter's device."""
         unknown = sorted(set(entries) - set(self.KEYS))
         if unknown:
             raise ValueError(f"curvature state of layer {self.block.name!r} has entries "
                              f"{unknown} that the {self.PATH} path does not keep")
         self.clear()
         w = self.block.weight
+        dtypes = {_GRAM: solver.gram_dtype(w.dtype)}
         if entries:
-            self._states[w].update({k: v.to(w.device, w.dtype) if v.is_floating_point()
-                                    else v.to(w.device) for k, v in entries.items()})
+            self._states[w].update({k: v.to(w.device, dtypes.get(k, w.dtype))
+                                    if v.is_floating_point() else v.to(w.device)
+                                    for k, v in entries.items()})
 
     def clear(self) -> None:
         """Forget the curvature (and the cached inverse)."""
@@ -126,8 +131,36 @@ class BlockCurvature(ABC):
 
     def _damped_inverse(self, damping: float) -> Tensor:
         if self._inverse is None or self._inverse[0] != damping:
-            self._inverse = (damping, solver.damped_inverse(self._state[_GRAM], damping))
+            K = self._state[_GRAM]
+            try:
+                inverse = solver.damped_inverse(K, damping)
+            except ValueError as e:
+                raise ValueError(f"SENG: layer {self.block.name!r} cannot be preconditioned at "
+                                 f"damping {damping:g}: {e}") from e
+            except torch.linalg.LinAlgError as e:
+                raise RuntimeError(f"SENG: layer {self.block.name!r} cannot be preconditioned "
+                                   f"at damping {damping:g}: the eigendecomposition of its "
+                                   f"Gram matrix K failed ({e})") from e
+            self._warn_small_damping(K, damping)
+            self._inverse = (damping, inverse)
         return self._inverse[1]
+
+    def _warn_small_damping(self, K: Tensor, damping: float) -> None:
+        """Say once when ``λ`` is below the rounding level ``ε·tr(K)`` of the Gram matrix: K's
+        eigenvalues under it are noise, treated by the solve as outside the span of the ϱ
+        samples, where the step is ``1/λ`` times the gradient (λ 1e-12 took a CNN's
+        parameters to Inf in 4 steps at lr 0.1)."""
+        level = solver.rounding_level(K)
+        if self._warned_damping or damping >= level:
+            return
+        self._warned_damping = True
+        trace = float(K.diagonal().sum())
+        warn(f"SENG: damping {damping:g} is below the rounding level of layer "
+             f"{self.block.name!r}'s curvature ({str(K.dtype).removeprefix('torch.')} "
+             f"ε·tr(K) = {level:.2g}): K's eigenvalues under it are rounding noise, and the "
+             f"step outside the span of its ϱ samples is the (whitened) gradient times "
+             f"1/λ = {1 / damping:.2g}. Use a damping between {level:.2g} and "
+             f"tr(K) = {trace:.2g}, with lr scaled alike")
 
     def _sketch(self, M: Tensor, q: int | None) -> Any:
         """Draw a row sketch of the columns of ``M`` (``None``: no sketch is needed)."""
@@ -152,6 +185,7 @@ class ExplicitCurvature(BlockCurvature):
             Ut = Ut * whitening.reshape(1, -1)
         sk = self._sketch(Ut, self.settings.sketch_size)
         X = solver.sketch_columns(Ut, sk)
+        X = X.to(solver.gram_dtype(X.dtype))
         out = {"U": Ut, _GRAM: X @ X.T}
         if sk is not None:
             out.update(Xz=solver.sketch_columns(Ut, sk, power=2), sketch_idx=sk[0])
@@ -161,7 +195,8 @@ class ExplicitCurvature(BlockCurvature):
         st = self._state
         U = st["U"]
         coeff = solver.explicit_utz(st.get("Xz", U), z.reshape(-1), st.get("sketch_idx"))
-        return [solver.explicit_uc(U, inverse @ coeff).view(self.block.n_G, self.block.n_A)]
+        c = solver.apply_inverse(inverse, coeff)
+        return [solver.explicit_uc(U, c).view(self.block.n_G, self.block.n_A)]
 
 
 class ImplicitCurvature(BlockCurvature):
@@ -204,15 +239,17 @@ class ImplicitCurvature(BlockCurvature):
             if sk is not None:
                 out[f"Y{side}"] = solver.sketch_columns(F, sk, power=2)
                 out[f"sketch_{side.lower()}_idx"] = sk[0]
-        out[_GRAM] = solver.implicit_gram(xs[0], xs[1], G.shape[1])
+        dtype = solver.gram_dtype(Gf.dtype)
+        out[_GRAM] = solver.implicit_gram(xs[0].to(dtype), xs[1].to(dtype), G.shape[1])
         return out
 
     def _correction(self, z: Tensor, inverse: Tensor) -> list[Tensor]:
         st = self._state
         Gf, Af = st["Gf"], st["Af"]
         r = Gf.shape[0] // st[_GRAM].shape[0]
-        c = inverse @ solver.implicit_utz(st.get("YG", Gf), st.get("YA", Af), z, r,
-                                          st.get("sketch_g_idx"), st.get("sketch_a_idx"))
+        c = solver.apply_inverse(inverse, solver.implicit_utz(
+            st.get("YG", Gf), st.get("YA", Af), z, r, st.get("sketch_g_idx"),
+            st.get("sketch_a_idx")))
         if self.settings.uc == "exact":
             return [solver.implicit_uc_exact(Gf, Af, c, r)]
         gc, ac = solver.partial_factors(Gf, Af, c, r)

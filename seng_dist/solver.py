@@ -229,15 +229,56 @@ def implicit_uc_factored(Gf: Tensor, Af: Tensor, c: Tensor, r: int) -> Tensor:
 
 # --------------------------------------------------------------------------- the small solve
 
-def damped_inverse(K: Tensor, damping: float) -> Tensor:
-    """``(K + λI)⁻¹`` through its Cholesky factor, computed in float64, returned in K's dtype.
+def gram_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the Gram matrix ``K`` of factors in ``dtype`` is computed and kept in: at least
+    float32. Rounded to bf16, ``K`` has eigenvalues down to -5e-4·‖K‖ (measured), below many
+    runs' ``-λ``; products of bf16 or fp16 factors are exact in float32."""
+    return torch.promote_types(dtype, torch.float32)
 
-    float64 because ``λ`` may be tiny next to ``‖K‖``; the matrix is only ``ϱ×ϱ`` and is
-    cached by the caller while ``λ`` is unchanged, so a step costs one matrix-vector product.
+
+def rounding_level(K: Tensor) -> float:
+    """``ε·tr(K)`` (``ε`` of K's dtype): the size of K's rounding errors, under which its
+    eigenvalues are noise."""
+    return torch.finfo(K.dtype).eps * float(K.diagonal().sum())
+
+
+def damped_inverse(K: Tensor, damping: float) -> Tensor:
+    """``(K + λI)⁻¹`` for a Gram matrix ``K``, positive semi-definite up to its rounding.
+
+    While ``tr(K)/λ ≤ ε^-½`` (``ε`` of K's dtype) the inverse is rounded to K's dtype with
+    errors below ``√ε`` (computed through Cholesky in float64, as release 0.1.0 did: its
+    checkpoints resume bit-exactly). Below that damping the small solve is kept in float64 and
+    goes through the symmetric eigendecomposition of ``K``: rounding (bf16 factors, a whitened
+    Gram spanning 1e6 to 1e-2) leaves negative eigenvalues larger than a small ``λ``, where
+    Cholesky fails, and an inverse rounded to K's dtype keeps its ``1/λ`` entries and buries
+    the ``1/σ²`` of the curvature's own directions. The eigenvalues are clamped at 0, and
+    ``σ² + λ`` at :func:`rounding_level`: a direction whose curvature is lost in rounding is
+    treated as outside the span of ``U`` (step ``-g/λ``) rather than amplified by ``1/λ`` times
+    its noise. The matrix is only ``ϱ×ϱ`` and is cached by the caller while ``λ`` is unchanged;
+    apply it with :func:`apply_inverse`. ``ValueError`` if ``K`` or the inverse is not finite.
     """
     k = K.to(torch.float64)
-    eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
-    return torch.cholesky_inverse(torch.linalg.cholesky(k + damping * eye)).to(K.dtype)
+    if not bool(torch.isfinite(k).all()):
+        raise ValueError("its Gram matrix K holds NaN or Inf")
+    level = rounding_level(K)
+    inverse = None
+    if level <= damping * torch.finfo(K.dtype).eps ** 0.5:  # tr(K)/λ ≤ ε^-½
+        eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+        factor, info = torch.linalg.cholesky_ex(k + damping * eye)
+        if int(info) == 0:  # else K is far from PSD, not a rounded Gram: clamp it below
+            inverse = torch.cholesky_inverse(factor).to(K.dtype)
+    if inverse is None:
+        values, vectors = torch.linalg.eigh((k + k.T) / 2)
+        inverse = (vectors / (values.clamp_min(0.0) + damping).clamp_min(level)) @ vectors.T
+    if not bool(torch.isfinite(inverse).all()):  # K ≈ 0 and a subnormal λ
+        raise ValueError(f"(K + λI)⁻¹ overflows {str(inverse.dtype).removeprefix('torch.')}")
+    return inverse
+
+
+def apply_inverse(inverse: Tensor, v: Tensor) -> Tensor:
+    """``(K + λI)⁻¹ v`` in the precision of :func:`damped_inverse`'s result, in ``v``'s
+    dtype."""
+    return (inverse @ v.to(inverse.dtype)).to(v.dtype)
 
 
 def all_finite(tensors: list[Tensor]) -> bool:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from seng_dist import solver
+from seng_dist import SENG, solver
 
 
 def _factors(rho=6, kappa=9, n_g=5, n_a=7, seed=0):
@@ -94,10 +99,174 @@ def test_sample_rows_without_replacement(method):
     assert pi.sum().item() == pytest.approx(20) and torch.all(pi <= 1)
 
 
-def test_damped_inverse():
-    M = torch.randn(5, 5, dtype=torch.float64)
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _low_rank_rows(rho, n, rank, dtype, seed=0):
+    """``ϱ`` rows of length ``n`` spanning only ``rank`` dimensions, with a decaying spectrum
+    (per-sample gradients: ϱ > n on a BatchNorm block, a few directions dominate)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(rho, rank, generator=g, dtype=torch.float64)
+    a = a * torch.exp(-0.05 * torch.arange(rank, dtype=torch.float64))
+    return (a @ torch.randn(rank, n, generator=g, dtype=torch.float64) / n ** 0.5).to(dtype)
+
+
+def test_damped_inverse_keeps_k_dtype_while_well_conditioned():
+    M = torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     K = (M @ M.T).float()
-    inv = solver.damped_inverse(K, 1e-3)
-    expected = torch.linalg.inv(K.double() + 1e-3 * torch.eye(5, dtype=torch.float64))
+    damping = 1.01 * float(K.trace()) * EPS32 ** 0.5  # near the smallest rounded to float32
+    inv = solver.damped_inverse(K, damping)
+    expected = torch.linalg.inv(K.double() + damping * torch.eye(5, dtype=torch.float64))
     assert inv.dtype == torch.float32
-    assert torch.allclose(inv.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+    # float32 rounding of an inverse whose condition number is at most 1/√ε
+    assert torch.allclose(inv.double(), expected, rtol=0, atol=EPS32 ** 0.5 * expected.abs().max())
+    assert solver.damped_inverse(K, damping / 2).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype, damping", [(torch.float32, 1e-9), (torch.bfloat16, 1e-3)],
+                         ids=["float32", "bfloat16"])
+def test_damped_inverse_clamps_a_gram_that_rounding_left_indefinite(dtype, damping):
+    # ϱ = 32 samples of a 16-entry block: K has 16 zero eigenvalues, rounded to ±ε·‖K‖.
+    X = _low_rank_rows(32, 16, 16, dtype)
+    K = X @ X.T
+    values = torch.linalg.eigvalsh(K.double())
+    assert values.min() < -damping  # where Cholesky raised (issue 27: λ 1e-9, bf16 λ 1e-3)
+    inv = solver.damped_inverse(K, damping)
+    assert inv.dtype == torch.float64 and torch.allclose(inv, inv.T)
+    spectrum = torch.linalg.eigvalsh(inv)
+    # K's eigenvalues clamped at 0, K + λI's at K's rounding level: the inverse is positive
+    # definite, at most 1/λ, and never amplifies rounding noise past 1/(ε·tr K)
+    level = solver.rounding_level(K)
+    assert spectrum.min() > 0 and spectrum.max() <= (1 + 1e-9) / max(damping, level)
+    assert spectrum.max() > (1 - 1e-9) / max(damping, level)  # the noise is treated as zero
+    # and on K's directions far above its rounding it inverts K + λI, to float64's rounding
+    # of a product with entries up to 1/λ
+    k = K.double()
+    values, vectors = torch.linalg.eigh((k + k.T) / 2)
+    top = vectors[:, values > level]
+    eye = torch.eye(32, dtype=torch.float64)
+    tol = 32 * torch.finfo(torch.float64).eps * float(k.trace()) / damping
+    assert torch.allclose(inv @ ((k + damping * eye) @ top), top, atol=tol)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_small_damping_direction_keeps_half_of_float32_digits(seed):
+    # ϱ = 128 float32 rows of rank 40 at λ = 1e-3 (tr(K)/λ ≈ 1e6): an inverse rounded to
+    # float32 lost the curvature's 1/σ² under its 1/λ entries (errors 5e-3 to 2e-2).
+    Ut = _low_rank_rows(128, 2000, 40, torch.float32, seed)
+    extra = _low_rank_rows(1, 2000, 1, torch.float64, seed + 100)[0]
+    g = (Ut.double().mean(0) * 3 + 0.3 * extra).float()
+    damping = 1e-3
+    U = Ut.double()
+    b = torch.linalg.solve(U @ U.T + damping * torch.eye(128, dtype=torch.float64),
+                           U @ g.double())
+    expected = solver.direction(g.double(), b @ U, damping)
+    c = solver.apply_inverse(solver.damped_inverse(Ut @ Ut.T, damping), Ut @ g)
+    d = solver.direction(g, solver.explicit_uc(Ut, c), damping)
+    assert c.dtype == torch.float32
+    assert float((d.double() - expected).norm() / expected.norm()) < EPS32 ** 0.5
+
+
+def test_damped_inverse_refuses_what_it_cannot_invert():
+    K = torch.zeros(4, 4)  # the Gram of a layer without gradients
+    with pytest.raises(ValueError, match=r"\(K \+ λI\)⁻¹ overflows float32"):
+        solver.damped_inverse(K, 1e-39)  # 1/λ beyond float32
+    with pytest.raises(ValueError, match=r"\(K \+ λI\)⁻¹ overflows float64"):
+        solver.damped_inverse(K.double(), 1e-320)
+    K[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="K holds NaN or Inf"):
+        solver.damped_inverse(K, 1.0)
+
+
+def test_gram_dtype_is_at_least_float32():
+    assert solver.gram_dtype(torch.bfloat16) == torch.float32
+    assert solver.gram_dtype(torch.float16) == torch.float32
+    assert solver.gram_dtype(torch.float32) == torch.float32
+    assert solver.gram_dtype(torch.float64) == torch.float64
+
+
+# --------------------------------------------------------------------------- issue 27's runs
+
+def _cnn_run(damping, dtype=torch.float32, lr=None, steps=3, **settings):
+    """A Conv2d (with bias) + BatchNorm + Linear CNN on 64 random 8×8 images, SENG rebuilding
+    its curvature every step; ``lr`` defaults to ``0.1·λ`` (a step of 0.1 g outside the
+    curvature's span). Returns the optimizer, the losses and the model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 10)).to(dtype)
+    opt = SENG(model, damping=damping, lr=0.1 * damping if lr is None else lr,
+               curvature_update_interval=1, **settings)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 1, 8, 8, generator=g).to(dtype)
+    y = torch.randint(10, (64,), generator=g)
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return opt, losses, model
+
+
+@pytest.mark.parametrize("dtype, damping", [(torch.float32, 1e-9), (torch.bfloat16, 1e-7)],
+                         ids=["float32-1e-9", "bfloat16-1e-7"])
+def test_small_damping_trains(dtype, damping):
+    # Cholesky raised at step 0: K rounded to negative eigenvalues larger than λ.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the damping is below the layers' rounding level
+        opt, losses, model = _cnn_run(damping, dtype, steps=4)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert losses[-1] < losses[0]
+    for b in opt.blocks:  # bf16 factors, float32 Gram: bf16's rounding of K is not kept
+        assert opt.state[b.weight]["K"].dtype == torch.float32
+    opt.load_state_dict(opt.state_dict())
+    assert all(opt.state[b.weight]["K"].dtype == torch.float32 for b in opt.blocks)
+
+
+@pytest.mark.parametrize("dtype, damping, lr, settings", [
+    (torch.bfloat16, 1e-3, 3e-3, {}),
+    # the conv bias's gradient is ~0 before BatchNorm, so Adam's W is ~1e4 on it and the
+    # whitened K spans 1e7 down to rounding
+    (torch.float32, 1e-2, 1e-2, {"damping_diagonal": "adam"}),
+], ids=["bfloat16-1e-3", "adam-1e-2"])
+def test_an_indefinite_gram_does_not_stop_training(dtype, damping, lr, settings):
+    # Cholesky raised at step 1, once the first (large: lr/λ = 3 and 1) step had moved the
+    # parameters; now the steps go on, as large as lr/λ makes them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, losses, model = _cnn_run(damping, dtype, lr=lr, steps=4, **settings)
+    assert len(losses) == 4 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_damping_below_the_rounding_level_is_warned_once_per_layer():
+    # λ = 1e-12 at lr 0.1: the step outside the span of the ϱ samples is 1e11·g, so the
+    # parameters overflow within 4 steps; that must not happen silently.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, model = _cnn_run(1e-12, lr=0.1, steps=4)
+    said = {m.split("'")[1]: m for m in (str(w.message) for w in caught)
+            if "rounding level" in m}
+    assert len(said) == sum("rounding level" in str(w.message) for w in caught)  # once each
+    assert set(said) == {"0", "1", "4"}
+    assert re.fullmatch(r"SENG: damping 1e-12 is below the rounding level of layer '4''s "
+                        r"curvature \(float32 ε·tr\(K\) = (\S+)\): .* times 1/λ = 1e\+12\. "
+                        r"Use a damping between \1 and tr\(K\) = \S+, with lr scaled alike",
+                        said["4"])
+    assert not all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_gram_that_cannot_be_inverted_names_the_layer_and_damping(monkeypatch):
+    opt, _, _ = _cnn_run(0.5, steps=1)
+    conv = opt.blocks[0]
+    opt.state[conv.weight]["K"][0, 0] = float("nan")  # as a corrupted checkpoint could hold
+    with pytest.raises(ValueError, match=r"layer '0' cannot be preconditioned at damping 0\.25"
+                                         r": its Gram matrix K holds NaN or Inf"):
+        opt.curvature.curvatures[0].correction(conv.grad_matrix(), 0.25)
+
+    def fails(_):
+        raise torch.linalg.LinAlgError("did not converge")
+    monkeypatch.setattr(torch.linalg, "eigh", fails)
+    with pytest.raises(RuntimeError, match=r"layer '4' cannot be preconditioned at damping "
+                                           r"1e-09: the eigendecomposition .*\(did not converge\)"):
+        opt.curvature.curvatures[2].correction(opt.blocks[2].grad_matrix(), 1e-9)
