@@ -375,34 +375,48 @@ def _plain(name: str) -> str:
     return name.split("-", 1)[1].replace("clip-", "")
 
 
-@pytest.mark.parametrize("name", [n for n in EXTRAS if n.startswith(("clip-", "scaler-"))])
-def test_edits_of_grad_between_backward_and_step_act_on_the_averaged_gradient(extras, name):
+def check_grad_edit(name: str, ranks: list[dict]) -> None:
     """Clipping, and a GradScaler's scale and unscale_, after backward: the step is the one
     of the averaged gradient so edited (SENG's own max_grad_norm clips it the same way)."""
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
     config = CONFIGS[f"factored-{_plain(name)}"]
     clipped = "clip" in name
-    ref = _emulated(2, dict(config, max_grad_norm=CLIP) if clipped else config)
-    for res in extras:
-        assert _displacement_error(res[name]["params"], ref, start) <= 1e-6
+    ref = _emulated(len(ranks), dict(config, max_grad_norm=CLIP) if clipped else config)
+    # Clipped, the step carries the rounding of the norm: clip_grad_norm_ takes per-tensor
+    # norms then their norm, the emulation one norm of everything, over the ranks' sums in
+    # another order; each is within √n·ε of the exact norm (n ≈ 300 entries, ε = 6e-8: 1e-6
+    # relative) in each of the 4 steps, so 1e-5 (the clipping itself moves the run by > 0.1).
+    bound = 1e-5 if clipped else 1e-6
+    for res in ranks:
+        assert _displacement_error(res[name]["params"], ref, start) <= bound
         assert not [w for w in res[name]["warnings"] if "SENG" in w]
     if clipped:  # the clipping bites
-        assert _displacement_error(extras[0][name]["params"], _emulated(2, config), start) > 0.1
+        assert _displacement_error(ranks[0][name]["params"], _emulated(len(ranks), config),
+                                   start) > 0.1
 
 
-@pytest.mark.parametrize("name", [n for n in EXTRAS if n.startswith("overflow-")])
-def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(extras, name):
+def check_overflow(name: str, ranks: list[dict]) -> None:
     """Rank 1's loss is Inf at iteration 2 (a curvature step): every rank skips it, its
     GradScaler halves the scale, and step 2 is then taken on iteration 3's batch."""
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
-    ref = _emulated(2, CONFIGS[f"factored-{_plain(name)}"], batches=[0, 1, 3])
-    for res in extras:
+    ref = _emulated(len(ranks), CONFIGS[f"factored-{_plain(name)}"], batches=[0, 1, 3])
+    for res in ranks:
         run = res[name]
         assert (run["steps"], run["skipped"], run["scale"]) == (STEPS - 1, 1, 2.0**9)
         kept = [run["params"][i] for i in (0, 1, 3)]
         assert _displacement_error(kept, ref, start) <= 1e-6
         for n, p in run["params"][2].items():
             assert torch.equal(p, run["params"][1][n]), n
+
+
+@pytest.mark.parametrize("name", [n for n in EXTRAS if n.startswith(("clip-", "scaler-"))])
+def test_edits_of_grad_between_backward_and_step_act_on_the_averaged_gradient(extras, name):
+    check_grad_edit(name, extras)
+
+
+@pytest.mark.parametrize("name", [n for n in EXTRAS if n.startswith("overflow-")])
+def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(extras, name):
+    check_overflow(name, extras)
 
 
 @pytest.mark.parametrize("variant", ["blockdiag", "lagged"])

@@ -20,6 +20,8 @@ from test_distributed import (
     _emulated,
     _jobs,
     assert_rounds,
+    check_grad_edit,
+    check_overflow,
 )
 
 from seng_dist import SENG
@@ -42,6 +44,10 @@ JOBS.update({
     "fp16": {"config": dict(CONFIGS["factored-lagged"], comm_dtype="float16"),
              "engine": "horovod"},
 })
+# Clipping and a GradScaler between backward and step, and one rank's overflow.
+EDITS = ("clip-lagged-overlap", "scaler-clip-blockdiag", "scaler-lagged-overlap")
+OVERFLOWS = ("overflow-blockdiag", "overflow-lagged-overlap")
+JOBS.update({name: dict(EXTRAS[name], engine="horovod") for name in EDITS + OVERFLOWS})
 
 
 def horovodrun(jobs: dict, tmp: Path, np: int = 2) -> list[dict]:
@@ -179,3 +185,15 @@ def test_the_official_mnist_example_gets_its_curvature_at_step_0_as_seng_alone_d
         assert report["curvature_updates"] == 2  # steps 0 and 200
         losses = report["losses"]
         assert sum(losses[-50:]) < 0.7 * sum(losses[:50])
+
+
+@needs_hvd
+@pytest.mark.parametrize("name", EDITS)
+def test_horovod_edits_of_grad_act_on_the_averaged_gradient(hvd_runs, name):
+    check_grad_edit(name, hvd_runs)
+
+
+@needs_hvd
+@pytest.mark.parametrize("name", OVERFLOWS)
+def test_horovod_overflow_on_one_rank_skips_the_step_on_every_rank(hvd_runs, name):
+    check_overflow(name, hvd_runs)

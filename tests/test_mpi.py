@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 from conftest import launch_jobs, make_mixed, python_output, requires_engine
-from test_distributed import CONFIGS, _displacement_error, _emulated, _jobs, assert_rounds
+from test_distributed import (
+    CONFIGS,
+    EXTRAS,
+    _displacement_error,
+    _emulated,
+    _jobs,
+    assert_rounds,
+    check_grad_edit,
+    check_overflow,
+)
 
 from seng_dist.testing import run_ranks
 
@@ -25,11 +34,17 @@ def mpirun(jobs: dict, tmp: Path, np: int) -> list[dict]:
                        jobs, tmp, np, extra_env=MPI_ENV)
 
 
+# Clipping and a GradScaler between backward and step, and one rank's overflow.
+EDITS = ("clip-blockdiag-overlap", "scaler-clip-lagged", "scaler-blockdiag")
+OVERFLOWS = ("overflow-lagged", "overflow-blockdiag-overlap")
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def mpi_runs(request, tmp_path_factory):
     jobs = {name: {"config": cfg, "engine": "mpi"} for name, cfg in CONFIGS.items()}
     jobs["bf16"] = {"config": dict(CONFIGS["explicit-lagged"], comm_dtype="bfloat16"),
                     "engine": "mpi"}
+    jobs.update({name: dict(EXTRAS[name], engine="mpi") for name in EDITS + OVERFLOWS})
     return request.param, mpirun(jobs, tmp_path_factory.mktemp("mpi"), request.param)
 
 
@@ -49,6 +64,18 @@ def test_mpi_equals_the_emulation_and_the_torch_distributed_run(mpi_runs, torch_
         assert _displacement_error(res[name]["params"], torch_runs[world][rank][name]["params"],
                                    START) <= 1e-6
     assert_rounds(ranks[0][name], name)
+
+
+@needs_mpi
+@pytest.mark.parametrize("name", EDITS)
+def test_mpi_edits_of_grad_act_on_the_averaged_gradient(mpi_runs, name):
+    check_grad_edit(name, mpi_runs[1])
+
+
+@needs_mpi
+@pytest.mark.parametrize("name", OVERFLOWS)
+def test_mpi_overflow_on_one_rank_skips_the_step_on_every_rank(mpi_runs, name):
+    check_overflow(name, mpi_runs[1])
 
 
 @needs_mpi
