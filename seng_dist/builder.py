@@ -71,10 +71,14 @@ class CurvatureBuilder:
         grads = [p.grad for p in params if p.grad is not None]
         return bool(grads) and not bool(torch.stack([g.abs().sum() for g in grads]).any())
 
+    def scheduled(self, step: int) -> bool:
+        """Whether ``step`` rebuilds the curvature by the schedule (``step % T == 0``), the
+        same on every rank (a rebuild asked for by :meth:`drop` may be this rank's alone)."""
+        return step % resolve(self.config, "curvature_update_interval", step) == 0
+
     def arm_for(self, step: int) -> None:
         """Install the capture hooks iff ``step`` is a curvature step."""
-        if step % resolve(self.config, "curvature_update_interval", step) == 0 \
-                or self._rebuild_next:
+        if self.scheduled(step) or self._rebuild_next:
             self.capture.arm(self.config.curvature_batch_size)
         else:
             self.capture.disarm()

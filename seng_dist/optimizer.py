@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .builder import CurvatureBuilder
-from .checkpoint import Counters, StateCodec, structure_settings
+from .checkpoint import Counters, StateCodec, split_curvature, structure_settings
 from .comm import Communicator, make_communicator
 from .config import GROUP_SETTINGS, SENGConfig, resolve
 from .curvature import BlockCurvature
@@ -193,7 +193,8 @@ class SENG(torch.optim.Optimizer):
         """Prepare step ``step``: the capture hooks iff it rebuilds the curvature, and the
         round's buckets that may start during its backward."""
         self.curvature.arm_for(step)
-        self.round.arm(self.curvature.armed, self._early_settings)
+        # The schedule, not this rank's arming: what the round sends must match on every rank.
+        self.round.arm(self.curvature.scheduled(step), self._early_settings)
 
     def _early_settings(self) -> StepSettings:
         """The coming step's settings, for corrections computed during its backward (the
@@ -367,8 +368,11 @@ class SENG(torch.optim.Optimizer):
         comm = self.communicator
         comm.broadcast_([t.detach() for t in self.model.parameters()]
                         + list(self.model.buffers()), name="seng.state.model", src=src)
-        state = comm.broadcast_object(self.state_dict() if comm.rank == src else None,
-                                      name="seng.state.optimizer", src=src)
+        shared = None
+        if comm.rank == src:  # without the curvature: every rank rebuilds its own
+            shared = self.state_dict()
+            shared["state"], _ = split_curvature(shared["state"], self._curvature_indices())
+        state = comm.broadcast_object(shared, name="seng.state.optimizer", src=src)
         if comm.rank != src:
             self.load_state_dict(state)
         self.curvature.drop()

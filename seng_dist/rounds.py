@@ -204,8 +204,9 @@ class Round(ABC):
 
     def arm(self, curvature_due: bool, settings: Callable[[], StepSettings]) -> None:
         """Set up the coming step's gradient round: called after every step (and whenever the
-        state changed), with whether the step rebuilds the curvature and how to get the
-        step's settings (a callable: read when the first payload is computed)."""
+        state changed), with whether the schedule rebuilds the curvature at that step (the
+        same on every rank) and how to get the step's settings (a callable: read when the
+        first payload is computed)."""
         self._payload = self._checked(self._gradients)
 
     def _checked(self, payload: Payload) -> Payload:
