@@ -88,6 +88,7 @@ class CurvatureBuilder:
         for c in self.curvatures:
             c.clear()
         self._rebuild_next = True
+        self.capture.arm(self.config.curvature_batch_size)
 
     def refresh(self, loss_scale: float = 1.0,
                 whitening: Callable[[Tensor], Tensor | None] | None = None) -> Rebuilt:
