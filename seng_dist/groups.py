@@ -56,9 +56,7 @@ class GroupSchedules:
             value = group.get(key, getattr(self.config, key))
             if callable(value):
                 scheduled[key] = value
-                value = value(step)
-            allowed.check(f"param group {index}'s {key}", value)
-            out[key] = value
+            out[key] = allowed.at(f"param group {index}'s {key}", value, step)
         return out, scheduled
 
     def add(self, scheduled: dict[str, Callable[[int], float]]) -> None:
@@ -69,10 +67,9 @@ class GroupSchedules:
         """Write every scheduled value for ``step`` into ``groups`` and check all values."""
         for index, (group, scheduled) in enumerate(zip(groups, self.schedules, strict=True)):
             for key, allowed in GROUP_SETTINGS.items():
-                value = scheduled[key](step) if key in scheduled else group[key]
-                allowed.check(f"param group {index}'s {key}", value,
-                              step if key in scheduled else None)
-                group[key] = float(value)
+                name = f"param group {index}'s {key}"
+                group[key] = float(allowed.at(name, scheduled[key], step) if key in scheduled
+                                   else allowed.at(name, group[key], step))
 
     @staticmethod
     def step_settings(groups: list[dict[str, Any]], decoupled: bool) -> StepSettings:
