@@ -126,6 +126,11 @@ def low_rank_factors(G_hat: Tensor, A_hat: Tensor, rank: int | None,
     power iterations) applied in factored form, so the ``n_G×n_A`` per-sample gradients are
     never formed.
     """
+    if G_hat.dtype.itemsize < 4:
+        # CPU LAPACK has no 16-bit QR/SVD, and their rounding would swamp the factors anyway.
+        G, A = low_rank_factors(G_hat.float(), A_hat.float(), rank, generator, oversample,
+                                power_iters)
+        return G.to(G_hat.dtype), A.to(A_hat.dtype)
     rho, kappa, n_g = G_hat.shape
     n_a = A_hat.shape[2]
     m = min(kappa, n_g, n_a)

@@ -196,3 +196,10 @@ def test_a_refused_add_param_group_leaves_the_optimizer_as_it_was():
         opt.add_param_group({"params": [model[0].weight]})  # already in a group
     _step(model, opt)
     assert opt.step_count == 1 and len(opt.param_groups) == 1
+
+
+def test_a_group_schedule_that_does_not_take_the_step_is_refused_by_name():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"param group 0's lr must be a number or a callable "
+                                         r"of the step"):
+        SENG(model, param_groups=[{"params": [model.weight], "lr": lambda: 0.1}])

@@ -270,3 +270,24 @@ def test_a_gram_that_cannot_be_inverted_names_the_layer_and_damping(monkeypatch)
     with pytest.raises(RuntimeError, match=r"layer '4' cannot be preconditioned at damping "
                                            r"1e-09: the eigendecomposition .*\(did not converge\)"):
         opt.curvature.curvatures[2].correction(opt.blocks[2].grad_matrix(), 1e-9)
+
+
+def test_truncated_factors_of_a_bfloat16_model_are_computed_in_float32():
+    # CPU LAPACK has no bf16 QR/SVD: the implicit path's truncated factors raised
+    # NotImplementedError on a bf16 model; they match the float32 ones to bf16 rounding.
+    g = torch.Generator().manual_seed(0)
+    G_hat, A_hat = torch.randn(4, 9, 6, generator=g), torch.randn(4, 9, 7, generator=g)
+    G, A = solver.low_rank_factors(G_hat.bfloat16(), A_hat.bfloat16(), 2)
+    assert G.dtype == A.dtype == torch.bfloat16
+    G32, A32 = solver.low_rank_factors(G_hat.bfloat16().float(), A_hat.bfloat16().float(), 2)
+    u, u32 = torch.bmm(G.float().transpose(1, 2), A.float()), torch.bmm(G32.transpose(1, 2), A32)
+    assert float((u - u32).norm() / u32.norm()) < 2 * 2.0**-8  # two bf16 roundings
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 4)).to(torch.bfloat16)
+    opt = SENG(model, explicit_threshold=0, rank=2)
+    x = torch.randn(16, 3, 8, 8, generator=g).bfloat16()
+    F.cross_entropy(model(x).float(), torch.randint(0, 4, (16,), generator=g)).backward()
+    opt.step()
+    assert opt.curvature_updates == 1
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
