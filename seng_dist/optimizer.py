@@ -370,7 +370,7 @@ class SENG(torch.optim.Optimizer):
                         + list(self.model.buffers()), name="seng.state.model", src=src)
         shared = None
         if comm.rank == src:  # without the curvature: every rank rebuilds its own
-            shared = self.state_dict()
+            shared = self._state_dict(all_ranks=False)  # (only src is here: no collective)
             shared["state"], _ = split_curvature(shared["state"], self._curvature_indices())
         state = comm.broadcast_object(shared, name="seng.state.optimizer", src=src)
         if comm.rank != src:
@@ -382,8 +382,11 @@ class SENG(torch.optim.Optimizer):
         """torch's optimizer state (momentum, lagged gradient, curvature per parameter) plus
         SENG's own under ``"seng"``: counters, the sketch generator, the settings and the
         preconditioned layers (checked on load)."""
+        return self._state_dict(self.state_dict_all_ranks)
+
+    def _state_dict(self, all_ranks: bool) -> dict[str, Any]:
         return self._codec.pack(super().state_dict(), self._counters,
-                                self._curvature_indices(), self.state_dict_all_ranks)
+                                self._curvature_indices(), all_ranks)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` saved for the same layers and curvature settings."""

@@ -83,6 +83,20 @@ def batch(n: int = 12, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
 
 
+def shard(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s 8 samples at step ``step`` (MixedNet's inputs)."""
+    return batch(8, seed=1000 * step + rank)
+
+
+def train_steps(model: nn.Module, opt: SENG, ks: range, rank: int) -> None:
+    """Steps ``ks`` of plain training on rank ``rank``'s shards."""
+    for k in ks:
+        x, y = shard(k, rank)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
 def seng_directions(opt: SENG, model: nn.Module, x: torch.Tensor, y: torch.Tensor
                     ) -> dict[str, torch.Tensor]:
     """The direction SENG takes on (x, y), per block, read off an update with lr=1 from θ=0.

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MixedNet, TinyEncoder, batch, make_mixed, tokens
+from conftest import MixedNet, TinyEncoder, make_mixed, shard, tokens, train_steps
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -44,10 +44,6 @@ CONFIGS.update({f"{name}-overlap": dict(cfg, overlap=True, bucket_size_mb=TINY_B
                 for name, cfg in list(CONFIGS.items())})
 # A sequence-first Transformer (attention projections, feed-forward Linears) on every path.
 ENCODER_CONFIGS = {f"encoder-{name}": cfg for name, cfg in CONFIGS.items()}
-
-
-def shard(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return batch(8, seed=1000 * step + rank)
 
 
 def token_shard(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,15 +319,23 @@ def extras():
     return run_ranks(_jobs, 2, EXTRAS, timeout=300)
 
 
+@pytest.mark.parametrize("job", ["ddp", "ddp-after"])
 @pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
-def test_ddp_wrapped_model_is_not_averaged_twice(extras, variant):
+def test_a_ddp_wrapped_model_is_not_averaged_twice(extras, job, variant):
+    """DDP around the model, given to SENG or added after it (Lightning's ddp strategy,
+    Accelerate's prepare: SENG finds it after its first step and says so): DDP averages the
+    gradients, SENG sends only its corrections and flags."""
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
     ref = _emulated(2, CONFIGS[f"factored-{variant}"])
+    after = job == "ddp-after"
     for res in extras:
-        run = res[f"ddp-{variant}"]
+        run = res[f"{job}-{variant}"]
         assert _displacement_error(run["params"], ref, start) <= 1e-6
-        # DDP averaged the gradients; SENG sent only its corrections and flags.
-        assert [len(c) for c in run["calls"]] == [1] * STEPS
+        told = [w for w in run["warnings"] if "DistributedDataParallel wraps the model" in w]
+        assert len(told) == after
+        calls = run["calls"][int(after):]
+        assert [len(c) for c in calls] == [1] * len(calls)
+        assert {c.round for step in calls for c in step} == {"seng.correction"}
 
 
 def test_bf16_buffer_halves_the_bytes_and_stays_close(extras):
@@ -419,19 +423,6 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(extras, name):
     check_overflow(name, extras)
 
 
-@pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
-def test_a_ddp_wrapper_added_after_seng_stops_its_gradient_round(extras, variant):
-    start = {n: p.detach() for n, p in make_mixed().named_parameters()}
-    ref = _emulated(2, CONFIGS[f"factored-{variant}"])
-    for res in extras:
-        run = res[f"ddp-after-{variant}"]
-        assert _displacement_error(run["params"], ref, start) <= 1e-6
-        assert [w for w in run["warnings"] if "DistributedDataParallel wraps the model" in w]
-        # From the second step on, SENG sends only its corrections (with their flags).
-        assert [len(c) for c in run["calls"][1:]] == [1] * (STEPS - 1)
-        assert {c.round for c in run["calls"][1]} == {"seng.correction"}
-
-
 def test_ranks_start_from_rank_zeros_parameters(extras):
     start = {n: p.detach() for n, p in make_mixed(seed=0).named_parameters()}
     ref = _emulated(2, CONFIGS["explicit-blockdiag"])
@@ -458,28 +449,22 @@ def test_torch_engine_without_a_process_group_says_how_to_start_one():
 
 def _resume_from_rank_zero(rank: int, world: int, config: dict) -> dict:
     """Train 2 steps, restart with only rank 0 holding the checkpoint, broadcast, train on."""
-    def steps(model, opt, ks):
-        for k in ks:
-            x, y = shard(k, rank)
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-
     model = make_mixed()
     opt = SENG(model, **config)
-    steps(model, opt, range(2))
+    train_steps(model, opt, range(2), rank)
     # As if saved to disk: state_dict() holds references to the live tensors.
     checkpoint = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
 
     model = make_mixed(seed=5)  # a fresh start: other parameters, empty optimizer state
     opt = SENG(model, **config)
+    opt.state_dict_all_ranks = True  # as the DeepSpeed plugin sets: state_dict() a collective
     if rank == 0:
         model.load_state_dict(checkpoint["model"])
         opt.load_state_dict(copy.deepcopy(checkpoint["opt"]))  # as if read from disk
     opt.broadcast_state(0)
     momentum = {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()}
     before = opt.curvature_updates
-    steps(model, opt, range(2, STEPS))
+    train_steps(model, opt, range(2, STEPS), rank)
     return {"momentum": momentum, "params": dict(model.named_parameters()),
             "rebuilt": opt.curvature_updates - before, "step": opt.step_count,
             "checkpoint": checkpoint if rank == 0 else None}
