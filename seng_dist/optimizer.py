@@ -66,7 +66,10 @@ class SENG(torch.optim.Optimizer):
             every step.
 
     Distributed: every rank keeps its own curvature ``U_w`` from its local batch; the
-    ``variant`` chooses the round (``docs/design.md``). At construction every rank checks that
+    ``variant`` chooses the round (``docs/design.md``). As under DDP, when the ``backward()``
+    that completes a step's accumulation returns, ``.grad`` holds the gradient averaged over
+    the ranks: clipping, a ``GradScaler``'s unscaling and overflow check, or any other edit
+    before ``step()`` acts on it, and the step uses ``.grad`` as it then is. At construction every rank checks that
     the settings and the model structure agree (``ValueError`` on every rank naming what
     differs) and takes rank 0's parameters and buffers, as DDP does.
     """
