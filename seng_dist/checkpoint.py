@@ -134,6 +134,15 @@ def block_signature(blocks: list[Block]) -> list[tuple[str, int, int, str]]:
 def check_compatible(saved: dict[str, Any], config: SENGConfig, blocks: list[Block]) -> None:
     """Raise ``ValueError`` if a checkpoint's SENG entry (``saved``) was written for other
     layers or with other settings that shape the curvature."""
+    # Settings first: a different explicit_threshold also moves layers to another path, and
+    # the setting is the cause to name.
+    # A setting newer than the checkpoint was its default then (damping_diagonal: 0.2.0).
+    here = config.fingerprint()
+    written = {**SENGConfig().fingerprint(), **saved["config"]}
+    diff = [k for k in SENGConfig.curvature_settings() if written.get(k) != here[k]]
+    if diff:
+        raise ValueError("state_dict was saved with other SENG settings: " + ", ".join(
+            f"{k}={written.get(k)!r} (here {here[k]!r})" for k in diff))
     mine = block_signature(blocks)
     if saved["blocks"] != mine:
         then = {s[0] for s in saved["blocks"]}
@@ -144,13 +153,6 @@ def check_compatible(saved: dict[str, Any], config: SENGConfig, blocks: list[Blo
                 if [s for s in mine if s[0] in then] == saved["blocks"] else "")
         raise ValueError("state_dict was saved for another model: its preconditioned "
                          f"layers {saved['blocks']} differ from this model's {mine}{hint}")
-    # A setting newer than the checkpoint was its default then (damping_diagonal: 0.2.0).
-    here = config.fingerprint()
-    written = {**SENGConfig().fingerprint(), **saved["config"]}
-    diff = [k for k in SENGConfig.curvature_settings() if written.get(k) != here[k]]
-    if diff:
-        raise ValueError("state_dict was saved with other SENG settings: " + ", ".join(
-            f"{k}={written.get(k)!r} (here {here[k]!r})" for k in diff))
 
 
 def structure_settings(config: SENGConfig, comm: Communicator, grads_averaged: bool,

@@ -69,9 +69,9 @@ class SENG(torch.optim.Optimizer):
     ``variant`` chooses the round (``docs/design.md``). As under DDP, when the ``backward()``
     that completes a step's accumulation returns, ``.grad`` holds the gradient averaged over
     the ranks: clipping, a ``GradScaler``'s unscaling and overflow check, or any other edit
-    before ``step()`` acts on it, and the step uses ``.grad`` as it then is. At construction every rank checks that
-    the settings and the model structure agree (``ValueError`` on every rank naming what
-    differs) and takes rank 0's parameters and buffers, as DDP does.
+    before ``step()`` acts on it, and the step uses ``.grad`` as it then is. At construction
+    every rank checks that the settings and the model structure agree (``ValueError`` on every
+    rank naming what differs) and takes rank 0's parameters and buffers, as DDP does.
     """
 
     #: When True, ``state_dict()`` is a collective that every rank must call (DeepSpeed's

@@ -241,7 +241,9 @@ class Round(ABC):
         gradient, each block's readiness, a GradScaler's overflow) in the last; then the
         averages into ``.grad`` of every unit some rank has a gradient for."""
         present = [any(p.grad is not None for p in unit) for unit in self.units]
-        local = present + self._ready() + [overflow]
+        # Each block's readiness travels here only with the corrections it vouches for.
+        ready = self._ready() if self._slots_sent else []
+        local = present + ready + [overflow]
         flags = self.agreement.pack(local)
         payloads = self.buckets.finish(self._payload, flags)
         values = self.agreement.decode(flags, local)
@@ -251,8 +253,10 @@ class Round(ABC):
             for u, (payload, some) in enumerate(zip(payloads, agreed, strict=True)):
                 if some:
                     _write_grads(self.units[u], self._split_unit(u, payload[0]))
+        if not self._slots_sent:
+            return Agreed(agreed, local=False, overflow=values[-1] > 0.0)
         return Agreed(agreed, local=False, overflow=values[-1] > 0.0,
-                      slots=self._sent_slots(payloads[:nb]), ready=values[nu:nu + nb])
+                      slots=[p[1:] for p in payloads[:nb]], ready=values[nu:nu + nb])
 
     def _split_unit(self, u: int, gradient: Tensor) -> list[Tensor]:
         """Unit ``u``'s averaged gradient as one tensor per parameter."""
@@ -260,9 +264,10 @@ class Round(ABC):
             return self.curvatures[u].block.split(gradient)
         return [gradient]
 
-    def _sent_slots(self, payloads: list[list[Tensor]]) -> list[list[Tensor]] | None:
-        """The averaged corrections that travelled with the gradients (none here)."""
-        return None
+    @property
+    def _slots_sent(self) -> bool:
+        """Whether the gradient round's payloads carry the corrections (never here)."""
+        return False
 
     def agree(self, overflow: bool) -> Agreed:
         """The gradient round's decisions for the step, running the round now if no backward
@@ -560,8 +565,9 @@ class LaggedRound(BlockDiagonalRound):
         return [g + s for g, s in zip(self._gradients(units), self._slots(units, hyper),
                                       strict=True)]
 
-    def _sent_slots(self, payloads: list[list[Tensor]]) -> list[list[Tensor]] | None:
-        return [p[1:] for p in payloads] if self._with_slots else None
+    @property
+    def _slots_sent(self) -> bool:
+        return self._with_slots
 
     def _exchange(self, gs: list[Tensor], fgs: list[Tensor], agreed: Agreed,
                   hyper: StepSettings) -> Exchanged | None:
