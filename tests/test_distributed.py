@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import MixedNet, TinyEncoder, make_mixed, shard, tokens, train_steps
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 from seng_dist import SENG
 from seng_dist.comm import CountingCommunicator, make_communicator
@@ -85,7 +86,12 @@ def _train(rank: int, world: int, job: dict) -> dict:
         import horovod.torch as hvd
         opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
     # A DDP wrapper added after SENG (Lightning's ddp strategy, Accelerate's prepare).
-    forward = DistributedDataParallel(model) if job.get("ddp_after") else model
+    forward: Any = DistributedDataParallel(model) if job.get("ddp_after") else model
+    if "checkpoint" in job:  # activation checkpointing of the whole model
+        reentrant = job["checkpoint"] == "reentrant"
+        net = forward
+        forward = lambda x: checkpoint(net, x.requires_grad_(reentrant),  # noqa: E731
+                                       use_reentrant=reentrant)
     # A GradScaler on fp32 (its powers of two scale exactly): the scale on .grad, its
     # overflow check, and the step skipped on every rank when one rank overflows.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if job.get("scaler") else None
@@ -312,11 +318,26 @@ for _edit, _options in GRAD_EDITS.items():
 for _variant in ("blockdiag", "lagged"):
     EXTRAS[f"ddp-after-{_variant}"] = {"config": CONFIGS[f"factored-{_variant}-overlap"],
                                        "ddp_after": True}
+    for _kind in ("reentrant", "non-reentrant"):
+        EXTRAS[f"checkpoint-{_kind}-{_variant}"] = {
+            "config": CONFIGS[f"sketched-{_variant}-overlap"], "checkpoint": _kind}
 
 
 @pytest.fixture(scope="module")
 def extras():
     return run_ranks(_jobs, 2, EXTRAS, timeout=300)
+
+
+@pytest.mark.parametrize("name", [n for n in EXTRAS if n.startswith("checkpoint-")])
+def test_activation_checkpointing_keeps_every_layers_curvature(extras, name):
+    """The whole model under torch.utils.checkpoint: the captured calls are those that get
+    their output gradients (the original forward, or the recomputation under reentrant
+    checkpointing), so the run equals the emulation of the plain model."""
+    start = {n: p.detach() for n, p in make_mixed().named_parameters()}
+    ref = _emulated(2, CONFIGS[f"sketched-{name.rsplit('-', 1)[1]}-overlap"])
+    for res in extras:
+        assert _displacement_error(res[name]["params"], ref, start) <= 1e-6
+        assert not [w for w in res[name]["warnings"] if "SENG" in w]
 
 
 @pytest.mark.parametrize("job", ["ddp", "ddp-after"])
