@@ -127,17 +127,54 @@ EXACT_IMPLICIT = dict(explicit_threshold=0, sketch_size=None, rank=None, factor_
                       uc="exact", lr=1.0, damping=0.3, momentum=0.0)
 
 
+#: float32's unit roundoff
+U32 = 2.0 ** -24
+#: The relative rounding of a float32 sum of up to 1,024 terms, as long as these tests' sums
+#: get (a weight gradient over a batch's positions, a Gram matrix over a block's entries):
+#: rounding errors of random sign grow like √n·u (Higham & Mary, 2019), 32u at n = 1,024.
+SUM_ROUNDING = 32 * U32
+
+
+def solve_bound(u: torch.Tensor, damping: float, diagonal: torch.Tensor | None = None
+                ) -> float:
+    """How far SENG's float32 direction ``-(UUᵀ + λD)⁻¹g`` of a block can be from the float64
+    reference, relatively: ``u`` the block's float64 per-sample gradients (B, ...), every
+    sample in the curvature; ``diagonal`` D (a sample's shape), or I.
+
+    With W = D^-½, Ũ = U W and K̃ = ŨŨᵀ, d = W x where (ŨᵀŨ + λI) x = W g. To first order
+    the relative error is cond(K̃ + λI) = 1 + ‖K̃‖/λ times the system's relative rounding: Ũ
+    twice and W g once, a float32 gradient's rounding each, and the solver's own sums once
+    more, each within SUM_ROUNDING. A λ small against ‖K̃‖ (or a D small where |g| is) makes
+    cond large, up to 250 in these tests, and a fixed bound such as 1e-5 then holds on some
+    machines and not others (0.4-17 u·cond measured on an AVX2 machine under the kernels
+    ci/portability.sh varies, the most where cond is near 1).
+    """
+    rows = u.reshape(u.shape[0], -1)
+    if diagonal is not None:
+        rows = rows / diagonal.reshape(1, -1).sqrt()
+    gram = rows @ rows.T / rows.shape[0]
+    return 4 * SUM_ROUNDING * (1 + float(torch.linalg.eigvalsh(gram).max()) / damping)
+
+
 def check_exact(model: nn.Module, layers: list[str], x: torch.Tensor, y: torch.Tensor,
                 **settings: object) -> SENG:
     """SENG built with ``settings`` (default: :data:`EXACT_EXPLICIT`) takes the float64
-    reference's direction on every named block, to 1e-5; returns the optimizer."""
-    from seng_dist.testing import reference_directions, relative_error
+    reference's direction on every named block, to float32's rounding (:func:`solve_bound`);
+    returns the optimizer."""
+    from seng_dist.testing import (
+        block_matrix,
+        per_sample_gradients,
+        reference_directions,
+        relative_error,
+    )
     opt = SENG(model, **(settings or EXACT_EXPLICIT))
     assert {b.name for b in opt.blocks} >= set(layers)
     ref = reference_directions(model, x, y, layers, 0.3)
+    grads = per_sample_gradients(model, x, y)
     d = seng_directions(opt, model, x, y)
     for layer in layers:
-        assert relative_error(d[layer], ref[layer]) < 1e-5, layer
+        bound = solve_bound(block_matrix(grads, layer), 0.3)
+        assert relative_error(d[layer], ref[layer]) < bound, layer
     return opt
 
 

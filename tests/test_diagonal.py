@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from conftest import (
     EXACT_EXPLICIT,
     EXACT_IMPLICIT,
+    SUM_ROUNDING,
+    U32,
     TinyEncoder,
     make_mixed,
     seng_directions,
+    solve_bound,
     tokens,
 )
 from torch import nn
@@ -30,48 +33,21 @@ from seng_dist.testing import (
 # ε of 1e-3 where a coordinate's gradient is zero (a key bias): float32 rounding there would
 # otherwise be divided by ε alone; the rank-one test has no such coordinate and needs a tiny ε.
 EPS, TINY_EPS = 1e-3, 1e-12
-#: float32's unit roundoff
-U32 = 2.0 ** -24
-#: The relative rounding of the float32 gradients of the networks here, per sample or averaged:
-#: every sum in their forward and backward passes has at most B·T = 24 terms (the encoder's
-#: width is 8, its feed-forward's 16), within γ₂₄ = 24u each, and the pre-LN LayerNorms keep the
-#: values near 1, so the few sums along a path stay within that worst case (2-5u measured on an
-#: AVX2 machine).
-GRADIENT_ROUNDING = 24 * U32
 #: Adam's diagonal √v̂ + ε and the fallback's step: about 10 elementwise operations, u each.
 ELEMENTWISE_ROUNDING = 10 * U32
-
-
-def _solve_bound(u: torch.Tensor, damping: float, eps: float) -> float:
-    """How far a block's float32 direction can be from the float64 reference, relatively:
-    ``u`` its float64 per-sample gradients (B, n_G, n_A), every sample in the curvature.
-
-    d solves the whitened system (ŨᵀŨ + λI) x = W g, d = W x, with W = D^-½, D = |g| + ε and
-    Ũ = U W. To first order its relative error is cond(K̃ + λI) = 1 + ‖K̃‖/λ (K̃ = ŨŨᵀ)
-    times the system's relative rounding: Ũ twice and W g once, a gradient's rounding each,
-    and the solver's own sums (K̃ over the block's at most 216 entries, Ũ W g, the B×B solve)
-    one more: rounding errors of random sign grow like √216·u ≈ 15u < γ₂₄. Where |g| is small
-    D is ε, and cond here is 45-252: the float32 error is about u·cond (0.4-1.1 u·cond
-    measured on an AVX2 machine; an AVX-512 one measured 1.2e-5 against the 1e-5 this test
-    once had).
-    """
-    u = u.reshape(u.shape[0], -1)
-    whitened = u / (u.shape[0] * (u.mean(0).abs() + eps)).sqrt()
-    gram = whitened @ whitened.T
-    return 4 * GRADIENT_ROUNDING * (1 + float(torch.linalg.eigvalsh(gram).max()) / damping)
 
 
 def _fallback_bound(u: torch.Tensor) -> float:
     """How far the fallback's float32 step -g/(λ(|g| + ε)) can be from the float64 one,
     relatively: ``u`` the parameter's float64 per-sample gradients (B, ...).
 
-    ∂d_j/∂g_j = -ε/(λ(|g_j| + ε)²), and g_j = mean_i u_ij is rounded by at most the gradients'
+    ∂d_j/∂g_j = -ε/(λ(|g_j| + ε)²), and g_j = mean_i u_ij is rounded by at most a sum's
     rounding of mean_i |u_ij| (the samples' terms may cancel), then the elementwise steps.
     """
     g = u.mean(0)
     diagonal = g.abs() + EPS
     sensitivity = (u.abs().mean(0) * EPS / diagonal ** 2).norm() / (g / diagonal).norm()
-    return GRADIENT_ROUNDING * float(sensitivity) + ELEMENTWISE_ROUNDING
+    return SUM_ROUNDING * float(sensitivity) + ELEMENTWISE_ROUNDING
 
 
 def _directions_at_a_still_second_moment(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -102,8 +78,11 @@ def test_adam_diagonal_is_exact_and_adams_step_outside_the_blocks():
     grads = per_sample_gradients(model, x, y)
     opt, d = _directions_at_a_still_second_moment(model, x, y, **EXACT_EXPLICIT)
     assert {b.path for b in opt.blocks} == {"explicit"}
+    # ε = 1e-3 where |g| is small makes cond(K̃ + λI) 45-252 here (solve_bound): the float32
+    # error is about u·cond, 1.2e-5 on an AVX-512 machine against the 1e-5 this test once had.
     for layer in layers:
-        bound = _solve_bound(block_matrix(grads, layer), 0.3, EPS)
+        u = block_matrix(grads, layer)
+        bound = solve_bound(u, 0.3, u.mean(0).abs() + EPS)
         assert relative_error(d[layer], ref[layer]) < bound, layer
     # The LayerNorms follow the fallback rule: -g/(λ(|g| + ε)), Adam's step over λ.
     for name in ("encoder.layers.0.norm1.weight", "encoder.layers.1.norm2.bias"):
@@ -125,7 +104,8 @@ def test_implicit_whitening_is_exact_when_the_diagonal_is_rank_one():
     opt, d = _directions_at_a_still_second_moment(model, x, y, TINY_EPS, **EXACT_IMPLICIT)
     assert {b.path for b in opt.blocks} == {"implicit"}
     for layer in ("0", "2"):
-        bound = _solve_bound(block_matrix(grads, layer), 0.3, TINY_EPS)
+        u = block_matrix(grads, layer)
+        bound = solve_bound(u, 0.3, u.mean(0).abs() + TINY_EPS)
         assert relative_error(d[layer], ref[layer]) < bound, layer
 
 
