@@ -6,7 +6,9 @@ Run from a checkout of that release:
 ``PYTHONPATH=.:tests python tests/data/make_release_checkpoint.py``.
 For each variant it trains MixedNet for 4 steps (the curvature rebuilt at step 3, with sketch
 indices on both paths), saves the model and optimizer state, trains 3 more steps and saves the
-parameters that release reached.
+parameters that release reached. Those are rounded as the machine that ran this rounds (an AMD
+EPYC with AVX2, one thread, reproduces them bit for bit; an AVX-512 Xeon does not), so the test
+holds a resume to them within float32's rounding over the 3 steps, not bit for bit.
 """
 
 from __future__ import annotations
