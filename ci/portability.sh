@@ -6,7 +6,8 @@
 # (test_distributed, test_horovod, test_mpi, test_deepspeed, test_faults, test_examples) are
 # left out: they launch ranks and engines, and test_distributed pins one thread on purpose.
 #
-# Takes about 15-20 minutes on 2 cores (9 pytest runs of 1-2.5 minutes, one at a time).
+# Takes 7-20 minutes on 2 cores: 9 pytest runs, one at a time, of 40 s to 2.5 min each (the
+# longer when other work shares the CPU).
 # Usage: bash ci/portability.sh [pytest args...]   (e.g. -x, or -k exact)
 #
 # Each variation's line says whether it changes a kernel on this CPU (a fingerprint of a few
