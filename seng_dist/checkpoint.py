@@ -134,8 +134,11 @@ def block_signature(blocks: list[Block]) -> list[tuple[str, int, int, str]]:
 def check_compatible(saved: dict[str, Any], config: SENGConfig, blocks: list[Block]) -> None:
     """Raise ``ValueError`` if a checkpoint's SENG entry (``saved``) was written for other
     layers or with other settings that shape the curvature."""
-    # Settings first: a different explicit_threshold also moves layers to another path, and
-    # the setting is the cause to name.
+    mine = block_signature(blocks)
+    # The layers first, then the settings, then the layers' paths: a different
+    # explicit_threshold moves layers to another path, and the setting is the cause to name.
+    if [s[:3] for s in saved["blocks"]] != [s[:3] for s in mine]:
+        _another_model(saved["blocks"], mine)
     # A setting newer than the checkpoint was its default then (damping_diagonal: 0.2.0).
     here = config.fingerprint()
     written = {**SENGConfig().fingerprint(), **saved["config"]}
@@ -143,16 +146,19 @@ def check_compatible(saved: dict[str, Any], config: SENGConfig, blocks: list[Blo
     if diff:
         raise ValueError("state_dict was saved with other SENG settings: " + ", ".join(
             f"{k}={written.get(k)!r} (here {here[k]!r})" for k in diff))
-    mine = block_signature(blocks)
     if saved["blocks"] != mine:
-        then = {s[0] for s in saved["blocks"]}
-        extra = [s[0] for s in mine if s[0] not in then]
-        # e.g. BatchNorm, which releases up to 0.2.0 left to the fallback rule
-        hint = (f"; layers {extra} are preconditioned here but were not when it was saved: "
-                f"build SENG with skip_layers={extra} to resume it as saved"
-                if [s for s in mine if s[0] in then] == saved["blocks"] else "")
-        raise ValueError("state_dict was saved for another model: its preconditioned "
-                         f"layers {saved['blocks']} differ from this model's {mine}{hint}")
+        _another_model(saved["blocks"], mine)
+
+
+def _another_model(then: list[Any], mine: list[tuple[str, int, int, str]]) -> None:
+    names = {s[0] for s in then}
+    extra = [s[0] for s in mine if s[0] not in names]
+    # e.g. BatchNorm, which releases up to 0.2.0 left to the fallback rule
+    hint = (f"; layers {extra} are preconditioned here but were not when it was saved: "
+            f"build SENG with skip_layers={extra} to resume it as saved"
+            if [s for s in mine if s[0] in names] == then else "")
+    raise ValueError("state_dict was saved for another model: its preconditioned "
+                     f"layers {then} differ from this model's {mine}{hint}")
 
 
 def structure_settings(config: SENGConfig, comm: Communicator, grads_averaged: bool,
