@@ -74,7 +74,7 @@ class Agreed:
 
 class Agreement:
     """0/1 flags averaged with a round, so that every rank takes the same decision (a block
-    has a gradient, a block has curvature, a rank's early buckets went stale) without a
+    has a gradient, a block has curvature, a rank's GradScaler found an overflow) without a
     collective of its own.
 
     Each flag travels with its complement: "some rank" is a mean of the flags above 0 and
@@ -238,8 +238,9 @@ class Round(ABC):
 
     def _sync(self, overflow: bool) -> Agreed:
         """The gradient round: every bucket not started yet, the flags (each unit's
-        gradient, each block's readiness, a GradScaler's overflow) in the last; then the
-        averages into ``.grad`` of every unit some rank has a gradient for."""
+        gradient, each block's readiness when its correction travels here, a GradScaler's
+        overflow) in the last; then the averages into ``.grad`` of every unit some rank has a
+        gradient for."""
         present = [any(p.grad is not None for p in unit) for unit in self.units]
         # Each block's readiness travels here only with the corrections it vouches for.
         ready = self._ready() if self._slots_sent else []
