@@ -6,7 +6,8 @@
 from . import schedules, solver
 from .config import DiagonalConfig, DistributedConfig, SENGConfig, SketchConfig
 from .optimizer import SENG
+from .warn import SENGWarning
 
 __all__ = ["SENG", "SENGConfig", "SketchConfig", "DistributedConfig", "DiagonalConfig",
-           "schedules", "solver"]
+           "SENGWarning", "schedules", "solver"]
 __version__ = "0.2.0"

@@ -12,13 +12,18 @@ _INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
              os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
 
 
+class SENGWarning(UserWarning):
+    """Every warning SENG gives: filter them by category
+    (``warnings.filterwarnings("ignore", category=seng_dist.SENGWarning)``)."""
+
+
 def warn(message: str) -> None:
-    """``warnings.warn(message)`` attributed to the first caller outside seng_dist and torch
-    (e.g. the user's ``opt.step()`` or ``SENG(...)`` line)."""
+    """``warnings.warn(message, SENGWarning)`` attributed to the first caller outside
+    seng_dist and torch (e.g. the user's ``opt.step()`` or ``SENG(...)`` line)."""
     level = 2  # the caller of this function
     frame = inspect.currentframe()
     frame = frame.f_back if frame is not None else None
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL):
         frame = frame.f_back
         level += 1
-    warnings.warn(message, UserWarning, stacklevel=level)
+    warnings.warn(message, SENGWarning, stacklevel=level)

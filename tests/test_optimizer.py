@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import LAYERS, MixedNet, batch, make_mixed, seng_directions
 from torch import nn
 
-from seng_dist import SENG, schedules
+from seng_dist import SENG, SENGWarning, schedules
 from seng_dist.testing import block_matrix, per_sample_gradients, relative_error, run_ranks
 
 
@@ -413,3 +413,14 @@ def test_sparse_gradients_are_refused_naming_the_fix():
     model(torch.randint(0, 10, (5, 2))).sum().backward()
     with pytest.raises(ValueError, match=r"sparse gradients \(use nn.Embedding\(sparse=False\)\)"):
         opt.step()
+
+
+def test_seng_warnings_have_their_own_category_to_filter_by():
+    model = nn.Linear(3, 2)
+    opt = SENG(model)
+    with pytest.warns(SENGWarning, match="step\\(\\) with no gradients"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=SENGWarning)
+        SENG(nn.Sequential(nn.Flatten(), nn.Identity(), nn.LayerNorm(3)))  # "no supported layer"
