@@ -91,6 +91,9 @@ def main() -> None:
         if dist.get_rank() == 0:
             print(f"torch-only job: blockdiag and lagged on {dist.get_world_size()} Gloo ranks "
                   f"with torch {torch.__version__} and no numpy: OK", flush=True)
+        # Every rank done before any tears Gloo down: a rank that destroys its group while
+        # another is still in the last collective aborts (seen once in CI: SIGABRT at exit).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
