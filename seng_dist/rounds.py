@@ -577,11 +577,10 @@ class LaggedRound(BlockDiagonalRound):
         averaged = self._averaged(gs, fgs, hyper)
         if averaged is None:
             return None
-        fresh = (agreed.slots is not None and agreed.ready is not None and not self._stale
-                 and self._launched is not None and self._launched.damping == hyper.damping)
-        if fresh:
-            assert agreed.slots is not None and agreed.ready is not None
-            slots, present, ready = agreed.slots, agreed.present, agreed.ready
+        sent, ready_sent = agreed.slots, agreed.ready
+        if (sent is not None and ready_sent is not None and not self._stale
+                and self._launched is not None and self._launched.damping == hyper.damping):
+            slots, present, ready = sent, agreed.present, ready_sent
         else:
             # The engine averaged the gradients (or one process), a curvature step, or stale
             # corrections: the corrections and flags are a round of their own.
