@@ -1,6 +1,6 @@
 """Time-to-accuracy benchmark: training time and epochs to a target test accuracy.
 
-    python examples/bench_converge.py --out examples/results/converge   # the README table
+    python examples/bench_converge.py --out examples/results/converge   # docs/benchmarks.md
     python examples/bench_converge.py --smoke --out /tmp/converge-smoke # a 6-minute pipeline check
 
 Protocol (the same for every method): each regime (global batch, ranks, model) trains every

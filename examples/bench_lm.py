@@ -54,7 +54,7 @@ class Method:
 
 # The grids were first AdamW 1e-3..4e-3 and SGD 0.1..1: AdamW was best at its largest point,
 # SGD diverged at 1 and rose at 0.3, so each moved one step toward its best before SENG's
-# runs (those first runs stay in results/lm/runs/).
+# runs (those first runs, with weight decay 0.01, stay in results/lm/weight-decay-0.01/runs/).
 METHODS = (
     Method("AdamW", ("--optimizer", "adamw"), (2e-3, 4e-3, 8e-3)),
     Method("SGD", ("--optimizer", "sgd"), (0.01, 0.03, 0.1)),
