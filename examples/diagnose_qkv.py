@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 from lm import ByteLM, load_corpus, windows  # noqa: E402
 
 from seng_dist import SENG, schedules  # noqa: E402
-from seng_dist.testing import block_matrix, exact_direction, per_sample_gradients  # noqa: E402
+from seng_dist.reference import block_matrix, exact_direction, per_sample_gradients  # noqa: E402
 
 
 def lm_loss(out: Tensor, y: Tensor) -> Tensor:

@@ -4,7 +4,7 @@
 :class:`~seng_dist.curvature.BlockCurvature`. It arms the hooks only before a curvature step
 (``step % T == 0``, or a rebuild that was asked for) and, at that step, rebuilds each block from
 the captured pass. It never communicates: a one-process emulation of distributed SENG uses it as
-it is (:mod:`seng_dist.testing`).
+it is (:mod:`seng_dist.reference`).
 """
 
 from __future__ import annotations

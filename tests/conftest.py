@@ -161,7 +161,7 @@ def check_exact(model: nn.Module, layers: list[str], x: torch.Tensor, y: torch.T
     """SENG built with ``settings`` (default: :data:`EXACT_EXPLICIT`) takes the float64
     reference's direction on every named block, to float32's rounding (:func:`solve_bound`);
     returns the optimizer."""
-    from seng_dist.testing import (
+    from seng_dist.reference import (
         block_matrix,
         per_sample_gradients,
         reference_directions,

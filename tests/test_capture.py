@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from seng_dist import SENG
-from seng_dist.testing import (
+from seng_dist.reference import (
     block_matrix,
     per_sample_gradients,
     reference_directions,

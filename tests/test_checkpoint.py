@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import MixedNet, batch, make_mixed, train_steps
+from launch import run_ranks
 
 from seng_dist import SENG
 from seng_dist.rounds import LaggedRound
-from seng_dist.testing import run_ranks
 
 RELEASE = Path(__file__).resolve().parent / "data" / "release-0.1.0.pt"
 

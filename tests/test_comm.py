@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from launch import run_ranks
 
 from seng_dist.comm import Communicator, CountingCommunicator, LocalCommunicator, make_communicator
 from seng_dist.comm.base import _from_bytes, _pack, _to_bytes, _unpack
 from seng_dist.comm.torch_dist import TorchCommunicator
-from seng_dist.testing import run_ranks
 
 
 def test_pack_and_unpack_round_trip_shapes_and_dtypes():

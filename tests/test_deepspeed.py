@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_mixed, python_output, requires_engine
+from launch import run_ranks
 from test_distributed import CONFIGS, STEPS, _displacement_error, _emulated, _jobs, shard
 
 from seng_dist.deepspeed import SENG_PARAMS, seng_params
-from seng_dist.testing import run_ranks
 
 needs_ds = requires_engine("deepspeed", "ci/install_deepspeed.sh")
 

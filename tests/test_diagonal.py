@@ -23,7 +23,7 @@ from conftest import (
 from torch import nn
 
 from seng_dist import SENG
-from seng_dist.testing import (
+from seng_dist.reference import (
     block_matrix,
     per_sample_gradients,
     reference_directions,

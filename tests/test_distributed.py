@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import MixedNet, TinyEncoder, make_mixed, shard, tokens, train_steps
+from launch import run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from seng_dist import SENG
 from seng_dist.comm import CountingCommunicator, make_communicator
-from seng_dist.testing import block_matrix, emulate_distributed, per_sample_gradients, run_ranks
+from seng_dist.reference import block_matrix, emulate_distributed, per_sample_gradients
 
 STEPS = 4
 COMMON: dict[str, Any] = dict(lr=0.1, damping=0.5, momentum=0.9, weight_decay=1e-3,

@@ -1,4 +1,4 @@
-"""SENG's directions against the independent float64 reference (seng_dist.testing)."""
+"""SENG's directions against the independent float64 reference (seng_dist.reference)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from conftest import LAYERS, batch, make_mixed, seng_directions
 
 from seng_dist import SENG
-from seng_dist.testing import per_sample_gradients, reference_directions, relative_error
+from seng_dist.reference import per_sample_gradients, reference_directions, relative_error
 
 EXACT_EXPLICIT = dict(explicit_threshold=10**9, sketch_size=None)
 EXACT_IMPLICIT = dict(explicit_threshold=0, sketch_size=None, rank=None,

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TESTS, requires_engine
+from launch import free_port, run_ranks
 from torch import nn
 
 from seng_dist import SENG
-from seng_dist.testing import free_port, run_ranks
 
 ROOT = TESTS.parent
 

@@ -9,10 +9,10 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from launch import run_ranks
 from torch import nn
 
 from seng_dist import SENG
-from seng_dist.testing import run_ranks
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:

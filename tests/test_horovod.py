@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import launch_jobs, make_mixed, python_output, requires_engine
+from launch import run_ranks
 from test_distributed import (
     CONFIGS,
     EXTRAS,
@@ -25,7 +26,6 @@ from test_distributed import (
 )
 
 from seng_dist import SENG
-from seng_dist.testing import run_ranks
 
 HERE = Path(__file__).resolve().parent
 needs_hvd = requires_engine("horovod", "ci/install_horovod.sh")

@@ -8,7 +8,7 @@ from conftest import EXACT_EXPLICIT, EXACT_IMPLICIT, check_exact
 from torch import nn
 
 from seng_dist import SENG
-from seng_dist.testing import relative_error
+from seng_dist.reference import relative_error
 
 
 def _check(model: nn.Module, layers: list[str], shape: tuple[int, ...], settings: dict) -> SENG:
@@ -58,7 +58,7 @@ def test_an_unbatched_conv1d_call_is_one_sample():
 def test_a_kinds_per_sample_gradients_are_the_product_of_its_factors():
     # LayerKind.grads, the per-call gradients a new kind may rely on, against torch.func.
     from seng_dist.kinds import ConvKind, LayerKind
-    from seng_dist.testing import per_sample_gradients
+    from seng_dist.reference import per_sample_gradients
     torch.manual_seed(0)
     for module, x in ((nn.Linear(4, 3), torch.randn(5, 2, 4)),
                       (nn.Conv1d(2, 3, 3, padding=1), torch.randn(5, 2, 6))):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import launch_jobs, make_mixed, python_output, requires_engine
+from launch import run_ranks
 from test_distributed import (
     CONFIGS,
     EXTRAS,
@@ -18,8 +19,6 @@ from test_distributed import (
     check_grad_edit,
     check_overflow,
 )
-
-from seng_dist.testing import run_ranks
 
 needs_mpi = requires_engine("mpi4py", "ci/install_mpi.sh")
 HERE = Path(__file__).resolve().parent

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import LAYERS, MixedNet, batch, make_mixed, seng_directions
+from launch import run_ranks
 from torch import nn
 
 from seng_dist import SENG, SENGWarning, schedules
-from seng_dist.testing import block_matrix, per_sample_gradients, relative_error, run_ranks
+from seng_dist.reference import block_matrix, per_sample_gradients, relative_error
 
 
 def _net():

@@ -1,4 +1,5 @@
-"""Test helpers: an independent float64 reference, a distributed emulation, a rank launcher.
+"""Independent references for checking SENG: the exact float64 direction, and distributed
+SENG emulated in one process. Both are public: they check SENG on a user's own model.
 
 * :func:`reference_directions` shares nothing with the solver: per-sample gradients come from
   ``torch.func`` (``vmap(grad(...))``) on a float64 copy of the model, and each layer's
@@ -10,18 +11,38 @@
   workers in one process, with no communicator: each worker's curvature and correction come
   from the (communication-free) curvature objects on its shard, and the averaging, the two
   variants and eq. 28 are written out here with plain tensor means.
-* :func:`run_ranks` starts real processes joined by a Gloo process group, bounded by a timeout.
+
+Checking your own model against the exact direction: without sketching, SENG's step with
+``lr=1`` and no momentum is ``-(U Uᵀ + λI)⁻¹ g`` on every block, up to float32 rounding. Build
+the reference before the step (it reads the current parameters) with the same damping,
+curvature batch and loss (the loss of a batch must be the mean of its samples' losses)::
+
+    import torch.nn.functional as F
+    from seng_dist import SENG
+    from seng_dist.reference import reference_directions, relative_error
+
+    model.eval()  # fixed BatchNorm statistics, so that per-sample gradients are defined
+    opt = SENG(model, lr=1.0, damping=0.3, momentum=0.0, curvature_batch_size=None,
+               explicit_threshold=10**9, sketch_size=None)
+    ref = reference_directions(model, x, y, [b.name for b in opt.blocks], damping=0.3)
+    before = {b.name: b.param_matrix().clone() for b in opt.blocks}
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for b in opt.blocks:
+        print(b.name, relative_error(b.param_matrix() - before[b.name], ref[b.name]))
+
+Errors near float32's rounding (1e-6 to 1e-5; more where λ is small against the curvature)
+say the block's direction is exact. The implicit (low-rank) path is exact too with
+``explicit_threshold=0, sketch_size=None, rank=None, factor_sketch_size=None, uc="exact"``.
+A distributed run is checked against :func:`emulate_distributed`, given the initial model,
+the same settings and every rank's batch of every step (``shards[step][rank]``): the
+parameters it returns for each step are what every rank holds after that step.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import sys
-import tempfile
-import time
-import traceback
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -292,75 +313,3 @@ def _grad(p: Tensor, name: str) -> Tensor:
     if p.grad is None:
         raise ValueError(f"emulate_distributed needs every gradient; {name!r} has none")
     return p.grad
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world_size: int, port: int, outdir: str, fn: Callable,
-               args: tuple) -> None:
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        result = fn(rank, world_size, *args)
-        dist.destroy_process_group()
-        torch.save(result, os.path.join(outdir, f"{rank}.pt"))
-    except BaseException:
-        with open(os.path.join(outdir, f"{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    # The result is on disk: leave without the interpreter's teardown, where C++ extensions
-    # loaded by the engines have been seen to abort ("terminate called without an active
-    # exception", once in CI, after a DeepSpeed test's work was done and saved).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0
-              ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` new processes joined by Gloo.
-
-    ``fn`` must be importable (a module-level function). Returns each rank's result. A rank
-    that fails raises ``RuntimeError`` with its traceback; if the ranks are not all done
-    within ``timeout`` seconds, all are killed and ``TimeoutError`` is raised, so a bug that
-    deadlocks a collective fails a test instead of hanging it.
-    """
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as outdir:
-        port = free_port()
-        procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, outdir, fn, args),
-                             daemon=True) for r in range(world_size)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        alive = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        errors = []
-        for r in range(world_size):
-            path = os.path.join(outdir, f"{r}.err")
-            if os.path.exists(path):
-                with open(path) as f:
-                    errors.append(f"rank {r}:\n{f.read()}")
-        if errors:
-            raise RuntimeError("\n".join(errors))
-        if alive:
-            raise TimeoutError(f"ranks {alive} of {world_size} still running after "
-                               f"{timeout:.0f} s; killed")
-        bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
-        if bad:
-            raise RuntimeError(f"ranks exited abnormally (rank, exit code): {bad}")
-        return [torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False)
-                for r in range(world_size)]
