@@ -33,7 +33,7 @@ import json
 from typing import Any
 
 from .comm.base import import_engine
-from .comm.deepspeed import INSTALL_HINT, DeepSpeedCommunicator
+from .comm.deepspeed_comm import INSTALL_HINT, DeepSpeedCommunicator
 from .config import SENGConfig
 from .optimizer import SENG
 from .warn import warn

@@ -54,7 +54,7 @@ def make_communicator(comm: Any) -> Communicator:
         from .mpi import MPICommunicator
         return MPICommunicator()
     if comm == "deepspeed":
-        from .deepspeed import DeepSpeedCommunicator
+        from .deepspeed_comm import DeepSpeedCommunicator
         return DeepSpeedCommunicator()
     raise ValueError(f"comm must be None, one of {', '.join(map(repr, ENGINES))}, or a "
                      f"seng_dist.comm.Communicator instance, got {comm!r}")

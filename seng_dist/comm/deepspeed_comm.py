@@ -1,4 +1,5 @@
-"""The DeepSpeed engine: collectives through ``deepspeed.comm``.
+"""The DeepSpeed engine: collectives through ``deepspeed.comm``, which names this module
+(:mod:`seng_dist.deepspeed` is the DeepSpeed config plugin).
 
 ``deepspeed.init_distributed()`` (or ``deepspeed.initialize``) must have run; the ``deepspeed``
 launcher, ``torchrun`` and ``mpirun`` (with ``auto_mpi_discovery``) all set it up.
