@@ -1,18 +1,18 @@
-"""The scaling model (examples/scaling_model.py): its alpha-beta formulas, the limits of its
-overlap model, and the bytes and rounds it counts on a small model on 2 real Gloo ranks."""
+"""The scaling model's analytic part (examples/scaling/model.py): its alpha-beta formulas, the
+limits of its overlap model, and predictions from given collectives."""
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import pytest
 
-from examples import scaling_model as sm
+from examples.scaling import model as sm
 
 DGX1 = sm.CLUSTERS["dgx1"]
 
 
-def test_ring_and_tree_allreduce():
+def test_ring_and_tree_allreduce() -> None:
     alpha, beta, n = 1e-5, 1e-9, 1e6
     assert sm.ring_allreduce(n, 1, alpha, beta) == 0.0
     assert sm.tree_allreduce(n, 1, alpha, beta) == 0.0
@@ -23,7 +23,7 @@ def test_ring_and_tree_allreduce():
     assert DGX1.allreduce(n, 1) == 0.0
 
 
-def test_hierarchical_is_the_flat_nvlink_ring_inside_one_node():
+def test_hierarchical_is_the_flat_nvlink_ring_inside_one_node() -> None:
     nv = DGX1.intra
     for p in range(2, DGX1.gpus_per_node + 1):
         assert sm.hierarchical_allreduce(5e7, p, DGX1) == pytest.approx(
@@ -41,7 +41,7 @@ def test_hierarchical_is_the_flat_nvlink_ring_inside_one_node():
     assert DGX1.scaled(bandwidth=0.5).allreduce(5e7, 64) > DGX1.allreduce(5e7, 64)
 
 
-def test_fit_recovers_alpha_and_beta_from_exact_timings():
+def test_fit_recovers_alpha_and_beta_from_exact_timings() -> None:
     sizes = [4096 * 4**k for k in range(8)]
     for p in (2, 3, 8):
         times = [sm.ring_allreduce(n, p, 37e-6, 1 / 2.5e9) for n in sizes]
@@ -54,7 +54,7 @@ def _ms(nbytes: int) -> float:
     return nbytes * 1e-3  # 1 ms per byte: easy sums
 
 
-def test_exposure_without_overlap_is_all_the_communication():
+def test_exposure_without_overlap_is_all_the_communication() -> None:
     msgs = [sm.Message(3), sm.Message(5), sm.Message(2)]
     assert sm.exposed_seconds(msgs, backward_s=100.0, collective=_ms) == pytest.approx(0.010)
     compute = sm.Compute(sgd_s=1.0, ratio=1.2, backward_fraction=0.5)
@@ -62,7 +62,7 @@ def test_exposure_without_overlap_is_all_the_communication():
     assert sm.step_seconds(plan, compute, _ms) == pytest.approx(1.2 + 0.010 + 0.004)
 
 
-def test_exposure_with_an_endless_backward_is_the_last_bucket():
+def test_exposure_with_an_endless_backward_is_the_last_bucket() -> None:
     msgs = [sm.Message(30, 0.1), sm.Message(50, 0.6), sm.Message(2, 1.0)]
     assert sm.exposed_seconds(msgs, backward_s=1e6, collective=_ms) == pytest.approx(0.002)
     # the link runs one bucket at a time: ready together at the start, they queue
@@ -77,30 +77,39 @@ def test_exposure_with_an_endless_backward_is_the_last_bucket():
                              _ms) == pytest.approx(1.0 + 0.1)
 
 
-def test_free_communication_reproduces_ideal_scaling_of_table3():
-    free = sm.Counted(sm.Setup("lagged"), sm.StepComm(), sm.StepComm(), 0, 0, 0, "-", None)
-    compute = sm.calibrate_resnet50(free, DGX1)
-    t4 = sm.PAPER["table3_tpe"][4] / math.ceil(1_281_167 / 512)
-    assert compute.sgd_s * compute.ratio == pytest.approx(t4)
-    assert compute.ratio == pytest.approx(663.17 / 575.09)
+def _counted(setup: Any, plain: Any) -> Any:
+    return sm.Counted(setup, plain, plain, 0, 0, 0, "-", None)
 
 
-def test_counted_bytes_and_rounds_on_two_gloo_ranks():
-    spec = sm.SPECS["cnn"]
-    progress, flops = sm.backward_progress(spec)
-    assert progress[0] == pytest.approx(1.0) and flops > 0
-    assert all(a >= b for a, b in zip(progress, progress[1:], strict=False))
-    setups = [sm.Setup("sgd"), sm.Setup("blockdiag"), sm.Setup("lagged")]
-    rows = sm.count_collectives("cnn", setups, bucket_mb=0.25, timeout=120)
-    sgd, bd, lag = (sm.plans(r, progress, 0.25) for r in rows)
-    assert sgd.bytes == 4 * sum(p.numel() for p in spec.build().parameters())
-    assert (bd.rounds, lag.rounds) == (2, 1)
-    # uc="exact": every block's correction is gradient-sized; the flags are a few floats
-    assert 0 < lag.bytes - 2 * sgd.bytes < 1024 and bd.bytes == lag.bytes
-    # blockdiag: gradient buckets during backward, the correction round after the solve
-    assert len(bd.plain.late) == 1 and len(bd.plain.early) > 1
-    for c in (bd, lag):
-        assert c.buckets_from == "counted" and c.derived_matches
-        assert c.plain.early[-1].ready == 1.0 and c.plain.early[0].ready < 1.0
-    # lagged curvature steps start nothing before step()
-    assert all(m.ready == 1.0 for m in lag.curvature.early)
+def test_predictions_headline_and_sensitivity_from_given_collectives() -> None:
+    # SGD: one 100 MB bucket after backward; SENG lagged: nothing to send (ideal scaling)
+    sgd = _counted(sm.Setup("sgd"), sm.StepComm([sm.Message(10**8)]))
+    lag = _counted(sm.Setup("lagged"), sm.StepComm())
+    sgd16 = _counted(sm.Setup("sgd", comm_dtype="bfloat16"), sm.StepComm([sm.Message(5 * 10**7)]))
+    lag16 = _counted(sm.Setup("lagged", comm_dtype="bfloat16"), sm.StepComm())
+    lagf = _counted(sm.Setup("lagged", uc="factored"), sm.StepComm())
+    lagf16 = _counted(sm.Setup("lagged", comm_dtype="bfloat16", uc="factored"), sm.StepComm())
+    counted = [sgd, lag, sgd16, lag16, lagf, lagf16]
+    compute = sm.Compute(sgd_s=0.2)
+    rows = sm.predict(counted, compute, 1.25, DGX1, gpus=(8, 256))
+    assert [r["setup"] for r in rows][:2] == ["DDP SGD, overlap, fp32",
+                                              "SENG lagged, uc=exact, overlap, fp32"]
+    assert rows[1]["256"] == {"ms": pytest.approx(250.0), "efficiency": pytest.approx(1.0)}
+    assert rows[0]["256"]["ms"] == pytest.approx(1e3 * (0.2 + DGX1.allreduce(10**8, 256)))
+    assert rows[0]["8"]["efficiency"] > rows[0]["256"]["efficiency"]
+    head = sm.headline(rows)
+    assert [(h["dtype"], h["uc"]) for h in head] == [
+        ("float32", "exact"), ("float32", "factored"), ("bfloat16", "exact"),
+        ("bfloat16", "factored")]
+    assert head[0]["lagged_over_sgd_time"] == pytest.approx(250.0 / rows[0]["256"]["ms"])
+    sens = sm.sensitivity(counted, compute, 1.25, DGX1)
+    assert [s["lagged"] for s in sens] == pytest.approx([1.0, 1.0, 1.0])
+    assert sens[0]["sgd"] == pytest.approx(rows[0]["256"]["efficiency"])
+    assert sens[0]["sgd"] > sens[1]["sgd"] > sens[2]["sgd"]
+
+
+def test_all_setups_cover_every_method_overlap_and_buffer() -> None:
+    setups = sm.all_setups()
+    assert len(setups) == len(set(setups)) == 2 * 2 * (1 + 2 * 2)
+    assert sm.Setup("blockdiag", False, "bfloat16", "factored").label == \
+        "SENG blockdiag, uc=factored, no overlap, bf16"
