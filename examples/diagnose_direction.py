@@ -1,6 +1,7 @@
 """How SENG's direction relates to the gradient, per layer, along training.
 
-    python examples/diagnose_direction.py --damping 1 0.03 --uc factored --out examples/results/converge
+    python examples/diagnose_direction.py --damping 1 0.03 --uc factored \
+        --out examples/results/converge
 
 Trains the CNN at batch 128 with SENG (the benchmark's settings: momentum 0.9, weight decay
 5e-4, curvature every 50 steps, ``lr/λ`` = 0.05) and, every ``--every`` steps, compares each

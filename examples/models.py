@@ -1,5 +1,5 @@
 """Models for the examples and benchmarks: a small CNN, CIFAR-style ResNet18/20, VGG16_bn, and
-the ImageNet ResNet50 (the paper's distributed benchmark; ``scaling_model.py`` counts its bytes).
+the ImageNet ResNet50 (the paper's distributed benchmark; ``examples/scaling/`` counts its bytes).
 
 The ResNet follows torchvision's BasicBlock (ReLU(inplace=True), ``out += identity``) with the
 CIFAR stem (3×3 conv, no max-pool) for 32×32 inputs. ResNet50 follows torchvision's
