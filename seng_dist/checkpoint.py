@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .builder import CurvatureBuilder
 from .comm import Communicator
-from .config import SENGConfig
+from .config import SENGConfig, Variant, saved_names
 from .curvature import BlockCurvature
 from .layers import Block, module_name
 from .rounds import LaggedRound
@@ -84,7 +84,7 @@ class StateCodec:
         if by_rank is not None and len(by_rank) == self.comm.world_size:
             for i, entries in by_rank[self.comm.rank].items():
                 state.setdefault(i, {}).update(entries)
-        if self.config.distributed.variant != "lagged":
+        if self.config.distributed.variant is not Variant.LAGGED:
             # A lagged checkpoint resumed under another variant: its previous gradient would
             # be kept unused and come back stale if the state were resumed as lagged again.
             for entries in state.values():
@@ -139,9 +139,10 @@ def check_compatible(saved: dict[str, Any], config: SENGConfig, blocks: list[Blo
     # explicit_threshold moves layers to another path, and the setting is the cause to name.
     if [s[:3] for s in saved["blocks"]] != [s[:3] for s in mine]:
         _another_model(saved["blocks"], mine)
-    # A setting newer than the checkpoint was its default then (damping_diagonal: 0.2.0).
+    # A setting newer than the checkpoint was its default then (damping_diagonal: 0.2.0); a
+    # renamed one is read under its new name (rank: factor_rank after 0.2.0).
     here = config.fingerprint()
-    written = {**SENGConfig().fingerprint(), **saved["config"]}
+    written = {**SENGConfig().fingerprint(), **saved_names(saved["config"])}
     diff = [k for k in SENGConfig.curvature_settings() if written.get(k) != here[k]]
     if diff:
         raise ValueError("state_dict was saved with other SENG settings: " + ", ".join(

@@ -13,29 +13,32 @@ metadata says what the rest of the package derives from it:
   value cannot be loaded (:meth:`SENGConfig.curvature_settings`).
 
 ``SENG``'s keyword arguments and the DeepSpeed plugin's list of valid params are
-:meth:`SENGConfig.setting_names`. Every setting is checked once, at construction, and a bad
-value raises ``ValueError`` naming the setting and what is allowed.
+:meth:`SENGConfig.setting_names`; a renamed setting's old name (:data:`RENAMED_SETTINGS`) is
+still taken there, with a :class:`~seng_dist.warn.SENGDeprecationWarning`. Every setting is
+checked once, at construction, and a bad value raises ``ValueError`` naming the setting and
+what is allowed. A setting with named choices is kept as its :class:`Choice` enum (a ``str``:
+``config.distributed.variant == "lagged"`` holds), on which the code dispatches.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields, is_dataclass, replace
-from typing import Any
+from enum import Enum
+from typing import Any, TypeVar
 
 import torch
 
 from .comm.base import COMM_DTYPES
+from .warn import SENGDeprecationWarning, warn
 
 Schedule = float | Callable[[int], float]
 IntSchedule = int | Callable[[int], int]
 
 SKETCH_METHODS = ("uniform", "leverage")
 UC_MODES = ("factored", "exact")
-VARIANTS = ("blockdiag", "lagged")
-DAMPING_DIAGONALS = ("identity", "adam")
 LOSS_REDUCTIONS = ("mean", "sum")
 COMM_DTYPE_NAMES = tuple(COMM_DTYPES)
 #: ``seed`` is in ``[0, SEED_LIMIT)``: ``torch.Generator.manual_seed`` takes a 64-bit seed and
@@ -46,6 +49,53 @@ SEED_LIMIT = 2**64
 #: would see under 0.002% of the step's samples, and each step would take 65,536 backward
 #: passes: a larger value is likelier a sample or token count than a micro-batch count.
 MAX_ACCUMULATION_STEPS = 2**16
+
+#: settings renamed since a release: old flat name -> new flat name. The old name is still
+#: taken as a setting (with a deprecation warning) and read from checkpoints.
+RENAMED_SETTINGS: dict[str, str] = {
+    # "rank" read as a process's rank in a distributed library
+    "rank": "factor_rank",
+}
+
+
+_C = TypeVar("_C", bound="Choice")
+
+
+class Choice(str, Enum):
+    """A setting with named choices: a ``str`` enum, so a user's string, a checkpoint's and
+    the enum compare equal, and ``str()`` of a member is its name as the user writes it."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    @classmethod
+    def parse(cls: type[_C], name: str, value: Any) -> _C:
+        """``value`` (a member or its string) as a member of ``cls``; ``ValueError`` naming
+        the setting ``name`` and the allowed values otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(repr(c.value) for c in cls)
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}") from None
+
+
+class Variant(Choice):
+    """How the ranks combine their corrections (:mod:`seng_dist.rounds`)."""
+
+    #: eq. 26: the averaged gradient, then the corrections: two rounds
+    BLOCKDIAG = "blockdiag"
+    #: eq. 27: the corrections of the previous step's averaged gradient travel with the
+    #: gradients: one round
+    LAGGED = "lagged"
+
+
+class DampingDiagonal(Choice):
+    """The diagonal ``D`` of the damping ``λD`` (:mod:`seng_dist.diagonal`)."""
+
+    #: the paper's ``λI``
+    IDENTITY = "identity"
+    #: ``D = diag(√v̂ + ε)``, Adam's second moment
+    ADAM = "adam"
 
 
 @dataclass(frozen=True)
@@ -133,6 +183,11 @@ def _check_int_in(name: str, value: Any, low: int, high: int) -> None:
         raise ValueError(f"{name} must be an int from {low} to {high}, got {value!r}")
 
 
+def _set_choice(config: Any, name: str, kind: type[Choice]) -> None:
+    """Replace the frozen ``config``'s string setting ``name`` by its ``kind`` member."""
+    object.__setattr__(config, name, kind.parse(name, getattr(config, name)))
+
+
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
@@ -159,8 +214,9 @@ class SketchConfig:
     sketch_method: str = setting("uniform", curvature=True)
     #: sample rows with replacement
     sketch_replacement: bool = setting(False)
-    #: rank of each per-sample gradient's factors on the implicit path (None: exact)
-    rank: int | None = setting(4, curvature=True)
+    #: rank of each per-sample gradient's factors on the implicit path (None: exact); the
+    #: setting ``rank`` until 0.2.0
+    factor_rank: int | None = setting(4, curvature=True)
     #: rows sampled from each factor matrix on the implicit path (None: exact)
     factor_sketch_size: int | None = setting(1024, curvature=True)
     #: ``"exact"`` ``U c = Σ c_i G_iᵀ A_i`` or ``"factored"`` (eq. 23, and eq. 28 between
@@ -178,7 +234,7 @@ class SketchConfig:
         _check_optional_int("sketch_size", self.sketch_size)
         _check_choice("sketch_method", self.sketch_method, SKETCH_METHODS)
         _check_bool("sketch_replacement", self.sketch_replacement)
-        _check_optional_int("rank", self.rank)
+        _check_optional_int("factor_rank", self.factor_rank)
         _check_optional_int("factor_sketch_size", self.factor_sketch_size)
         _check_choice("uc", self.uc, UC_MODES)
 
@@ -202,7 +258,7 @@ class DistributedConfig:
     #: curvature setting: both keep the same curvature, so a checkpoint resumes under either
     #: (the lagged round's previous gradient is dropped under blockdiag; its first step without
     #: one is block-diagonal)
-    variant: str = setting("blockdiag")
+    variant: Variant = setting(Variant.BLOCKDIAG)
     #: communication buffer dtype: None (the gradients'), a name of ``COMM_DTYPES`` or the
     #: torch dtype (kept as its name)
     comm_dtype: str | None = setting(None)
@@ -213,7 +269,7 @@ class DistributedConfig:
     bucket_size_mb: float = setting(25.0)
 
     def __post_init__(self) -> None:
-        _check_choice("variant", self.variant, VARIANTS)
+        _set_choice(self, "variant", Variant)
         _check_bool("overlap", self.overlap)
         size = self.bucket_size_mb
         if not _is_number(size) or not 0.0 < size < math.inf:
@@ -247,14 +303,14 @@ class DiagonalConfig:
     #: instead of ``-g/λ`` — per coordinate, which Transformers need (``docs/design.md``); the
     #: parameters outside the blocks follow the same rule. Shapes the stored curvature (it is
     #: kept in ``D``'s coordinates), so a checkpoint resumes only with the same value.
-    damping_diagonal: str = setting("identity", curvature=True)
+    damping_diagonal: DampingDiagonal = setting(DampingDiagonal.IDENTITY, curvature=True)
     #: ``β₂`` of that second moment
     damping_beta2: float = setting(0.999)
     #: ``ε`` added to ``√v̂``
     damping_epsilon: float = setting(1e-8)
 
     def __post_init__(self) -> None:
-        _check_choice("damping_diagonal", self.damping_diagonal, DAMPING_DIAGONALS)
+        _set_choice(self, "damping_diagonal", DampingDiagonal)
         beta2, eps = self.damping_beta2, self.damping_epsilon
         if not _is_number(beta2) or not 0.0 <= beta2 < 1.0:
             raise ValueError(f"damping_beta2 must be a number in [0, 1), got {beta2!r}")
@@ -337,11 +393,13 @@ class SENGConfig:
 
     @classmethod
     def from_settings(cls, **settings: Any) -> SENGConfig:
-        """A config from flat settings (``rank=2``, ``variant="lagged"``, ...)."""
+        """A config from flat settings (``factor_rank=2``, ``variant="lagged"``, ...)."""
         return cls().replace(**settings)
 
     def replace(self, **settings: Any) -> SENGConfig:
-        """A copy with the given flat settings changed (and validated)."""
+        """A copy with the given flat settings changed (and validated); a renamed setting's
+        old name is taken with a warning (:func:`current_names`)."""
+        settings = current_names(settings)
         owners = {f.name: owner for f, owner in _leaf_fields(type(self))}
         unknown = sorted(set(settings) - set(owners))
         if unknown:
@@ -368,10 +426,13 @@ class SENGConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """:meth:`flat` with schedules represented by their kind (a callable cannot be
-        compared) and classes by name: for checkpoints and the ranks' agreement check."""
+        compared), classes by name and choices by their string (a checkpoint loads with
+        ``weights_only=True``): for checkpoints and the ranks' agreement check."""
         def show(value: Any) -> Any:
             if isinstance(value, tuple):
                 return [show(v) for v in value]
+            if isinstance(value, Choice):
+                return value.value
             if isinstance(value, type):
                 return f"<class {value.__qualname__}>"
             return "<callable>" if callable(value) else value
@@ -381,6 +442,31 @@ class SENGConfig:
     def curvature_settings(cls) -> tuple[str, ...]:
         """The settings a checkpoint's curvature state was shaped by (must match on load)."""
         return tuple(f.name for f, _ in _leaf_fields(cls) if f.metadata.get("curvature"))
+
+
+def current_names(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat ``settings`` with every renamed setting (:data:`RENAMED_SETTINGS`) under its new
+    name, each old name used warned with a
+    :class:`~seng_dist.warn.SENGDeprecationWarning`; ``ValueError`` when a setting is given
+    under both names."""
+    out = dict(settings)
+    for old, new in RENAMED_SETTINGS.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ValueError(f"SENG settings {old!r} and {new!r} were both given: {old!r} is "
+                             f"the old name of {new!r}; give {new!r} only")
+        warn(f"SENG: the setting {old!r} was renamed {new!r}; {old}={out[old]!r} was taken "
+             f"as {new}={out[old]!r}. The old name will be removed in a future release",
+             SENGDeprecationWarning)
+        out[new] = out.pop(old)
+    return out
+
+
+def saved_names(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's settings (:meth:`SENGConfig.fingerprint`) under today's names: one
+    written before a setting was renamed keeps it under the old name."""
+    return {RENAMED_SETTINGS.get(k, k): v for k, v in fingerprint.items()}
 
 
 def _as_skip_tuple(value: Any) -> tuple[Any, ...]:

@@ -44,7 +44,7 @@ class BlockCurvature(ABC):
                  generator: torch.Generator) -> None:
         self.block = block
         self.settings = settings
-        self._states = state
+        self._param_state = state
         self._generator = generator
         self._inverse: tuple[float, Tensor] | None = None
         self._warned_damping = False
@@ -52,7 +52,7 @@ class BlockCurvature(ABC):
     @property
     def _state(self) -> dict[str, Any]:
         # Read without adding an entry: torch's state_dict lists every parameter with one.
-        return self._states.get(self.block.weight, {})
+        return self._param_state.get(self.block.weight, {})
 
     @property
     def ready(self) -> bool:
@@ -68,7 +68,7 @@ class BlockCurvature(ABC):
         if not solver.all_finite([t for t in new.values() if t.is_floating_point()]):
             return False
         self.clear()
-        self._states[self.block.weight].update(new)
+        self._param_state[self.block.weight].update(new)
         return True
 
     def correction(self, z: Tensor | None, damping: float) -> list[Tensor]:
@@ -104,7 +104,7 @@ class BlockCurvature(ABC):
         w = self.block.weight
         dtypes = {_GRAM: solver.gram_dtype(w.dtype)}
         if entries:
-            self._states[w].update({k: v.to(w.device, dtypes.get(k, w.dtype))
+            self._param_state[w].update({k: v.to(w.device, dtypes.get(k, w.dtype))
                                     if v.is_floating_point() else v.to(w.device)
                                     for k, v in entries.items()})
 
@@ -209,8 +209,8 @@ class ImplicitCurvature(BlockCurvature):
 
     @property
     def slot_rank(self) -> int:
-        """The most factors a sample of the block can have: ``min(rank, n_G, n_A)``."""
-        b, rank = self.block, self.settings.rank
+        """The most factors a sample of the block can have: ``min(factor_rank, n_G, n_A)``."""
+        b, rank = self.block, self.settings.factor_rank
         return min(b.n_G, b.n_A) if rank is None else min(rank, b.n_G, b.n_A)
 
     def slot_shapes(self) -> list[tuple[int, int]]:
@@ -228,7 +228,8 @@ class ImplicitCurvature(BlockCurvature):
         if whitening is not None:
             w_G, w_A = solver.factored_whitening(whitening)
             G_hat, A_hat = G_hat * w_G, A_hat * w_A
-        G, A = solver.low_rank_factors(G_hat, A_hat, self.settings.rank, self._generator)
+        G, A = solver.low_rank_factors(G_hat, A_hat, self.settings.factor_rank,
+                                         self._generator)
         Gf = G.reshape(-1, G.shape[2]).contiguous()
         Af = A.reshape(-1, A.shape[2]).contiguous()
         out = {"Gf": Gf, "Af": Af}

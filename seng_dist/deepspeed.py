@@ -34,11 +34,12 @@ from typing import Any
 
 from .comm.base import import_engine
 from .comm.deepspeed_comm import INSTALL_HINT, DeepSpeedCommunicator
-from .config import SENGConfig
+from .config import SENGConfig, current_names
 from .optimizer import SENG
 from .warn import warn
 
-#: the keys accepted in ``"optimizer": {"type": "SENG", "params": {...}}``: every setting
+#: the keys accepted in ``"optimizer": {"type": "SENG", "params": {...}}``: every setting (and,
+#: with a deprecation warning, a renamed setting's old name)
 SENG_PARAMS = SENGConfig.setting_names()
 
 
@@ -59,7 +60,7 @@ def seng_params(cfg: dict) -> dict | None:
     section = cfg.get("optimizer")
     if not isinstance(section, dict) or str(section.get("type", "")).lower() != "seng":
         return None
-    params = dict(section.get("params") or {})
+    params = current_names(section.get("params") or {})
     unknown = sorted(set(params) - set(SENG_PARAMS))
     if unknown:
         raise ValueError(f"ds_config optimizer SENG: unknown params {unknown}; valid params "

@@ -10,7 +10,7 @@ from .curvature import BlockCurvature, ImplicitCurvature
 from .groups import group_index
 from .layers import Layout, module_name
 
-_COLUMNS = ("parameter", "layer type", "block", "path", "why", "group", "rank",
+_COLUMNS = ("parameter", "layer type", "block", "path", "why", "group", "factor rank",
             "curvature bytes")
 
 

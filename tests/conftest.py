@@ -123,8 +123,8 @@ def seng_directions(opt: SENG, model: nn.Module, x: torch.Tensor, y: torch.Tenso
 #: exact solves on one path, as the reference computes them (damping 0.3, one step of lr 1)
 EXACT_EXPLICIT = dict(explicit_threshold=10**9, sketch_size=None, lr=1.0, damping=0.3,
                       momentum=0.0)
-EXACT_IMPLICIT = dict(explicit_threshold=0, sketch_size=None, rank=None, factor_sketch_size=None,
-                      uc="exact", lr=1.0, damping=0.3, momentum=0.0)
+EXACT_IMPLICIT = dict(explicit_threshold=0, sketch_size=None, factor_rank=None,
+                      factor_sketch_size=None, uc="exact", lr=1.0, damping=0.3, momentum=0.0)
 
 
 #: float32's unit roundoff

@@ -1,5 +1,6 @@
-"""Checkpoints: one written by release 0.1.0 still loads and resumes as that release did; what
-a checkpoint resumes under (another variant, another rank)."""
+"""Checkpoints: one written by release 0.1.0 still loads and resumes as that release did, and so
+does one that names a setting by its old name; what a checkpoint resumes under (another variant,
+another rank)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from conftest import MixedNet, batch, make_mixed, train_steps
 from launch import run_ranks
 
 from seng_dist import SENG
+from seng_dist.config import RENAMED_SETTINGS, saved_names
 from seng_dist.rounds import LaggedRound
 
 RELEASE = Path(__file__).resolve().parent / "data" / "release-0.1.0.pt"
@@ -22,8 +24,12 @@ RELEASE = Path(__file__).resolve().parent / "data" / "release-0.1.0.pt"
 
 @pytest.fixture
 def release():
-    # Loaded for each test: a resumed run's steps update the loaded tensors in place.
-    return torch.load(RELEASE, weights_only=True)
+    # Loaded for each test: a resumed run's steps update the loaded tensors in place. The
+    # settings the release was run with, by today's names (rank is factor_rank); its
+    # checkpoints keep the names they were written with.
+    data = torch.load(RELEASE, weights_only=True)
+    data["settings"] = saved_names(data["settings"])
+    return data
 
 
 #: float32's unit roundoff
@@ -212,6 +218,37 @@ def test_a_checkpoint_resumes_under_the_other_uc_mode(release):
                for n, p in after.items())
 
 
+def test_a_checkpoint_naming_a_setting_by_its_old_name_resumes_bit_exactly():
+    # A checkpoint written before a setting was renamed holds it under the old name (release
+    # 0.1.0's holds rank): one saved now, its settings renamed back, resumes as saved.
+    settings = dict(explicit_threshold=32, sketch_size=12, factor_rank=2, factor_sketch_size=10,
+                    sketch_method="leverage", curvature_update_interval=3)
+    model = make_mixed().train()
+    opt = SENG(model, **settings)
+    train_steps(model, opt, range(2), 0)
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    old_names = {new: old for old, new in RENAMED_SETTINGS.items()}
+    config = saved["opt"]["seng"]["config"]
+    saved["opt"]["seng"]["config"] = {old_names.get(k, k): v for k, v in config.items()}
+    assert "rank" in saved["opt"]["seng"]["config"]
+    assert "factor_rank" not in saved["opt"]["seng"]["config"]
+    train_steps(model, opt, range(2, 5), 0)  # the run not interrupted; a rebuild at step 3
+
+    again = make_mixed(seed=5).train()
+    again.load_state_dict(saved["model"])
+    again_opt = SENG(again, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a checkpoint's old name is read silently
+        again_opt.load_state_dict(saved["opt"])
+    train_steps(again, again_opt, range(2, 5), 0)
+    assert again_opt.curvature_updates == opt.curvature_updates == 2
+    assert _equal(_params(model), _params(again))
+    # The old name still shapes the curvature: another value is refused, naming the setting.
+    other = SENG(make_mixed(seed=5).train(), **dict(settings, factor_rank=3))
+    with pytest.raises(ValueError, match="factor_rank=2 \\(here 3\\)"):
+        other.load_state_dict(saved["opt"])
+
+
 def _compiled_and_plain_state(compiled_first: bool) -> tuple[dict, SENG]:
     """A state saved by SENG built on one form of the model (torch.compile or plain), and a
     SENG on the other form, ready to load it."""
@@ -274,7 +311,7 @@ def test_one_ranks_state_loaded_on_every_rank_is_said_and_rebuilt_on_the_others(
     # Overlapped in tiny buckets: rank 1 rebuilds at step 2, rank 0 does not; what their early
     # buckets carry follows the schedule, the same on both.
     config = dict(variant=variant, bucket_size_mb=2e-4,
-                  explicit_threshold=32, sketch_size=12, rank=2, factor_sketch_size=10,
+                  explicit_threshold=32, sketch_size=12, factor_rank=2, factor_sketch_size=10,
                   sketch_method="leverage")
     ranks = run_ranks(_resume_rank_zeros_state, 2, config, timeout=240)
     assert ranks[0]["foreign"]["warnings"] == [] and ranks[0]["foreign"]["rebuilt"] == 0

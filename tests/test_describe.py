@@ -31,12 +31,13 @@ def test_describe_lists_every_parameter_with_its_path_and_why():
     torch.manual_seed(0)
     model = Net()
     with pytest.warns(UserWarning, match=r"'stem' \(ConvTranspose1d\) is not preconditioned"):
-        opt = SENG(model, explicit_threshold=200, rank=2, param_groups=[
+        opt = SENG(model, explicit_threshold=200, factor_rank=2, param_groups=[
             {"params": [model.bn.weight, model.bn.bias], "weight_decay": 0.0}])
     x, y = torch.randn(4, 1, 6, 6), torch.randint(0, 5, (4,))
     F.cross_entropy(model(x), y).backward()
     opt.step()
     table = opt.describe()
+    assert "group  factor rank  curvature bytes" in table.splitlines()[0]
     rows = {line.split()[0]: line for line in table.splitlines()[2:]}
     assert set(rows) == {n for n, _ in model.named_parameters()}
     assert "ConvTranspose1d is not a supported layer type" in rows["stem.weight"]

@@ -27,16 +27,16 @@ COMMON: dict[str, Any] = dict(lr=0.1, damping=0.5, momentum=0.9, weight_decay=1e
 TINY_BUCKETS = 2e-4
 # MixedNet's blocks: conv 4x28 (κ=16), seq 6x5 (κ=16), head 5x7 (κ=1).
 PATHS: dict[str, dict[str, Any]] = {
-    "explicit": dict(sketch_size=None, rank=None, factor_sketch_size=None),
+    "explicit": dict(sketch_size=None, factor_rank=None, factor_sketch_size=None),
     # conv and head implicit with exact factors and eq. 23/28; seq explicit.
-    "factored": dict(explicit_threshold=32, sketch_size=None, rank=None,
+    "factored": dict(explicit_threshold=32, sketch_size=None, factor_rank=None,
                      factor_sketch_size=None, uc="factored"),
     # every path sketched: row sketch on the explicit seq block, randomized rank-2 factors
     # and leverage row sketches on the implicit blocks.
-    "sketched": dict(explicit_threshold=32, sketch_size=12, rank=2, factor_sketch_size=10,
+    "sketched": dict(explicit_threshold=32, sketch_size=12, factor_rank=2, factor_sketch_size=10,
                      sketch_method="leverage", uc="exact"),
     # the same, damped by Adam's diagonal: whitened curvature on both paths (in float64)
-    "diagonal": dict(explicit_threshold=32, sketch_size=12, rank=2, factor_sketch_size=10,
+    "diagonal": dict(explicit_threshold=32, sketch_size=12, factor_rank=2, factor_sketch_size=10,
                      sketch_method="leverage", uc="exact", damping_diagonal="adam"),
 }
 CONFIGS = {f"{path}-{variant}": dict(COMMON, **kw, variant=variant)

@@ -9,7 +9,7 @@ from seng_dist import SENG
 from seng_dist.reference import per_sample_gradients, reference_directions, relative_error
 
 EXACT_EXPLICIT = dict(explicit_threshold=10**9, sketch_size=None)
-EXACT_IMPLICIT = dict(explicit_threshold=0, sketch_size=None, rank=None,
+EXACT_IMPLICIT = dict(explicit_threshold=0, sketch_size=None, factor_rank=None,
                       factor_sketch_size=None, uc="exact")
 
 
@@ -80,7 +80,7 @@ def test_factor_sketch_error_shrinks_as_sketch_grows(method):
     errors = [
         _mean_error(lambda m, s, q=q: SENG(
             m, lr=1.0, damping=0.5, momentum=0.0, explicit_threshold=0, sketch_size=None,
-            rank=None, uc="exact", factor_sketch_size=q, sketch_method=method, seed=s))
+            factor_rank=None, uc="exact", factor_sketch_size=q, sketch_method=method, seed=s))
         for q in (2, 3, 4)]
     assert errors[0] > errors[1] > errors[2] > 0, errors
 
@@ -93,7 +93,7 @@ def test_truncated_rank_error_is_reported_and_shrinks_with_rank(record_property)
     errs = {}
     for rank in (1, 2, 3, 4):
         opt = SENG(model, lr=1.0, damping=0.5, momentum=0.0, explicit_threshold=0,
-                   sketch_size=None, rank=rank, factor_sketch_size=None, uc="exact")
+                   sketch_size=None, factor_rank=rank, factor_sketch_size=None, uc="exact")
         d = seng_directions(opt, model, x, y)
         errs[rank] = relative_error(d["seq"], ref["seq"])
         assert relative_error(d["head"], ref["head"]) < 1e-5  # κ = 1: rank 1 is exact
@@ -109,7 +109,7 @@ def test_factored_uc_error_is_reported(record_property):
     errs = {}
     for uc in ("exact", "factored"):
         opt = SENG(model, lr=1.0, damping=0.5, momentum=0.0, explicit_threshold=0,
-                   sketch_size=None, rank=None, factor_sketch_size=None, uc=uc)
+                   sketch_size=None, factor_rank=None, factor_sketch_size=None, uc=uc)
         d = seng_directions(opt, model, x, y)
         errs[uc] = {k: relative_error(d[k], ref[k]) for k in LAYERS}
     record_property("uc_errors", errs)

@@ -285,7 +285,7 @@ def test_truncated_factors_of_a_bfloat16_model_are_computed_in_float32():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(),
                           nn.Linear(8 * 6 * 6, 4)).to(torch.bfloat16)
-    opt = SENG(model, explicit_threshold=0, rank=2)
+    opt = SENG(model, explicit_threshold=0, factor_rank=2)
     x = torch.randn(16, 3, 8, 8, generator=g).bfloat16()
     F.cross_entropy(model(x).float(), torch.randint(0, 4, (16,), generator=g)).backward()
     opt.step()
