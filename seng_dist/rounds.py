@@ -17,8 +17,8 @@ on the averaged gradient, on every rank alike, and ``step()`` reads ``.grad`` as
 With ``overlap`` its buckets start during backward as the gradients arrive; without, it is one
 collective at the end of the pass. It runs in ``step()`` only when no pass completed the
 accumulation (gradients set by hand, or fewer passes than ``gradient_accumulation_steps``).
-:func:`make_round` picks the class from the config's ``variant``. On one process every
-collective is the identity and both are single-process SENG (lagged with its lag).
+:func:`make_round` picks the class from the config's :class:`~seng_dist.config.Variant`. On
+one process every collective is the identity and both are single-process SENG (lagged with its lag).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from torch import Tensor
 from . import solver
 from .buckets import BucketPlan, Buckets, Payload, first_positions
 from .comm import Communicator
-from .config import SENGConfig
+from .config import SENGConfig, Variant
 from .curvature import BlockCurvature, ParamState
 from .diagonal import make_diagonal
 from .groups import StepSettings
@@ -43,39 +44,59 @@ from .passes import BackwardPasses
 from .warn import warn
 
 
+class Agreement(Enum):
+    """Which ranks have something (a gradient, curvature, an overflow): one flag of
+    :class:`AgreementFlags` after the ranks averaged it, or this rank's own flag where nothing
+    was averaged (:meth:`of`)."""
+
+    ALL = "every rank"
+    SOME = "some rank"
+    NONE = "no rank"
+
+    @classmethod
+    def of(cls, value: bool) -> Agreement:
+        """This rank's own flag, where it is the only rank that counts."""
+        return cls.ALL if value else cls.NONE
+
+    @property
+    def anywhere(self) -> bool:
+        """Whether some rank (or every rank) has it."""
+        return self is not Agreement.NONE
+
+
 @dataclass
 class Exchanged:
     """A round's averaged result: per block ``z = ḡ + l2·θ``, the averaged slot and the
     damping diagonal's whitening ``W`` (None for ``λI``); the (clipped) averaged fallback
-    gradients; and the agreed flags (``present`` per unit, then ``ready`` per block, as
-    decoded by :meth:`Agreement.decode`)."""
+    gradients; and the agreed flags (``present`` per unit, then ``ready`` per block)."""
 
     zs: list[Tensor]
     slots: list[list[Tensor]]
     fallback: list[Tensor]
-    flags: list[float]
+    flags: list[Agreement]
     whitenings: list[Tensor | None]
 
 
 @dataclass
 class Agreed:
-    """What the gradient round decided for the step. ``present``: per unit, whether some rank
-    has its gradient (decoded flags; this rank's own when ``local``, i.e. no gradient round
-    ran: the engine averages, or one process). ``overflow``: some rank's GradScaler found an
-    Inf/NaN. ``slots`` and ``ready``: the averaged corrections that travelled with the
-    gradients (lagged) and, per block, whether every rank could compute its own."""
+    """What the gradient round decided for the step. ``present``: per unit, which ranks have
+    its gradient (this rank's own when ``local``, i.e. no gradient round ran: the engine
+    averages, or one process). ``overflow``: some rank's GradScaler found an Inf/NaN.
+    ``slots`` and ``ready``: the averaged corrections that travelled with the gradients
+    (lagged) and, per block, which ranks could compute their own."""
 
-    present: list[float]
+    present: list[Agreement]
     local: bool
     overflow: bool = False
     slots: list[list[Tensor]] | None = None
-    ready: list[float] | None = None
+    ready: list[Agreement] | None = None
 
 
-class Agreement:
+class AgreementFlags:
     """0/1 flags averaged with a round, so that every rank takes the same decision (a block
     has a gradient, a block has curvature, a rank's GradScaler found an overflow) without a
-    collective of its own.
+    collective of its own. They travel as floats (a mean, in the round's buffer) and are
+    decoded once into :class:`Agreement`.
 
     Each flag travels with its complement: "some rank" is a mean of the flags above 0 and
     "every rank" a mean of the complements equal to 0. Sums of non-negative numbers are 0 only
@@ -98,13 +119,13 @@ class Agreement:
         flags = torch.tensor(values, dtype=self.dtype, device=self.device)
         return torch.cat([flags, 1.0 - flags])
 
-    def decode(self, flags: Tensor | None, local: list[bool]) -> list[float]:
-        """Averaged flags as ``1.0`` (every rank), ``0.5`` (some) or ``0.0`` (none)."""
+    def decode(self, flags: Tensor | None, local: list[bool]) -> list[Agreement]:
+        """The averaged ``flags`` of :meth:`pack` (``local`` itself when it gave None)."""
         if flags is None:
-            return [float(v) for v in local]
+            return [Agreement.of(v) for v in local]
         n = len(local)
         some, missing = flags[:n].tolist(), flags[n:].tolist()
-        return [1.0 if m == 0.0 else (0.5 if s > 0.0 else 0.0)
+        return [Agreement.ALL if m == 0.0 else Agreement.SOME if s > 0.0 else Agreement.NONE
                 for s, m in zip(some, missing, strict=True)]
 
 
@@ -140,10 +161,10 @@ class Round(ABC):
         self.fallback = fallback
         self.comm = comm
         self.grads_averaged = grads_averaged
-        self._states = state
+        self._param_state = state
         self.diagonal = make_diagonal(config.diagonal, state)
         first = curvatures[0].block.weight if curvatures else fallback[0]
-        self.agreement = Agreement(comm, first.device, first.dtype)
+        self.agreement = AgreementFlags(comm, first.device, first.dtype)
         self._warned: set[str] = set()
         #: per unit (each block, then each fallback parameter) its parameters
         self.units: list[list[Tensor]] = [list(c.block.params) for c in curvatures] + \
@@ -252,11 +273,12 @@ class Round(ABC):
         agreed = values[:nu]
         with torch.no_grad():
             for u, (payload, some) in enumerate(zip(payloads, agreed, strict=True)):
-                if some:
+                if some.anywhere:
                     _write_grads(self.units[u], self._split_unit(u, payload[0]))
+        overflow = values[-1].anywhere
         if not self._slots_sent:
-            return Agreed(agreed, local=False, overflow=values[-1] > 0.0)
-        return Agreed(agreed, local=False, overflow=values[-1] > 0.0,
+            return Agreed(agreed, local=False, overflow=overflow)
+        return Agreed(agreed, local=False, overflow=overflow,
                       slots=[p[1:] for p in payloads[:nb]], ready=values[nu:nu + nb])
 
     def _split_unit(self, u: int, gradient: Tensor) -> list[Tensor]:
@@ -276,8 +298,8 @@ class Round(ABC):
         Without a gradient round (the engine averages, or one process) this rank's own view."""
         self._check_gradients()
         if not self.sends_gradients:
-            return Agreed([float(any(p.grad is not None for p in unit)) for unit in self.units],
-                          local=True, overflow=overflow)
+            return Agreed([Agreement.of(any(p.grad is not None for p in unit))
+                           for unit in self.units], local=True, overflow=overflow)
         if self.synced is None:
             done = self.passes.in_window if self.passes is not None else 0
             if 0 < done < self.accumulation:
@@ -351,12 +373,12 @@ class Round(ABC):
         return [c.ready for c in self.curvatures]
 
     def _corrected(self, slots: list[list[Tensor]], agreed: Agreed
-                   ) -> tuple[list[float], list[float]]:
+                   ) -> tuple[list[Agreement], list[Agreement]]:
         """The correction round: ``slots`` averaged in place with the flags still to agree on
         (each block's readiness; each unit's gradient too when no gradient round ran).
         Returns the agreed ``present`` and ``ready``."""
         mine = self._ready()
-        local = ([bool(v) for v in agreed.present] if agreed.local else []) + mine
+        local = ([v.anywhere for v in agreed.present] if agreed.local else []) + mine
         flags = self.agreement.pack(local)
         if self.multi:
             self._allreduce(_flat(slots) + ([flags] if flags is not None else []),
@@ -406,11 +428,11 @@ class Round(ABC):
         params: list[Tensor] = []
         dirs: list[Tensor] = []
         for i, (c, z, slot) in enumerate(zip(self.curvatures, done.zs, done.slots, strict=True)):
-            if not present[i]:
+            if present[i] is Agreement.NONE:
                 continue
             damping = hyper.damping[id(c.block.weight)]
             w = done.whitenings[i]
-            if ready[i] >= 1.0:
+            if ready[i] is Agreement.ALL:
                 # In D's coordinates: d = W (Ũb - Wz)/λ (docs/design.md).
                 d = solver.direction(_whiten(z, w), c.combine(slot), damping)
                 if w is not None:
@@ -423,7 +445,7 @@ class Round(ABC):
         # The fallback rule, fused over the parameters that share damping and L2.
         alike: dict[tuple[float, float], list[tuple[Tensor, Tensor]]] = {}
         for p, g, h in zip(self.fallback, done.fallback, present[nb:], strict=True):
-            if h:
+            if h.anywhere:
                 alike.setdefault((hyper.damping[id(p)], hyper.l2[id(p)]), []).append((p, g))
         for (damping, l2), kept in alike.items():
             fps, grads = [p for p, _ in kept], [g for _, g in kept]
@@ -454,16 +476,17 @@ class BlockDiagonalRound(Round):
         nb = len(self.curvatures)
         here = agreed.present[:nb]
         ws = self._whitenings(gs, here)
-        slots = [c.correction(_whiten(z, w) if h else None, hyper.damping[id(c.block.weight)])
+        slots = [c.correction(_whiten(z, w) if h.anywhere else None,
+                              hyper.damping[id(c.block.weight)])
                  for c, z, w, h in zip(self.curvatures, gs, ws, here, strict=True)]
         present, ready = self._corrected(slots, agreed)
         return Exchanged(gs, slots, averaged, present + ready, ws)
 
-    def _whitenings(self, zs: list[Tensor], present: Sequence[float | bool]
+    def _whitenings(self, zs: list[Tensor], present: Sequence[Agreement]
                     ) -> list[Tensor | None]:
         """Each present block's ``W`` after folding in its averaged ``z`` (the same on every
         rank: every rank folds the same ``z``)."""
-        return [self.diagonal.update(c.block.weight, z) if h else None
+        return [self.diagonal.update(c.block.weight, z) if h.anywhere else None
                 for c, z, h in zip(self.curvatures, zs, present, strict=True)]
 
 
@@ -489,7 +512,8 @@ class LaggedRound(BlockDiagonalRound):
         self._stale = False
 
     def _previous(self, curvature: BlockCurvature) -> Tensor | None:
-        prev: Tensor | None = self._states.get(curvature.block.weight, {}).get(self.PREVIOUS)
+        prev: Tensor | None = self._param_state.get(curvature.block.weight, {}).get(
+            self.PREVIOUS)
         return prev
 
     @property
@@ -511,8 +535,8 @@ class LaggedRound(BlockDiagonalRound):
         out = super()._finish(done, hyper)
         present = done.flags[:len(self.curvatures)]
         for c, z, p in zip(self.curvatures, done.zs, present, strict=True):
-            if p:
-                self._states[c.block.weight][self.PREVIOUS] = z
+            if p.anywhere:
+                self._param_state[c.block.weight][self.PREVIOUS] = z
         return out
 
     def arm(self, curvature_due: bool, settings: Callable[[], StepSettings]) -> None:
@@ -596,15 +620,18 @@ def make_round(config: SENGConfig, curvatures: list[BlockCurvature],
                state: ParamState, order: Sequence[Tensor] = (),
                passes: BackwardPasses | None = None) -> Round:
     """The round of ``config.distributed.variant``."""
-    match config.distributed.variant:
-        case "blockdiag":
-            cls: type[Round] = BlockDiagonalRound
-        case "lagged":
-            cls = LaggedRound
-        case other:
-            raise ValueError(f"variant must be one of 'blockdiag', 'lagged', got {other!r}")
+    cls = _round_class(config.distributed.variant)
     return cls(config, curvatures, fallback, comm, grads_averaged=grads_averaged,
                state=state, order=order, passes=passes)
+
+
+def _round_class(variant: Variant) -> type[Round]:
+    """The class that implements ``variant`` (mypy checks that every variant has one)."""
+    match variant:
+        case Variant.BLOCKDIAG:
+            return BlockDiagonalRound
+        case Variant.LAGGED:
+            return LaggedRound
 
 
 def _flat(slots: list[list[Tensor]]) -> list[Tensor]:
