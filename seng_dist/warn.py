@@ -17,8 +17,13 @@ class SENGWarning(UserWarning):
     (``warnings.filterwarnings("ignore", category=seng_dist.SENGWarning)``)."""
 
 
-def warn(message: str) -> None:
-    """``warnings.warn(message, SENGWarning)`` attributed to the first caller outside
+class SENGDeprecationWarning(SENGWarning, DeprecationWarning):
+    """A deprecated name was used (it still works): a SENGWarning, and a DeprecationWarning so
+    that Python's and pytest's deprecation filters apply to it."""
+
+
+def warn(message: str, category: type[SENGWarning] = SENGWarning) -> None:
+    """``warnings.warn(message, category)`` attributed to the first caller outside
     seng_dist and torch (e.g. the user's ``opt.step()`` or ``SENG(...)`` line)."""
     level = 2  # the caller of this function
     frame = inspect.currentframe()
@@ -26,4 +31,4 @@ def warn(message: str) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL):
         frame = frame.f_back
         level += 1
-    warnings.warn(message, SENGWarning, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level)
