@@ -32,6 +32,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from seng_dist import SENG, schedules  # noqa: E402
+from seng_dist.config import DampingDiagonal, Variant  # noqa: E402
 
 SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
 OPTIMIZERS = ("adamw", "sgd", "seng")
@@ -95,8 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--curvature-interval", type=int, default=50)
-    ap.add_argument("--variant", default="blockdiag", choices=["blockdiag", "lagged"])
-    ap.add_argument("--damping-diagonal", default="identity", choices=["identity", "adam"],
+    ap.add_argument("--variant", default="blockdiag", choices=[v.value for v in Variant])
+    ap.add_argument("--damping-diagonal", default="identity",
+                    choices=[d.value for d in DampingDiagonal],
                     help="SENG's damping λI or λ·diag(√v̂ + ε) (Adam's, β₂ as AdamW's)")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-windows", type=int, default=256)

@@ -44,7 +44,7 @@ from models import MODELS  # noqa: E402
 from plot import plot_runs, write_metrics  # noqa: E402
 
 from seng_dist import SENG, SENGConfig, schedules  # noqa: E402
-from seng_dist.config import UC_MODES  # noqa: E402
+from seng_dist.config import UC_MODES, Variant  # noqa: E402
 
 OPTIMIZERS = ("seng", "sgd", "adam", "kfac", "asdl-seng")
 DEFAULT_LR = {"seng": 0.05, "sgd": 0.05, "adam": 1e-3, "kfac": 0.05, "asdl-seng": 0.05}
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--uc", default=SENGConfig().sketch.uc, choices=UC_MODES,
                     help="SENG's U·b on the implicit path: eq. 23's product of the weighted "
                     "factor means (factored, eq. 28's communication) or the exact sum")
-    ap.add_argument("--variant", default="blockdiag", choices=["blockdiag", "lagged"],
+    ap.add_argument("--variant", default="blockdiag", choices=[v.value for v in Variant],
                     help="distributed SENG variant (eq. 26 or eq. 27)")
     ap.add_argument("--comm-dtype", default=None, choices=["bfloat16", "float16"],
                     help="dtype of SENG's communication buffer (default: the gradients')")

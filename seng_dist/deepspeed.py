@@ -34,7 +34,7 @@ from typing import Any
 
 from .comm.base import import_engine
 from .comm.deepspeed_comm import INSTALL_HINT, DeepSpeedCommunicator
-from .config import SENGConfig, current_names
+from .config import SENGConfig, Variant, current_names
 from .optimizer import SENG
 from .warn import warn
 
@@ -122,7 +122,7 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
     # blockdiag: the engine averages the gradients in backward and SENG its corrections only;
     # lagged: SENG's one fused round per step carries the gradient (eq. 27), so the engine's
     # backward allreduce is switched off below.
-    lagged = settings.distributed.variant == "lagged"
+    lagged = settings.distributed.variant is Variant.LAGGED
     seng = SENG(model, settings, param_groups=groups, comm=DeepSpeedCommunicator(),
                 grads_averaged=not lagged)
     # engine.save_checkpoint builds the state on every rank and rank 0 writes it: gather every
