@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .layers import Block, Call
+from .layers import Block, CapturedCall
 from .passes import BackwardPasses
 
 #: turns a captured tensor into the batch-first layout
-Layout = Callable[[Tensor], Tensor]
+BatchFirst = Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -58,9 +58,10 @@ class Record:
         """Whether some call got its output gradient."""
         return any(g is not None for g in self.grads)
 
-    def calls(self) -> list[Call]:
+    def calls(self) -> list[CapturedCall]:
         """The calls that got their output gradient."""
-        return [Call(x, g, r) for x, g, r in zip(self.inputs, self.grads, self.rows, strict=True)
+        return [CapturedCall(x, g, r)
+                for x, g, r in zip(self.inputs, self.grads, self.rows, strict=True)
                 if g is not None]
 
     @property
@@ -108,14 +109,14 @@ class Capture:
         self._handles.clear()
         self.records.clear()
 
-    def record(self, block: Block, x: Tensor, output: Tensor, layout: Layout,
+    def record(self, block: Block, x: Tensor, output: Tensor, to_batch_first: BatchFirst,
                rows: slice | None = None) -> None:
         """Keep one call of ``block``: its input ``x`` and, once backward reaches it, the
-        gradient of ``output``; ``layout`` puts the batch first in both."""
+        gradient of ``output``; ``to_batch_first`` puts the batch first in both."""
         if self._epoch != self.passes.completed:  # a pass ended: a new micro-batch
             self._epoch = self.passes.completed
             self.records.clear()
-        x = layout(x.detach())
+        x = to_batch_first(x.detach())
         rec = self.records.get(block)
         if rec is None:
             rec = self.records[block] = Record()
@@ -127,12 +128,12 @@ class Capture:
         slot = len(rec.grads) - 1
 
         def grad_hook(grad: Tensor) -> None:
-            rec.grads[slot] = layout(grad.detach())[:k].clone()
+            rec.grads[slot] = to_batch_first(grad.detach())[:k].clone()
 
         output.register_hook(grad_hook)
 
     def _forward_hook(self, block: Block) -> Callable[[nn.Module, tuple, Tensor], None]:
-        layout = block.kind.batch_first(block.module, block.batch_dim)
+        to_batch_first = block.kind.batch_first(block.module, block.batch_dim)
 
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             # A deep copy of the model (a reference, an EMA copy) carries this hook along.
@@ -140,7 +141,7 @@ class Capture:
                     torch.is_grad_enabled() and isinstance(output, Tensor)
                     and output.requires_grad):
                 return
-            self.record(block, inputs[0], output, layout)
+            self.record(block, inputs[0], output, to_batch_first)
 
         return hook
 
@@ -163,12 +164,12 @@ class _AttentionTap:
         n = (query.shape[0] if getattr(module, "batch_first", False) else query.shape[1]) \
             if batched else 1
 
-        def layout(t: Tensor) -> Tensor:
+        def to_batch_first(t: Tensor) -> Tensor:
             if t.dim() == 2:
                 t = t.reshape(-1, n, t.shape[-1])
             return t.transpose(0, 1)
 
-        TAP.push(self._on_linear(layout))
+        TAP.push(self._on_linear(to_batch_first))
         self.active = True
 
     def leave(self, *_: object) -> None:
@@ -176,14 +177,14 @@ class _AttentionTap:
             self.active = False
             TAP.pop()
 
-    def _on_linear(self, layout: Layout) -> Callable[[Tensor, Tensor, Tensor], None]:
+    def _on_linear(self, to_batch_first: BatchFirst) -> Callable[[Tensor, Tensor, Tensor], None]:
         def on_linear(x: Tensor, weight: Tensor, output: Tensor) -> None:
             if not output.requires_grad:
                 return
             for block in self.blocks:
                 uses, rows = _rows_of(weight, block.weight)
                 if uses:
-                    self.capture.record(block, x, output, layout, rows)
+                    self.capture.record(block, x, output, to_batch_first, rows)
                     return
 
         return on_linear
@@ -209,18 +210,23 @@ def _rows_of(w: Tensor, param: Tensor) -> tuple[bool, slice | None]:
 class LinearTap:
     """The recording wrapper of ``torch.nn.functional.linear``: in place only while some
     thread has an armed attention forward running (a process-wide count under a lock), and
-    recording only for the thread whose forward it is."""
+    recording only for the thread whose forward it is.
+
+    It wraps whatever ``F.linear`` is when the first such forward starts (torch's, or a
+    user's own patch, which is then called as usual) and puts that back when the last one
+    ends, unless something replaced the wrapper meanwhile (that replacement is kept)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._count = 0
-        # Kept for good: another thread may still hold the wrapper after it is taken out.
-        self._original = F.linear
+        # Never reset: another thread may still hold the wrapper after it is taken out.
+        self._inner: Callable[..., Tensor] = F.linear
         self._local = threading.local()
 
     def push(self, on_call: Callable[[Tensor, Tensor, Tensor], None]) -> None:
         with self._lock:
             if self._count == 0:
+                self._inner = F.linear
                 F.linear = self._linear
             self._count += 1
         self._stack().append(on_call)
@@ -229,8 +235,9 @@ class LinearTap:
         self._stack().pop()
         with self._lock:
             self._count -= 1
-            if self._count == 0:
-                F.linear = self._original
+            # Bound methods compare equal (not identical) to each other.
+            if self._count == 0 and F.linear == self._linear:
+                F.linear = self._inner
 
     def _stack(self) -> list[Callable[[Tensor, Tensor, Tensor], None]]:
         if not hasattr(self._local, "stack"):
@@ -238,7 +245,7 @@ class LinearTap:
         return self._local.stack
 
     def _linear(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        out = self._original(input, weight, bias)
+        out = self._inner(input, weight, bias)
         stack = self._stack()
         if stack:
             stack[-1](input, weight, out)

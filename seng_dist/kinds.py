@@ -21,6 +21,19 @@ from . import solver
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 CONVS = (nn.Conv1d, nn.Conv2d)
+#: the attention module whose projections are blocks: its forward calls ``F.linear`` on their
+#: weights, which the capture reads (``layers.find_blocks``, ``capture.LinearTap``)
+ATTENTION = nn.MultiheadAttention
+#: every layer type SENG preconditions: those :func:`kind_of` tells apart, ``nn.Linear`` (its
+#: default kind, also the attention projections' kind) and the attention module
+SUPPORTED: tuple[type[nn.Module], ...] = (nn.Linear, *CONVS, *BATCHNORMS, ATTENTION)
+
+
+def supported_layer_types() -> tuple[str, ...]:
+    """The layer types SENG preconditions, as ``"nn.Linear"``, ...: the one list that SENG's
+    messages, its docstring and the README give. Every other trainable parameter follows the
+    fallback rule."""
+    return tuple(f"nn.{t.__name__}" for t in SUPPORTED)
 
 
 class LayerKind:

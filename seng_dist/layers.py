@@ -16,11 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from . import solver
-from .kinds import BATCHNORMS, CONVS, LayerKind, kind_of
+from .kinds import ATTENTION, CONVS, SUPPORTED, LayerKind, kind_of, supported_layer_types
 from .warn import warn
 
-#: the layer types that can be blocks
-SUPPORTED = (nn.Linear, nn.MultiheadAttention) + CONVS + BATCHNORMS
 #: layers with a weight that SENG does not precondition and says so about (the rest, e.g.
 #: other normalisations and embeddings, follow the fallback rule by design); SyncBatchNorm's
 #: statistics span the ranks, which the per-sample gradients of one rank cannot see
@@ -33,7 +31,7 @@ _FALLBACK = f"its parameters follow the fallback rule {FALLBACK_RULE}"
 
 
 @dataclass
-class Call:
+class CapturedCall:
     """One captured use of a block's weight: its input and output gradient with the batch
     first, and the rows of the weight it used (None: all of them)."""
 
@@ -48,7 +46,7 @@ class PerSample:
     under a mean-reduced loss): ``U``'s columns ``∇ψ_i/√ϱ`` as factors or as gradients."""
 
     block: Block
-    calls: list[Call]
+    calls: list[CapturedCall]
     scale: float
 
     @property
@@ -134,12 +132,12 @@ class Block:
         w = mat[:, :-1].reshape(self.weight.shape)
         return [w, mat[:, -1]]
 
-    def per_sample_factors(self, calls: list[Call], scale: float) -> tuple[Tensor, Tensor]:
+    def per_sample_factors(self, calls: list[CapturedCall], scale: float) -> tuple[Tensor, Tensor]:
         """``(Ĝ, Â)`` of shapes ``(ϱ, κ, n_G)`` and ``(ϱ, κ, n_A)`` from captured calls.
 
         A weight used several times in one forward contributes each call's positions: the
         per-sample gradient is the sum over calls, so the positions are concatenated; a call
-        on some rows of the weight (``Call.rows``) has zero output gradients on the others.
+        on some rows of the weight (``CapturedCall.rows``) has zero output gradients on the others.
         ``scale`` multiplies the output gradients (the batch size under a mean-reduced loss).
         """
         gs, As = [], []
@@ -156,7 +154,7 @@ class Block:
         a = torch.cat(As, dim=1) if len(As) > 1 else As[0]
         return (g * scale if scale != 1.0 else g), a
 
-    def per_sample_grads(self, calls: list[Call], scale: float) -> Tensor:
+    def per_sample_grads(self, calls: list[CapturedCall], scale: float) -> Tensor:
         """``Uᵀ`` rows before normalisation: ``vec(∇ψ_i)`` of the block, ``(ϱ, n_G·n_A)``,
         times ``scale``."""
         total: Tensor | None = None
@@ -172,7 +170,7 @@ class Block:
         total = total.reshape(total.shape[0], -1)
         return total * scale if scale != 1.0 else total
 
-    def _dtype(self, call: Call) -> tuple[Tensor, Tensor]:
+    def _dtype(self, call: CapturedCall) -> tuple[Tensor, Tensor]:
         # Under autocast the layer sees and returns bf16/fp16; curvature is kept in the
         # parameters' dtype.
         dtype = self.weight.dtype
@@ -201,9 +199,10 @@ def find_blocks(model: nn.Module, skip_layers: tuple[str | type, ...] = (),
     """The model's supported, trainable layers as blocks, in module order.
 
     A block of fewer than ``explicit_threshold`` entries takes the explicit path, any other
-    the implicit one (a grouped convolution: always explicit). Supported: ``nn.Linear``,
-    ``nn.Conv1d``/``nn.Conv2d`` (grouped and depthwise too) with zero padding mode, affine
-    ``nn.BatchNorm1d/2d/3d``, and ``nn.MultiheadAttention``: its packed ``in_proj_weight``
+    the implicit one (a grouped convolution: always explicit). Supported
+    (:func:`~seng_dist.kinds.supported_layer_types`): ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``
+    (grouped and depthwise too) with zero padding mode, affine ``nn.BatchNorm1d/2d/3d``, and
+    ``nn.MultiheadAttention``: its packed ``in_proj_weight``
     (Q, K, V) is one block, or with ``kdim``/``vdim`` each of ``q/k/v_proj_weight`` is, and
     ``out_proj`` is one; the attention's forward uses them functionally, so the capture reads
     its calls (:mod:`seng_dist.capture`). Another layer type that is usually trained
@@ -221,7 +220,7 @@ def find_blocks(model: nn.Module, skip_layers: tuple[str | type, ...] = (),
         for p in module.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
     attention_of = {id(m.out_proj): m for m in model.modules()
-                    if isinstance(m, nn.MultiheadAttention)}
+                    if isinstance(m, ATTENTION)}
     declared = _declared_batch_first(model)
     blocks, fallback, skipped = [], {}, set()
     for raw, module in model.named_modules():
@@ -234,7 +233,7 @@ def find_blocks(model: nn.Module, skip_layers: tuple[str | type, ...] = (),
         if skip is not None:
             fallback[name] = skip[0]
             continue
-        if isinstance(module, nn.MultiheadAttention):
+        if isinstance(module, ATTENTION):
             found, left = _attention_blocks(name, module, explicit_threshold)
             blocks += found
             if left:
@@ -349,8 +348,8 @@ def _unsupported(name: str, module: nn.Module, owners: dict[int, int]) -> str | 
     expect it), or None for a supported layer."""
     kind = type(module).__name__
     if not isinstance(module, SUPPORTED):
-        why = (f"{kind} is not a supported layer type (nn.Linear, nn.Conv1d/2d, "
-               "nn.BatchNorm1d/2d/3d, nn.MultiheadAttention)")
+        why = (f"{kind} is not a supported layer type "
+               f"({', '.join(supported_layer_types())})")
         if isinstance(module, _UNSUPPORTED_WARNED):
             warn(f"SENG: layer {name!r} ({kind}) is not preconditioned; {_FALLBACK}")
         return why

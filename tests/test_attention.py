@@ -5,6 +5,7 @@ batch is in every captured layer."""
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from conftest import EXACT_EXPLICIT, EXACT_IMPLICIT, TinyEncoder, check_exact, tokens
 from torch import nn
 
-from seng_dist import SENG
+from seng_dist import SENG, SENGWarning
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 STOCK_LINEAR = F.linear
@@ -209,3 +210,86 @@ def test_a_misread_batch_dimension_is_an_error_and_batch_first_false_is_exact():
 def test_batch_first_must_be_a_bool():
     with pytest.raises(ValueError, match="batch_first must be True or False, got 0"):
         SENG(nn.Linear(2, 2), batch_first=0)
+
+
+def _attention_calls(opt: SENG) -> dict[str, int]:
+    """How many calls of each attention block the capture holds."""
+    return {b.name: len(r.inputs) for b, r in opt.curvature.capture.records.items()
+            if b.via is not None}
+
+
+def test_another_thread_calling_linear_during_an_armed_attention_forward_is_unaffected():
+    torch.manual_seed(0)
+    model = SelfAttention(True, "none", False)
+    opt = SENG(model, curvature_update_interval=1)
+    x, y = tokens()
+    w = model.attn.in_proj_weight  # a weight the capture watches, from another thread
+    a = torch.randn(4, 8)
+    seen: dict[str, object] = {}
+
+    def other_thread() -> None:
+        seen["out"] = F.linear(a, w)
+
+    def during_forward(*_: object) -> None:  # runs after SENG's pre-hook: the tap is in place
+        seen["swapped"] = F.linear is not STOCK_LINEAR
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+
+    model.attn.register_forward_pre_hook(during_forward)
+    F.cross_entropy(model(x), y).backward()
+    assert seen["swapped"]
+    assert torch.equal(seen["out"], STOCK_LINEAR(a, w))
+    # Only the forward's own calls were recorded: one of in_proj, one of out_proj.
+    assert _attention_calls(opt) == {"attn.in_proj": 1, "attn.out_proj": 1}
+    opt.step()
+    assert F.linear is STOCK_LINEAR
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_users_patch_of_linear_is_called_during_attention_and_kept(when, monkeypatch):
+    torch.manual_seed(0)
+    calls = []
+
+    def patched(input: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append(weight.shape)
+        return STOCK_LINEAR(input, weight, bias)
+
+    model = SelfAttention(True, "none", False)
+    if when == "before":
+        monkeypatch.setattr(F, "linear", patched)
+    opt = SENG(model, curvature_update_interval=1)
+    if when == "after":
+        monkeypatch.setattr(F, "linear", patched)
+    x, y = tokens()
+    F.cross_entropy(model(x), y).backward()
+    assert F.linear is patched  # kept once the attention forward is over
+    assert (24, 8) in calls and (8, 8) in calls  # in_proj's and out_proj's calls went through it
+    assert _attention_calls(opt) == {"attn.in_proj": 1, "attn.out_proj": 1}
+    opt.step()
+    assert opt.curvature_updates == 1 and F.linear is patched
+
+
+def test_torch_compile_runs_and_leaves_the_attention_projections_to_the_fallback_rule():
+    """Under torch.compile the F.linear calls inside the attention are not seen: its blocks
+    have no curvature (warned) and follow the fallback rule; the other layers have theirs."""
+    torch.manual_seed(0)
+    model = SelfAttention(True, "none", False)
+    opt = SENG(model, curvature_update_interval=2)
+    compiled = torch.compile(model)
+    x, y = tokens()
+    losses = []
+    with pytest.warns(SENGWarning, match="'attn.in_proj' has no curvature yet"):
+        for _ in range(3):
+            opt.zero_grad()
+            loss = F.cross_entropy(compiled(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    has_curvature = {c.block.name: "K" in opt.state[c.block.weight]
+                     for c in opt.curvature.curvatures}
+    assert has_curvature == {"embed": True, "attn.in_proj": False, "attn.out_proj": False,
+                             "head": True}
+    assert F.linear is STOCK_LINEAR

@@ -69,3 +69,15 @@ def test_a_kinds_per_sample_gradients_are_the_product_of_its_factors():
         ref = per_sample_gradients(module, x, gy, loss_fn=lambda o, g: (o * g).sum())
         w = ref["weight"].reshape(5, 3, -1)
         assert relative_error(mine, torch.cat([w, ref["bias"].unsqueeze(-1)], -1)) < 1e-5
+
+
+def test_the_supported_layer_types_are_one_list_that_messages_and_find_blocks_use():
+    import seng_dist
+    from seng_dist.layers import find_blocks
+
+    types = seng_dist.supported_layer_types()
+    assert types == ("nn.Linear", "nn.Conv1d", "nn.Conv2d", "nn.BatchNorm1d", "nn.BatchNorm2d",
+                     "nn.BatchNorm3d", "nn.MultiheadAttention")
+    layout = find_blocks(nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, 2)))
+    assert layout.fallback["0"] == (f"Embedding is not a supported layer type "
+                                    f"({', '.join(types)})")
