@@ -8,13 +8,16 @@ per-block math :mod:`seng_dist.curvature`'s and :mod:`seng_dist.solver`'s.
 
 from __future__ import annotations
 
+import functools
 import gc
+import weakref
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .builder import CurvatureBuilder
 from .checkpoint import Counters, StateCodec, split_curvature, structure_settings
@@ -23,6 +26,7 @@ from .config import GROUP_SETTINGS, SENGConfig, resolve
 from .curvature import BlockCurvature
 from .describe import describe_table
 from .groups import GroupSchedules, StepSettings, check_shape, group_params
+from .kinds import supported_layer_types
 from .layers import FALLBACK_RULE, Block, find_blocks
 from .passes import BackwardPasses
 from .rounds import make_round
@@ -30,24 +34,68 @@ from .update import apply_update
 from .warn import warn
 
 
-class ParamGroups(list[dict[str, Any]]):
-    """``SENG.param_groups``: a list that knows its optimizer. ``hvd.DistributedOptimizer``
-    builds its wrapper by calling the optimizer's class on ``optimizer.param_groups``; this is
-    how that call finds the SENG it wraps."""
+class Owners:
+    """Which live SENG updates each parameter: one at a time. Only that one holds hooks on
+    it, so an optimizer that was replaced never starts collectives that no ``step()`` of its
+    will wait for, and never steps the parameter behind the newer one's back."""
 
-    def __init__(self, groups: list[dict[str, Any]], owner: SENG) -> None:
-        super().__init__(groups)
-        self.owner = owner
+    def __init__(self) -> None:
+        self._of: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> weakref(SENG)
+
+    def of(self, params: list[Tensor]) -> list[SENG]:
+        """The live optimizers that own some of ``params``, each once."""
+        found: dict[int, SENG] = {}
+        for p in params:
+            ref = self._of.get(p)
+            owner = ref() if ref is not None else None
+            if owner is not None:
+                found[id(owner)] = owner
+        return list(found.values())
+
+    def claim(self, params: list[Tensor], owner: SENG) -> None:
+        """Record ``owner`` as the one that updates ``params`` from now on."""
+        ref = weakref.ref(owner)
+        for p in params:
+            self._of[p] = ref
+
+
+#: the owners of this process's parameters
+OWNERS = Owners()
+
+SUPERSEDED = ("SENG: this optimizer was retired when a newer SENG was built on the same "
+              "parameters: only one SENG updates a parameter, and the newer one holds the hooks "
+              "on the model now. Use the newer one (to carry this one's state over, save its "
+              "state_dict() before building the newer one and load it there)")
+TAKEN_OVER = ("SENG: this optimizer was taken over by the wrapper that {wrapper} built on its "
+              "param_groups (hvd.DistributedOptimizer): its model, hooks, curvature and state "
+              "moved there. Use the optimizer that hvd.DistributedOptimizer returned")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _live(method: Callable[Concatenate[SENG, _P], _R]) -> Callable[Concatenate[SENG, _P], _R]:
+    """``method``, refused with the reason once its SENG was retired (taken over, or built
+    again on the same parameters)."""
+
+    @functools.wraps(method)
+    def checked(self: SENG, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if self._retired is not None:
+            raise RuntimeError(self._retired)
+        return method(self, *args, **kwargs)
+
+    return checked
 
 
 class SENG(torch.optim.Optimizer):
     """Sketchy Empirical Natural Gradient (Yang et al., 2021) as a ``torch.optim.Optimizer``.
 
-    Per supported layer (``nn.Linear``, ``nn.Conv2d``; weight and bias as one block)
-    ``d = -(U Uᵀ + λI)⁻¹ g`` with ``U`` the per-sample gradients of the curvature batch over
-    ``√ϱ`` (``λI`` becomes ``λD``, Adam's diagonal, with ``damping_diagonal="adam"``); every
-    other trainable parameter follows ``d = -g/(1 + λ)`` (``-g/(λD)``); then heavy-ball
-    momentum and ``θ ← θ + lr·v``. What is computed, and how: ``docs/design.md``.
+    Per supported layer (the types :func:`seng_dist.supported_layer_types` lists; weight and
+    bias as one block) ``d = -(U Uᵀ + λI)⁻¹ g`` with ``U`` the per-sample gradients of the
+    curvature batch over ``√ϱ`` (``λI`` becomes ``λD``, Adam's diagonal, with
+    ``damping_diagonal="adam"``); every other trainable parameter follows ``d = -g/(1 + λ)``
+    (``-g/(λD)``); then heavy-ball momentum and ``θ ← θ + lr·v``. What is computed, and how:
+    ``docs/design.md``.
 
     Args:
         model: the ``nn.Module`` to train (or the ``DistributedDataParallel`` around it); hooks
@@ -72,6 +120,21 @@ class SENG(torch.optim.Optimizer):
     before ``step()`` acts on it, and the step uses ``.grad`` as it then is. At construction
     every rank checks that the settings and the model structure agree (``ValueError`` on every
     rank naming what differs) and takes rank 0's parameters and buffers, as DDP does.
+
+    One SENG updates a parameter: building a SENG on parameters that another SENG updates
+    retires the older one (its hooks come off the model, and using it raises
+    ``RuntimeError``). ``hvd.DistributedOptimizer(opt)`` takes ``opt`` over: the wrapper it
+    returns continues ``opt`` (same state, settings and param groups), and ``opt`` is retired.
+
+    ``nn.MultiheadAttention`` calls its projections through ``torch.nn.functional.linear``.
+    While an attention forward runs on a curvature step, SENG replaces that function,
+    process-wide, with a wrapper that passes every call, from any thread, with the same
+    arguments to the function it replaced (torch's, or your own patch, which is called and
+    stays in place), and records only the calls of that forward's own thread; the function
+    is put back when the last such forward ends. Patch ``F.linear`` outside attention
+    forwards. Under ``torch.compile`` the attention's calls are not seen: its projections
+    follow the fallback rule (with a warning) while the model's other layers are
+    preconditioned.
     """
 
     #: When True, ``state_dict()`` is a collective that every rank must call (DeepSpeed's
@@ -91,15 +154,17 @@ class SENG(torch.optim.Optimizer):
     #: an overflow step is skipped here, on every rank together, and counted.
     _step_supports_amp_scaling = True
 
+    #: Why this SENG may no longer be used, once it is retired: taken over by
+    #: ``hvd.DistributedOptimizer``'s wrapper, or replaced by a newer SENG on its parameters.
+    _retired: str | None = None
+
     def __init__(self, model: nn.Module, config: SENGConfig | None = None, *,
                  param_groups: list[dict[str, Any]] | None = None,
                  comm: str | Communicator | None = None, grads_averaged: bool | None = None,
                  **settings: Any) -> None:
-        if isinstance(model, ParamGroups):
-            self._adopt(model.owner)
-            return
         if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            self._take_over(_original_of(model))
+            return
         if config is not None and not isinstance(config, SENGConfig):
             raise ValueError(f"config must be a seng_dist.SENGConfig or None, got {config!r}")
         cfg = self.config = (config or SENGConfig()).replace(**settings)
@@ -107,19 +172,19 @@ class SENG(torch.optim.Optimizer):
         grads_averaged, model = _unwrap(model, grads_averaged)
         super().__init__(_groups(model, param_groups),
                          {k: resolve(cfg, k, 0) for k in GROUP_SETTINGS})
-        self.param_groups = ParamGroups(self.param_groups, self)
         self.model = model
         self.layout = find_blocks(model, cfg.skip_layers, cfg.sketch.explicit_threshold,
                                   cfg.batch_first)
         self.blocks: list[Block] = self.layout.blocks
         if not self.blocks:
-            warn("SENG: the model has no supported layer (nn.Linear, nn.Conv2d, BatchNorm) to "
-                 "precondition (or "
-                 f"skip_layers names them all): every parameter follows {FALLBACK_RULE}")
+            warn(f"SENG: the model has no supported layer ({', '.join(supported_layer_types())})"
+                 f" to precondition (or skip_layers names them all): every parameter follows "
+                 f"{FALLBACK_RULE}")
         GroupSchedules.check_blocks(self.blocks, self.param_groups)
         self.communicator = make_communicator(comm)
         _check_dtype(self.communicator, cfg)
         self.passes = BackwardPasses(model, group_params(self.param_groups))
+        self._claim(group_params(self.param_groups))
         self.curvature = CurvatureBuilder(self.passes, self.blocks, cfg, self.state,
                                           self.communicator.rank)
         in_blocks = {id(p) for b in self.blocks for p in b.params}
@@ -138,6 +203,7 @@ class SENG(torch.optim.Optimizer):
                                          + list(model.buffers()), name="seng.init")
         self._arm(0)
 
+    @_live
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (``torch.optim.Optimizer.add_param_group``). Its keys are checked
         and its callables kept as schedules. Parameters added after construction follow the
@@ -153,6 +219,7 @@ class SENG(torch.optim.Optimizer):
         added = list(self.param_groups[-1]["params"])
         self._fallback.extend(added)
         self.passes.watch(added)
+        self._claim(added)
         self._set_round(self.round.grads_averaged)  # its units and buckets include them now
         warn(f"SENG: the {len(added)} parameter(s) added with add_param_group follow the "
              f"fallback rule {FALLBACK_RULE}: SENG preconditions the layers it found when it "
@@ -185,11 +252,37 @@ class SENG(torch.optim.Optimizer):
         if previous is not None:
             self._arm(self._counters.step)
 
-    def _adopt(self, original: SENG) -> None:
-        """Become ``original`` inside ``hvd.DistributedOptimizer(original, ...)``: share its
-        model, curvature, state and communicator; Horovod's hooks average the gradients in
-        backward, so this one averages only its corrections."""
-        self.__dict__.update(original.__dict__)
+    # ------------------------------------------------------------------ ownership
+    def _claim(self, params: list[Tensor]) -> None:
+        """Become the one SENG that updates ``params``: an older SENG on any of them (a SENG
+        built again on the same model) is retired, its hooks taken off the model."""
+        for older in OWNERS.of(params):
+            if older is not self:
+                self._supersede(older)
+        OWNERS.claim(params, self)
+
+    @staticmethod
+    def _supersede(older: SENG) -> None:
+        """Take ``older``'s hooks off the model (backward passes, capture, buckets): from now
+        on using it raises :data:`SUPERSEDED`."""
+        older.passes.close()
+        older.round.close()
+        older.curvature.capture.disarm()
+        older._retired = SUPERSEDED
+
+    def _take_over(self, original: SENG) -> None:
+        """Continue ``original`` as this object. ``hvd.DistributedOptimizer(original)`` builds
+        its wrapper, an instance of a subclass of ``type(original)``, by calling that class on
+        ``original.param_groups`` (see :func:`_original_of`). Everything ``original`` holds
+        (model, hooks, curvature, state, param groups, counters, communicator) is handed here
+        unchanged and ``original`` is retired: every method of it raises
+        :data:`TAKEN_OVER`, so this object is the only one that acts on those pieces. Horovod's
+        hooks average the gradients in backward, so from now on SENG averages only its
+        corrections."""
+        vars(self).update(vars(original))
+        original._retired = TAKEN_OVER.format(wrapper=type(self).__module__)
+        self._retired = None
+        OWNERS.claim(group_params(self.param_groups), self)
         self._set_round(grads_averaged=True)
 
     def _arm(self, step: int) -> None:
@@ -207,32 +300,38 @@ class SENG(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ counters
     @property
+    @_live
     def step_count(self) -> int:
         """Steps taken so far."""
         return self._counters.step
 
     @property
+    @_live
     def curvature_updates(self) -> int:
         """Curvature updates done."""
         return self._counters.curvature_updates
 
     @property
+    @_live
     def curvature_skips(self) -> int:
         """Block curvature updates refused because a factor was not finite."""
         return self._counters.curvature_skips
 
     @property
+    @_live
     def nonfinite_steps(self) -> int:
         """Steps skipped because the averaged gradient was not finite (``skip_nonfinite``) or
         a ``GradScaler`` found an overflow on some rank."""
         return self._counters.nonfinite_steps
 
+    @_live
     def curvature_state_bytes(self) -> int:
         """Bytes held by curvature state: ``U``/factors, their sketches, Gram matrices and the
         cached inverses."""
         return sum(c.nbytes() for c in self.curvature.curvatures)
 
     # ------------------------------------------------------------------ the step
+    @_live
     @torch.no_grad()
     def step(  # type: ignore[override]  # returns the closure's loss, as torch's own do
             self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -316,6 +415,7 @@ class SENG(torch.optim.Optimizer):
              "if built with grads_averaged=True). Build SENG on the DDP model to say so")
         self._set_round(grads_averaged=True)
 
+    @_live
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``torch.optim.Optimizer.zero_grad``; the next backward pass starts a new step's
         accumulation."""
@@ -349,6 +449,7 @@ class SENG(torch.optim.Optimizer):
             self._settings_key = key
         return self._settings
 
+    @_live
     def describe(self) -> str:
         """A table of every parameter: layer, layer type, block shape, path
         (explicit/implicit/fallback) and why, param group, factor rank, curvature bytes."""
@@ -356,6 +457,7 @@ class SENG(torch.optim.Optimizer):
                               self.param_groups, self.config.sketch.explicit_threshold)
 
     # ------------------------------------------------------------------ state
+    @_live
     def broadcast_state(self, src: int = 0) -> None:
         """Give every rank rank ``src``'s parameters, buffers and optimizer state, and rebuild
         the curvature on every rank at the next step.
@@ -381,6 +483,7 @@ class SENG(torch.optim.Optimizer):
         self.curvature.drop()
         self._arm(self._counters.step)
 
+    @_live
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state (momentum, lagged gradient, curvature per parameter) plus
         SENG's own under ``"seng"``: counters, the sketch generator, the settings and the
@@ -391,6 +494,7 @@ class SENG(torch.optim.Optimizer):
         return self._codec.pack(super().state_dict(), self._counters,
                                 self._curvature_indices(), all_ranks)
 
+    @_live
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` saved for the same layers and curvature settings."""
         indexed = self._curvature_indices()
@@ -401,7 +505,6 @@ class SENG(torch.optim.Optimizer):
         kept.clear()
         kept.update(self.state)
         self.state = kept
-        self.param_groups = ParamGroups(self.param_groups, self)
         self._counters = self._codec.restore(saved, indexed)
         self._arm(self._counters.step)
 
@@ -410,6 +513,19 @@ class SENG(torch.optim.Optimizer):
         index = {id(p): i for i, p in enumerate(
             p for group in self.param_groups for p in group["params"])}
         return [(index[id(c.block.weight)], c) for c in self.curvature.curvatures]
+
+def _original_of(groups: Any) -> SENG:
+    """The SENG whose own ``param_groups`` list ``groups`` is: ``hvd.DistributedOptimizer``
+    builds its wrapper as ``type(opt)(opt.param_groups)``, and that wrapper takes the SENG
+    over (:meth:`SENG._take_over`)."""
+    if isinstance(groups, list) and all(isinstance(g, dict) and "params" in g for g in groups):
+        for owner in OWNERS.of([p for g in groups for p in g["params"]]):
+            if owner.param_groups is groups:
+                return owner
+    raise ValueError(f"model must be a torch.nn.Module, got {type(groups).__name__} (a list "
+                     "of param groups is taken only as a live SENG's own param_groups, from a "
+                     "wrapper that rebuilds it on them, as hvd.DistributedOptimizer does)")
+
 
 def _wrapped_by_ddp(model: nn.Module) -> bool:
     """Whether some ``DistributedDataParallel`` in this process wraps ``model`` (a scan of the

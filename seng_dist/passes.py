@@ -32,11 +32,6 @@ from torch import Tensor, nn
 from torch.autograd import Variable
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
-from torch.utils.weak import WeakIdKeyDictionary
-
-# Which BackwardPasses owns each parameter's hook: a newer SENG on the same parameters takes
-# over, so an abandoned optimizer never starts collectives no step() of its will wait for.
-_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 class PassListener(Protocol):
@@ -75,20 +70,15 @@ class BackwardPasses:
         self.watch(params)
 
     def watch(self, params: Sequence[Tensor]) -> None:
-        """Hook the trainable ones of ``params`` (taking them over from an older owner)."""
+        """Hook the trainable ones of ``params``."""
         for p in params:
-            if not p.requires_grad:
-                continue
-            self._handles.append(
-                p.register_post_accumulate_grad_hook(partial(_on_grad, self._me)))
-            previous = _OWNERS.get(p)
-            owner = previous() if previous is not None else None
-            if owner is not None and owner is not self:
-                owner.close()
-            _OWNERS[p] = self._me
+            if p.requires_grad:
+                self._handles.append(
+                    p.register_post_accumulate_grad_hook(partial(_on_grad, self._me)))
 
     def close(self) -> None:
-        """Remove the hooks (a newer optimizer took the parameters over)."""
+        """Remove the hooks (their optimizer was retired: a newer one updates the
+        parameters)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -197,3 +197,37 @@ def test_horovod_edits_of_grad_act_on_the_averaged_gradient(hvd_runs, name):
 @pytest.mark.parametrize("name", OVERFLOWS)
 def test_horovod_overflow_on_one_rank_skips_the_step_on_every_rank(hvd_runs, name):
     check_overflow(name, hvd_runs)
+
+
+@needs_hvd
+def test_hvd_distributed_optimizer_takes_seng_over_and_retires_the_original():
+    code = ("import warnings; warnings.simplefilter('ignore')\n"
+            "import torch, torch.nn.functional as F, horovod.torch as hvd\n"
+            "from seng_dist import SENG\n"
+            "from conftest import batch, make_mixed\n"
+            "hvd.init()\n"
+            "model = make_mixed()\n"
+            "opt = SENG(model, curvature_update_interval=1)\n"
+            "wrapped = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())\n"
+            "x, y = batch()\n"
+            "def train():\n"
+            "    wrapped.zero_grad()\n"
+            "    F.cross_entropy(model(x), y).backward()\n"
+            "    wrapped.step()\n"
+            "train()\n"
+            "print('seng', isinstance(wrapped, SENG), wrapped.step_count, "
+            "wrapped.curvature_updates, wrapped.round.grads_averaged)\n"
+            "try:\n"
+            "    opt.step()\n"
+            "except RuntimeError as e:\n"
+            "    print('retired', e)\n"
+            "wrapped.param_groups[0]['lr'] = 0.0  # a param group edit on the wrapper\n"
+            "before = [p.detach().clone() for p in model.parameters()]\n"
+            "train()\n"
+            "print('lr0', all(torch.equal(p, q) for p, q in zip(model.parameters(), before)),"
+            " wrapped.step_count)\n")
+    out = python_output(code)
+    assert "seng True 1 1 True" in out
+    assert "retired SENG: this optimizer was taken over by the wrapper that " \
+           "horovod.torch.optimizer built" in out
+    assert "lr0 True 2" in out

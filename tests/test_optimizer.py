@@ -425,3 +425,49 @@ def test_seng_warnings_have_their_own_category_to_filter_by():
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", category=SENGWarning)
         SENG(nn.Sequential(nn.Flatten(), nn.Identity(), nn.LayerNorm(3)))  # "no supported layer"
+
+
+def _train_step(opt: SENG, model: nn.Module) -> None:
+    x, y = batch()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def test_a_second_seng_on_the_same_model_retires_the_first():
+    model = make_mixed()
+    old = SENG(model, curvature_update_interval=1)
+    _train_step(old, model)
+    saved = old.state_dict()
+    new = SENG(model, curvature_update_interval=1)
+    assert not old.passes.watching and not old.curvature.armed  # its hooks are off the model
+    for use in (old.step, old.zero_grad, old.state_dict, lambda: old.load_state_dict(saved)):
+        with pytest.raises(RuntimeError, match="retired when a newer SENG was built on the same"):
+            use()
+    new.load_state_dict(saved)
+    _train_step(new, model)
+    assert new.step_count == 2
+
+
+def test_only_a_live_sengs_own_param_groups_stand_in_for_a_model():
+    model = make_mixed()
+    opt = SENG(model)
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module, got list"):
+        SENG([dict(g) for g in opt.param_groups])
+
+
+@pytest.mark.parametrize("key", ["lr", "damping"])
+def test_an_edit_of_a_param_group_takes_effect_at_the_next_step(key):
+    def direction(value: float | None) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = make_mixed()
+        opt = SENG(model, lr=0.1, damping=1.0)
+        if value is not None:
+            opt.param_groups[0][key] = value
+        before = [p.detach().clone() for p in model.parameters()]
+        _train_step(opt, model)
+        return torch.cat([(p.detach() - q).flatten()
+                          for p, q in zip(model.parameters(), before, strict=True)])
+
+    assert not torch.allclose(direction(None), direction(0.5))
+    assert torch.equal(direction(0.1 if key == "lr" else 1.0), direction(None))
