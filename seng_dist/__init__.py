@@ -7,9 +7,9 @@ from . import schedules, solver
 from .config import DiagonalConfig, DistributedConfig, SENGConfig, SketchConfig
 from .kinds import supported_layer_types
 from .optimizer import SENG
-from .warn import SENGWarning
+from .warn import SENGDeprecationWarning, SENGWarning
 
 __all__ = ["SENG", "SENGConfig", "SketchConfig", "DistributedConfig", "DiagonalConfig",
-           "SENGWarning", "schedules", "solver",
+           "SENGWarning", "SENGDeprecationWarning", "schedules", "solver",
            "supported_layer_types"]
 __version__ = "0.2.0"

@@ -108,7 +108,7 @@ class SENG(torch.optim.Optimizer):
             ``hvd.DistributedOptimizer``, the DeepSpeed engine); SENG then averages only its
             corrections. None: True for a ``DistributedDataParallel`` model, else False.
         **settings: any setting of :class:`~seng_dist.SENGConfig` by its flat name
-            (``lr=0.05, rank=2, variant="lagged"``), applied on top of ``config``. ``lr``,
+            (``lr=0.05, factor_rank=2, variant="lagged"``), applied on top of ``config``. ``lr``,
             ``damping``, ``momentum`` and ``weight_decay`` are kept in ``param_groups`` so
             ``torch.optim.lr_scheduler`` works; a callable overwrites the group's value at
             every step.

@@ -42,7 +42,7 @@ def _net():
     (dict(sketch_size=0), "sketch_size must be None or an int >= 1"),
     (dict(sketch_size=10**6, explicit_threshold=1000), "sketch_size must be None or smaller"),
     (dict(sketch_method="gaussian"), "sketch_method must be one of 'uniform', 'leverage'"),
-    (dict(rank=0), "rank must be None or an int >= 1"),
+    (dict(factor_rank=0), "factor_rank must be None or an int >= 1"),
     (dict(factor_sketch_size=-3), "factor_sketch_size must be None or an int >= 1"),
     (dict(uc="approx"), "uc must be one of 'factored', 'exact'"),
     (dict(variant="async"), "variant must be one of 'blockdiag', 'lagged'"),
@@ -114,7 +114,7 @@ def _batches(n, size=16, seed=3):
 
 RESUME_SETTINGS = dict(lr=0.05, damping=0.5, momentum=0.9, weight_decay=1e-3,
                        curvature_update_interval=3, explicit_threshold=40, sketch_size=24,
-                       sketch_method="leverage", rank=2, factor_sketch_size=4,
+                       sketch_method="leverage", factor_rank=2, factor_sketch_size=4,
                        curvature_batch_size=10)
 
 
@@ -152,8 +152,8 @@ def test_state_dict_of_another_model_or_setting_is_rejected():
     other = SENG(nn.Sequential(nn.Flatten(), nn.Linear(192, 5)))
     with pytest.raises(ValueError, match="another model"):
         other.load_state_dict(sd)
-    changed = SENG(make_mixed(), **{**RESUME_SETTINGS, "rank": 3})
-    with pytest.raises(ValueError, match="rank=2 \\(here 3\\)"):
+    changed = SENG(make_mixed(), **{**RESUME_SETTINGS, "factor_rank": 3})
+    with pytest.raises(ValueError, match="factor_rank=2 \\(here 3\\)"):
         changed.load_state_dict(sd)
     with pytest.raises(ValueError, match="not saved by SENG"):
         changed.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
