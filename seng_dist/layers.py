@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import solver
-from .kinds import ATTENTION, CONVS, SUPPORTED, LayerKind, kind_of, supported_layer_types
+from .kinds import ATTENTION, CONVS, SUPPORTED, LayerKind, kind_of
 from .warn import warn
 
 #: layers with a weight that SENG does not precondition and says so about (the rest, e.g.
@@ -348,8 +348,8 @@ def _unsupported(name: str, module: nn.Module, owners: dict[int, int]) -> str | 
     expect it), or None for a supported layer."""
     kind = type(module).__name__
     if not isinstance(module, SUPPORTED):
-        why = (f"{kind} is not a supported layer type "
-               f"({', '.join(supported_layer_types())})")
+        # Short, for describe()'s column: the list itself is one call away.
+        why = f"{kind} is not a supported layer type (seng_dist.supported_layer_types())"
         if isinstance(module, _UNSUPPORTED_WARNED):
             warn(f"SENG: layer {name!r} ({kind}) is not preconditioned; {_FALLBACK}")
         return why

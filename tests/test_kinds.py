@@ -7,7 +7,7 @@ import torch
 from conftest import EXACT_EXPLICIT, EXACT_IMPLICIT, check_exact
 from torch import nn
 
-from seng_dist import SENG
+from seng_dist import SENG, SENGWarning
 from seng_dist.reference import relative_error
 
 
@@ -79,5 +79,7 @@ def test_the_supported_layer_types_are_one_list_that_messages_and_find_blocks_us
     assert types == ("nn.Linear", "nn.Conv1d", "nn.Conv2d", "nn.BatchNorm1d", "nn.BatchNorm2d",
                      "nn.BatchNorm3d", "nn.MultiheadAttention")
     layout = find_blocks(nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, 2)))
-    assert layout.fallback["0"] == (f"Embedding is not a supported layer type "
-                                    f"({', '.join(types)})")
+    assert layout.fallback["0"] == ("Embedding is not a supported layer type "
+                                    "(seng_dist.supported_layer_types())")
+    with pytest.warns(SENGWarning, match=", ".join(types)):
+        SENG(nn.Sequential(nn.Embedding(4, 3)))  # the warning lists them
