@@ -12,4 +12,4 @@ from .warn import SENGDeprecationWarning, SENGWarning
 __all__ = ["SENG", "SENGConfig", "SketchConfig", "DistributedConfig", "DiagonalConfig",
            "SENGWarning", "SENGDeprecationWarning", "schedules", "solver",
            "supported_layer_types"]
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
