@@ -34,7 +34,8 @@ curvature batch and loss (the loss of a batch must be the mean of its samples' l
 
 Errors near float32's rounding (1e-6 to 1e-5; more where λ is small against the curvature)
 say the block's direction is exact. The implicit (low-rank) path is exact too with
-``explicit_threshold=0, sketch_size=None, rank=None, factor_sketch_size=None, uc="exact"``.
+``explicit_threshold=0, sketch_size=None, factor_rank=None, factor_sketch_size=None,
+uc="exact"``.
 A distributed run is checked against :func:`emulate_distributed`, given the initial model,
 the same settings and every rank's batch of every step (``shards[step][rank]``): the
 parameters it returns for each step are what every rank holds after that step.
