@@ -30,13 +30,28 @@ def rss_mib() -> float:
 def soak(variant: str, steps: int, interval: int, warmup: int) -> tuple[float, float]:
     """RSS after ``warmup`` steps and at the end, printing it every 100 steps."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Flatten(), nn.Linear(16 * 7 * 7, 128), nn.ReLU(),
-                          nn.Linear(128, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 7 * 7, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
     # explicit_threshold 4096: the 784x128 layer takes the implicit (low-rank) path.
-    opt = SENG(model, lr=0.02, curvature_update_interval=interval, variant=variant,
-               explicit_threshold=4096, sketch_size=1024, curvature_batch_size=16)
+    opt = SENG(
+        model,
+        lr=0.02,
+        curvature_update_interval=interval,
+        variant=variant,
+        explicit_threshold=4096,
+        sketch_size=1024,
+        curvature_batch_size=16,
+    )
     x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
     start = 0.0
     for step in range(1, steps + 1):
@@ -46,8 +61,11 @@ def soak(variant: str, steps: int, interval: int, warmup: int) -> tuple[float, f
         if step == warmup:
             start = rss_mib()
         if step % 100 == 0:
-            print(f"{variant:>9} step {step:5d}: RSS {rss_mib():7.1f} MiB, curvature updates "
-                  f"{opt.curvature_updates}", flush=True)
+            print(
+                f"{variant:>9} step {step:5d}: RSS {rss_mib():7.1f} MiB, curvature updates "
+                f"{opt.curvature_updates}",
+                flush=True,
+            )
     return start, rss_mib()
 
 
@@ -65,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     for variant in ("blockdiag", "lagged"):
         start, end = soak(variant, args.steps, args.interval, args.warmup)
         growth = 100.0 * (end - start) / start
-        print(f"{variant}: resident memory after warm-up: {start:.1f} MiB -> {end:.1f} MiB "
-              f"({growth:+.2f}%, limit +{args.tolerance:g}%)")
+        print(
+            f"{variant}: resident memory after warm-up: {start:.1f} MiB -> {end:.1f} MiB "
+            f"({growth:+.2f}%, limit +{args.tolerance:g}%)"
+        )
         failed |= growth > args.tolerance
     return 1 if failed else 0
 

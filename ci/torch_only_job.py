@@ -28,8 +28,9 @@ def make_model(seed: int) -> nn.Module:
 
 def make_seng(model: nn.Module, variant: str) -> SENG:
     """SENG of ``variant`` with a curvature update every other step."""
-    return SENG(model, lr=0.05, damping=1.0, momentum=0.9, variant=variant,
-                curvature_update_interval=2)
+    return SENG(
+        model, lr=0.05, damping=1.0, momentum=0.9, variant=variant, curvature_update_interval=2
+    )
 
 
 def train(model: nn.Module, opt: SENG, steps: range) -> None:
@@ -91,8 +92,11 @@ def main() -> None:
         for variant in ("blockdiag", "lagged"):
             run(variant)
         if dist.get_rank() == 0:
-            print(f"torch-only job: blockdiag and lagged on {dist.get_world_size()} Gloo ranks "
-                  f"with torch {torch.__version__} and no numpy: OK", flush=True)
+            print(
+                f"torch-only job: blockdiag and lagged on {dist.get_world_size()} Gloo ranks "
+                f"with torch {torch.__version__} and no numpy: OK",
+                flush=True,
+            )
         dist.barrier()
     finally:
         dist.destroy_process_group()

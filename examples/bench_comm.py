@@ -50,8 +50,9 @@ SETUPS: dict[str, dict[str, Any] | None] = {
     "SENG blockdiag, overlap": dict(FACTORED, variant="blockdiag", overlap=True),
     "SENG lagged": dict(FACTORED, variant="lagged", overlap=False),
     "SENG lagged, overlap": dict(FACTORED, variant="lagged", overlap=True),
-    "SENG lagged, overlap, bf16 buffer": dict(FACTORED, variant="lagged", overlap=True,
-                                              comm_dtype="bfloat16"),
+    "SENG lagged, overlap, bf16 buffer": dict(
+        FACTORED, variant="lagged", overlap=True, comm_dtype="bfloat16"
+    ),
     "SENG lagged, uc=exact": dict(variant="lagged", overlap=False, uc="exact"),
     "SENG lagged, uc=exact, overlap": dict(variant="lagged", overlap=True, uc="exact"),
 }
@@ -79,6 +80,7 @@ def _counting_hook(sizes: list[int]):
         buf = bucket.buffer()
         sizes.append(buf.numel() * buf.element_size())
         return default_hooks.allreduce_hook(process_group, bucket)
+
     return hook
 
 
@@ -87,14 +89,26 @@ def build(name: str, settings: dict[str, Any] | None, args: argparse.Namespace) 
     model: nn.Module = resnet18(num_classes=10, width=args.width)
     if settings is None:
         model = DistributedDataParallel(model)
-        setup = Setup(name, None, model, torch.optim.SGD(
-            model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4), None)
+        setup = Setup(
+            name,
+            None,
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4),
+            None,
+        )
         model.register_comm_hook(None, _counting_hook(setup.ddp_bytes))
         return setup
     comm = CountingCommunicator(TorchCommunicator())
-    opt = SENG(model, lr=0.05, damping=1.0, weight_decay=5e-4, comm=comm,
-               curvature_update_interval=args.curvature_interval,
-               bucket_size_mb=args.bucket_size_mb, **settings)
+    opt = SENG(
+        model,
+        lr=0.05,
+        damping=1.0,
+        weight_decay=5e-4,
+        comm=comm,
+        curvature_update_interval=args.curvature_interval,
+        bucket_size_mb=args.bucket_size_mb,
+        **settings,
+    )
     return Setup(name, settings, model, opt, comm)
 
 
@@ -111,15 +125,16 @@ def step(setup: Setup, xb: torch.Tensor, yb: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def measure(setups: list[Setup], data: tuple[torch.Tensor, torch.Tensor],
-            args: argparse.Namespace) -> None:
+def measure(
+    setups: list[Setup], data: tuple[torch.Tensor, torch.Tensor], args: argparse.Namespace
+) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     x, y = data
     k = 0
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         lo = ((k * world + rank) * args.batch_size) % (len(x) - args.batch_size)
-        return x[lo:lo + args.batch_size], y[lo:lo + args.batch_size]
+        return x[lo : lo + args.batch_size], y[lo : lo + args.batch_size]
 
     for s in setups:  # warm-up, step 0 (a curvature step) included
         for w in range(args.warmup):
@@ -154,35 +169,43 @@ def summarise(s: Setup, medians: list[float], sgd: list[float]) -> dict[str, Any
     """This setup's row, from its and SGD's per-repetition medians."""
     ratios = [a / b for a, b in zip(medians, sgd, strict=True)]
     settings = s.settings or {}
-    return {"setup": s.name,
-            "variant": settings.get("variant", "sgd"),
-            "overlap": settings.get("overlap", True),
-            "comm_dtype": settings.get("comm_dtype"),
-            "uc": settings.get("uc"),
-            "ms_median": statistics.median(medians),
-            "ms_reps": medians,
-            "spread": (max(medians) - min(medians)) / statistics.median(medians),
-            "ratio": statistics.median(ratios), "ratio_low": min(ratios),
-            "ratio_high": max(ratios),
-            "collectives": statistics.median(s.calls),
-            "rounds": statistics.median(s.rounds),
-            "bytes": statistics.median(s.sent),
-            "waited_ms": 1000 * statistics.median(s.waited) if s.waited else None}
+    return {
+        "setup": s.name,
+        "variant": settings.get("variant", "sgd"),
+        "overlap": settings.get("overlap", True),
+        "comm_dtype": settings.get("comm_dtype"),
+        "uc": settings.get("uc"),
+        "ms_median": statistics.median(medians),
+        "ms_reps": medians,
+        "spread": (max(medians) - min(medians)) / statistics.median(medians),
+        "ratio": statistics.median(ratios),
+        "ratio_low": min(ratios),
+        "ratio_high": max(ratios),
+        "collectives": statistics.median(s.calls),
+        "rounds": statistics.median(s.rounds),
+        "bytes": statistics.median(s.sent),
+        "waited_ms": 1000 * statistics.median(s.waited) if s.waited else None,
+    }
 
 
 def table(rows: list[dict[str, Any]], world: int, args: argparse.Namespace) -> str:
-    lines = [f"ResNet18 (width {args.width}), {world} Gloo ranks on {os.cpu_count()} cores, "
-             f"batch {args.batch_size} per rank, plain steps; {args.reps} interleaved "
-             f"repetitions of {args.steps} steps, torch {torch.__version__}", "",
-             "| setup | rounds/step | collectives/step | MiB/step per rank | ms/step (median) "
-             "| spread | × DDP SGD (low-high) | ms waited in SENG's collectives (rank 0) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"ResNet18 (width {args.width}), {world} Gloo ranks on {os.cpu_count()} cores, "
+        f"batch {args.batch_size} per rank, plain steps; {args.reps} interleaved "
+        f"repetitions of {args.steps} steps, torch {torch.__version__}",
+        "",
+        "| setup | rounds/step | collectives/step | MiB/step per rank | ms/step (median) "
+        "| spread | × DDP SGD (low-high) | ms waited in SENG's collectives (rank 0) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         waited = "—" if r["waited_ms"] is None else f"{r['waited_ms']:.0f}"
-        lines.append(f"| {r['setup']} | {r['rounds']:g} | {r['collectives']:g} | "
-                     f"{r['bytes'] / 2**20:.2f} | {r['ms_median']:.0f} | "
-                     f"±{100 * r['spread'] / 2:.0f}% | {r['ratio']:.3f} "
-                     f"({r['ratio_low']:.2f}-{r['ratio_high']:.2f}) | {waited} |")
+        lines.append(
+            f"| {r['setup']} | {r['rounds']:g} | {r['collectives']:g} | "
+            f"{r['bytes'] / 2**20:.2f} | {r['ms_median']:.0f} | "
+            f"±{100 * r['spread'] / 2:.0f}% | {r['ratio']:.3f} "
+            f"({r['ratio_low']:.2f}-{r['ratio_high']:.2f}) | {waited} |"
+        )
     return "\n".join(lines)
 
 
@@ -205,8 +228,9 @@ def rank_main(args: argparse.Namespace) -> None:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             (out / f"bench_comm_{world}ranks.md").write_text(text + "\n")
-            (out / f"bench_comm_{world}ranks.json").write_text(json.dumps(
-                {"world": world, "args": vars(args), "rows": rows}, indent=1) + "\n")
+            (out / f"bench_comm_{world}ranks.json").write_text(
+                json.dumps({"world": world, "args": vars(args), "rows": rows}, indent=1) + "\n"
+            )
     dist.destroy_process_group()
 
 
@@ -219,16 +243,26 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps (incl. step 0)")
     ap.add_argument("--width", type=int, default=64, help="ResNet18 base width")
     ap.add_argument("--curvature-interval", type=int, default=200)
-    ap.add_argument("--bucket-size-mb", type=float, default=25.0,
-                    help="SENG's bucket_size_mb (DDP keeps its default, 25)")
+    ap.add_argument(
+        "--bucket-size-mb",
+        type=float,
+        default=25.0,
+        help="SENG's bucket_size_mb (DDP keeps its default, 25)",
+    )
     ap.add_argument("--out", default="", help="folder for the tables and JSON (optional)")
     args = ap.parse_args()
     if "RANK" in os.environ:
         rank_main(args)
         return
     for world in (int(w) for w in args.worlds.split(",")):  # plain start: the launcher
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={world}", os.path.abspath(__file__)] + sys.argv[1:]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={world}",
+            os.path.abspath(__file__),
+        ] + sys.argv[1:]
         code = subprocess.call(cmd)
         if code:
             sys.exit(code)

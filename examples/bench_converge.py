@@ -87,15 +87,21 @@ class Variant:
 
 
 def _grid(lrs: tuple[float, ...], dampings: tuple[float | None, ...]) -> tuple[Point, ...]:
-    return tuple((("--lr", f"{lr:g}"),) + ((("--damping", f"{d:g}"),) if d is not None else ())
-                 for lr, d in zip(lrs, dampings, strict=True))
+    return tuple(
+        (("--lr", f"{lr:g}"),) + ((("--damping", f"{d:g}"),) if d is not None else ())
+        for lr, d in zip(lrs, dampings, strict=True)
+    )
 
 
 def points(regime: Regime, grid: tuple[Point, ...]) -> list[Point]:
     """Every grid point at every lr scale and epoch budget of the regime (flags: the lr
     actually used, epochs, damping)."""
-    return [(("--lr", f"{float(p[0][1]) * scale:g}"), ("--epochs", str(e))) + p[1:]
-            for p in grid for scale in regime.lr_scales for e in regime.epochs]
+    return [
+        (("--lr", f"{float(p[0][1]) * scale:g}"), ("--epochs", str(e))) + p[1:]
+        for p in grid
+        for scale in regime.lr_scales
+        for e in regime.epochs
+    ]
 
 
 # On every direction its curvature does not see, a damped method steps ``lr/λ·g``, so the
@@ -105,14 +111,19 @@ def points(regime: Regime, grid: tuple[Point, ...]) -> list[Point]:
 METHODS = (
     Method("SGD", ("--optimizer", "sgd"), _grid((0.03, 0.05), (None, None))),
     Method("Adam", ("--optimizer", "adam"), _grid((1e-3, 2e-3), (None, None))),
-    Method("ASDL K-FAC", ("--optimizer", "kfac"), _grid((0.0015, 0.005), (0.03, 0.1)),
-           one_process=True),
-    Method("SENG", ("--optimizer", "seng", "--variant", "blockdiag", "--uc", "exact"),
-           _grid((0.05, 0.005), (1.0, 0.1))),
+    Method(
+        "ASDL K-FAC", ("--optimizer", "kfac"), _grid((0.0015, 0.005), (0.03, 0.1)), one_process=True
+    ),
+    Method(
+        "SENG",
+        ("--optimizer", "seng", "--variant", "blockdiag", "--uc", "exact"),
+        _grid((0.05, 0.005), (1.0, 0.1)),
+    ),
 )
 # SENG with BatchNorm's γ, β left to the fallback rule (the default before BatchNorm blocks).
-VARIANTS = (Variant("SENG, BatchNorm by the fallback rule", "SENG",
-                    ("--skip-layers", "BatchNorm2d")),)
+VARIANTS = (
+    Variant("SENG, BatchNorm by the fallback rule", "SENG", ("--skip-layers", "BatchNorm2d")),
+)
 # The large batch runs each method's batch-128 lr and damping at one 6-epoch budget, the lr
 # scaled linearly with the batch (Goyal et al., 2017) and at a quarter of that (SGD diverges
 # above lr 0.1 at batch 128, below the linear rule's 0.4): what fits the 2-hour budget here.
@@ -120,16 +131,30 @@ VARIANTS = (Variant("SENG, BatchNorm by the fallback rule", "SENG",
 # SGD's and SENG's CNN points only, on a third of the CNN's subset and half the test set (a
 # ResNet-20 epoch of 10,000 images costs 1.5× a CNN epoch of 30,000 here): what is left of the
 # 2-hour budget. There tuned SGD ends at 80% (seed 0), so its targets are 78%, 80% and 75%.
-REGIMES = (Regime("batch 128", 128, 1, (1.0,), 0.0, (3, 5)),
-           Regime("batch 1024", 1024, 2, (8.0, 2.0), 1.0, (6,), transfer="batch 128"),
-           Regime("ResNet-20", 128, 1, (1.0,), 0.0, (3,), transfer="batch 128",
-                  model="resnet20", train_limit=10_000, test_limit=5_000,
-                  methods=("SGD", "SENG"), targets=(0.78, 0.80, 0.75),
-                  variants=("SENG, BatchNorm by the fallback rule",)))
+REGIMES = (
+    Regime("batch 128", 128, 1, (1.0,), 0.0, (3, 5)),
+    Regime("batch 1024", 1024, 2, (8.0, 2.0), 1.0, (6,), transfer="batch 128"),
+    Regime(
+        "ResNet-20",
+        128,
+        1,
+        (1.0,),
+        0.0,
+        (3,),
+        transfer="batch 128",
+        model="resnet20",
+        train_limit=10_000,
+        test_limit=5_000,
+        methods=("SGD", "SENG"),
+        targets=(0.78, 0.80, 0.75),
+        variants=("SENG, BatchNorm by the fallback rule",),
+    ),
+)
 
 
-def run(regime: Regime, method: Method, point: Point, seed: int,
-        args: argparse.Namespace) -> list[dict]:
+def run(
+    regime: Regime, method: Method, point: Point, seed: int, args: argparse.Namespace
+) -> list[dict]:
     """One training run (reused when its metrics are complete); its metrics rows."""
     ranks = 1 if method.one_process else regime.ranks
     flags = dict(point)
@@ -137,20 +162,39 @@ def run(regime: Regime, method: Method, point: Point, seed: int,
     metrics = args.out / "runs" / f"{tag}.jsonl"
     failed = metrics.with_suffix(".failed")
     epochs = int(flags["--epochs"])
-    if not args.fresh and (failed.exists() or (
-            metrics.exists() and read_metrics(metrics)
-            and read_metrics(metrics)[-1]["epoch"] >= epochs)):
+    if not args.fresh and (
+        failed.exists()
+        or (
+            metrics.exists()
+            and read_metrics(metrics)
+            and read_metrics(metrics)[-1]["epoch"] >= epochs
+        )
+    ):
         return read_metrics(metrics) if metrics.exists() else []
     cmd = [sys.executable, str(HERE / "train.py")]
     if ranks > 1:
-        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                    str(ranks)]
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
     cmd += list(method.args) + [
-        "--model", regime.model, "--batch-size", str(regime.batch // ranks), "--schedule",
-        "cosine", "--warmup-epochs", str(regime.warmup_epochs), "--curvature-interval",
-        str(args.curvature_interval), "--evals-per-epoch", str(args.evals_per_epoch),
-        "--seed", str(seed), "--metrics", str(metrics), "--label", method.name,
-        "--no-progress"]
+        "--model",
+        regime.model,
+        "--batch-size",
+        str(regime.batch // ranks),
+        "--schedule",
+        "cosine",
+        "--warmup-epochs",
+        str(regime.warmup_epochs),
+        "--curvature-interval",
+        str(args.curvature_interval),
+        "--evals-per-epoch",
+        str(args.evals_per_epoch),
+        "--seed",
+        str(seed),
+        "--metrics",
+        str(metrics),
+        "--label",
+        method.name,
+        "--no-progress",
+    ]
     train_limit, test_limit = limits(regime, args)
     if train_limit:
         cmd += ["--train-limit", str(train_limit)]
@@ -178,12 +222,16 @@ def run_name(regime: Regime, method: Method, flags: dict[str, str], seed: int) -
     """The file name of a run: regime, method, every flag that differs between runs, seed."""
     # the method's own flags past --optimizer (e.g. SENG's variant) name the run too
     own = dict(zip(method.args[2::2], method.args[3::2], strict=True))
-    return "_".join([regime.name.replace(" ", ""), method.name.lower().replace(" ", "-")]
-                    + [f"{k.strip('-')}{v}" for k, v in (own | flags).items()] + [f"s{seed}"])
+    return "_".join(
+        [regime.name.replace(" ", ""), method.name.lower().replace(" ", "-")]
+        + [f"{k.strip('-')}{v}" for k, v in (own | flags).items()]
+        + [f"s{seed}"]
+    )
 
 
-def to_target(rows: list[dict], target: float, metric: str = "test_acc", at: str = "epoch"
-              ) -> tuple[float, float] | None:
+def to_target(
+    rows: list[dict], target: float, metric: str = "test_acc", at: str = "epoch"
+) -> tuple[float, float] | None:
     """(``at``, training seconds) when ``metric`` first reaches ``target`` (from below; a loss
     metric, ``*_loss``, from above), linearly interpolated between that evaluation and the one
     before (the first evaluation: its own)."""
@@ -194,18 +242,22 @@ def to_target(rows: list[dict], target: float, metric: str = "test_acc", at: str
                 return float(r[at]), float(r["train_time_s"])
             p = rows[i - 1]
             f = (target - p[metric]) / (r[metric] - p[metric])
-            return (p[at] + f * (r[at] - p[at]),
-                    p["train_time_s"] + f * (r["train_time_s"] - p["train_time_s"]))
+            return (
+                p[at] + f * (r[at] - p[at]),
+                p["train_time_s"] + f * (r["train_time_s"] - p["train_time_s"]),
+            )
     return None
 
 
 def best(results: dict, target: float) -> tuple:
     """The grid point reaching the target soonest (time), else the most accurate."""
+
     def key(item: tuple) -> tuple:
         hit = to_target(item[1], target)
         if hit:
             return (0, hit[1])
         return (1, -max([r["test_acc"] for r in item[1]] or [0.0]))
+
     return min(results.items(), key=key)
 
 
@@ -217,38 +269,48 @@ def _spread(values: list[float], fmt: str) -> str:
     return f"{mean:{fmt}} ± {half:{fmt}}"
 
 
-def table(regime: Regime, chosen: dict[str, tuple], targets: list[float], tuning: str,
-          subsets: tuple[int | None, int | None]) -> str:
+def table(
+    regime: Regime,
+    chosen: dict[str, tuple],
+    targets: list[float],
+    tuning: str,
+    subsets: tuple[int | None, int | None],
+) -> str:
     """The Markdown table of one regime: per method and target, mean ± half-range over seeds."""
     head = ["method", "chosen point"]
     for t in targets:
         head += [f"time to {t:.0%} (s)", f"epochs to {t:.0%}", f"time vs SGD ({t:.0%})"]
     head += ["best acc", "s/epoch vs SGD"]
-    lines = [f"**{regime.name}** ({regime.model}, global batch {regime.batch}, {regime.ranks} "
-             f"rank(s) for SGD/Adam/SENG; training subset {subsets[0] or 'all'} images, test "
-             f"subset {subsets[1] or 'all'}; {tuning}; "
-             f"epoch budgets {', '.join(map(str, regime.epochs))}; warm-up "
-             f"{regime.warmup_epochs:g} epoch(s))", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"**{regime.name}** ({regime.model}, global batch {regime.batch}, {regime.ranks} "
+        f"rank(s) for SGD/Adam/SENG; training subset {subsets[0] or 'all'} images, test "
+        f"subset {subsets[1] or 'all'}; {tuning}; "
+        f"epoch budgets {', '.join(map(str, regime.epochs))}; warm-up "
+        f"{regime.warmup_epochs:g} epoch(s))",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     sgd = chosen.get("SGD")
     for name, (point, seeds) in chosen.items():
         cells = [name, " ".join(f"{k.strip('-')} {v}" for k, v in point.items())]
         for t in targets:
             hits = [to_target(rows, t) for rows in seeds]
             reached = [h for h in hits if h]
-            cells += [_spread([h[1] for h in reached], ".0f")
-                      + (f" ({len(reached)}/{len(hits)} seeds)" if len(reached) < len(hits)
-                         else ""),
-                      _spread([h[0] for h in reached], ".2f")]
+            cells += [
+                _spread([h[1] for h in reached], ".0f")
+                + (f" ({len(reached)}/{len(hits)} seeds)" if len(reached) < len(hits) else ""),
+                _spread([h[0] for h in reached], ".2f"),
+            ]
             sgd_hits = [h for h in (to_target(r, t) for r in sgd[1]) if h] if sgd else []
             if reached and sgd_hits:
-                ratio = (statistics.fmean(h[1] for h in reached)
-                         / statistics.fmean(h[1] for h in sgd_hits))
+                ratio = statistics.fmean(h[1] for h in reached) / statistics.fmean(
+                    h[1] for h in sgd_hits
+                )
                 cells.append(f"{ratio:.2f}×")
             else:
                 cells.append("—")
-        cells.append(_spread([max(r["test_acc"] for r in rows) for rows in seeds if rows],
-                             ".4f"))
+        cells.append(_spread([max(r["test_acc"] for r in rows) for rows in seeds if rows], ".4f"))
         mine, base = _per_epoch(seeds), _per_epoch(sgd[1]) if sgd else None
         cells.append(f"{mine / base:.2f}×" if mine and base else "—")
         if not any(seeds):
@@ -269,19 +331,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The benchmark's settings (also the run settings :mod:`bench_recipe` trains with)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench-converge"))
-    ap.add_argument("--targets", default="0.90,0.91,0.85",
-                    help="the first chooses each method's point; the others are reported")
+    ap.add_argument(
+        "--targets",
+        default="0.90,0.91,0.85",
+        help="the first chooses each method's point; the others are reported",
+    )
     ap.add_argument("--evals-per-epoch", type=int, default=4)
     ap.add_argument("--curvature-interval", type=int, default=50)
-    ap.add_argument("--train-limit", type=int, default=30_000,
-                    help="a fixed training subset (the first N images), for the time budget")
+    ap.add_argument(
+        "--train-limit",
+        type=int,
+        default=30_000,
+        help="a fixed training subset (the first N images), for the time budget",
+    )
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--tune-seed", type=int, default=0)
     ap.add_argument("--confirm-seeds", default="1")
     ap.add_argument("--regimes", default=",".join(r.name for r in REGIMES))
     ap.add_argument("--only", default=None, help="comma-separated method names")
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny data and 1-epoch budgets: checks the pipeline, measures nothing")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny data and 1-epoch budgets: checks the pipeline, measures nothing",
+    )
     ap.add_argument("--fresh", action="store_true", help="rerun finished runs")
     return ap.parse_args(argv)
 
@@ -297,10 +369,12 @@ def main(argv: list[str] | None = None) -> None:
         regimes = [replace(r, epochs=(1,)) for r in regimes]
     assert len({len(m.grid) for m in methods}) == 1, "every method gets as many tuning points"
     seeds = [args.tune_seed] + [int(s) for s in args.confirm_seeds.split(",") if s]
-    report = [f"Targets {', '.join(f'{t:.0%}' for t in targets)}; tuned on seed "
-              f"{args.tune_seed}, best point on seeds {seeds}; {args.evals_per_epoch} "
-              "evaluations per epoch; times exclude evaluation; mean ± half-range over seeds.",
-              ""]
+    report = [
+        f"Targets {', '.join(f'{t:.0%}' for t in targets)}; tuned on seed "
+        f"{args.tune_seed}, best point on seeds {seeds}; {args.evals_per_epoch} "
+        "evaluations per epoch; times exclude evaluation; mean ± half-range over seeds.",
+        "",
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     picked: dict[tuple[str, str], Point] = {}  # (regime, method) → the chosen grid point
     for regime in regimes:
@@ -314,8 +388,10 @@ def main(argv: list[str] | None = None) -> None:
             tuned = {p: run(regime, m, p, args.tune_seed, args) for p in points(regime, grid)}
             point, rows = best(tuned, goals[0])
             picked[regime.name, m.name] = tuple(kv for kv in point if kv[0] != "--epochs")
-            chosen[m.name] = (dict(point),
-                              [rows] + [run(regime, m, point, s, args) for s in seeds[1:]])
+            chosen[m.name] = (
+                dict(point),
+                [rows] + [run(regime, m, point, s, args) for s in seeds[1:]],
+            )
             curves[m.name] = rows
         for v in VARIANTS:
             if v.name not in regime.variants or v.of not in chosen:
@@ -325,11 +401,13 @@ def main(argv: list[str] | None = None) -> None:
             point = tuple(chosen[v.of][0].items())
             chosen[v.name] = (dict(point), [run(regime, m, point, s, args) for s in seeds])
             curves[v.name] = chosen[v.name][1][0]
-        tuning = (f"{len(points(regime, methods[0].grid))} tuning points per method"
-                  if regime.transfer is None else
-                  f"each method's {regime.transfer} point at lr × "
-                  f"{' and ×'.join(f'{x:g}' for x in regime.lr_scales)}, "
-                  f"{len(regime.epochs)} epoch budget(s)")
+        tuning = (
+            f"{len(points(regime, methods[0].grid))} tuning points per method"
+            if regime.transfer is None
+            else f"each method's {regime.transfer} point at lr × "
+            f"{' and ×'.join(f'{x:g}' for x in regime.lr_scales)}, "
+            f"{len(regime.epochs)} epoch budget(s)"
+        )
         report += [table(regime, chosen, goals, tuning, limits(regime, args)), ""]
         figure = args.out / f"results-{regime.name.lower().replace(' ', '')}.png"
         plot_runs(curves, figure, target=goals[0])

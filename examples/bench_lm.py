@@ -59,36 +59,86 @@ METHODS = (
     Method("AdamW", ("--optimizer", "adamw"), (2e-3, 4e-3, 8e-3)),
     Method("SGD", ("--optimizer", "sgd"), (0.01, 0.03, 0.1)),
     Method("SENG", ("--optimizer", "seng", "--damping", "1"), (0.01, 0.03, 0.1)),
-    Method("SENG, 2 ranks lagged", ("--optimizer", "seng", "--damping", "1", "--variant",
-                                    "lagged"), None, ranks=2, of="SENG"),
+    Method(
+        "SENG, 2 ranks lagged",
+        ("--optimizer", "seng", "--damping", "1", "--variant", "lagged"),
+        None,
+        ranks=2,
+        of="SENG",
+    ),
     # Damped by Adam's diagonal, SENG's step outside the curvature is Adam's over λ: with
     # heavy-ball momentum 0.9 (10× the step) AdamW's grid over 10.
-    Method("SENG, Adam diagonal", ("--optimizer", "seng", "--damping", "1",
-                                   "--damping-diagonal", "adam"), (2e-4, 4e-4, 8e-4)),
-    Method("SENG, Adam diagonal, 2 ranks lagged",
-           ("--optimizer", "seng", "--damping", "1", "--damping-diagonal", "adam", "--variant",
-            "lagged"), None, ranks=2, of="SENG, Adam diagonal"),
+    Method(
+        "SENG, Adam diagonal",
+        ("--optimizer", "seng", "--damping", "1", "--damping-diagonal", "adam"),
+        (2e-4, 4e-4, 8e-4),
+    ),
+    Method(
+        "SENG, Adam diagonal, 2 ranks lagged",
+        (
+            "--optimizer",
+            "seng",
+            "--damping",
+            "1",
+            "--damping-diagonal",
+            "adam",
+            "--variant",
+            "lagged",
+        ),
+        None,
+        ranks=2,
+        of="SENG, Adam diagonal",
+    ),
 )
 
 
 def run(method: Method, lr: float, seed: int, args: argparse.Namespace) -> list[dict]:
     """One training run (reused when complete); its metrics rows ([] if it failed)."""
-    tag = "_".join([method.name.lower().replace(", ", "-").replace(" ", "-"), f"lr{lr:g}",
-                    f"wd{args.weight_decay:g}", f"steps{args.steps}", f"s{seed}"])
+    tag = "_".join(
+        [
+            method.name.lower().replace(", ", "-").replace(" ", "-"),
+            f"lr{lr:g}",
+            f"wd{args.weight_decay:g}",
+            f"steps{args.steps}",
+            f"s{seed}",
+        ]
+    )
     metrics = args.out / "runs" / f"{tag}.jsonl"
     failed = metrics.with_suffix(".failed")
-    if not args.fresh and (failed.exists() or (
-            metrics.exists() and read_metrics(metrics)
-            and read_metrics(metrics)[-1]["step"] >= args.steps)):
+    if not args.fresh and (
+        failed.exists()
+        or (
+            metrics.exists()
+            and read_metrics(metrics)
+            and read_metrics(metrics)[-1]["step"] >= args.steps
+        )
+    ):
         return read_metrics(metrics) if metrics.exists() and not failed.exists() else []
     cmd = [sys.executable, str(HERE / "lm.py")]
     if method.ranks > 1:
-        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                    str(method.ranks)]
-    cmd += list(method.args) + ["--lr", f"{lr:g}", "--steps", str(args.steps), "--seed",
-                                str(seed), "--eval-every", str(args.eval_every),
-                                "--weight-decay", f"{args.weight_decay:g}", "--metrics",
-                                str(metrics), "--label", method.name]
+        cmd[1:1] = [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(method.ranks),
+        ]
+    cmd += list(method.args) + [
+        "--lr",
+        f"{lr:g}",
+        "--steps",
+        str(args.steps),
+        "--seed",
+        str(seed),
+        "--eval-every",
+        str(args.eval_every),
+        "--weight-decay",
+        f"{args.weight_decay:g}",
+        "--metrics",
+        str(metrics),
+        "--label",
+        method.name,
+    ]
     print("$", " ".join(cmd[1:]), flush=True)
     metrics.parent.mkdir(parents=True, exist_ok=True)
     failed.unlink(missing_ok=True)
@@ -120,8 +170,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-lm"))
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--weight-decay", type=float, default=0.0,
-                    help="every method's (AdamW: decoupled; SGD, SENG: L2)")
+    ap.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="every method's (AdamW: decoupled; SGD, SENG: L2)",
+    )
     ap.add_argument("--tune-seed", type=int, default=0)
     ap.add_argument("--confirm-seeds", default="1")
     ap.add_argument("--only", default=None, help="comma-separated method names")
@@ -131,8 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     methods = [m for m in METHODS if args.only is None or m.name in args.only.split(",")]
     if args.smoke:
         args.steps, args.eval_every = 30, 10
-        methods = [Method(m.name, m.args, m.lrs[:1] if m.lrs else None, m.ranks, m.of)
-                   for m in methods]
+        methods = [
+            Method(m.name, m.args, m.lrs[:1] if m.lrs else None, m.ranks, m.of) for m in methods
+        ]
     seeds = [args.tune_seed] + [int(s) for s in args.confirm_seeds.split(",") if s]
     tuned: dict[str, dict[float, list[dict]]] = {}
     for m in methods:
@@ -155,45 +210,84 @@ def main(argv: list[str] | None = None) -> None:
             lr = chosen[m.of][0]
             chosen[m.name] = (lr, [run(m, lr, s, args) for s in seeds])
     base = chosen.get("AdamW")
-    head = ["method", "chosen lr (tuned over)", "time to target (s)", "steps to target",
-            "time vs AdamW", "best val loss", "s/step vs AdamW"]
-    lines = [f"Byte-level LM, {args.steps} steps × 32 windows × 128 bytes, warm-up + cosine, "
-             f"weight decay {args.weight_decay:g}; "
-             f"tuned on seed {args.tune_seed}, best point on seeds {seeds}; target: AdamW's best "
-             f"tuning run's validation loss at step {budget_step:g} = "
-             + (f"{target:.4f} nats/byte" if target is not None else "—")
-             + "; mean ± half-range over seeds; times exclude evaluation.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = [
+        "method",
+        "chosen lr (tuned over)",
+        "time to target (s)",
+        "steps to target",
+        "time vs AdamW",
+        "best val loss",
+        "s/step vs AdamW",
+    ]
+    lines = [
+        f"Byte-level LM, {args.steps} steps × 32 windows × 128 bytes, warm-up + cosine, "
+        f"weight decay {args.weight_decay:g}; "
+        f"tuned on seed {args.tune_seed}, best point on seeds {seeds}; target: AdamW's best "
+        f"tuning run's validation loss at step {budget_step:g} = "
+        + (f"{target:.4f} nats/byte" if target is not None else "—")
+        + "; mean ± half-range over seeds; times exclude evaluation.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
 
     def per_step(runs: list[list[dict]]) -> float | None:
         done = [r for r in runs if r]
-        return statistics.fmean(r[-1]["train_time_s"] / r[-1]["step"] for r in done) \
-            if done else None
+        return (
+            statistics.fmean(r[-1]["train_time_s"] / r[-1]["step"] for r in done) if done else None
+        )
 
     for m in methods:
         if m.name not in chosen:
             continue
         lr, runs = chosen[m.name]
-        hits = [h for h in (to_target(r, target, "val_loss", "step") for r in runs if r)
-                if h] if target is not None else []
-        base_hits = [h for h in (to_target(r, target, "val_loss", "step") for r in base[1] if r)
-                     if h] if base and target is not None else []
-        ratio = (f"{statistics.fmean(h[1] for h in hits) / statistics.fmean(h[1] for h in base_hits):.2f}×"  # noqa: E501
-                 if hits and base_hits else "—")
+        hits = (
+            [h for h in (to_target(r, target, "val_loss", "step") for r in runs if r) if h]
+            if target is not None
+            else []
+        )
+        base_hits = (
+            [h for h in (to_target(r, target, "val_loss", "step") for r in base[1] if r) if h]
+            if base and target is not None
+            else []
+        )
+        ratio = (
+            f"{statistics.fmean(h[1] for h in hits) / statistics.fmean(h[1] for h in base_hits):.2f}×"  # noqa: E501
+            if hits and base_hits
+            else "—"
+        )
         mine, theirs = per_step(runs), per_step(base[1]) if base else None
         grid = f"{m.of}'s point" if m.lrs is None else ", ".join(f"{x:g}" for x in m.lrs)
         reached = f" ({len(hits)}/{len(runs)} seeds)" if len(hits) < len(runs) else ""
-        lines.append("| " + " | ".join([
-            m.name, f"{lr:g} ({grid})", _spread([h[1] for h in hits], ".0f") + reached,
-            _spread([h[0] for h in hits], ".0f"), ratio,
-            _spread([min(x["val_loss"] for x in r) for r in runs if r], ".4f"),
-            f"{mine / theirs:.2f}×" if mine and theirs else "—"]) + " |")
-    lines += ["", "Every tuning run (seed " + str(args.tune_seed) + "): validation loss at the "
-              "end (failed: diverged)", ""]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    m.name,
+                    f"{lr:g} ({grid})",
+                    _spread([h[1] for h in hits], ".0f") + reached,
+                    _spread([h[0] for h in hits], ".0f"),
+                    ratio,
+                    _spread([min(x["val_loss"] for x in r) for r in runs if r], ".4f"),
+                    f"{mine / theirs:.2f}×" if mine and theirs else "—",
+                ]
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "Every tuning run (seed " + str(args.tune_seed) + "): validation loss at the "
+        "end (failed: diverged)",
+        "",
+    ]
     for name, points in tuned.items():
-        lines.append(f"- {name}: " + ", ".join(
-            f"lr {lr:g} → {rows[-1]['val_loss']:.4f}" if rows else f"lr {lr:g} → failed"
-            for lr, rows in points.items()))
+        lines.append(
+            f"- {name}: "
+            + ", ".join(
+                f"lr {lr:g} → {rows[-1]['val_loss']:.4f}" if rows else f"lr {lr:g} → failed"
+                for lr, rows in points.items()
+            )
+        )
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -39,8 +39,10 @@ SENG_EXACT = ("--optimizer", "seng", "--variant", "blockdiag", "--uc", "exact")
 
 
 def _point(**flags: object) -> tuple[tuple[str, str], ...]:
-    return tuple((f"--{k.replace('_', '-')}", f"{v:g}" if isinstance(v, float) else str(v))
-                 for k, v in flags.items())
+    return tuple(
+        (f"--{k.replace('_', '-')}", f"{v:g}" if isinstance(v, float) else str(v))
+        for k, v in flags.items()
+    )
 
 
 FIRST_STUDIES = ("SGD learning rate", "SENG damping (lr/λ fixed)")  # the later ones: at the best
@@ -53,30 +55,39 @@ def studies(best_damping: float, best_step: float) -> dict[str, tuple[Method, ..
     return {
         "SGD learning rate": tuple(
             Method("SGD", SGD, (_point(lr=lr, epochs=3),))
-            for lr in (0.02, 0.03, 0.05, 0.07, 0.1, 0.2)),
+            for lr in (0.02, 0.03, 0.05, 0.07, 0.1, 0.2)
+        ),
         "SENG damping (lr/λ fixed)": tuple(
-            Method("SENG", SENG, (_point(lr=step * d, epochs=3, damping=d),))
-            for step, d in damping),
+            Method("SENG", SENG, (_point(lr=step * d, epochs=3, damping=d),)) for step, d in damping
+        ),
         "SENG curvature interval": tuple(
-            Method("SENG", SENG, (_point(**at_best, curvature_interval=k),))
-            for k in (10, 200)),
+            Method("SENG", SENG, (_point(**at_best, curvature_interval=k),)) for k in (10, 200)
+        ),
         "SENG curvature batch": tuple(
-            Method("SENG", SENG, (_point(**at_best, curvature_batch_size=b),))
-            for b in (0,)),
+            Method("SENG", SENG, (_point(**at_best, curvature_batch_size=b),)) for b in (0,)
+        ),
         # the CNN's 3136×128 Linear (401,536 parameters) on the explicit path
         "SENG large-layer path": (
-            Method("SENG", SENG, (_point(**at_best, explicit_threshold=500_000),)),),
+            Method("SENG", SENG, (_point(**at_best, explicit_threshold=500_000),)),
+        ),
         # the implicit path's U·b summed exactly instead of eq. 23's product of factor means,
         # over the damping sweep's points at lr/λ = 0.05
         "SENG exact U·b (lr/λ fixed)": tuple(
             Method("SENG", SENG_EXACT, (_point(lr=0.05 * d, epochs=3, damping=d),))
-            for d in (1.0, 0.3, 0.1, 0.03)),
+            for d in (1.0, 0.3, 0.1, 0.03)
+        ),
         # the other knobs again with the exact U·b, at its sweep's most accurate point
         "SENG exact U·b: other knobs": tuple(
             Method("SENG", SENG_EXACT, (_point(lr=0.05, epochs=3, damping=1.0, **knob),))
-            for knob in ({"curvature_interval": 10}, {"curvature_interval": 200},
-                         {"curvature_batch_size": 0}, {"damping_decay": 0.1},
-                         {"warmup_epochs": 0.5}, {"schedule": "exp"})),
+            for knob in (
+                {"curvature_interval": 10},
+                {"curvature_interval": 200},
+                {"curvature_batch_size": 0},
+                {"damping_decay": 0.1},
+                {"warmup_epochs": 0.5},
+                {"schedule": "exp"},
+            )
+        ),
     }
 
 
@@ -89,17 +100,23 @@ def row(method: Method, rows: list[dict], target: float, sgd_per_epoch: float | 
     hit = to_target(rows, target)
     per_epoch = rows[-1]["train_time_s"] / rows[-1]["epoch"]
     ratio = f"{per_epoch / sgd_per_epoch:.2f}×" if sgd_per_epoch else "—"
-    return (f"| {method.name} | {point} | {' / '.join(f'{a:.4f}' for a in by_epoch)} | "
-            + (f"{hit[1]:.0f} | {hit[0]:.2f}" if hit else "— | —")
-            + f" | {max(r['test_acc'] for r in rows):.4f} | {ratio} |")
+    return (
+        f"| {method.name} | {point} | {' / '.join(f'{a:.4f}' for a in by_epoch)} | "
+        + (f"{hit[1]:.0f} | {hit[0]:.2f}" if hit else "— | —")
+        + f" | {max(r['test_acc'] for r in rows):.4f} | {ratio} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench-converge"))
     ap.add_argument("--target", type=float, default=0.90)
-    ap.add_argument("--best-damping", type=float, default=None,
-                    help="damping for the later studies (default: the damping study's best)")
+    ap.add_argument(
+        "--best-damping",
+        type=float,
+        default=None,
+        help="damping for the later studies (default: the damping study's best)",
+    )
     ap.add_argument("--only", default=None, help="comma-separated study names")
     mine = ap.parse_args(argv)
     # the run machinery's settings: bench_converge.py's defaults
@@ -126,13 +143,21 @@ def main(argv: list[str] | None = None) -> None:
     sgd = [rows for _, rows in results.get("SGD learning rate", []) if rows]
     sgd_best = min(sgd, key=score) if sgd else None
     sgd_per_epoch = sgd_best[-1]["train_time_s"] / sgd_best[-1]["epoch"] if sgd_best else None
-    lines = [f"Recipe studies: cnn, batch 128, one process, 3-epoch cosine budget, seed 0, "
-             f"training subset {args.train_limit} images; target {mine.target:.0%}; "
-             "s/epoch against SGD's best point.", ""]
+    lines = [
+        f"Recipe studies: cnn, batch 128, one process, 3-epoch cosine budget, seed 0, "
+        f"training subset {args.train_limit} images; target {mine.target:.0%}; "
+        "s/epoch against SGD's best point.",
+        "",
+    ]
     for name, done in results.items():
-        lines += [f"**{name}**", "", "| method | point | accuracy after epochs 1 / 2 / 3 | "
-                  f"time to {mine.target:.0%} (s) | epochs to {mine.target:.0%} | best acc | "
-                  "s/epoch vs SGD |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**{name}**",
+            "",
+            "| method | point | accuracy after epochs 1 / 2 / 3 | "
+            f"time to {mine.target:.0%} (s) | epochs to {mine.target:.0%} | best acc | "
+            "s/epoch vs SGD |",
+            "|---|---|---|---|---|---|---|",
+        ]
         lines += [row(m, rows, mine.target, sgd_per_epoch) for m, rows in done] + [""]
     text = "\n".join(lines)
     print(text)

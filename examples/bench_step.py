@@ -82,27 +82,39 @@ def worker(model_name: str, opt_name: str, seng_kwargs: dict) -> dict:
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             timed_step(opt)
+
         out["curv_s"], out["plain_s"], out["sgd_s"] = _steps(model, step, interval, shape, batch)
         out["curv_s"] = out["plain_s"] = statistics.median([out["curv_s"], out["plain_s"]])
     elif opt_name == "seng":
         from seng_dist import SENG
-        opt = SENG(model, lr=0.01, damping=1.0, momentum=0.9,
-                   curvature_update_interval=interval, **seng_kwargs)
+
+        opt = SENG(
+            model,
+            lr=0.01,
+            damping=1.0,
+            momentum=0.9,
+            curvature_update_interval=interval,
+            **seng_kwargs,
+        )
 
         def step(x, y):
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             timed_step(opt)
+
         out["curv_s"], out["plain_s"], out["sgd_s"] = _steps(model, step, interval, shape, batch)
         out["state_bytes"] = opt.curvature_state_bytes()
         out["paths"] = {p: sum(b.path == p for b in opt.blocks) for p in ("explicit", "implicit")}
     else:
         from asdl import KfacGradientMaker, PreconditioningConfig, SengGradientMaker
-        config = PreconditioningConfig(data_size=batch, damping=1.0,
-                                       preconditioner_upd_interval=interval,
-                                       curvature_upd_interval=interval)
-        maker = (KfacGradientMaker if opt_name == "asdl-kfac" else SengGradientMaker)(
-            model, config)
+
+        config = PreconditioningConfig(
+            data_size=batch,
+            damping=1.0,
+            preconditioner_upd_interval=interval,
+            curvature_upd_interval=interval,
+        )
+        maker = (KfacGradientMaker if opt_name == "asdl-kfac" else SengGradientMaker)(model, config)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step(x, y):
@@ -111,10 +123,12 @@ def worker(model_name: str, opt_name: str, seng_kwargs: dict) -> dict:
             maker.setup_loss_call(F.cross_entropy, dummy, y)
             maker.forward_and_backward()
             opt.step()
+
         out["curv_s"], out["plain_s"], out["sgd_s"] = _steps(model, step, interval, shape, batch)
     if step_only:
         out["step_only_plain_s"] = statistics.median(
-            [t for i, t in enumerate(step_only) if i % interval])
+            [t for i, t in enumerate(step_only) if i % interval]
+        )
         out["step_only_curv_s"] = statistics.median(step_only[interval::interval])
     out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
@@ -128,10 +142,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["cnn", "resnet18"], choices=list(SETUPS))
     ap.add_argument("--optimizers", nargs="+", default=OPTIMIZERS, choices=OPTIMIZERS)
-    ap.add_argument("--plain-steps", type=int, default=None,
-                    help="plain steps per curvature interval (default: per model)")
-    ap.add_argument("--seng", default="{}", help="JSON of extra SENG settings, e.g. "
-                    "'{\"sketch_size\": null}' (default: the package defaults)")
+    ap.add_argument(
+        "--plain-steps",
+        type=int,
+        default=None,
+        help="plain steps per curvature interval (default: per model)",
+    )
+    ap.add_argument(
+        "--seng",
+        default="{}",
+        help="JSON of extra SENG settings, e.g. "
+        "'{\"sketch_size\": null}' (default: the package defaults)",
+    )
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -146,8 +168,15 @@ def main() -> None:
     results: dict = {}
     for model in args.models:
         for opt in args.optimizers:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, opt,
-                   "--seng", args.seng]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--worker",
+                model,
+                opt,
+                "--seng",
+                args.seng,
+            ]
             if args.plain_steps is not None:
                 cmd += ["--plain-steps", str(args.plain_steps)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -156,13 +185,19 @@ def main() -> None:
             results[(model, opt)] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"# {model} {opt}: {results[(model, opt)]}", file=sys.stderr, flush=True)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SENG settings "
-          f"{seng_kwargs or 'defaults'}\n")
-    print("Times: ms per step (ratio to the same process's SGD-twin step). Peak RSS: the "
-          "process's maximum resident memory, each process holding its optimizer's model and "
-          "the SGD twin (ratio to the SGD process).\n")
-    print("| model (batch) | optimizer | curvature step | plain step | amortised T=10 | "
-          "amortised T=200 | peak RSS | curvature state |")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, SENG settings "
+        f"{seng_kwargs or 'defaults'}\n"
+    )
+    print(
+        "Times: ms per step (ratio to the same process's SGD-twin step). Peak RSS: the "
+        "process's maximum resident memory, each process holding its optimizer's model and "
+        "the SGD twin (ratio to the SGD process).\n"
+    )
+    print(
+        "| model (batch) | optimizer | curvature step | plain step | amortised T=10 | "
+        "amortised T=200 | peak RSS | curvature state |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for model in args.models:
         sgd = results.get((model, "sgd"))
@@ -179,18 +214,24 @@ def main() -> None:
             cells.append(rss)
             if "state_bytes" in r:
                 pb = 4 * r["params"]
-                cells.append(f"{r['state_bytes'] / 2**20:.1f} MiB ({r['state_bytes'] / pb:.2f}× "
-                             f"params; {r['paths']['explicit']} explicit, "
-                             f"{r['paths']['implicit']} implicit)")
+                cells.append(
+                    f"{r['state_bytes'] / 2**20:.1f} MiB ({r['state_bytes'] / pb:.2f}× "
+                    f"params; {r['paths']['explicit']} explicit, "
+                    f"{r['paths']['implicit']} implicit)"
+                )
             else:
                 cells.append("")
             print("| " + " | ".join(cells) + " |")
-    print("\nopt.step() alone (median; forward/backward excluded). Single steps on this shared "
-          "machine vary by ±10%, so for SENG vs SGD the step-only times are the low-noise "
-          "measure: the plain-step ratio below is (fwd+bwd + SENG step) / (fwd+bwd + SGD step) "
-          "with fwd+bwd = the SGD process's median step minus its step() time.\n")
-    print("| model | SGD step() | SENG plain step() | SENG curvature step() | "
-          "plain-step ratio | amortised T=200 ratio |")
+    print(
+        "\nopt.step() alone (median; forward/backward excluded). Single steps on this shared "
+        "machine vary by ±10%, so for SENG vs SGD the step-only times are the low-noise "
+        "measure: the plain-step ratio below is (fwd+bwd + SENG step) / (fwd+bwd + SGD step) "
+        "with fwd+bwd = the SGD process's median step minus its step() time.\n"
+    )
+    print(
+        "| model | SGD step() | SENG plain step() | SENG curvature step() | "
+        "plain-step ratio | amortised T=200 ratio |"
+    )
     print("|---|---|---|---|---|---|")
     for model in args.models:
         sgd, seng = results.get((model, "sgd")), results.get((model, "seng"))
@@ -200,9 +241,11 @@ def main() -> None:
         fb = sgd["plain_s"] - sgd_step
         plain = (fb + seng["step_only_plain_s"]) / (fb + sgd_step)
         curv = (fb + seng["step_only_curv_s"]) / (fb + sgd_step)
-        print(f"| {model} | {sgd_step * 1e3:.1f} ms | {seng['step_only_plain_s'] * 1e3:.1f} ms | "
-              f"{seng['step_only_curv_s'] * 1e3:.0f} ms | {plain:.3f}× | "
-              f"{(curv + 199 * plain) / 200:.3f}× |")
+        print(
+            f"| {model} | {sgd_step * 1e3:.1f} ms | {seng['step_only_plain_s'] * 1e3:.1f} ms | "
+            f"{seng['step_only_curv_s'] * 1e3:.0f} ms | {plain:.3f}× | "
+            f"{(curv + 199 * plain) / 200:.3f}× |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({f"{m}/{o}": r for (m, o), r in results.items()}, f, indent=1)

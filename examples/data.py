@@ -20,12 +20,13 @@ def _read_idx(path: Path) -> torch.Tensor:
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(dims)
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(dims)
 
 
-def load_fashion_mnist(train: bool, root: Path = DEFAULT_ROOT, cifar_style: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def load_fashion_mnist(
+    train: bool, root: Path = DEFAULT_ROOT, cifar_style: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised images ``(N, 1, 28, 28)`` and labels; ``cifar_style`` pads to 32×32 and
     repeats the channel to 3 for CIFAR-style networks."""
     prefix = "train" if train else "t10k"
@@ -34,7 +35,8 @@ def load_fashion_mnist(train: bool, root: Path = DEFAULT_ROOT, cifar_style: bool
     if not images.exists() or not labels.exists():
         raise FileNotFoundError(
             f"Fashion-MNIST not found in {root}: install it with "
-            "'apt-get install -y dataset-fashion-mnist' or set FASHION_MNIST_DIR")
+            "'apt-get install -y dataset-fashion-mnist' or set FASHION_MNIST_DIR"
+        )
     x = (_read_idx(images).float().div_(255.0).sub_(MEAN).div_(STD)).unsqueeze(1)
     y = _read_idx(labels).long()
     if cifar_style:
@@ -50,7 +52,8 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.
     dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-    out = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
-                 rows, cols]
+    out = padded[
+        torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
+    ]
     flip = torch.rand(n, generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], out.flip(3), out)

@@ -32,9 +32,11 @@ class Engine:
             dist.all_reduce(t)
         elif self.name == "horovod":
             import horovod.torch as hvd
+
             hvd.allreduce_(t, op=hvd.Sum, name="metrics")
         elif self.name == "mpi":
             from mpi4py import MPI
+
             MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, t.numpy(), op=MPI.SUM)
         return t
 
@@ -46,18 +48,22 @@ class Engine:
                 if b.is_floating_point():
                     b.copy_(self.sum_(b.detach().double()).div_(self.world))
 
-    def data_parallel(self, model: nn.Module, opt: torch.optim.Optimizer
-                      ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def data_parallel(
+        self, model: nn.Module, opt: torch.optim.Optimizer
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
         """The engine's usual data parallelism for a baseline optimizer (SENG needs none)."""
         if self.name == "torch":
             return nn.parallel.DistributedDataParallel(model), opt
         if self.name == "horovod":
             import horovod.torch as hvd
+
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)
             return model, hvd.DistributedOptimizer(opt, model.named_parameters())
         if self.name != "local":
-            raise ValueError(f"the {self.name} engine trains SENG only in this script; run the "
-                             "baselines under torchrun or horovodrun")
+            raise ValueError(
+                f"the {self.name} engine trains SENG only in this script; run the "
+                "baselines under torchrun or horovodrun"
+            )
         return model, opt
 
     def finish(self) -> None:
@@ -91,24 +97,35 @@ def start(name: str = "auto", timeout: float = 600.0) -> Engine:
             name = "local"
     if name == "torch":
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                    timeout=wait)
-        engine = Engine("torch", dist.get_rank(), dist.get_world_size(),
-                        int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=wait)
+        engine = Engine(
+            "torch",
+            dist.get_rank(),
+            dist.get_world_size(),
+            int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())),
+        )
     elif name == "horovod":
         from seng_dist.comm.horovod import import_horovod
+
         hvd = import_horovod()
         os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(int(timeout)))
         hvd.init()
         engine = Engine("horovod", hvd.rank(), hvd.size(), hvd.local_size())
     elif name == "deepspeed":
         import deepspeed
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   timeout=wait)
-        engine = Engine("deepspeed", dist.get_rank(), dist.get_world_size(),
-                        int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1))))
+
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=wait
+        )
+        engine = Engine(
+            "deepspeed",
+            dist.get_rank(),
+            dist.get_world_size(),
+            int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1))),
+        )
     elif name == "mpi":
         from seng_dist.comm.mpi import MPICommunicator
+
         mpi = MPICommunicator()
         engine = Engine("mpi", mpi.rank, mpi.world_size, mpi.local_size)
     elif name == "local":

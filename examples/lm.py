@@ -47,20 +47,25 @@ def load_corpus(root: Path = SOURCES) -> tuple[np.ndarray, np.ndarray, int]:
     parts: tuple[list[bytes], list[bytes]] = ([], [])
     for i, f in enumerate(files):
         parts[i % 10 == 0].append(f.read_bytes() + b"\0")
-    return (np.frombuffer(b"".join(parts[0]), dtype=np.uint8),
-            np.frombuffer(b"".join(parts[1]), dtype=np.uint8), len(files))
+    return (
+        np.frombuffer(b"".join(parts[0]), dtype=np.uint8),
+        np.frombuffer(b"".join(parts[1]), dtype=np.uint8),
+        len(files),
+    )
 
 
 class ByteLM(nn.Module):
     """Pre-LN causal Transformer over bytes."""
 
-    def __init__(self, width: int = 128, layers: int = 4, heads: int = 4,
-                 context: int = 128) -> None:
+    def __init__(
+        self, width: int = 128, layers: int = 4, heads: int = 4, context: int = 128
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(256, width)
         self.pos = nn.Parameter(torch.zeros(context, width))
-        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width,
-                                           dropout=0.0, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, 256)
@@ -86,9 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--optimizer", default="seng", choices=OPTIMIZERS)
     ap.add_argument("--lr", type=float, default=None, help="peak lr (adamw 2e-3, else 0.3)")
     ap.add_argument("--damping", type=float, default=1.0, help="SENG's λ")
-    ap.add_argument("--weight-decay", type=float, default=0.0,
-                    help="AdamW's decoupled decay; L2 for SGD and SENG (off by default: see "
-                         "bench_lm.py)")
+    ap.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="AdamW's decoupled decay; L2 for SGD and SENG (off by default: see bench_lm.py)",
+    )
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps")
     ap.add_argument("--batch-size", type=int, default=32, help="global, split over ranks")
@@ -97,9 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--curvature-interval", type=int, default=50)
     ap.add_argument("--variant", default="blockdiag", choices=[v.value for v in Variant])
-    ap.add_argument("--damping-diagonal", default="identity",
-                    choices=[d.value for d in DampingDiagonal],
-                    help="SENG's damping λI or λ·diag(√v̂ + ε) (Adam's, β₂ as AdamW's)")
+    ap.add_argument(
+        "--damping-diagonal",
+        default="identity",
+        choices=[d.value for d in DampingDiagonal],
+        help="SENG's damping λI or λ·diag(√v̂ + ε) (Adam's, β₂ as AdamW's)",
+    )
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-windows", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -121,43 +132,62 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     model = ByteLM(args.width, args.layers, context=args.context)
     warmup = max(1, round(args.warmup * args.steps))
-    lr_fn = schedules.linear_warmup(schedules.cosine(lr, 1, args.steps, final=lr * 0.01),
-                                    warmup, lr * 0.01)
+    lr_fn = schedules.linear_warmup(
+        schedules.cosine(lr, 1, args.steps, final=lr * 0.01), warmup, lr * 0.01
+    )
     opt: torch.optim.Optimizer
     if args.optimizer == "seng":
-        opt = SENG(model, lr=lr_fn, damping=args.damping, momentum=0.9,
-                   weight_decay=args.weight_decay,
-                   curvature_update_interval=args.curvature_interval,
-                   variant=args.variant, damping_diagonal=args.damping_diagonal,
-                   damping_beta2=BETAS[1], comm="torch" if world > 1 else "local")
+        opt = SENG(
+            model,
+            lr=lr_fn,
+            damping=args.damping,
+            momentum=0.9,
+            weight_decay=args.weight_decay,
+            curvature_update_interval=args.curvature_interval,
+            variant=args.variant,
+            damping_diagonal=args.damping_diagonal,
+            damping_beta2=BETAS[1],
+            comm="torch" if world > 1 else "local",
+        )
     elif args.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9,
-                              weight_decay=args.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay
+        )
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=BETAS,
-                                weight_decay=args.weight_decay)
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=lr, betas=BETAS, weight_decay=args.weight_decay
+        )
     if args.optimizer != "seng" and world > 1:
         raise SystemExit("the baselines run on one process")
     local = args.batch_size // world
     rng = np.random.default_rng([args.seed, rank])
-    val_starts = np.random.default_rng(12345).integers(0, len(val) - args.context - 1,
-                                                       args.eval_windows)
+    val_starts = np.random.default_rng(12345).integers(
+        0, len(val) - args.context - 1, args.eval_windows
+    )
     rows, train_time = [], 0.0
     if rank == 0:
-        print(f"corpus: {files} files, train {len(train):,} bytes, validation {len(val):,} "
-              f"bytes; model {sum(p.numel() for p in model.parameters()):,} parameters",
-              flush=True)
+        print(
+            f"corpus: {files} files, train {len(train):,} bytes, validation {len(val):,} "
+            f"bytes; model {sum(p.numel() for p in model.parameters()):,} parameters",
+            flush=True,
+        )
 
     def evaluate(step: int) -> None:
         model.eval()
         with torch.no_grad():
-            losses = [F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
-                      for x, y in (windows(val, s, args.context)
-                                   for s in np.array_split(val_starts, 8))]
+            losses = [
+                F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+                for x, y in (windows(val, s, args.context) for s in np.array_split(val_starts, 8))
+            ]
         model.train()
-        row = {"step": step, "tokens": step * args.batch_size * args.context,
-               "val_loss": float(np.mean(losses)), "train_time_s": round(train_time, 2),
-               "lr": lr_fn(max(step - 1, 0)), "world": world}
+        row = {
+            "step": step,
+            "tokens": step * args.batch_size * args.context,
+            "val_loss": float(np.mean(losses)),
+            "train_time_s": round(train_time, 2),
+            "lr": lr_fn(max(step - 1, 0)),
+            "world": world,
+        }
         rows.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)
@@ -170,8 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.optimizer != "seng":
             for group in opt.param_groups:
                 group["lr"] = lr_fn(step)
-        x, y = windows(train, rng.integers(0, len(train) - args.context - 1, local),
-                       args.context)
+        x, y = windows(train, rng.integers(0, len(train) - args.context - 1, local), args.context)
         opt.zero_grad()
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()

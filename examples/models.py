@@ -18,10 +18,19 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 128),
-                                        nn.ReLU(inplace=True), nn.Linear(128, num_classes))
+            nn.Conv2d(in_channels, 32, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, 128),
+            nn.ReLU(inplace=True),
+            nn.Linear(128, num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -37,8 +46,9 @@ class Residual(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample: nn.Module | None = None
         if stride != 1 or inplanes != out:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False),
-                                            nn.BatchNorm2d(out))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out)
+            )
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -93,20 +103,29 @@ class ResNet(nn.Module):
     ... as in torchvision), global average pool, linear head. The stem is CIFAR's 3×3 conv, or
     with ``imagenet_stem`` ImageNet's 7×7/2 conv and 3×3/2 max-pool."""
 
-    def __init__(self, layers: list[int], num_classes: int = 10, width: int = 64,
-                 in_channels: int = 3, block: type[BasicBlock | Bottleneck] | None = None,
-                 imagenet_stem: bool = False) -> None:
+    def __init__(
+        self,
+        layers: list[int],
+        num_classes: int = 10,
+        width: int = 64,
+        in_channels: int = 3,
+        block: type[BasicBlock | Bottleneck] | None = None,
+        imagenet_stem: bool = False,
+    ) -> None:
         super().__init__()
         block = block or BasicBlock
-        self.conv1 = (nn.Conv2d(in_channels, width, 7, 2, 3, bias=False) if imagenet_stem
-                      else nn.Conv2d(in_channels, width, 3, 1, 1, bias=False))
+        self.conv1 = (
+            nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+            if imagenet_stem
+            else nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        )
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1) if imagenet_stem else nn.Identity()
         inplanes = width
         self.stages: list[str] = []
         for i, blocks in enumerate(layers):
-            planes = width * 2 ** i
+            planes = width * 2**i
             stage = [block(inplanes, planes, 1 if i == 0 else 2)]
             inplanes = planes * block.expansion
             stage += [block(inplanes, planes) for _ in range(blocks - 1)]
@@ -142,8 +161,7 @@ def resnet50(num_classes: int = 1000, in_channels: int = 3) -> ResNet:
     return ResNet([3, 4, 6, 3], num_classes, 64, in_channels, Bottleneck, imagenet_stem=True)
 
 
-_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
-          512, 512, 512, "M"]
+_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 
 def vgg16_bn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:

@@ -43,10 +43,16 @@ def write_metrics(path: str | Path, rows: list[dict]) -> None:
     tmp.replace(path)  # a reader never sees half a file
 
 
-def plot_runs(runs: dict[str, list[dict]], out: str | Path, target: float | None = None,
-              metric: str = "test_acc", at: str = "epoch") -> None:
+def plot_runs(
+    runs: dict[str, list[dict]],
+    out: str | Path,
+    target: float | None = None,
+    metric: str = "test_acc",
+    at: str = "epoch",
+) -> None:
     """Two panels, ``metric`` against ``at`` and against training time, one line a run."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -70,5 +76,7 @@ def plot_runs(runs: dict[str, list[dict]], out: str | Path, target: float | None
 if __name__ == "__main__":
     if len(sys.argv) < 3:
         sys.exit(__doc__)
-    plot_runs({spec.split("=", 1)[0]: read_metrics(spec.split("=", 1)[-1])
-               for spec in sys.argv[2:]}, sys.argv[1])
+    plot_runs(
+        {spec.split("=", 1)[0]: read_metrics(spec.split("=", 1)[-1]) for spec in sys.argv[2:]},
+        sys.argv[1],
+    )

@@ -57,48 +57,96 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--optimizer", default="seng", choices=OPTIMIZERS)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64, help="per rank")
-    ap.add_argument("--lr", type=float, default=None,
-                    help="initial learning rate (default: " + ", ".join(
-                        f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    ap.add_argument("--schedule", default="cosine", choices=["cosine", "exp", "constant"],
-                    help="learning-rate schedule over --epochs (the paper's cosine and exp)")
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="initial learning rate (default: "
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+        + ")",
+    )
+    ap.add_argument(
+        "--schedule",
+        default="cosine",
+        choices=["cosine", "exp", "constant"],
+        help="learning-rate schedule over --epochs (the paper's cosine and exp)",
+    )
     ap.add_argument("--decay-rate", type=float, default=6.0, help="exponent of the exp schedule")
     ap.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up")
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--damping", type=float, default=1.0, help="SENG / K-FAC damping λ0")
-    ap.add_argument("--damping-decay", type=float, default=1.0,
-                    help="ρ of the paper's damping schedule λ0·ρ^(epoch/10) (1: constant)")
-    ap.add_argument("--curvature-interval", type=int, default=50,
-                    help="steps between curvature updates (SENG, K-FAC)")
-    ap.add_argument("--curvature-batch-size", type=int,
-                    default=SENGConfig().curvature_batch_size,
-                    help="SENG's per-sample gradients per curvature update (0: the whole "
-                    "local batch)")
-    ap.add_argument("--explicit-threshold", type=int,
-                    default=SENGConfig().sketch.explicit_threshold,
-                    help="SENG: layers with at most this many parameters keep U (explicit path)")
-    ap.add_argument("--skip-layers", default="",
-                    help="SENG: comma-separated layers left to the fallback rule, by module "
-                    "name or torch.nn class name (e.g. BatchNorm2d)")
-    ap.add_argument("--uc", default=SENGConfig().sketch.uc, choices=UC_MODES,
-                    help="SENG's U·b on the implicit path: eq. 23's product of the weighted "
-                    "factor means (factored, eq. 28's communication) or the exact sum")
-    ap.add_argument("--variant", default="blockdiag", choices=[v.value for v in Variant],
-                    help="distributed SENG variant (eq. 26 or eq. 27)")
-    ap.add_argument("--comm-dtype", default=None, choices=["bfloat16", "float16"],
-                    help="dtype of SENG's communication buffer (default: the gradients')")
-    ap.add_argument("--no-overlap", action="store_true",
-                    help="send SENG's round in step() instead of bucket by bucket during "
-                    "backward")
-    ap.add_argument("--augment", default="auto", choices=["auto", "on", "off"],
-                    help="random crop and flip (auto: on for the 32×32 CIFAR-style models)")
+    ap.add_argument(
+        "--damping-decay",
+        type=float,
+        default=1.0,
+        help="ρ of the paper's damping schedule λ0·ρ^(epoch/10) (1: constant)",
+    )
+    ap.add_argument(
+        "--curvature-interval",
+        type=int,
+        default=50,
+        help="steps between curvature updates (SENG, K-FAC)",
+    )
+    ap.add_argument(
+        "--curvature-batch-size",
+        type=int,
+        default=SENGConfig().curvature_batch_size,
+        help="SENG's per-sample gradients per curvature update (0: the whole local batch)",
+    )
+    ap.add_argument(
+        "--explicit-threshold",
+        type=int,
+        default=SENGConfig().sketch.explicit_threshold,
+        help="SENG: layers with at most this many parameters keep U (explicit path)",
+    )
+    ap.add_argument(
+        "--skip-layers",
+        default="",
+        help="SENG: comma-separated layers left to the fallback rule, by module "
+        "name or torch.nn class name (e.g. BatchNorm2d)",
+    )
+    ap.add_argument(
+        "--uc",
+        default=SENGConfig().sketch.uc,
+        choices=UC_MODES,
+        help="SENG's U·b on the implicit path: eq. 23's product of the weighted "
+        "factor means (factored, eq. 28's communication) or the exact sum",
+    )
+    ap.add_argument(
+        "--variant",
+        default="blockdiag",
+        choices=[v.value for v in Variant],
+        help="distributed SENG variant (eq. 26 or eq. 27)",
+    )
+    ap.add_argument(
+        "--comm-dtype",
+        default=None,
+        choices=["bfloat16", "float16"],
+        help="dtype of SENG's communication buffer (default: the gradients')",
+    )
+    ap.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="send SENG's round in step() instead of bucket by bucket during backward",
+    )
+    ap.add_argument(
+        "--augment",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="random crop and flip (auto: on for the 32×32 CIFAR-style models)",
+    )
     ap.add_argument("--train-limit", type=int, default=None, help="use the first N images")
-    ap.add_argument("--test-limit", type=int, default=None,
-                    help="evaluate on the first N test images")
-    ap.add_argument("--evals-per-epoch", type=int, default=1,
-                    help="evaluate on the test set this many times per epoch, at evenly spaced "
-                         "steps (metrics rows get fractional epochs; times exclude evaluation)")
+    ap.add_argument(
+        "--test-limit", type=int, default=None, help="evaluate on the first N test images"
+    )
+    ap.add_argument(
+        "--evals-per-epoch",
+        type=int,
+        default=1,
+        help="evaluate on the test set this many times per epoch, at evenly spaced "
+        "steps (metrics rows get fractional epochs; times exclude evaluation)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--metrics", default=None, help="per-epoch metrics file (.csv or .jsonl)")
     ap.add_argument("--checkpoint", default=None, help="save here after every epoch")
@@ -106,12 +154,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--plot", default=None, help="PNG of test accuracy vs epochs and time")
     ap.add_argument("--label", default=None, help="name of the run in metrics and plots")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ap.add_argument("--engine", default="auto", choices=engines.ENGINES,
-                    help="distributed engine (auto: from the launcher's environment)")
-    ap.add_argument("--timeout", type=float, default=600.0,
-                    help="seconds a collective waits for a hung rank before failing")
-    ap.add_argument("--deepspeed_config", default=None,
-                    help="DeepSpeed JSON config: train with the DeepSpeed engine")
+    ap.add_argument(
+        "--engine",
+        default="auto",
+        choices=engines.ENGINES,
+        help="distributed engine (auto: from the launcher's environment)",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds a collective waits for a hung rank before failing",
+    )
+    ap.add_argument(
+        "--deepspeed_config",
+        default=None,
+        help="DeepSpeed JSON config: train with the DeepSpeed engine",
+    )
     ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = ap.parse_args(argv)
     for name in ("epochs", "batch_size", "curvature_interval", "evals_per_epoch"):
@@ -138,42 +197,59 @@ def lr_schedule(args: argparse.Namespace, steps_per_epoch: int) -> Callable[[int
 def skip_layers(flag: str) -> tuple[str | type, ...]:
     """``--skip-layers``: a torch.nn class for each entry that names one, else a module name."""
     names = [s.strip() for s in flag.split(",") if s.strip()]
-    return tuple(cls if isinstance(cls := getattr(torch.nn, s, None), type) else s
-                 for s in names)
+    return tuple(cls if isinstance(cls := getattr(torch.nn, s, None), type) else s for s in names)
 
 
-def build_optimizer(args, model, engine, lr_fn, damping_fn, batch: int
-                    ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Step]:
+def build_optimizer(
+    args, model, engine, lr_fn, damping_fn, batch: int
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, Step]:
     """The model as trained (maybe wrapped), the optimizer, and one training step
     ``step(x, y, global_step) -> (loss, logits)``."""
     if args.optimizer == "seng":
-        opt = SENG(model, lr=lr_fn, damping=damping_fn, momentum=args.momentum,
-                   weight_decay=args.weight_decay,
-                   curvature_update_interval=args.curvature_interval,
-                   curvature_batch_size=args.curvature_batch_size or None,
-                   explicit_threshold=args.explicit_threshold, uc=args.uc,
-                   skip_layers=skip_layers(args.skip_layers),
-                   variant=args.variant, comm_dtype=args.comm_dtype, comm=engine.name,
-                   overlap=not args.no_overlap, skip_nonfinite=True)
+        opt = SENG(
+            model,
+            lr=lr_fn,
+            damping=damping_fn,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            curvature_update_interval=args.curvature_interval,
+            curvature_batch_size=args.curvature_batch_size or None,
+            explicit_threshold=args.explicit_threshold,
+            uc=args.uc,
+            skip_layers=skip_layers(args.skip_layers),
+            variant=args.variant,
+            comm_dtype=args.comm_dtype,
+            comm=engine.name,
+            overlap=not args.no_overlap,
+            skip_nonfinite=True,
+        )
         # A checkpoint written by rank 0 then holds every rank's curvature (eq. 26 keeps one
         # per worker), so all ranks resume exactly.
         opt.state_dict_all_ranks = True
     elif args.optimizer in ("sgd", "kfac", "asdl-seng"):
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                              weight_decay=args.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+        )
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
     if args.optimizer in ("kfac", "asdl-seng"):
         if engine.world > 1:
-            raise SystemExit(f"--optimizer {args.optimizer}: ASDL's baselines run in one "
-                             "process; start train.py with plain python")
+            raise SystemExit(
+                f"--optimizer {args.optimizer}: ASDL's baselines run in one "
+                "process; start train.py with plain python"
+            )
         from asdl import KfacGradientMaker, PreconditioningConfig, SengGradientMaker
-        config = PreconditioningConfig(data_size=batch, damping=args.damping,
-                                       preconditioner_upd_interval=args.curvature_interval,
-                                       curvature_upd_interval=args.curvature_interval)
+
+        config = PreconditioningConfig(
+            data_size=batch,
+            damping=args.damping,
+            preconditioner_upd_interval=args.curvature_interval,
+            curvature_upd_interval=args.curvature_interval,
+        )
         maker = (KfacGradientMaker if args.optimizer == "kfac" else SengGradientMaker)(
-            model, config)
+            model, config
+        )
 
         def step(x, y, t):
             for g in opt.param_groups:
@@ -184,6 +260,7 @@ def build_optimizer(args, model, engine, lr_fn, damping_fn, batch: int
             logits, loss = maker.forward_and_backward()
             opt.step()
             return loss, logits
+
         return model, opt, step
 
     if args.optimizer in ("sgd", "adam"):
@@ -199,11 +276,13 @@ def build_optimizer(args, model, engine, lr_fn, damping_fn, batch: int
         loss.backward()
         opt.step()
         return loss, logits
+
     return model, opt, step
 
 
-def _setting(opt: torch.optim.Optimizer, key: str, schedule: Callable[[int], float], step: int
-             ) -> float:
+def _setting(
+    opt: torch.optim.Optimizer, key: str, schedule: Callable[[int], float], step: int
+) -> float:
     """The value of ``key`` at ``step``: the optimizer's own (a number or SENG's callable of
     the step, e.g. set by a DeepSpeed scheduler), else the script's schedule."""
     value = opt.param_groups[0].get(key)
@@ -212,8 +291,13 @@ def _setting(opt: torch.optim.Optimizer, key: str, schedule: Callable[[int], flo
     return float(schedule(step) if value is None else value)
 
 
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, engine: engines.Engine,
-             batch: int = 1000) -> tuple[float, float]:
+def evaluate(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    engine: engines.Engine,
+    batch: int = 1000,
+) -> tuple[float, float]:
     """Test loss and accuracy, each rank scoring its share of the test set."""
     model.eval()
     loss = correct = 0.0
@@ -237,36 +321,52 @@ def main(argv: list[str] | None = None) -> float:
     x_train, y_train = load_fashion_mnist(True, cifar_style=cifar)
     x_test, y_test = load_fashion_mnist(False, cifar_style=cifar)
     if args.train_limit:
-        x_train, y_train = x_train[:args.train_limit], y_train[:args.train_limit]
+        x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
     if args.test_limit:
-        x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
+        x_test, y_test = x_test[: args.test_limit], y_test[: args.test_limit]
     use_augment = args.augment == "on" or (args.augment == "auto" and cifar)
     model = MODELS[args.model](num_classes=10, in_channels=x_train.shape[1])
     net = model  # the bare module: what checkpoints hold
     ds_engine, accumulation = None, 1
     if args.deepspeed_config:
         from seng_dist.deepspeed import initialize
+
         ds_engine, opt, _, _ = initialize(args=args, model=model)
         accumulation = ds_engine.gradient_accumulation_steps()
         args.batch_size = ds_engine.train_micro_batch_size_per_gpu() * accumulation
         args.optimizer = type(opt).__name__.lower()
-    sampler = DistributedSampler(range(len(x_train)), num_replicas=world, rank=rank,
-                                 shuffle=True, seed=args.seed, drop_last=True)
+    sampler = DistributedSampler(
+        range(len(x_train)),
+        num_replicas=world,
+        rank=rank,
+        shuffle=True,
+        seed=args.seed,
+        drop_last=True,
+    )
     batches = BatchSampler(sampler, args.batch_size, drop_last=True)
     steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
-        raise SystemExit(f"--batch-size {args.batch_size} on {world} rank(s) needs at least "
-                         f"{args.batch_size * world} training images, got {len(x_train)}")
+        raise SystemExit(
+            f"--batch-size {args.batch_size} on {world} rank(s) needs at least "
+            f"{args.batch_size * world} training images, got {len(x_train)}"
+        )
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     lr_fn = lr_schedule(args, steps_per_epoch)
-    damping_fn = (schedules.damping_decay(args.damping, args.damping_decay, steps_per_epoch)
-                  if args.damping_decay != 1.0 else (lambda _s: args.damping))
+    damping_fn = (
+        schedules.damping_decay(args.damping, args.damping_decay, steps_per_epoch)
+        if args.damping_decay != 1.0
+        else (lambda _s: args.damping)
+    )
     if ds_engine is None:
-        model, opt, train_step = build_optimizer(args, model, engine, lr_fn, damping_fn,
-                                                 args.batch_size)
-    label = args.label or (f"{args.optimizer}" + (f"-{args.variant}" if args.optimizer == "seng"
-                                                   else "") + f" ({world} rank(s))")
+        model, opt, train_step = build_optimizer(
+            args, model, engine, lr_fn, damping_fn, args.batch_size
+        )
+    label = args.label or (
+        f"{args.optimizer}"
+        + (f"-{args.variant}" if args.optimizer == "seng" else "")
+        + f" ({world} rank(s))"
+    )
 
     history: list[dict] = []
     start_epoch, train_time = 0, 0.0
@@ -282,11 +382,14 @@ def main(argv: list[str] | None = None) -> float:
         start_epoch, history, train_time = client["epoch"], client["history"], client["time"]
 
     from tqdm import tqdm
+
     aug_gen = torch.Generator()
     wall0 = time.perf_counter()
     test_acc = history[-1]["test_acc"] if history else 0.0
-    evals = {round(j * steps_per_epoch / args.evals_per_epoch)
-             for j in range(1, args.evals_per_epoch + 1)}
+    evals = {
+        round(j * steps_per_epoch / args.evals_per_epoch)
+        for j in range(1, args.evals_per_epoch + 1)
+    }
 
     def record(epoch: int, i: int, sums: torch.Tensor, epoch_time: float) -> None:
         """Evaluate after step ``i`` of ``epoch`` and add a metrics row (rank 0 prints it)."""
@@ -295,14 +398,21 @@ def main(argv: list[str] | None = None) -> float:
         engine.average_buffers(net)
         test_loss, test_acc = evaluate(net, x_test, y_test, engine)
         step = epoch * steps_per_epoch + i + 1
-        row = {"run": label, "epoch": round(epoch + (i + 1) / steps_per_epoch, 4),
-               "step": step, "train_loss": round(float(sums[0] / sums[2]), 5),
-               "train_acc": round(float(sums[1] / sums[2]), 5),
-               "test_loss": round(test_loss, 5), "test_acc": round(test_acc, 5),
-               "lr": _setting(opt, "lr", lr_fn, step - 1),
-               "damping": _setting(opt, "damping", damping_fn, step - 1),
-               "epoch_time_s": round(epoch_time, 2), "train_time_s": round(train_time, 2),
-               "wall_s": round(time.perf_counter() - wall0, 2), "world": world}
+        row = {
+            "run": label,
+            "epoch": round(epoch + (i + 1) / steps_per_epoch, 4),
+            "step": step,
+            "train_loss": round(float(sums[0] / sums[2]), 5),
+            "train_acc": round(float(sums[1] / sums[2]), 5),
+            "test_loss": round(test_loss, 5),
+            "test_acc": round(test_acc, 5),
+            "lr": _setting(opt, "lr", lr_fn, step - 1),
+            "damping": _setting(opt, "damping", damping_fn, step - 1),
+            "epoch_time_s": round(epoch_time, 2),
+            "train_time_s": round(train_time, 2),
+            "wall_s": round(time.perf_counter() - wall0, 2),
+            "world": world,
+        }
         if row["epoch"] == int(row["epoch"]):
             row["epoch"] = int(row["epoch"])
         history.append(row)
@@ -319,8 +429,13 @@ def main(argv: list[str] | None = None) -> float:
         sums = torch.zeros(5, dtype=torch.float64)
         # Training time excludes evaluation: each segment between evaluations is timed alone.
         t0, evaluated, epoch_train0 = time.perf_counter(), [0.0], train_time
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   disable=rank != 0 or args.no_progress, mininterval=1.0)
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            leave=False,
+            disable=rank != 0 or args.no_progress,
+            mininterval=1.0,
+        )
         for i, idx in enumerate(bar):
             x, y = x_train[idx], y_train[idx]
             if use_augment:
@@ -332,15 +447,16 @@ def main(argv: list[str] | None = None) -> float:
                     ds_engine.backward(loss)
                     ds_engine.step()
                     value = loss.item()
-                    sums[:2] += torch.tensor([value * len(micro),
-                                              (logits.argmax(1) == y[micro]).sum().item()],
-                                             dtype=torch.float64)
+                    sums[:2] += torch.tensor(
+                        [value * len(micro), (logits.argmax(1) == y[micro]).sum().item()],
+                        dtype=torch.float64,
+                    )
             else:
                 loss, logits = train_step(x, y, epoch * steps_per_epoch + i)
                 value = loss.item()
-                sums[:2] += torch.tensor([value * len(idx),
-                                          (logits.argmax(1) == y).sum().item()],
-                                         dtype=torch.float64)
+                sums[:2] += torch.tensor(
+                    [value * len(idx), (logits.argmax(1) == y).sum().item()], dtype=torch.float64
+                )
             sums[2] += len(idx)
             sums[3] += not math.isfinite(value)  # of the last micro-batch with DeepSpeed
             if i % 20 == 0:
@@ -358,12 +474,17 @@ def main(argv: list[str] | None = None) -> float:
         engine.sum_(sums)  # every rank then takes the same decision below
         if sums[4] or sums[3] == world * steps_per_epoch:
             # Later gradients would all be NaN too (SENG would skip every step): stop now.
-            raise SystemExit(f"training diverged in epoch {epoch + 1}: " + (
-                "the parameters or BatchNorm statistics are not finite" if sums[4] else
-                "every batch had a non-finite loss") + "; lower --lr or raise --damping")
+            raise SystemExit(
+                f"training diverged in epoch {epoch + 1}: "
+                + (
+                    "the parameters or BatchNorm statistics are not finite"
+                    if sums[4]
+                    else "every batch had a non-finite loss"
+                )
+                + "; lower --lr or raise --damping"
+            )
         record(epoch, steps_per_epoch - 1, sums, epoch_time)
-        client = {"epoch": epoch + 1, "history": history, "time": train_time,
-                  "args": vars(args)}
+        client = {"epoch": epoch + 1, "history": history, "time": train_time, "args": vars(args)}
         if args.checkpoint and ds_engine is not None:
             ds_engine.save_checkpoint(args.checkpoint, client_state=client)
         elif args.checkpoint:
@@ -376,8 +497,10 @@ def main(argv: list[str] | None = None) -> float:
     if rank == 0 and args.plot:
         plot_runs({label: history}, args.plot)
     if rank == 0:
-        print(f"test accuracy: {test_acc:.4f} ({args.optimizer}, {args.model}, {args.epochs} "
-              f"epoch(s), {world} rank(s))")
+        print(
+            f"test accuracy: {test_acc:.4f} ({args.optimizer}, {args.model}, {args.epochs} "
+            f"epoch(s), {world} rank(s))"
+        )
     engine.finish()
     return test_acc
 

@@ -9,7 +9,16 @@ from .kinds import supported_layer_types
 from .optimizer import SENG
 from .warn import SENGDeprecationWarning, SENGWarning
 
-__all__ = ["SENG", "SENGConfig", "SketchConfig", "DistributedConfig", "DiagonalConfig",
-           "SENGWarning", "SENGDeprecationWarning", "schedules", "solver",
-           "supported_layer_types"]
+__all__ = [
+    "SENG",
+    "SENGConfig",
+    "SketchConfig",
+    "DistributedConfig",
+    "DiagonalConfig",
+    "SENGWarning",
+    "SENGDeprecationWarning",
+    "schedules",
+    "solver",
+    "supported_layer_types",
+]
 __version__ = "0.3.0.dev0"

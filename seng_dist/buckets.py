@@ -35,8 +35,7 @@ def first_positions(units: Sequence[Sequence[Tensor]], order: Sequence[Tensor]) 
     """Each unit's earliest parameter position in ``order`` (``len(order)`` for a unit with
     none in it): backward makes gradients ready roughly in reverse of this."""
     index = {id(p): i for i, p in enumerate(order)}
-    return [min((index.get(id(p), len(index)) for p in unit), default=len(index))
-            for unit in units]
+    return [min((index.get(id(p), len(index)) for p in unit), default=len(index)) for unit in units]
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,9 @@ class BucketPlan:
         return cls((tuple(range(units)),))
 
     @classmethod
-    def build(cls, sizes: Sequence[int], order: Sequence[int], cap: int,
-              last_cap: int = LAST_BUCKET_BYTES) -> BucketPlan:
+    def build(
+        cls, sizes: Sequence[int], order: Sequence[int], cap: int, last_cap: int = LAST_BUCKET_BYTES
+    ) -> BucketPlan:
         """Buckets of about ``cap`` bytes over the units in ``order`` (the order backward
         makes their gradients ready); the last bucket takes the trailing units up to
         ``min(last_cap, cap)`` bytes (at least one unit). ``sizes`` are the units' payload
@@ -92,8 +92,15 @@ class Buckets:
         comm_dtype: the buffer dtype (None: the tensors' own).
     """
 
-    def __init__(self, plan: BucketPlan, params: Sequence[Sequence[Tensor]],
-                 comm: Communicator, *, name: str, comm_dtype: torch.dtype | None) -> None:
+    def __init__(
+        self,
+        plan: BucketPlan,
+        params: Sequence[Sequence[Tensor]],
+        comm: Communicator,
+        *,
+        name: str,
+        comm_dtype: torch.dtype | None,
+    ) -> None:
         self.plan = plan
         self.comm = comm
         self.name = name
@@ -143,8 +150,11 @@ class Buckets:
         tensors = [t for unit in payloads for t in unit]
         if flags is not None:
             tensors.append(flags)
-        self._pending.append(self.comm.allreduce_mean_async_(
-            tensors, name=f"{self.name}/b{j}", comm_dtype=self.comm_dtype))
+        self._pending.append(
+            self.comm.allreduce_mean_async_(
+                tensors, name=f"{self.name}/b{j}", comm_dtype=self.comm_dtype
+            )
+        )
         self._payloads.update(zip(units, payloads, strict=True))
         self._next = j + 1
 

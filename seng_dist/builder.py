@@ -44,13 +44,20 @@ class CurvatureBuilder:
         rank: this process's rank, for messages.
     """
 
-    def __init__(self, passes: BackwardPasses, blocks: list[Block], config: SENGConfig,
-                 state: ParamState, rank: int = 0) -> None:
+    def __init__(
+        self,
+        passes: BackwardPasses,
+        blocks: list[Block],
+        config: SENGConfig,
+        state: ParamState,
+        rank: int = 0,
+    ) -> None:
         self.config = config
         self.rank = rank
         self.generator = torch.Generator().manual_seed(config.seed)
         self.curvatures: list[BlockCurvature] = [
-            make_curvature(b, state, config.sketch, self.generator) for b in blocks]
+            make_curvature(b, state, config.sketch, self.generator) for b in blocks
+        ]
         #: the hooks that record each block's inputs and output gradients
         self.capture = Capture(blocks, passes)
         self.passes = passes
@@ -90,8 +97,9 @@ class CurvatureBuilder:
         self._rebuild_next = True
         self.capture.arm(self.config.curvature_batch_size)
 
-    def refresh(self, loss_scale: float = 1.0,
-                whitening: Callable[[Tensor], Tensor | None] | None = None) -> Rebuilt:
+    def refresh(
+        self, loss_scale: float = 1.0, whitening: Callable[[Tensor], Tensor | None] | None = None
+    ) -> Rebuilt:
         """On a curvature step (hooks armed), rebuild every block that was called with
         gradients from the captured pass, then disarm; otherwise do nothing.
 
@@ -119,18 +127,21 @@ class CurvatureBuilder:
     def _check_batch_sizes(self) -> None:
         """Every block of one forward saw the same batch: else a layer's batch dimension was
         misread (a sequence-first model), which would silently take time steps for samples."""
-        sizes = {b.name: rec.batch_sizes for b, rec in self.capture.records.items()
-                 if rec.complete()}
+        sizes = {
+            b.name: rec.batch_sizes for b, rec in self.capture.records.items() if rec.complete()
+        }
         if len(set().union(*sizes.values())) > 1:
-            listed = ", ".join(f"{name!r}: {', '.join(map(str, sorted(n)))}"
-                               for name, n in sizes.items())
+            listed = ", ".join(
+                f"{name!r}: {', '.join(map(str, sorted(n)))}" for name, n in sizes.items()
+            )
             raise ValueError(
                 f"SENG: on rank {self.rank} the preconditioned layers saw different batch "
                 f"sizes in one forward ({listed}). A layer whose input has the batch second "
                 "(a sequence-first model, as nn.Transformer* modules with batch_first=False) "
                 "needs batch_first=False in SENG's settings, unless a module around it "
                 "declares batch_first; a layer that really sees another batch can be named in "
-                "skip_layers")
+                "skip_layers"
+            )
 
     def _per_sample(self, block: Block, loss_scale: float) -> PerSample | None:
         """``block``'s captured calls and their scale, or None if it was not called with
@@ -139,10 +150,12 @@ class CurvatureBuilder:
         if rec is None or not rec.complete():
             return None
         if 0 in rec.batch_sizes:
-            raise ValueError(f"SENG: the local batch on rank {self.rank} is empty on a "
-                             f"curvature step (layer {block.name!r}); every rank needs at least "
-                             "one sample per step (drop_last=True in the DataLoader or "
-                             "DistributedSampler)")
+            raise ValueError(
+                f"SENG: the local batch on rank {self.rank} is empty on a "
+                f"curvature step (layer {block.name!r}); every rank needs at least "
+                "one sample per step (drop_last=True in the DataLoader or "
+                "DistributedSampler)"
+            )
         # The captured gradients are those of loss/accumulation over the last micro-batch: the
         # accumulation is the passes SENG saw (told or not), or the setting's when gradients
         # came without a backward pass it saw.

@@ -60,9 +60,11 @@ class Record:
 
     def calls(self) -> list[CapturedCall]:
         """The calls that got their output gradient."""
-        return [CapturedCall(x, g, r)
-                for x, g, r in zip(self.inputs, self.grads, self.rows, strict=True)
-                if g is not None]
+        return [
+            CapturedCall(x, g, r)
+            for x, g, r in zip(self.inputs, self.grads, self.rows, strict=True)
+            if g is not None
+        ]
 
     @property
     def batch_sizes(self) -> set[int]:
@@ -93,8 +95,7 @@ class Capture:
         attention: dict[nn.Module, list[Block]] = {}
         for block in self.blocks:
             if block.via is None:
-                self._handles.append(block.module.register_forward_hook(
-                    self._forward_hook(block)))
+                self._handles.append(block.module.register_forward_hook(self._forward_hook(block)))
             else:
                 attention.setdefault(block.via, []).append(block)
         for module, blocks in attention.items():
@@ -109,8 +110,14 @@ class Capture:
         self._handles.clear()
         self.records.clear()
 
-    def record(self, block: Block, x: Tensor, output: Tensor, to_batch_first: BatchFirst,
-               rows: slice | None = None) -> None:
+    def record(
+        self,
+        block: Block,
+        x: Tensor,
+        output: Tensor,
+        to_batch_first: BatchFirst,
+        rows: slice | None = None,
+    ) -> None:
         """Keep one call of ``block``: its input ``x`` and, once backward reaches it, the
         gradient of ``output``; ``to_batch_first`` puts the batch first in both."""
         if self._epoch != self.passes.completed:  # a pass ended: a new micro-batch
@@ -138,8 +145,8 @@ class Capture:
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             # A deep copy of the model (a reference, an EMA copy) carries this hook along.
             if module is not block.module or not (
-                    torch.is_grad_enabled() and isinstance(output, Tensor)
-                    and output.requires_grad):
+                torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad
+            ):
                 return
             self.record(block, inputs[0], output, to_batch_first)
 
@@ -161,8 +168,11 @@ class _AttentionTap:
         # Inside multi_head_attention_forward the projections' inputs are (L, N, E) and
         # out_proj's is (L·N, E), whatever the module's batch_first.
         batched = query.dim() == 3
-        n = (query.shape[0] if getattr(module, "batch_first", False) else query.shape[1]) \
-            if batched else 1
+        n = (
+            (query.shape[0] if getattr(module, "batch_first", False) else query.shape[1])
+            if batched
+            else 1
+        )
 
         def to_batch_first(t: Tensor) -> Tensor:
             if t.dim() == 2:
@@ -202,8 +212,9 @@ def _rows_of(w: Tensor, param: Tensor) -> tuple[bool, slice | None]:
             return False, None
     except (NotImplementedError, RuntimeError):  # no storage (a functorch or fake tensor)
         return False, None
-    start, rest = divmod(int(w.storage_offset()) - int(param.storage_offset()),
-                         int(param.stride(0)))
+    start, rest = divmod(
+        int(w.storage_offset()) - int(param.storage_offset()), int(param.stride(0))
+    )
     return rest == 0, slice(start, start + w.shape[0])
 
 

@@ -53,24 +53,30 @@ class StateCodec:
     (all-ranks checkpoints) every rank's curvature under ``"seng"``; on load, the checks and
     each block's curvature back to its object."""
 
-    def __init__(self, config: SENGConfig, blocks: list[Block], builder: CurvatureBuilder,
-                 comm: Communicator) -> None:
+    def __init__(
+        self, config: SENGConfig, blocks: list[Block], builder: CurvatureBuilder, comm: Communicator
+    ) -> None:
         self.config, self.blocks, self.builder, self.comm = config, blocks, builder, comm
 
-    def pack(self, sd: dict[str, Any], counters: Counters, indexed: Indexed,
-             all_ranks: bool) -> dict[str, Any]:
+    def pack(
+        self, sd: dict[str, Any], counters: Counters, indexed: Indexed, all_ranks: bool
+    ) -> dict[str, Any]:
         """torch's ``state_dict`` with SENG's entry added (a collective when ``all_ranks``)."""
-        extra = dict(asdict(counters), rng=self.builder.generator.get_state(),
-                     config=self.config.fingerprint(), blocks=block_signature(self.blocks),
-                     saved_by_rank=self.comm.rank, saved_world_size=self.comm.world_size)
+        extra = dict(
+            asdict(counters),
+            rng=self.builder.generator.get_state(),
+            config=self.config.fingerprint(),
+            blocks=block_signature(self.blocks),
+            saved_by_rank=self.comm.rank,
+            saved_world_size=self.comm.world_size,
+        )
         if all_ranks and self.comm.world_size > 1:
             sd["state"], mine = split_curvature(sd["state"], indexed)
             extra["curvature_by_rank"] = self.comm.allgather_object(mine, name="seng.state_dict")
         sd["seng"] = extra
         return sd
 
-    def unpack(self, state_dict: dict[str, Any], indexed: Indexed
-               ) -> tuple[dict[str, Any], Saved]:
+    def unpack(self, state_dict: dict[str, Any], indexed: Indexed) -> tuple[dict[str, Any], Saved]:
         """The part for torch's ``load_state_dict`` (no curvature: the curvature objects load
         their own tensors, since torch would cast the sketches' integer row indices to the
         parameters' dtype) and what :meth:`restore` needs; checks the checkpoint first."""
@@ -102,19 +108,23 @@ class StateCodec:
         self.builder.generator.set_state(saved.extra["rng"])
         by_rank = saved.extra.get("curvature_by_rank")
         if by_rank is not None and len(by_rank) != self.comm.world_size:
-            warn(f"SENG: the checkpoint holds the curvature of {len(by_rank)} ranks and this "
-                 f"job has {self.comm.world_size}; every rank rebuilds its curvature at the "
-                 "next step")
+            warn(
+                f"SENG: the checkpoint holds the curvature of {len(by_rank)} ranks and this "
+                f"job has {self.comm.world_size}; every rank rebuilds its curvature at the "
+                "next step"
+            )
             self.builder.drop()
         elif by_rank is None and self._another_ranks(saved):
             rank = self.comm.rank
-            warn(f"SENG: this state_dict holds the curvature of rank "
-                 f"{saved.extra['saved_by_rank']} of a {saved.extra['saved_world_size']}-rank "
-                 f"job, loaded on rank {rank} of {self.comm.world_size}. Each rank's curvature "
-                 f"comes from its own batch, so rank {rank} drops it and rebuilds its own at "
-                 "the next step. To resume every rank exactly, load on each rank the "
-                 "state_dict() that rank saved, or set opt.state_dict_all_ranks = True before "
-                 "saving (one checkpoint then holds every rank's curvature)")
+            warn(
+                f"SENG: this state_dict holds the curvature of rank "
+                f"{saved.extra['saved_by_rank']} of a {saved.extra['saved_world_size']}-rank "
+                f"job, loaded on rank {rank} of {self.comm.world_size}. Each rank's curvature "
+                f"comes from its own batch, so rank {rank} drops it and rebuilds its own at "
+                "the next step. To resume every rank exactly, load on each rank the "
+                "state_dict() that rank saved, or set opt.state_dict_all_ranks = True before "
+                "saving (one checkpoint then holds every rank's curvature)"
+            )
             self.builder.drop()
         return Counters.from_dict(saved.extra)
 
@@ -122,8 +132,12 @@ class StateCodec:
         """Whether ``saved`` holds one rank's curvature and that rank is not this one, in a
         multi-rank job (a checkpoint from before the writer was recorded: unknown, kept)."""
         writer = saved.extra.get("saved_by_rank")
-        return (self.comm.world_size > 1 and writer is not None and writer != self.comm.rank
-                and any(saved.curvature.values()))
+        return (
+            self.comm.world_size > 1
+            and writer is not None
+            and writer != self.comm.rank
+            and any(saved.curvature.values())
+        )
 
 
 def block_signature(blocks: list[Block]) -> list[tuple[str, int, int, str]]:
@@ -145,8 +159,10 @@ def check_compatible(saved: dict[str, Any], config: SENGConfig, blocks: list[Blo
     written = {**SENGConfig().fingerprint(), **saved_names(saved["config"])}
     diff = [k for k in SENGConfig.curvature_settings() if written.get(k) != here[k]]
     if diff:
-        raise ValueError("state_dict was saved with other SENG settings: " + ", ".join(
-            f"{k}={written.get(k)!r} (here {here[k]!r})" for k in diff))
+        raise ValueError(
+            "state_dict was saved with other SENG settings: "
+            + ", ".join(f"{k}={written.get(k)!r} (here {here[k]!r})" for k in diff)
+        )
     if saved["blocks"] != mine:
         _another_model(saved["blocks"], mine)
 
@@ -155,16 +171,26 @@ def _another_model(then: list[Any], mine: list[tuple[str, int, int, str]]) -> No
     names = {s[0] for s in then}
     extra = [s[0] for s in mine if s[0] not in names]
     # e.g. BatchNorm, which releases up to 0.2.0 left to the fallback rule
-    hint = (f"; layers {extra} are preconditioned here but were not when it was saved: "
-            f"build SENG with skip_layers={extra} to resume it as saved"
-            if [s for s in mine if s[0] in names] == then else "")
-    raise ValueError("state_dict was saved for another model: its preconditioned "
-                     f"layers {then} differ from this model's {mine}{hint}")
+    hint = (
+        f"; layers {extra} are preconditioned here but were not when it was saved: "
+        f"build SENG with skip_layers={extra} to resume it as saved"
+        if [s for s in mine if s[0] in names] == then
+        else ""
+    )
+    raise ValueError(
+        "state_dict was saved for another model: its preconditioned "
+        f"layers {then} differ from this model's {mine}{hint}"
+    )
 
 
-def structure_settings(config: SENGConfig, comm: Communicator, grads_averaged: bool,
-                       model: nn.Module, blocks: list[Block], groups: list[dict[str, Any]]
-                       ) -> dict[str, str]:
+def structure_settings(
+    config: SENGConfig,
+    comm: Communicator,
+    grads_averaged: bool,
+    model: nn.Module,
+    blocks: list[Block],
+    groups: list[dict[str, Any]],
+) -> dict[str, str]:
     """What every rank must agree on: settings, engine, model structure and param groups."""
     out = {f"setting {k}": repr(v) for k, v in config.fingerprint().items()}
     out["engine"] = comm.name
@@ -172,8 +198,11 @@ def structure_settings(config: SENGConfig, comm: Communicator, grads_averaged: b
     out["number of preconditioned layers"] = repr(len(blocks))
     for i, b in enumerate(blocks):
         out[f"preconditioned layer {i}"] = f"{b.name} ({b.n_G}x{b.n_A}, {b.path})"
-    shapes = [(module_name(n), tuple(p.shape), str(p.dtype))
-              for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [
+        (module_name(n), tuple(p.shape), str(p.dtype))
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    ]
     out["number of trainable parameters"] = repr(len(shapes))
     for i, s in enumerate(shapes):
         out[f"trainable parameter {i}"] = repr(s)
@@ -181,17 +210,16 @@ def structure_settings(config: SENGConfig, comm: Communicator, grads_averaged: b
     out["number of param groups"] = repr(len(groups))
     for i, g in enumerate(groups):
         values = {k: v for k, v in g.items() if k != "params"}
-        params = [names.get(id(p), f"<outside the model: {tuple(p.shape)}>")
-                  for p in g["params"]]
+        params = [names.get(id(p), f"<outside the model: {tuple(p.shape)}>") for p in g["params"]]
         out[f"param group {i}"] = f"{values} {params}"
     return out
 
 
-def split_curvature(state: dict[int, dict[str, Any]], indexed: Indexed
-                    ) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Tensor]]]:
+def split_curvature(
+    state: dict[int, dict[str, Any]], indexed: Indexed
+) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Tensor]]]:
     """A ``state_dict``'s per-parameter state split into the rest (new dicts) and, per block
     weight index in ``indexed``, the curvature tensors its path keeps."""
     rest = {i: dict(st) for i, st in state.items()}
-    curvature = {i: {k: rest[i].pop(k) for k in c.KEYS if k in rest.get(i, {})}
-                 for i, c in indexed}
+    curvature = {i: {k: rest[i].pop(k) for k in c.KEYS if k in rest.get(i, {})} for i, c in indexed}
     return rest, curvature

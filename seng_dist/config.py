@@ -109,15 +109,19 @@ class Range:
     def check(self, name: str, value: Any, step: int | None = None) -> None:
         """Raise ``ValueError`` naming ``name`` (and the step, for a schedule's value at a
         step) if ``value`` is out of range."""
+
         def fail(requirement: str) -> None:
             if step is None:
                 raise ValueError(f"{name} must be {requirement}, got {value!r}")
-            raise ValueError(f"{name} schedule returned {value!r} at step {step}; it must be "
-                             f"{requirement}")
+            raise ValueError(
+                f"{name} schedule returned {value!r} at step {step}; it must be {requirement}"
+            )
 
         if not _is_number(value) or (self.integer and not isinstance(value, int)):
-            fail(f"{'an int' if self.integer else 'a number'} or a callable of the step "
-                 "returning one")
+            fail(
+                f"{'an int' if self.integer else 'a number'} or a callable of the step "
+                "returning one"
+            )
         if not math.isfinite(value):
             fail("finite")
         if self.positive and value <= 0:
@@ -139,9 +143,11 @@ class Range:
         except TypeError:
             if _takes_the_step(value):
                 raise  # the schedule's own error, raised inside it
-            raise ValueError(f"{name} must be a number or a callable of the step (called as "
-                             f"{name}(step), with the 0-based step), got {value!r}, which does "
-                             "not take one argument") from None
+            raise ValueError(
+                f"{name} must be a number or a callable of the step (called as "
+                f"{name}(step), with the 0-based step), got {value!r}, which does "
+                "not take one argument"
+            ) from None
         self.check(name, out, step)
         return out
 
@@ -158,11 +164,17 @@ def _takes_the_step(schedule: Callable[..., Any]) -> bool:
     return True
 
 
-def setting(default: Any, *, schedule: Range | None = None, group: Range | None = None,
-            curvature: bool = False) -> Any:
+def setting(
+    default: Any,
+    *,
+    schedule: Range | None = None,
+    group: Range | None = None,
+    curvature: bool = False,
+) -> Any:
     """A config field with its metadata (see the module docstring)."""
-    return field(default=default, metadata={"schedule": schedule, "group": group,
-                                             "curvature": curvature})
+    return field(
+        default=default, metadata={"schedule": schedule, "group": group, "curvature": curvature}
+    )
 
 
 def resolve(config: SENGConfig, name: str, step: int) -> Any:
@@ -227,10 +239,15 @@ class SketchConfig:
     uc: str = setting("exact")
 
     def __post_init__(self) -> None:
-        if isinstance(self.explicit_threshold, bool) or not isinstance(
-                self.explicit_threshold, int) or self.explicit_threshold < 0:
-            raise ValueError("explicit_threshold must be an int >= 0 (0 sends every layer to "
-                             f"the implicit path), got {self.explicit_threshold!r}")
+        if (
+            isinstance(self.explicit_threshold, bool)
+            or not isinstance(self.explicit_threshold, int)
+            or self.explicit_threshold < 0
+        ):
+            raise ValueError(
+                "explicit_threshold must be an int >= 0 (0 sends every layer to "
+                f"the implicit path), got {self.explicit_threshold!r}"
+            )
         _check_optional_int("sketch_size", self.sketch_size)
         _check_choice("sketch_method", self.sketch_method, SKETCH_METHODS)
         _check_bool("sketch_replacement", self.sketch_replacement)
@@ -247,7 +264,8 @@ class SketchConfig:
                 f"sketch_size must be None or smaller than explicit_threshold "
                 f"({self.explicit_threshold}): explicit blocks have fewer than "
                 f"explicit_threshold rows, so a sketch of {self.sketch_size} rows never "
-                f"sketches anything")
+                f"sketches anything"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -279,9 +297,11 @@ class DistributedConfig:
             dtype = next((k for k, v in COMM_DTYPES.items() if v == dtype), str(dtype))
             object.__setattr__(self, "comm_dtype", dtype)
         if dtype is not None and dtype not in COMM_DTYPE_NAMES:
-            raise ValueError("comm_dtype must be None (the gradients' dtype) or one of "
-                             f"{', '.join(map(repr, COMM_DTYPE_NAMES))} (or the torch dtype), "
-                             f"got {dtype!r}")
+            raise ValueError(
+                "comm_dtype must be None (the gradients' dtype) or one of "
+                f"{', '.join(map(repr, COMM_DTYPE_NAMES))} (or the torch dtype), "
+                f"got {dtype!r}"
+            )
 
     @property
     def buffer_dtype(self) -> torch.dtype | None:
@@ -336,7 +356,8 @@ class SENGConfig:
     decoupled_weight_decay: bool = setting(False)
     #: ``T``: the curvature is rebuilt on steps ``k % T == 0`` (scheduled, int)
     curvature_update_interval: IntSchedule = setting(
-        200, schedule=Range(positive=True, integer=True))
+        200, schedule=Range(positive=True, integer=True)
+    )
     #: ``ϱ``: the first ϱ samples of the local batch build ``U`` (None: the whole batch)
     curvature_batch_size: int | None = setting(32)
     #: ``"mean"`` or ``"sum"``: the reduction of the loss whose gradient the user computes
@@ -368,22 +389,29 @@ class SENGConfig:
             _check_bool(name, getattr(self, name))
         _check_optional_int("curvature_batch_size", self.curvature_batch_size)
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
-        _check_int_in("gradient_accumulation_steps", self.gradient_accumulation_steps, 1,
-                      MAX_ACCUMULATION_STEPS)
+        _check_int_in(
+            "gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+            1,
+            MAX_ACCUMULATION_STEPS,
+        )
         if self.max_grad_norm is not None:
             _POSITIVE.check("max_grad_norm", self.max_grad_norm)
         _check_int_in("seed", self.seed, 0, SEED_LIMIT - 1)
         object.__setattr__(self, "skip_layers", _as_skip_tuple(self.skip_layers))
         for s in self.skip_layers:
             if not isinstance(s, (str, type)):
-                raise ValueError("skip_layers must hold module names (str) or module classes, "
-                                 f"got {s!r}")
+                raise ValueError(
+                    f"skip_layers must hold module names (str) or module classes, got {s!r}"
+                )
             if s == "":
                 # '' is the name of the model itself, which owns no parameter of its own
                 # unless it is one layer: it would leave out nothing, silently.
-                raise ValueError("skip_layers holds an empty module name ''; name the modules "
-                                 "as model.named_modules() does (e.g. 'head' or "
-                                 "'encoder.layers.0'), or give a module class")
+                raise ValueError(
+                    "skip_layers holds an empty module name ''; name the modules "
+                    "as model.named_modules() does (e.g. 'head' or "
+                    "'encoder.layers.0'), or give a module class"
+                )
 
     # ------------------------------------------------------------------ flat settings
     @classmethod
@@ -403,8 +431,10 @@ class SENGConfig:
         owners = {f.name: owner for f, owner in _leaf_fields(type(self))}
         unknown = sorted(set(settings) - set(owners))
         if unknown:
-            raise ValueError(f"unknown SENG setting(s) {', '.join(unknown)}; valid settings "
-                             f"are {', '.join(owners)}")
+            raise ValueError(
+                f"unknown SENG setting(s) {', '.join(unknown)}; valid settings "
+                f"are {', '.join(owners)}"
+            )
         nested: dict[str, dict[str, Any]] = {}
         top = {}
         for name, value in settings.items():
@@ -421,13 +451,16 @@ class SENGConfig:
 
     def flat(self) -> dict[str, Any]:
         """Every setting by its flat name."""
-        return {f.name: getattr(getattr(self, owner) if owner else self, f.name)
-                for f, owner in _leaf_fields(type(self))}
+        return {
+            f.name: getattr(getattr(self, owner) if owner else self, f.name)
+            for f, owner in _leaf_fields(type(self))
+        }
 
     def fingerprint(self) -> dict[str, Any]:
         """:meth:`flat` with schedules represented by their kind (a callable cannot be
         compared), classes by name and choices by their string (a checkpoint loads with
         ``weights_only=True``): for checkpoints and the ranks' agreement check."""
+
         def show(value: Any) -> Any:
             if isinstance(value, tuple):
                 return [show(v) for v in value]
@@ -436,6 +469,7 @@ class SENGConfig:
             if isinstance(value, type):
                 return f"<class {value.__qualname__}>"
             return "<callable>" if callable(value) else value
+
         return {k: show(v) for k, v in self.flat().items()}
 
     @classmethod
@@ -454,11 +488,15 @@ def current_names(settings: Mapping[str, Any]) -> dict[str, Any]:
         if old not in out:
             continue
         if new in out:
-            raise ValueError(f"SENG settings {old!r} and {new!r} were both given: {old!r} is "
-                             f"the old name of {new!r}; give {new!r} only")
-        warn(f"SENG: the setting {old!r} was renamed {new!r}; {old}={out[old]!r} was taken "
-             f"as {new}={out[old]!r}. The old name will be removed in a future release",
-             SENGDeprecationWarning)
+            raise ValueError(
+                f"SENG settings {old!r} and {new!r} were both given: {old!r} is "
+                f"the old name of {new!r}; give {new!r} only"
+            )
+        warn(
+            f"SENG: the setting {old!r} was renamed {new!r}; {old}={out[old]!r} was taken "
+            f"as {new}={out[old]!r}. The old name will be removed in a future release",
+            SENGDeprecationWarning,
+        )
         out[new] = out.pop(old)
     return out
 
@@ -476,8 +514,10 @@ def _as_skip_tuple(value: Any) -> tuple[Any, ...]:
     try:
         return tuple(value)
     except TypeError:
-        raise ValueError("skip_layers must be a module name (str), a module class, or an "
-                         f"iterable of them, got {value!r}") from None
+        raise ValueError(
+            "skip_layers must be a module name (str), a module class, or an "
+            f"iterable of them, got {value!r}"
+        ) from None
 
 
 def _nested(f: Field) -> type | None:
@@ -496,10 +536,14 @@ def _leaf_fields(cls: type) -> list[tuple[Field, str]]:
 
 
 #: the scheduled settings and their ranges
-_SCHEDULES: dict[str, Range] = {f.name: f.metadata["schedule"] for f in fields(SENGConfig)
-                                if f.metadata.get("schedule") is not None}
+_SCHEDULES: dict[str, Range] = {
+    f.name: f.metadata["schedule"]
+    for f in fields(SENGConfig)
+    if f.metadata.get("schedule") is not None
+}
 
 #: the settings kept in each ``param_groups`` entry (``torch.optim.lr_scheduler`` and friends
 #: see them), and the values a group may give them
-GROUP_SETTINGS: dict[str, Range] = {f.name: f.metadata["group"] for f in fields(SENGConfig)
-                                    if f.metadata.get("group") is not None}
+GROUP_SETTINGS: dict[str, Range] = {
+    f.name: f.metadata["group"] for f in fields(SENGConfig) if f.metadata.get("group") is not None
+}

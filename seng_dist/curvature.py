@@ -40,8 +40,9 @@ class BlockCurvature(ABC):
     #: names of the state tensors it keeps (``"K"``, the Gram matrix, is always one)
     KEYS: ClassVar[tuple[str, ...]]
 
-    def __init__(self, block: Block, state: ParamState, settings: SketchConfig,
-                 generator: torch.Generator) -> None:
+    def __init__(
+        self, block: Block, state: ParamState, settings: SketchConfig, generator: torch.Generator
+    ) -> None:
         self.block = block
         self.settings = settings
         self._param_state = state
@@ -98,15 +99,22 @@ class BlockCurvature(ABC):
         stay integers), all on the parameter's device."""
         unknown = sorted(set(entries) - set(self.KEYS))
         if unknown:
-            raise ValueError(f"curvature state of layer {self.block.name!r} has entries "
-                             f"{unknown} that the {self.PATH} path does not keep")
+            raise ValueError(
+                f"curvature state of layer {self.block.name!r} has entries "
+                f"{unknown} that the {self.PATH} path does not keep"
+            )
         self.clear()
         w = self.block.weight
         dtypes = {_GRAM: solver.gram_dtype(w.dtype)}
         if entries:
-            self._param_state[w].update({k: v.to(w.device, dtypes.get(k, w.dtype))
-                                    if v.is_floating_point() else v.to(w.device)
-                                    for k, v in entries.items()})
+            self._param_state[w].update(
+                {
+                    k: v.to(w.device, dtypes.get(k, w.dtype))
+                    if v.is_floating_point()
+                    else v.to(w.device)
+                    for k, v in entries.items()
+                }
+            )
 
     def clear(self) -> None:
         """Forget the curvature (and the cached inverse)."""
@@ -135,12 +143,16 @@ class BlockCurvature(ABC):
             try:
                 inverse = solver.damped_inverse(K, damping)
             except ValueError as e:
-                raise ValueError(f"SENG: layer {self.block.name!r} cannot be preconditioned at "
-                                 f"damping {damping:g}: {e}") from e
+                raise ValueError(
+                    f"SENG: layer {self.block.name!r} cannot be preconditioned at "
+                    f"damping {damping:g}: {e}"
+                ) from e
             except torch.linalg.LinAlgError as e:
-                raise RuntimeError(f"SENG: layer {self.block.name!r} cannot be preconditioned "
-                                   f"at damping {damping:g}: the eigendecomposition of its "
-                                   f"Gram matrix K failed ({e})") from e
+                raise RuntimeError(
+                    f"SENG: layer {self.block.name!r} cannot be preconditioned "
+                    f"at damping {damping:g}: the eigendecomposition of its "
+                    f"Gram matrix K failed ({e})"
+                ) from e
             self._warn_small_damping(K, damping)
             self._inverse = (damping, inverse)
         return self._inverse[1]
@@ -155,19 +167,22 @@ class BlockCurvature(ABC):
             return
         self._warned_damping = True
         trace = float(K.diagonal().sum())
-        warn(f"SENG: damping {damping:g} is below the rounding level of layer "
-             f"{self.block.name!r}'s curvature ({str(K.dtype).removeprefix('torch.')} "
-             f"ε·tr(K) = {level:.2g}): K's eigenvalues under it are rounding noise, and the "
-             f"step outside the span of its ϱ samples is the (whitened) gradient times "
-             f"1/λ = {1 / damping:.2g}. Use a damping between {level:.2g} and "
-             f"tr(K) = {trace:.2g}, with lr scaled alike")
+        warn(
+            f"SENG: damping {damping:g} is below the rounding level of layer "
+            f"{self.block.name!r}'s curvature ({str(K.dtype).removeprefix('torch.')} "
+            f"ε·tr(K) = {level:.2g}): K's eigenvalues under it are rounding noise, and the "
+            f"step outside the span of its ϱ samples is the (whitened) gradient times "
+            f"1/λ = {1 / damping:.2g}. Use a damping between {level:.2g} and "
+            f"tr(K) = {trace:.2g}, with lr scaled alike"
+        )
 
     def _sketch(self, M: Tensor, q: int | None) -> Any:
         """Draw a row sketch of the columns of ``M`` (``None``: no sketch is needed)."""
         s = self.settings
         weights = M.pow(2).sum(0) if s.sketch_method == "leverage" else None
-        return solver.sample_rows(M.shape[1], q, s.sketch_method, s.sketch_replacement,
-                                  self._generator, weights, M.device)
+        return solver.sample_rows(
+            M.shape[1], q, s.sketch_method, s.sketch_replacement, self._generator, weights, M.device
+        )
 
 
 class ExplicitCurvature(BlockCurvature):
@@ -228,8 +243,7 @@ class ImplicitCurvature(BlockCurvature):
         if whitening is not None:
             w_G, w_A = solver.factored_whitening(whitening)
             G_hat, A_hat = G_hat * w_G, A_hat * w_A
-        G, A = solver.low_rank_factors(G_hat, A_hat, self.settings.factor_rank,
-                                         self._generator)
+        G, A = solver.low_rank_factors(G_hat, A_hat, self.settings.factor_rank, self._generator)
         Gf = G.reshape(-1, G.shape[2]).contiguous()
         Af = A.reshape(-1, A.shape[2]).contiguous()
         out = {"Gf": Gf, "Af": Af}
@@ -248,9 +262,17 @@ class ImplicitCurvature(BlockCurvature):
         st = self._state
         Gf, Af = st["Gf"], st["Af"]
         r = Gf.shape[0] // st[_GRAM].shape[0]
-        c = solver.apply_inverse(inverse, solver.implicit_utz(
-            st.get("YG", Gf), st.get("YA", Af), z, r, st.get("sketch_g_idx"),
-            st.get("sketch_a_idx")))
+        c = solver.apply_inverse(
+            inverse,
+            solver.implicit_utz(
+                st.get("YG", Gf),
+                st.get("YA", Af),
+                z,
+                r,
+                st.get("sketch_g_idx"),
+                st.get("sketch_a_idx"),
+            ),
+        )
         if self.settings.uc == "exact":
             return [solver.implicit_uc_exact(Gf, Af, c, r)]
         gc, ac = solver.partial_factors(Gf, Af, c, r)
@@ -263,10 +285,12 @@ class ImplicitCurvature(BlockCurvature):
 
 #: the curvature class of each path
 CURVATURE_CLASSES: dict[str, type[BlockCurvature]] = {
-    cls.PATH: cls for cls in (ExplicitCurvature, ImplicitCurvature)}
+    cls.PATH: cls for cls in (ExplicitCurvature, ImplicitCurvature)
+}
 
 
-def make_curvature(block: Block, state: ParamState, settings: SketchConfig,
-                   generator: torch.Generator) -> BlockCurvature:
+def make_curvature(
+    block: Block, state: ParamState, settings: SketchConfig, generator: torch.Generator
+) -> BlockCurvature:
     """The curvature object for ``block``'s path."""
     return CURVATURE_CLASSES[block.path](block, state, settings, generator)

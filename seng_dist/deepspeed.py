@@ -63,33 +63,43 @@ def seng_params(cfg: dict) -> dict | None:
     params = current_names(section.get("params") or {})
     unknown = sorted(set(params) - set(SENG_PARAMS))
     if unknown:
-        raise ValueError(f"ds_config optimizer SENG: unknown params {unknown}; valid params "
-                         f"are {', '.join(SENG_PARAMS)}")
+        raise ValueError(
+            f"ds_config optimizer SENG: unknown params {unknown}; valid params "
+            f"are {', '.join(SENG_PARAMS)}"
+        )
     stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
     if stage not in (0, None):
-        raise ValueError(f"ds_config zero_optimization.stage={stage!r}: SENG needs stage 0. "
-                         "ZeRO stages >= 1 hand the optimizer flat partitions, not per-layer "
-                         "gradients, and SENG's curvature is per layer. Set "
-                         '"zero_optimization": {"stage": 0}')
+        raise ValueError(
+            f"ds_config zero_optimization.stage={stage!r}: SENG needs stage 0. "
+            "ZeRO stages >= 1 hand the optimizer flat partitions, not per-layer "
+            "gradients, and SENG's curvature is per layer. Set "
+            '"zero_optimization": {"stage": 0}'
+        )
     for key, dtype in (("fp16", "float16"), ("bf16", "bfloat16")):
         if _enabled(cfg, key):
-            raise ValueError(f"ds_config {key}.enabled=true is not supported with SENG: "
-                             "DeepSpeed's fp16/bf16 optimizer wrappers hand the optimizer flat "
-                             "fp32 master copies, not the layers' parameters. Replace the "
-                             f'"{key}" section by "torch_autocast": {{"enabled": true, '
-                             f'"dtype": "{dtype}"}} (fp32 parameters, {dtype} forward)')
+            raise ValueError(
+                f"ds_config {key}.enabled=true is not supported with SENG: "
+                "DeepSpeed's fp16/bf16 optimizer wrappers hand the optimizer flat "
+                "fp32 master copies, not the layers' parameters. Replace the "
+                f'"{key}" section by "torch_autocast": {{"enabled": true, '
+                f'"dtype": "{dtype}"}} (fp32 parameters, {dtype} forward)'
+            )
     gas = cfg.get("gradient_accumulation_steps", 1)
     if gas in ("auto", None):
         gas = 1
     if "gradient_accumulation_steps" in params and params["gradient_accumulation_steps"] != gas:
-        raise ValueError("ds_config: SENG param gradient_accumulation_steps="
-                         f"{params['gradient_accumulation_steps']!r} differs from the config's "
-                         f"gradient_accumulation_steps={gas!r}; leave it out of the params")
+        raise ValueError(
+            "ds_config: SENG param gradient_accumulation_steps="
+            f"{params['gradient_accumulation_steps']!r} differs from the config's "
+            f"gradient_accumulation_steps={gas!r}; leave it out of the params"
+        )
     params["gradient_accumulation_steps"] = gas
     clip = cfg.get("gradient_clipping", 0.0) or 0.0
     if clip and "max_grad_norm" in params:
-        raise ValueError("ds_config: give the clipping norm once, as gradient_clipping, not "
-                         "also as the SENG param max_grad_norm")
+        raise ValueError(
+            "ds_config: give the clipping norm once, as gradient_clipping, not "
+            "also as the SENG param max_grad_norm"
+        )
     if clip:
         # SENG clips the averaged gradient itself: with variant 'lagged' the engine would see
         # only the local one.
@@ -97,8 +107,9 @@ def seng_params(cfg: dict) -> dict | None:
     return params
 
 
-def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
-               config: Any = None, **kwargs: Any) -> tuple:
+def initialize(
+    args: Any = None, model: Any = None, optimizer: Any = None, config: Any = None, **kwargs: Any
+) -> tuple:
     """``deepspeed.initialize`` that builds SENG when the config names it (see module doc)."""
     deepspeed = import_engine("deepspeed", INSTALL_HINT)
     source = config
@@ -108,11 +119,14 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
     cfg = _read_config(source) if source is not None else None
     params = seng_params(cfg) if cfg is not None else None
     if cfg is None or params is None:
-        return deepspeed.initialize(args=args, model=model, optimizer=optimizer, config=config,
-                                    **kwargs)
+        return deepspeed.initialize(
+            args=args, model=model, optimizer=optimizer, config=config, **kwargs
+        )
     if optimizer is not None:
-        raise ValueError("the ds_config names SENG as its optimizer and an optimizer was "
-                         "passed to initialize too; pass one of them")
+        raise ValueError(
+            "the ds_config names SENG as its optimizer and an optimizer was "
+            "passed to initialize too; pass one of them"
+        )
     if model is None:
         raise ValueError("SENG needs the model: pass model= to initialize")
     if not deepspeed.comm.is_initialized():
@@ -123,8 +137,13 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
     # lagged: SENG's one fused round per step carries the gradient (eq. 27), so the engine's
     # backward allreduce is switched off below.
     lagged = settings.distributed.variant is Variant.LAGGED
-    seng = SENG(model, settings, param_groups=groups, comm=DeepSpeedCommunicator(),
-                grads_averaged=not lagged)
+    seng = SENG(
+        model,
+        settings,
+        param_groups=groups,
+        comm=DeepSpeedCommunicator(),
+        grads_averaged=not lagged,
+    )
     # engine.save_checkpoint builds the state on every rank and rank 0 writes it: gather every
     # rank's curvature into it so load_checkpoint resumes each rank bit-exactly.
     seng.state_dict_all_ranks = True
@@ -133,8 +152,9 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None,
     if from_args:
         args = copy.copy(args)
         args.deepspeed_config = None
-    engine, opt, loader, scheduler = deepspeed.initialize(args=args, model=model,
-                                                          optimizer=seng, config=cfg, **kwargs)
+    engine, opt, loader, scheduler = deepspeed.initialize(
+        args=args, model=model, optimizer=seng, config=cfg, **kwargs
+    )
     # fp16 autocast: the engine's GradScaler hands SENG's step() its scale and overflow check
     # (SENG unscales and skips); told here too, for a caller that unscales first.
     seng.grad_scaler = engine.torch_autocast_z0_gradscaler
@@ -155,25 +175,37 @@ def _param_groups(model: Any, model_parameters: Any) -> list[dict[str, Any]] | N
         return items
     trainable = [p for p in model.parameters() if p.requires_grad]
     if {id(p) for p in items} != {id(p) for p in trainable}:
-        raise ValueError(f"initialize(model_parameters=...) lists {len(items)} tensors, not the "
-                         f"model's {len(trainable)} trainable parameters: SENG trains every "
-                         "trainable parameter of the model. Freeze the others "
-                         "(requires_grad=False) before initialize, or pass param groups "
-                         "(dicts) to give parts of the model their own settings")
+        raise ValueError(
+            f"initialize(model_parameters=...) lists {len(items)} tensors, not the "
+            f"model's {len(trainable)} trainable parameters: SENG trains every "
+            "trainable parameter of the model. Freeze the others "
+            "(requires_grad=False) before initialize, or pass param groups "
+            "(dicts) to give parts of the model their own settings"
+        )
     return None
 
 
 def _lr_source(section: Any, scheduler: Any, params: dict[str, Any]) -> str:
     """Where the learning rate (and damping) come from, when an engine scheduler sets it."""
     if isinstance(section, dict):
-        source = (f'the ds_config "scheduler" section ({section.get("type")}, '
-                  f'{section.get("params", {})})')
+        source = (
+            f'the ds_config "scheduler" section ({section.get("type")}, '
+            f"{section.get('params', {})})"
+        )
     else:
         source = f"the lr_scheduler passed to initialize ({type(scheduler).__name__})"
-    given = (f"the SENG param lr={params['lr']} is overridden" if "lr" in params
-             else "SENG's own lr setting is not used")
-    damping = (f"the SENG param damping={params['damping']}" if "damping" in params
-               else f"SENG's default damping={SENGConfig().damping}")
-    return (f"SENG: the learning rate comes from {source}, which sets every param group's lr "
-            f"at each step; {given}. Damping comes from SENG: {damping} (a param group's own "
-            "damping wins)")
+    given = (
+        f"the SENG param lr={params['lr']} is overridden"
+        if "lr" in params
+        else "SENG's own lr setting is not used"
+    )
+    damping = (
+        f"the SENG param damping={params['damping']}"
+        if "damping" in params
+        else f"SENG's default damping={SENGConfig().damping}"
+    )
+    return (
+        f"SENG: the learning rate comes from {source}, which sets every param group's lr "
+        f"at each step; {given}. Damping comes from SENG: {damping} (a param group's own "
+        "damping wins)"
+    )

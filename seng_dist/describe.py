@@ -10,12 +10,25 @@ from .curvature import BlockCurvature, ImplicitCurvature
 from .groups import group_index
 from .layers import Layout, module_name
 
-_COLUMNS = ("parameter", "layer type", "block", "path", "why", "group", "factor rank",
-            "curvature bytes")
+_COLUMNS = (
+    "parameter",
+    "layer type",
+    "block",
+    "path",
+    "why",
+    "group",
+    "factor rank",
+    "curvature bytes",
+)
 
 
-def describe_table(model: nn.Module, layout: Layout, curvatures: list[BlockCurvature],
-                   groups: list[dict[str, Any]], explicit_threshold: int) -> str:
+def describe_table(
+    model: nn.Module,
+    layout: Layout,
+    curvatures: list[BlockCurvature],
+    groups: list[dict[str, Any]],
+    explicit_threshold: int,
+) -> str:
     """A text table: every parameter SENG updates, its layer's type, its block shape, its path
     (explicit/implicit/fallback) and why, its param group, the factor rank of an implicit
     block, and the bytes its curvature holds now (on the weight's row)."""
@@ -31,21 +44,37 @@ def describe_table(model: nn.Module, layout: Layout, curvatures: list[BlockCurva
             kind = type(modules[layer]).__name__ if layer in modules else "-"
             c = curvature_of.get(id(p))
             if c is None:
-                why = (layout.fallback[layer] if layer in layout.fallback
-                       else _outside_why(id(p) in named))
-                rows.append((name, kind, "x".join(map(str, p.shape)), "fallback", why,
-                             str(group_of[id(p)]), "-", "-"))
+                why = (
+                    layout.fallback[layer]
+                    if layer in layout.fallback
+                    else _outside_why(id(p) in named)
+                )
+                rows.append(
+                    (
+                        name,
+                        kind,
+                        "x".join(map(str, p.shape)),
+                        "fallback",
+                        why,
+                        str(group_of[id(p)]),
+                        "-",
+                        "-",
+                    )
+                )
                 continue
             b = c.block
             sign = "<" if b.path == "explicit" else ">="
             rank = str(c.slot_rank) if isinstance(c, ImplicitCurvature) else "-"
             nbytes = f"{c.nbytes():,}" if p is b.weight else "(with the weight)"
             why = b.path_note or f"n = {b.n:,} {sign} explicit_threshold {explicit_threshold:,}"
-            rows.append((name, kind, f"{b.n_G}x{b.n_A}", b.path, why,
-                         str(group_of[id(p)]), rank, nbytes))
+            rows.append(
+                (name, kind, f"{b.n_G}x{b.n_A}", b.path, why, str(group_of[id(p)]), rank, nbytes)
+            )
     widths = [max(len(r[i]) for r in [_COLUMNS, *rows]) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in [_COLUMNS, tuple("-" * w for w in widths), *rows]]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [_COLUMNS, tuple("-" * w for w in widths), *rows]
+    ]
     return "\n".join(lines)
 
 

@@ -49,8 +49,7 @@ class Diagonal(ABC):
         its ``W`` of :meth:`update`."""
 
     @abstractmethod
-    def fallback(self, params: list[Tensor], grads: list[Tensor], damping: float
-                 ) -> list[Tensor]:
+    def fallback(self, params: list[Tensor], grads: list[Tensor], damping: float) -> list[Tensor]:
         """The directions of the parameters outside the blocks (their second moments are
         updated)."""
 
@@ -68,8 +67,7 @@ class IdentityDiagonal(Diagonal):
     def without_curvature(self, z: Tensor, w: Tensor | None, damping: float) -> Tensor:
         return z.mul(-1.0 / (1.0 + damping))
 
-    def fallback(self, params: list[Tensor], grads: list[Tensor], damping: float
-                 ) -> list[Tensor]:
+    def fallback(self, params: list[Tensor], grads: list[Tensor], damping: float) -> list[Tensor]:
         return list(torch._foreach_mul(grads, -1.0 / (1.0 + damping)))
 
 
@@ -109,10 +107,11 @@ class AdamDiagonal(Diagonal):
         assert w is not None  # update() always returns one
         return (z * w).mul_(w).mul_(-1.0 / damping)
 
-    def fallback(self, params: list[Tensor], grads: list[Tensor], damping: float
-                 ) -> list[Tensor]:
-        return [self.without_curvature(g, self.update(p, g), damping)
-                for p, g in zip(params, grads, strict=True)]
+    def fallback(self, params: list[Tensor], grads: list[Tensor], damping: float) -> list[Tensor]:
+        return [
+            self.without_curvature(g, self.update(p, g), damping)
+            for p, g in zip(params, grads, strict=True)
+        ]
 
 
 def make_diagonal(config: DiagonalConfig, state: ParamState) -> Diagonal:

@@ -38,8 +38,9 @@ class GroupSchedules:
         self.config = config
         self.schedules: list[dict[str, Callable[[int], float]]] = []
 
-    def prepare(self, group: dict[str, Any], step: int
-                ) -> tuple[dict[str, Any], dict[str, Callable[[int], float]]]:
+    def prepare(
+        self, group: dict[str, Any], step: int
+    ) -> tuple[dict[str, Any], dict[str, Callable[[int], float]]]:
         """Check a new group (keys, values) and take its callables out: the group for torch
         holds their value at ``step``; the config's callables schedule what it leaves out.
         Returns that group and its schedules, for :meth:`add` once torch has taken it."""
@@ -47,9 +48,11 @@ class GroupSchedules:
         check_shape(group, index)
         unknown = sorted(set(group) - set(GROUP_SETTINGS) - set(_OTHER_KEYS))
         if unknown:
-            raise ValueError(f"param group {index} has unknown key(s) {', '.join(unknown)}; a "
-                             f"SENG param group may hold {', '.join(_OTHER_KEYS)} and "
-                             f"{', '.join(GROUP_SETTINGS)}")
+            raise ValueError(
+                f"param group {index} has unknown key(s) {', '.join(unknown)}; a "
+                f"SENG param group may hold {', '.join(_OTHER_KEYS)} and "
+                f"{', '.join(GROUP_SETTINGS)}"
+            )
         out = dict(group)
         scheduled: dict[str, Callable[[int], float]] = {}
         for key, allowed in GROUP_SETTINGS.items():
@@ -68,8 +71,11 @@ class GroupSchedules:
         for index, (group, scheduled) in enumerate(zip(groups, self.schedules, strict=True)):
             for key, allowed in GROUP_SETTINGS.items():
                 name = f"param group {index}'s {key}"
-                group[key] = float(allowed.at(name, scheduled[key], step) if key in scheduled
-                                   else allowed.at(name, group[key], step))
+                group[key] = float(
+                    allowed.at(name, scheduled[key], step)
+                    if key in scheduled
+                    else allowed.at(name, group[key], step)
+                )
 
     @staticmethod
     def step_settings(groups: list[dict[str, Any]], decoupled: bool) -> StepSettings:
@@ -101,14 +107,17 @@ class GroupSchedules:
                         f"{groups[gb][key]}): weight and bias form one preconditioned block, "
                         "so they need the same lr and damping. Put them in one group, or give "
                         "both groups the same lr and damping (weight_decay and momentum may "
-                        "differ)")
+                        "differ)"
+                    )
 
 
 def check_shape(group: Any, index: int) -> None:
     """Raise ``ValueError`` unless ``group`` is a dict with a ``"params"`` entry."""
     if not isinstance(group, dict) or "params" not in group:
-        raise ValueError(f"param group {index} must be a dict with a 'params' entry (as torch "
-                         f"optimizers take), got {group!r}")
+        raise ValueError(
+            f"param group {index} must be a dict with a 'params' entry (as torch "
+            f"optimizers take), got {group!r}"
+        )
 
 
 def group_index(groups: list[dict[str, Any]]) -> dict[int, int]:

@@ -56,8 +56,9 @@ class LayerKind:
         # version check already forbids in-place edits of it: a view suffices.
         return x[:limit]
 
-    def factors(self, module: nn.Module, x: Tensor, gy: Tensor, bias: bool
-                ) -> tuple[Tensor, Tensor]:
+    def factors(
+        self, module: nn.Module, x: Tensor, gy: Tensor, bias: bool
+    ) -> tuple[Tensor, Tensor]:
         """``(Â, Ĝ)`` of one call: shapes ``(B, κ, n_A)`` and ``(B, κ, n_G)``."""
         b = x.shape[0]
         a = x.reshape(b, -1, x.shape[-1])
@@ -80,8 +81,9 @@ class ConvKind(LayerKind):
         dims = len(cast(nn.Conv2d, module).kernel_size) + 2
         return lambda t: t if t.dim() == dims else t.unsqueeze(0)
 
-    def factors(self, module: nn.Module, x: Tensor, gy: Tensor, bias: bool
-                ) -> tuple[Tensor, Tensor]:
+    def factors(
+        self, module: nn.Module, x: Tensor, gy: Tensor, bias: bool
+    ) -> tuple[Tensor, Tensor]:
         # Both are transposed views of (B, ·, κ) tensors: the ones row of the bias is appended
         # in unfold's own layout, where it is a plain block copy.
         b = x.shape[0]
@@ -97,8 +99,9 @@ class GroupedConvKind(ConvKind):
 
     factorable = False
 
-    def factors(self, module: nn.Module, x: Tensor, gy: Tensor, bias: bool
-                ) -> tuple[Tensor, Tensor]:
+    def factors(
+        self, module: nn.Module, x: Tensor, gy: Tensor, bias: bool
+    ) -> tuple[Tensor, Tensor]:
         raise TypeError("a grouped convolution has no per-sample factors (explicit path only)")
 
     def grads(self, module: nn.Module, x: Tensor, gy: Tensor, bias: bool) -> Tensor:
@@ -133,8 +136,9 @@ class BatchNormKind(LayerKind):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return (x[:limit] - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
 
-    def factors(self, module: nn.Module, x: Tensor, gy: Tensor, bias: bool
-                ) -> tuple[Tensor, Tensor]:
+    def factors(
+        self, module: nn.Module, x: Tensor, gy: Tensor, bias: bool
+    ) -> tuple[Tensor, Tensor]:
         b, c = x.shape[0], x.shape[1]
         gy = gy.reshape(b, c, -1)
         rows = [(x.reshape(b, c, -1) * gy).sum(2)] + ([gy.sum(2)] if bias else [])

@@ -22,11 +22,18 @@ from .warn import warn
 #: layers with a weight that SENG does not precondition and says so about (the rest, e.g.
 #: other normalisations and embeddings, follow the fallback rule by design); SyncBatchNorm's
 #: statistics span the ranks, which the per-sample gradients of one rank cannot see
-_UNSUPPORTED_WARNED = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                       nn.SyncBatchNorm)
+_UNSUPPORTED_WARNED = (
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.SyncBatchNorm,
+)
 #: the fallback rule, as the warnings state it
-FALLBACK_RULE = ("d = -g/(1+damping) (with damping_diagonal='adam': Adam's step over damping, "
-                 "-g/(damping·(√v̂+ε)))")
+FALLBACK_RULE = (
+    "d = -g/(1+damping) (with damping_diagonal='adam': Adam's step over damping, "
+    "-g/(damping·(√v̂+ε)))"
+)
 _FALLBACK = f"its parameters follow the fallback rule {FALLBACK_RULE}"
 
 
@@ -183,8 +190,6 @@ def module_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
-
-
 @dataclass
 class Layout:
     """What :func:`find_blocks` decided: the blocks, and for every other module that owns
@@ -194,8 +199,12 @@ class Layout:
     fallback: dict[str, str]
 
 
-def find_blocks(model: nn.Module, skip_layers: tuple[str | type, ...] = (),
-                explicit_threshold: int = 0, batch_first: bool = True) -> Layout:
+def find_blocks(
+    model: nn.Module,
+    skip_layers: tuple[str | type, ...] = (),
+    explicit_threshold: int = 0,
+    batch_first: bool = True,
+) -> Layout:
     """The model's supported, trainable layers as blocks, in module order.
 
     A block of fewer than ``explicit_threshold`` entries takes the explicit path, any other
@@ -219,8 +228,7 @@ def find_blocks(model: nn.Module, skip_layers: tuple[str | type, ...] = (),
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
-    attention_of = {id(m.out_proj): m for m in model.modules()
-                    if isinstance(m, ATTENTION)}
+    attention_of = {id(m.out_proj): m for m in model.modules() if isinstance(m, ATTENTION)}
     declared = _declared_batch_first(model)
     blocks, fallback, skipped = [], {}, set()
     for raw, module in model.named_modules():
@@ -247,20 +255,37 @@ def find_blocks(model: nn.Module, skip_layers: tuple[str | type, ...] = (),
         # Convolutions and BatchNorm always have the batch first; a Linear takes any layout.
         linear = isinstance(module, nn.Linear)
         batch_dim = 1 if linear and not declared.get(id(module), batch_first) else 0
-        blocks.append(_block(name or type(module).__name__, module, module.weight, bias,
-                             explicit_threshold, attention_of.get(id(module)), batch_dim))
+        blocks.append(
+            _block(
+                name or type(module).__name__,
+                module,
+                module.weight,
+                bias,
+                explicit_threshold,
+                attention_of.get(id(module)),
+                batch_dim,
+            )
+        )
     unmatched = [s for s in skip_layers if isinstance(s, str) and s not in skipped]
     if unmatched:
-        names = [module_name(n) for n, m in model.named_modules()
-                 if isinstance(m, SUPPORTED)]
-        raise ValueError(f"skip_layers names {', '.join(map(repr, unmatched))}, which match no "
-                         f"module of the model; its supported layers are "
-                         f"{', '.join(map(repr, names[:20]))}{' ...' if len(names) > 20 else ''}")
+        names = [module_name(n) for n, m in model.named_modules() if isinstance(m, SUPPORTED)]
+        raise ValueError(
+            f"skip_layers names {', '.join(map(repr, unmatched))}, which match no "
+            f"module of the model; its supported layers are "
+            f"{', '.join(map(repr, names[:20]))}{' ...' if len(names) > 20 else ''}"
+        )
     return Layout(blocks, fallback)
 
 
-def _block(name: str, module: nn.Module, weight: Tensor, bias: Tensor | None,
-           explicit_threshold: int, via: nn.Module | None = None, batch_dim: int = 0) -> Block:
+def _block(
+    name: str,
+    module: nn.Module,
+    weight: Tensor,
+    bias: Tensor | None,
+    explicit_threshold: int,
+    via: nn.Module | None = None,
+    batch_dim: int = 0,
+) -> Block:
     kind = kind_of(module)
     n_g = weight.shape[0]
     n_a = weight[0].numel() + (1 if bias is not None else 0)
@@ -272,8 +297,9 @@ def _block(name: str, module: nn.Module, weight: Tensor, bias: Tensor | None,
     return Block(name, module, weight, bias, n_g, n_a, path, kind, batch_dim, via, note)
 
 
-def _attention_blocks(name: str, mha: nn.MultiheadAttention, explicit_threshold: int
-                      ) -> tuple[list[Block], str]:
+def _attention_blocks(
+    name: str, mha: nn.MultiheadAttention, explicit_threshold: int
+) -> tuple[list[Block], str]:
     """The input-projection blocks of an attention module (``out_proj`` is a child module and
     found as one), and why any of its own trainable parameters stays on the fallback rule."""
     blocks, left = [], []
@@ -281,22 +307,28 @@ def _attention_blocks(name: str, mha: nn.MultiheadAttention, explicit_threshold:
     packed = mha.in_proj_weight
     if packed is not None:
         if id(packed) in trainable:
-            bias = mha.in_proj_bias if mha.in_proj_bias is not None and \
-                id(mha.in_proj_bias) in trainable else None
-            blocks.append(_block(f"{name}.in_proj", mha, packed, bias, explicit_threshold,
-                                 via=mha))
+            bias = (
+                mha.in_proj_bias
+                if mha.in_proj_bias is not None and id(mha.in_proj_bias) in trainable
+                else None
+            )
+            blocks.append(_block(f"{name}.in_proj", mha, packed, bias, explicit_threshold, via=mha))
         elif mha.in_proj_bias is not None and id(mha.in_proj_bias) in trainable:
             left.append("in_proj_bias (its weight is frozen)")
     else:
         for side in "qkv":
             w = getattr(mha, f"{side}_proj_weight")
             if id(w) in trainable:
-                blocks.append(_block(f"{name}.{side}_proj", mha, w, None, explicit_threshold,
-                                     via=mha))
+                blocks.append(
+                    _block(f"{name}.{side}_proj", mha, w, None, explicit_threshold, via=mha)
+                )
         if mha.in_proj_bias is not None and id(mha.in_proj_bias) in trainable:
             left.append("in_proj_bias (shared by the q/k/v projections)")
-    left += [b for b in ("bias_k", "bias_v")
-             if getattr(mha, b) is not None and id(getattr(mha, b)) in trainable]
+    left += [
+        b
+        for b in ("bias_k", "bias_v")
+        if getattr(mha, b) is not None and id(getattr(mha, b)) in trainable
+    ]
     why = f"{', '.join(left)} of {type(mha).__name__}" if left else ""
     return blocks, why
 
@@ -328,8 +360,9 @@ def _declares(module: nn.Module) -> bool | None:
     return None
 
 
-def _skip_reason(name: str, module: nn.Module, skip: tuple[str | type, ...]
-                 ) -> tuple[str, str | type] | None:
+def _skip_reason(
+    name: str, module: nn.Module, skip: tuple[str | type, ...]
+) -> tuple[str, str | type] | None:
     """``(reason, the skip_layers entry)`` if ``skip_layers`` leaves this module out."""
     for s in skip:
         if isinstance(s, str) and (name == s or name.startswith(s + ".")):

@@ -62,13 +62,17 @@ class Owners:
 #: the owners of this process's parameters
 OWNERS = Owners()
 
-SUPERSEDED = ("SENG: this optimizer was retired when a newer SENG was built on the same "
-              "parameters: only one SENG updates a parameter, and the newer one holds the hooks "
-              "on the model now. Use the newer one (to carry this one's state over, save its "
-              "state_dict() before building the newer one and load it there)")
-TAKEN_OVER = ("SENG: this optimizer was taken over by the wrapper that {wrapper} built on its "
-              "param_groups (hvd.DistributedOptimizer): its model, hooks, curvature and state "
-              "moved there. Use the optimizer that hvd.DistributedOptimizer returned")
+SUPERSEDED = (
+    "SENG: this optimizer was retired when a newer SENG was built on the same "
+    "parameters: only one SENG updates a parameter, and the newer one holds the hooks "
+    "on the model now. Use the newer one (to carry this one's state over, save its "
+    "state_dict() before building the newer one and load it there)"
+)
+TAKEN_OVER = (
+    "SENG: this optimizer was taken over by the wrapper that {wrapper} built on its "
+    "param_groups (hvd.DistributedOptimizer): its model, hooks, curvature and state "
+    "moved there. Use the optimizer that hvd.DistributedOptimizer returned"
+)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -158,10 +162,16 @@ class SENG(torch.optim.Optimizer):
     #: ``hvd.DistributedOptimizer``'s wrapper, or replaced by a newer SENG on its parameters.
     _retired: str | None = None
 
-    def __init__(self, model: nn.Module, config: SENGConfig | None = None, *,
-                 param_groups: list[dict[str, Any]] | None = None,
-                 comm: str | Communicator | None = None, grads_averaged: bool | None = None,
-                 **settings: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SENGConfig | None = None,
+        *,
+        param_groups: list[dict[str, Any]] | None = None,
+        comm: str | Communicator | None = None,
+        grads_averaged: bool | None = None,
+        **settings: Any,
+    ) -> None:
         if not isinstance(model, nn.Module):
             self._take_over(_original_of(model))
             return
@@ -170,26 +180,32 @@ class SENG(torch.optim.Optimizer):
         cfg = self.config = (config or SENGConfig()).replace(**settings)
         self.schedules = GroupSchedules(cfg)
         grads_averaged, model = _unwrap(model, grads_averaged)
-        super().__init__(_groups(model, param_groups),
-                         {k: resolve(cfg, k, 0) for k in GROUP_SETTINGS})
+        super().__init__(
+            _groups(model, param_groups), {k: resolve(cfg, k, 0) for k in GROUP_SETTINGS}
+        )
         self.model = model
-        self.layout = find_blocks(model, cfg.skip_layers, cfg.sketch.explicit_threshold,
-                                  cfg.batch_first)
+        self.layout = find_blocks(
+            model, cfg.skip_layers, cfg.sketch.explicit_threshold, cfg.batch_first
+        )
         self.blocks: list[Block] = self.layout.blocks
         if not self.blocks:
-            warn(f"SENG: the model has no supported layer ({', '.join(supported_layer_types())})"
-                 f" to precondition (or skip_layers names them all): every parameter follows "
-                 f"{FALLBACK_RULE}")
+            warn(
+                f"SENG: the model has no supported layer ({', '.join(supported_layer_types())})"
+                f" to precondition (or skip_layers names them all): every parameter follows "
+                f"{FALLBACK_RULE}"
+            )
         GroupSchedules.check_blocks(self.blocks, self.param_groups)
         self.communicator = make_communicator(comm)
         _check_dtype(self.communicator, cfg)
         self.passes = BackwardPasses(model, group_params(self.param_groups))
         self._claim(group_params(self.param_groups))
-        self.curvature = CurvatureBuilder(self.passes, self.blocks, cfg, self.state,
-                                          self.communicator.rank)
+        self.curvature = CurvatureBuilder(
+            self.passes, self.blocks, cfg, self.state, self.communicator.rank
+        )
         in_blocks = {id(p) for b in self.blocks for p in b.params}
-        self._fallback: list[Tensor] = [p for p in group_params(self.param_groups)
-                                        if id(p) not in in_blocks]
+        self._fallback: list[Tensor] = [
+            p for p in group_params(self.param_groups) if id(p) not in in_blocks
+        ]
         self._counters = Counters()
         self._codec = StateCodec(cfg, self.blocks, self.curvature, self.communicator)
         self._said_empty = False
@@ -199,8 +215,9 @@ class SENG(torch.optim.Optimizer):
         self._set_round(grads_averaged)
         if self.communicator.world_size > 1:
             self._check_ranks_agree()
-            self.communicator.broadcast_([t.detach() for t in model.parameters()]
-                                         + list(model.buffers()), name="seng.init")
+            self.communicator.broadcast_(
+                [t.detach() for t in model.parameters()] + list(model.buffers()), name="seng.init"
+            )
         self._arm(0)
 
     @_live
@@ -221,34 +238,54 @@ class SENG(torch.optim.Optimizer):
         self.passes.watch(added)
         self._claim(added)
         self._set_round(self.round.grads_averaged)  # its units and buckets include them now
-        warn(f"SENG: the {len(added)} parameter(s) added with add_param_group follow the "
-             f"fallback rule {FALLBACK_RULE}: SENG preconditions the layers it found when it "
-             "was built. Build SENG with param_groups=[...] to have them preconditioned")
+        warn(
+            f"SENG: the {len(added)} parameter(s) added with add_param_group follow the "
+            f"fallback rule {FALLBACK_RULE}: SENG preconditions the layers it found when it "
+            "was built. Build SENG with param_groups=[...] to have them preconditioned"
+        )
         if self.communicator.world_size > 1:
             self._check_ranks_agree()
 
     def _check_ranks_agree(self) -> None:
         """``ValueError`` on every rank unless the ranks' settings, engine, model structure and
         param groups agree (a collective)."""
-        self.communicator.check_consistent(structure_settings(
-            self.config, self.communicator, self.round.grads_averaged, self.model,
-            self.blocks, self.param_groups))
+        self.communicator.check_consistent(
+            structure_settings(
+                self.config,
+                self.communicator,
+                self.round.grads_averaged,
+                self.model,
+                self.blocks,
+                self.param_groups,
+            )
+        )
 
     def _set_round(self, grads_averaged: bool) -> None:
         """Build the round (again: for the Horovod wrapper, or parameters added later)."""
         previous = getattr(self, "round", None)
-        if grads_averaged and self.config.distributed.variant == "lagged" and (
-                previous is None or not previous.grads_averaged):
-            warn("SENG: the engine averages the gradients in backward (DDP, "
-                 "hvd.DistributedOptimizer); variant='lagged' then costs the engine's "
-                 "collectives plus SENG's one per step. Use SENG alone to send gradient and "
-                 "correction together")
+        if (
+            grads_averaged
+            and self.config.distributed.variant == "lagged"
+            and (previous is None or not previous.grads_averaged)
+        ):
+            warn(
+                "SENG: the engine averages the gradients in backward (DDP, "
+                "hvd.DistributedOptimizer); variant='lagged' then costs the engine's "
+                "collectives plus SENG's one per step. Use SENG alone to send gradient and "
+                "correction together"
+            )
         if previous is not None:
             previous.close()
-        self.round = make_round(self.config, self.curvature.curvatures, self._fallback,
-                                self.communicator, grads_averaged=grads_averaged,
-                                state=self.state, order=list(self.model.parameters()),
-                                passes=self.passes)
+        self.round = make_round(
+            self.config,
+            self.curvature.curvatures,
+            self._fallback,
+            self.communicator,
+            grads_averaged=grads_averaged,
+            state=self.state,
+            order=list(self.model.parameters()),
+            passes=self.passes,
+        )
         if previous is not None:
             self._arm(self._counters.step)
 
@@ -334,7 +371,8 @@ class SENG(torch.optim.Optimizer):
     @_live
     @torch.no_grad()
     def step(  # type: ignore[override]  # returns the closure's loss, as torch's own do
-            self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        self, closure: Callable[[], Tensor] | None = None
+    ) -> Tensor | None:
         """One SENG update from the gradients in ``.grad`` (averaged over the ranks when the
         backward pass ended); rebuilds the curvature first on curvature steps."""
         loss = None
@@ -369,8 +407,10 @@ class SENG(torch.optim.Optimizer):
         if found is None:
             n = self._counters.nonfinite_steps = self._counters.nonfinite_steps + 1
             if n & (n - 1) == 0:  # 1st, 2nd, 4th, ...: visible, but not a flood
-                warn(f"SENG: step {k} skipped: the averaged gradient holds NaN or Inf ({n} "
-                     "such step(s) so far); parameters and momentum are unchanged")
+                warn(
+                    f"SENG: step {k} skipped: the averaged gradient holds NaN or Inf ({n} "
+                    "such step(s) so far); parameters and momentum are unchanged"
+                )
             return True
         if not found[0]:
             return False
@@ -385,20 +425,20 @@ class SENG(torch.optim.Optimizer):
         (as ``unscale_`` would)."""
         found: Tensor | None = getattr(self, "found_inf", None)
         if found is None:  # no GradScaler.step around this call
-            return (1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale()),
-                    False)
+            return (1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale()), False)
         overflow = bool(found.item() > 0)
         scale: Tensor | None = getattr(self, "grad_scale", None)
         if scale is not None:
-            grads = [p.grad for g in self.param_groups for p in g["params"]
-                     if p.grad is not None]
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             if grads and not overflow:
                 torch._foreach_div_(grads, scale.to(grads[0].device))
             return float(scale), overflow
         if self.grad_scaler is None:
-            raise ValueError("SENG: scaler.unscale_(opt) ran before scaler.step(opt), so SENG "
-                             "cannot read the loss scale that its captured curvature carries: "
-                             "set opt.grad_scaler = scaler once, after building both")
+            raise ValueError(
+                "SENG: scaler.unscale_(opt) ran before scaler.step(opt), so SENG "
+                "cannot read the loss scale that its captured curvature carries: "
+                "set opt.grad_scaler = scaler once, after building both"
+            )
         return float(self.grad_scaler.get_scale()), overflow
 
     def _stop_double_averaging(self) -> None:
@@ -410,9 +450,11 @@ class SENG(torch.optim.Optimizer):
         self._wrappers_checked = True
         if not self.round.sends_gradients or not _wrapped_by_ddp(self.model):
             return
-        warn("SENG: a DistributedDataParallel wraps the model after SENG was built on it; DDP "
-             "averages the gradients, so from now on SENG averages only its corrections (as "
-             "if built with grads_averaged=True). Build SENG on the DDP model to say so")
+        warn(
+            "SENG: a DistributedDataParallel wraps the model after SENG was built on it; DDP "
+            "averages the gradients, so from now on SENG averages only its corrections (as "
+            "if built with grads_averaged=True). Build SENG on the DDP model to say so"
+        )
         self._set_round(grads_averaged=True)
 
     @_live
@@ -428,24 +470,28 @@ class SENG(torch.optim.Optimizer):
         next call, and that is said once."""
         if not self._said_empty:
             self._said_empty = True
-            warn(f"SENG: step() with no gradients to apply (before any backward, or zeros "
-                 f"with no forward/backward since the last step) did nothing; step "
-                 f"{self._counters.step} and its curvature update wait for the next step(). "
-                 "Likely callers: hvd.broadcast_optimizer_state (its dummy step creates "
-                 "optimizer state; SENG has none to create) or a step() before the first "
-                 "backward()")
+            warn(
+                f"SENG: step() with no gradients to apply (before any backward, or zeros "
+                f"with no forward/backward since the last step) did nothing; step "
+                f"{self._counters.step} and its curvature update wait for the next step(). "
+                "Likely callers: hvd.broadcast_optimizer_state (its dummy step creates "
+                "optimizer state; SENG has none to create) or a step() before the first "
+                "backward()"
+            )
         return loss
 
     def _step_settings(self) -> StepSettings:
         """Each parameter's damping and L2, rebuilt (and the groups' split layers checked)
         only when a group's values changed: a scheduler may have moved them."""
-        key = tuple((g["lr"], g["damping"], g["weight_decay"], len(g["params"]))
-                    for g in self.param_groups)
+        key = tuple(
+            (g["lr"], g["damping"], g["weight_decay"], len(g["params"])) for g in self.param_groups
+        )
         if key != self._settings_key:
             if len(self.param_groups) > 1:
                 GroupSchedules.check_blocks(self.blocks, self.param_groups)
             self._settings = GroupSchedules.step_settings(
-                self.param_groups, self.config.decoupled_weight_decay)
+                self.param_groups, self.config.decoupled_weight_decay
+            )
             self._settings_key = key
         return self._settings
 
@@ -453,8 +499,13 @@ class SENG(torch.optim.Optimizer):
     def describe(self) -> str:
         """A table of every parameter: layer, layer type, block shape, path
         (explicit/implicit/fallback) and why, param group, factor rank, curvature bytes."""
-        return describe_table(self.model, self.layout, self.curvature.curvatures,
-                              self.param_groups, self.config.sketch.explicit_threshold)
+        return describe_table(
+            self.model,
+            self.layout,
+            self.curvature.curvatures,
+            self.param_groups,
+            self.config.sketch.explicit_threshold,
+        )
 
     # ------------------------------------------------------------------ state
     @_live
@@ -471,8 +522,11 @@ class SENG(torch.optim.Optimizer):
         every rank instead. Every rank must call this.
         """
         comm = self.communicator
-        comm.broadcast_([t.detach() for t in self.model.parameters()]
-                        + list(self.model.buffers()), name="seng.state.model", src=src)
+        comm.broadcast_(
+            [t.detach() for t in self.model.parameters()] + list(self.model.buffers()),
+            name="seng.state.model",
+            src=src,
+        )
         shared = None
         if comm.rank == src:  # without the curvature: every rank rebuilds its own
             shared = self._state_dict(all_ranks=False)  # (only src is here: no collective)
@@ -491,8 +545,9 @@ class SENG(torch.optim.Optimizer):
         return self._state_dict(self.state_dict_all_ranks)
 
     def _state_dict(self, all_ranks: bool) -> dict[str, Any]:
-        return self._codec.pack(super().state_dict(), self._counters,
-                                self._curvature_indices(), all_ranks)
+        return self._codec.pack(
+            super().state_dict(), self._counters, self._curvature_indices(), all_ranks
+        )
 
     @_live
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -510,9 +565,12 @@ class SENG(torch.optim.Optimizer):
 
     def _curvature_indices(self) -> list[tuple[int, BlockCurvature]]:
         """``(index of the block's weight in the state_dict, its curvature)`` per block."""
-        index = {id(p): i for i, p in enumerate(
-            p for group in self.param_groups for p in group["params"])}
+        index = {
+            id(p): i
+            for i, p in enumerate(p for group in self.param_groups for p in group["params"])
+        }
         return [(index[id(c.block.weight)], c) for c in self.curvature.curvatures]
+
 
 def _original_of(groups: Any) -> SENG:
     """The SENG whose own ``param_groups`` list ``groups`` is: ``hvd.DistributedOptimizer``
@@ -522,16 +580,19 @@ def _original_of(groups: Any) -> SENG:
         for owner in OWNERS.of([p for g in groups for p in g["params"]]):
             if owner.param_groups is groups:
                 return owner
-    raise ValueError(f"model must be a torch.nn.Module, got {type(groups).__name__} (a list "
-                     "of param groups is taken only as a live SENG's own param_groups, from a "
-                     "wrapper that rebuilds it on them, as hvd.DistributedOptimizer does)")
+    raise ValueError(
+        f"model must be a torch.nn.Module, got {type(groups).__name__} (a list "
+        "of param groups is taken only as a live SENG's own param_groups, from a "
+        "wrapper that rebuilds it on them, as hvd.DistributedOptimizer does)"
+    )
 
 
 def _wrapped_by_ddp(model: nn.Module) -> bool:
     """Whether some ``DistributedDataParallel`` in this process wraps ``model`` (a scan of the
     garbage collector's objects: run once)."""
-    return any(isinstance(o, DistributedDataParallel) and o.module is model
-               for o in gc.get_objects())
+    return any(
+        isinstance(o, DistributedDataParallel) and o.module is model for o in gc.get_objects()
+    )
 
 
 def _unwrap(model: nn.Module, grads_averaged: bool | None) -> tuple[bool, nn.Module]:
@@ -541,23 +602,26 @@ def _unwrap(model: nn.Module, grads_averaged: bool | None) -> tuple[bool, nn.Mod
     if grads_averaged is not None and not isinstance(grads_averaged, bool):
         raise ValueError(f"grads_averaged must be None, True or False, got {grads_averaged!r}")
     if ddp and grads_averaged is False:
-        raise ValueError("grads_averaged=False with a DistributedDataParallel model: DDP "
-                         "averages the gradients in backward, so SENG would average them "
-                         "twice; leave grads_averaged=None (or pass the unwrapped model)")
+        raise ValueError(
+            "grads_averaged=False with a DistributedDataParallel model: DDP "
+            "averages the gradients in backward, so SENG would average them "
+            "twice; leave grads_averaged=None (or pass the unwrapped model)"
+        )
     module = cast(nn.Module, model.module) if ddp else model
     return (ddp if grads_averaged is None else grads_averaged), module
 
 
-def _groups(model: nn.Module, param_groups: list[dict[str, Any]] | None
-            ) -> list[dict[str, Any]]:
+def _groups(model: nn.Module, param_groups: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """The constructor's param groups: the given ones, then one with every other trainable
     parameter of the model (the config's values)."""
     if param_groups is None:
         param_groups = []
     if not isinstance(param_groups, (list, tuple)):
-        raise ValueError("param_groups must be a list of dicts like torch optimizers take "
-                         f"([{{'params': [...], 'weight_decay': 0.0}}, ...]), got "
-                         f"{type(param_groups).__name__}")
+        raise ValueError(
+            "param_groups must be a list of dicts like torch optimizers take "
+            f"([{{'params': [...], 'weight_decay': 0.0}}, ...]), got "
+            f"{type(param_groups).__name__}"
+        )
     for i, g in enumerate(param_groups):
         check_shape(g, i)
     groups = [dict(g, params=_as_list(g["params"])) for g in param_groups]
@@ -566,8 +630,9 @@ def _groups(model: nn.Module, param_groups: list[dict[str, Any]] | None
     if rest:
         groups.append({"params": rest})
     if not any(g["params"] for g in groups):
-        raise ValueError("model has no trainable parameters (requires_grad=True): "
-                         "SENG has nothing to optimize")
+        raise ValueError(
+            "model has no trainable parameters (requires_grad=True): SENG has nothing to optimize"
+        )
     return groups
 
 
@@ -579,6 +644,9 @@ def _check_dtype(comm: Communicator, config: SENGConfig) -> None:
     dtype = config.distributed.buffer_dtype
     if dtype in comm.unsupported_dtypes:
         from .comm import COMM_DTYPES
+
         allowed = [repr(k) for k, v in COMM_DTYPES.items() if v not in comm.unsupported_dtypes]
-        raise ValueError(f"comm_dtype={config.distributed.comm_dtype!r} is not supported by "
-                         f"the {comm.name} engine; use one of {', '.join(allowed)}")
+        raise ValueError(
+            f"comm_dtype={config.distributed.comm_dtype!r} is not supported by "
+            f"the {comm.name} engine; use one of {', '.join(allowed)}"
+        )

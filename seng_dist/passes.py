@@ -66,7 +66,8 @@ class BackwardPasses:
         self._last: Tensor | None = None  # the last parameter whose gradient arrived
         self._me = weakref.ref(self)
         self._handles: list[RemovableHandle] = [
-            model.register_forward_hook(partial(_on_output, self._me))]
+            model.register_forward_hook(partial(_on_output, self._me))
+        ]
         self.watch(params)
 
     def watch(self, params: Sequence[Tensor]) -> None:
@@ -74,7 +75,8 @@ class BackwardPasses:
         for p in params:
             if p.requires_grad:
                 self._handles.append(
-                    p.register_post_accumulate_grad_hook(partial(_on_grad, self._me)))
+                    p.register_post_accumulate_grad_hook(partial(_on_grad, self._me))
+                )
 
     def close(self) -> None:
         """Remove the hooks (their optimizer was retired: a newer one updates the
@@ -138,8 +140,9 @@ def _on_grad(passes: weakref.ref[BackwardPasses], param: Tensor) -> None:
         owner.gradient(param)
 
 
-def _on_output(passes: weakref.ref[BackwardPasses], module: nn.Module, inputs: Any,
-               output: Any) -> None:
+def _on_output(
+    passes: weakref.ref[BackwardPasses], module: nn.Module, inputs: Any, output: Any
+) -> None:
     owner = passes()
     if owner is None or not torch.is_grad_enabled():
         return

@@ -59,9 +59,12 @@ from .layers import find_blocks
 from .passes import BackwardPasses
 
 
-def per_sample_gradients(model: nn.Module, x: Tensor, y: Tensor,
-                         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
-                         ) -> dict[str, Tensor]:
+def per_sample_gradients(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+) -> dict[str, Tensor]:
     """``∇ψ_i`` for every sample, per parameter name, in float64: shape ``(B, *p.shape)``."""
     m = copy.deepcopy(model).double()
     params = {k: v.detach() for k, v in m.named_parameters() if v.requires_grad}
@@ -73,7 +76,8 @@ def per_sample_gradients(model: nn.Module, x: Tensor, y: Tensor,
 
     # Token ids (an Embedding's input) stay integers.
     return vmap(grad(loss_i), in_dims=(None, 0, 0))(
-        params, x.double() if x.is_floating_point() else x, y)
+        params, x.double() if x.is_floating_point() else x, y
+    )
 
 
 def block_matrix(grads: dict[str, Tensor], layer: str) -> Tensor:
@@ -91,11 +95,16 @@ def block_matrix(grads: dict[str, Tensor], layer: str) -> Tensor:
     return w if b is None else torch.cat([w, b.unsqueeze(-1)], dim=-1)
 
 
-def reference_directions(model: nn.Module, x: Tensor, y: Tensor, layers: list[str],
-                         damping: float, curvature_batch_size: int | None = None,
-                         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-                         diagonal: Callable[[Tensor], Tensor] | None = None
-                         ) -> dict[str, Tensor]:
+def reference_directions(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    layers: list[str],
+    damping: float,
+    curvature_batch_size: int | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    diagonal: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, Tensor]:
     """Exact SENG direction ``-(UUᵀ + λD)⁻¹ g`` of each named layer, ``(n_G, n_A)`` float64.
 
     ``g`` is the mean gradient over the whole batch, ``U = [u_1 … u_ϱ]/√ϱ`` over its first
@@ -110,8 +119,12 @@ def reference_directions(model: nn.Module, x: Tensor, y: Tensor, layers: list[st
     return out
 
 
-def exact_direction(u: Tensor, damping: float, curvature_batch_size: int | None = None,
-                    diagonal: Tensor | None = None) -> Tensor:
+def exact_direction(
+    u: Tensor,
+    damping: float,
+    curvature_batch_size: int | None = None,
+    diagonal: Tensor | None = None,
+) -> Tensor:
     """``-(UUᵀ + λD)⁻¹ g`` from per-sample gradients ``u`` (B, ...): ``g`` their mean, ``U``
     the first ϱ of them over ``√ϱ``, ``D`` the given diagonal (``u[0]``'s shape) or ``I``; by
     Sherman-Morrison-Woodbury, ``(D⁻¹g - D⁻¹U b)/λ`` with ``b = (λI + UᵀD⁻¹U)⁻¹ UᵀD⁻¹g``, so
@@ -120,9 +133,8 @@ def exact_direction(u: Tensor, damping: float, curvature_batch_size: int | None 
     u = u.reshape(u.shape[0], -1)
     g = u.mean(0)
     inv = torch.ones_like(g) if diagonal is None else 1.0 / diagonal.reshape(-1)
-    rho = u.shape[0] if curvature_batch_size is None else min(curvature_batch_size,
-                                                              u.shape[0])
-    Ut = u[:rho] / rho ** 0.5
+    rho = u.shape[0] if curvature_batch_size is None else min(curvature_batch_size, u.shape[0])
+    Ut = u[:rho] / rho**0.5
     K = (Ut * inv) @ Ut.T + damping * torch.eye(rho, dtype=u.dtype, device=u.device)
     b = torch.linalg.solve(K, Ut @ (inv * g))
     return -(inv * (g - b @ Ut) / damping).reshape(shape)
@@ -136,9 +148,13 @@ def relative_error(a: Tensor, b: Tensor) -> float:
 
 # --------------------------------------------------------------------------- distributed
 
-def emulate_distributed(model: nn.Module, shards: list[list[tuple[Tensor, Tensor]]],
-                        loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-                        **seng_kwargs: Any) -> list[dict[str, Tensor]]:
+
+def emulate_distributed(
+    model: nn.Module,
+    shards: list[list[tuple[Tensor, Tensor]]],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    **seng_kwargs: Any,
+) -> list[dict[str, Tensor]]:
     """Distributed SENG on ``shards[k][w]`` (step k, worker w), emulated in one process.
 
     Returns the parameters (by name) after every step. Every worker has a replica of
@@ -164,8 +180,9 @@ def emulate_distributed(model: nn.Module, shards: list[list[tuple[Tensor, Tensor
     for k, step_shards in enumerate(shards):
         before = [run.moments.whitening(i) for i in range(len(run.per_block))]
         run.backward(step_shards, loss_fn, before)
-        lr, lam, mu, wd = (float(resolve(cfg, h, k))
-                           for h in ("lr", "damping", "momentum", "weight_decay"))
+        lr, lam, mu, wd = (
+            float(resolve(cfg, h, k)) for h in ("lr", "damping", "momentum", "weight_decay")
+        )
         l2 = 0.0 if cfg.decoupled_weight_decay else wd
         zs, fmeans = run.averaged(l2)
         lagged = cfg.distributed.variant == "lagged" and previous is not None
@@ -206,8 +223,11 @@ class _Moments:
     def update(self, key: Any, z: Tensor) -> Tensor | None:
         if not self.on:
             return None
-        self.sq[key] = self.sq.get(key, torch.zeros_like(z)).mul(self.beta2).addcmul(
-            z, z, value=1.0 - self.beta2)
+        self.sq[key] = (
+            self.sq.get(key, torch.zeros_like(z))
+            .mul(self.beta2)
+            .addcmul(z, z, value=1.0 - self.beta2)
+        )
         self.steps[key] = self.steps.get(key, 0) + 1
         return self.whitening(key)
 
@@ -224,8 +244,9 @@ class _Emulation:
         self.replicas = [copy.deepcopy(model) for _ in range(workers)]
         self.builders = []
         for rep in self.replicas:
-            blocks = find_blocks(rep, cfg.skip_layers, cfg.sketch.explicit_threshold,
-                                 cfg.batch_first).blocks
+            blocks = find_blocks(
+                rep, cfg.skip_layers, cfg.sketch.explicit_threshold, cfg.batch_first
+            ).blocks
             passes = BackwardPasses(rep, list(rep.parameters()))
             self.builders.append(CurvatureBuilder(passes, blocks, cfg, defaultdict(dict)))
             self.builders[-1].arm_for(0)
@@ -234,14 +255,18 @@ class _Emulation:
         self.params = [dict(rep.named_parameters()) for rep in self.replicas]
         self.names = {id(p): n for n, p in self.params[0].items()}
         in_blocks = {id(p) for c in self.builders[0].curvatures for p in c.block.params}
-        self.fallback = [n for n, p in self.params[0].items()
-                         if p.requires_grad and id(p) not in in_blocks]
+        self.fallback = [
+            n for n, p in self.params[0].items() if p.requires_grad and id(p) not in in_blocks
+        ]
         self.momentum: dict[str, Tensor] = {}
         self.moments = _Moments(cfg)
 
-    def backward(self, shards: list[tuple[Tensor, Tensor]],
-                 loss_fn: Callable[[Tensor, Tensor], Tensor],
-                 whitenings: list[Tensor | None]) -> None:
+    def backward(
+        self,
+        shards: list[tuple[Tensor, Tensor]],
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        whitenings: list[Tensor | None],
+    ) -> None:
         """Each worker's gradient on its shard, and its curvature (from ``whitenings[i]``'s
         ``W`` for block ``i``) on curvature steps."""
         for builder, rep, (x, y) in zip(self.builders, self.replicas, shards, strict=True):
@@ -258,20 +283,29 @@ class _Emulation:
 
     def averaged(self, l2: float) -> tuple[list[Tensor], list[Tensor]]:
         """``z = ḡ + l2·θ`` per block and ``ḡ`` per fallback parameter (``ḡ`` clipped)."""
-        means = [torch.stack([c.block.grad_matrix() for c in cs]).mean(0)
-                 for cs in self.per_block]
-        fmeans = [torch.stack([_grad(ps[n], n) for ps in self.params]).mean(0)
-                  for n in self.fallback]
+        means = [torch.stack([c.block.grad_matrix() for c in cs]).mean(0) for cs in self.per_block]
+        fmeans = [
+            torch.stack([_grad(ps[n], n) for ps in self.params]).mean(0) for n in self.fallback
+        ]
         if self.cfg.max_grad_norm is not None:  # the averaged gradient, before weight decay
             norm = torch.cat([t.reshape(-1) for t in means + fmeans]).norm()
             factor = min(1.0, self.cfg.max_grad_norm / (float(norm) + 1e-6))
             means, fmeans = [t * factor for t in means], [t * factor for t in fmeans]
-        zs = [m.add_(cs[0].block.param_matrix(), alpha=l2)
-              for m, cs in zip(means, self.per_block, strict=True)]
+        zs = [
+            m.add_(cs[0].block.param_matrix(), alpha=l2)
+            for m, cs in zip(means, self.per_block, strict=True)
+        ]
         return zs, fmeans
 
-    def directions(self, zs: list[Tensor], fmeans: list[Tensor], sources: list[Tensor],
-                   ws: list[Tensor | None], lam: float, l2: float) -> dict[str, Tensor]:
+    def directions(
+        self,
+        zs: list[Tensor],
+        fmeans: list[Tensor],
+        sources: list[Tensor],
+        ws: list[Tensor | None],
+        lam: float,
+        l2: float,
+    ) -> dict[str, Tensor]:
         """Every parameter's direction, by name: each worker's correction for ``sources``."""
         update: dict[str, Tensor] = {}
         for cs, z, src, w in zip(self.per_block, zs, sources, ws, strict=True):
@@ -279,8 +313,9 @@ class _Emulation:
             if len(parts[0]) == 1:
                 uc = torch.stack([p[0] for p in parts]).mean(0)
             else:
-                uc = (torch.stack([p[0] for p in parts]).mean(0).T
-                      @ torch.stack([p[1] for p in parts]).mean(0))
+                uc = torch.stack([p[0] for p in parts]).mean(0).T @ torch.stack(
+                    [p[1] for p in parts]
+                ).mean(0)
             d = (uc - _times(z, w)) / lam
             d = _times(d, w)
             for p, piece in zip(cs[0].block.params, cs[0].block.split(d), strict=True):
@@ -296,8 +331,9 @@ class _Emulation:
         """Heavy-ball momentum and ``θ ← θ + lr·v`` on worker 0, copied to the others."""
         for name, d in update.items():
             if mu:
-                v = self.momentum[name] = (d.clone() if name not in self.momentum
-                                           else self.momentum[name].mul_(mu).add_(d))
+                v = self.momentum[name] = (
+                    d.clone() if name not in self.momentum else self.momentum[name].mul_(mu).add_(d)
+                )
             else:
                 v = d
             p = self.params[0][name]
@@ -305,8 +341,7 @@ class _Emulation:
                 p.mul_(1.0 - lr * wd)
             p.add_(v, alpha=lr)
         for rep in self.replicas[1:]:
-            for mine, theirs in zip(rep.parameters(), self.replicas[0].parameters(),
-                                    strict=True):
+            for mine, theirs in zip(rep.parameters(), self.replicas[0].parameters(), strict=True):
                 mine.copy_(theirs)
 
 

@@ -104,8 +104,9 @@ class AgreementFlags:
     cannot tell ``m-1`` from ``m``; these never need to).
     """
 
-    def __init__(self, comm: Communicator, device: torch.device,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, comm: Communicator, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> None:
         self.comm = comm
         self.device = device
         # The gradients' dtype when it is wider than float32 (a float64 model), so that the
@@ -125,8 +126,10 @@ class AgreementFlags:
             return [Agreement.of(v) for v in local]
         n = len(local)
         some, missing = flags[:n].tolist(), flags[n:].tolist()
-        return [Agreement.ALL if m == 0.0 else Agreement.SOME if s > 0.0 else Agreement.NONE
-                for s, m in zip(some, missing, strict=True)]
+        return [
+            Agreement.ALL if m == 0.0 else Agreement.SOME if s > 0.0 else Agreement.NONE
+            for s, m in zip(some, missing, strict=True)
+        ]
 
 
 class Round(ABC):
@@ -152,10 +155,18 @@ class Round(ABC):
     #: the name of the round of corrections computed in ``step()``
     CORRECTS = "seng.correction"
 
-    def __init__(self, config: SENGConfig, curvatures: list[BlockCurvature],
-                 fallback: list[Tensor], comm: Communicator, *, grads_averaged: bool,
-                 state: ParamState, order: Sequence[Tensor] = (),
-                 passes: BackwardPasses | None = None) -> None:
+    def __init__(
+        self,
+        config: SENGConfig,
+        curvatures: list[BlockCurvature],
+        fallback: list[Tensor],
+        comm: Communicator,
+        *,
+        grads_averaged: bool,
+        state: ParamState,
+        order: Sequence[Tensor] = (),
+        passes: BackwardPasses | None = None,
+    ) -> None:
         self.config = config
         self.curvatures = curvatures
         self.fallback = fallback
@@ -167,8 +178,9 @@ class Round(ABC):
         self.agreement = AgreementFlags(comm, first.device, first.dtype)
         self._warned: set[str] = set()
         #: per unit (each block, then each fallback parameter) its parameters
-        self.units: list[list[Tensor]] = [list(c.block.params) for c in curvatures] + \
-            [[p] for p in fallback]
+        self.units: list[list[Tensor]] = [list(c.block.params) for c in curvatures] + [
+            [p] for p in fallback
+        ]
         self.buckets = self._buckets(order)
         self.accumulation = config.gradient_accumulation_steps
         self.passes = passes
@@ -188,15 +200,15 @@ class Round(ABC):
             plan = BucketPlan.build(self.unit_bytes(), ready, int(dist.bucket_size_mb * 2**20))
         else:
             plan = BucketPlan.single(len(self.units))
-        return Buckets(plan, self.units, self.comm, name=self.SENDS,
-                       comm_dtype=dist.buffer_dtype)
+        return Buckets(plan, self.units, self.comm, name=self.SENDS, comm_dtype=dist.buffer_dtype)
 
     def unit_bytes(self) -> list[int]:
         """Each unit's payload in bytes in the buffer (its gradient's; the lagged round adds
         its correction slot)."""
         dtype = self.config.distributed.buffer_dtype
-        return [sum(p.numel() for p in unit) * (dtype or unit[0].dtype).itemsize
-                for unit in self.units]
+        return [
+            sum(p.numel() for p in unit) * (dtype or unit[0].dtype).itemsize for unit in self.units
+        ]
 
     # ------------------------------------------------------------------ the backward passes
     def gradient(self, param: Tensor, passes: int) -> None:
@@ -211,12 +223,15 @@ class Round(ABC):
         if passes < self.accumulation:
             return
         if passes > self.accumulation:
-            self._warn_once("extra", f"SENG: backward ran {passes} times before step() but "
-                            f"gradient_accumulation_steps={self.accumulation}: the gradients "
-                            f"are averaged again after each pass past the {self.accumulation}"
-                            "th (correct, one more round each). Set "
-                            "gradient_accumulation_steps to the backward passes per step to "
-                            "average once")
+            self._warn_once(
+                "extra",
+                f"SENG: backward ran {passes} times before step() but "
+                f"gradient_accumulation_steps={self.accumulation}: the gradients "
+                f"are averaged again after each pass past the {self.accumulation}"
+                "th (correct, one more round each). Set "
+                "gradient_accumulation_steps to the backward passes per step to "
+                "average once",
+            )
         self.synced = self._sync(overflow=False)
 
     def window_opened(self) -> None:
@@ -233,10 +248,12 @@ class Round(ABC):
     def _checked(self, payload: Payload) -> Payload:
         """``payload`` after ``step()``'s checks of its units' parameters (a sparse gradient is
         refused with SENG's message in backward too)."""
+
         def run(units: Sequence[int]) -> list[list[Tensor]]:
             for u in units:
                 self._check(self.units[u])
             return payload(units)
+
         return run
 
     def close(self) -> None:
@@ -278,8 +295,13 @@ class Round(ABC):
         overflow = values[-1].anywhere
         if not self._slots_sent:
             return Agreed(agreed, local=False, overflow=overflow)
-        return Agreed(agreed, local=False, overflow=overflow,
-                      slots=[p[1:] for p in payloads[:nb]], ready=values[nu:nu + nb])
+        return Agreed(
+            agreed,
+            local=False,
+            overflow=overflow,
+            slots=[p[1:] for p in payloads[:nb]],
+            ready=values[nu : nu + nb],
+        )
 
     def _split_unit(self, u: int, gradient: Tensor) -> list[Tensor]:
         """Unit ``u``'s averaged gradient as one tensor per parameter."""
@@ -298,17 +320,23 @@ class Round(ABC):
         Without a gradient round (the engine averages, or one process) this rank's own view."""
         self._check_gradients()
         if not self.sends_gradients:
-            return Agreed([Agreement.of(any(p.grad is not None for p in unit))
-                           for unit in self.units], local=True, overflow=overflow)
+            return Agreed(
+                [Agreement.of(any(p.grad is not None for p in unit)) for unit in self.units],
+                local=True,
+                overflow=overflow,
+            )
         if self.synced is None:
             done = self.passes.in_window if self.passes is not None else 0
             if 0 < done < self.accumulation:
-                self._warn_once("short", f"SENG: step() came after {done} backward pass(es) "
-                                f"but gradient_accumulation_steps={self.accumulation}: the "
-                                "gradients were averaged in step(), so what changed .grad "
-                                "after backward (clipping, unscaling) acted on this rank's "
-                                "gradients alone. Set gradient_accumulation_steps to the "
-                                "backward passes per step")
+                self._warn_once(
+                    "short",
+                    f"SENG: step() came after {done} backward pass(es) "
+                    f"but gradient_accumulation_steps={self.accumulation}: the "
+                    "gradients were averaged in step(), so what changed .grad "
+                    "after backward (clipping, unscaling) acted on this rank's "
+                    "gradients alone. Set gradient_accumulation_steps to the "
+                    "backward passes per step",
+                )
             self.synced = self._sync(overflow)
             return self.synced
         # .grad held the averaged gradient when the overflow was checked: every rank agrees.
@@ -330,8 +358,9 @@ class Round(ABC):
         """Whether this round averages the gradients (not already done by the engine)."""
         return self.multi and not self.grads_averaged
 
-    def directions(self, hyper: StepSettings, agreed: Agreed
-                   ) -> tuple[list[Tensor], list[Tensor]] | None:
+    def directions(
+        self, hyper: StepSettings, agreed: Agreed
+    ) -> tuple[list[Tensor], list[Tensor]] | None:
         """Every parameter with a gradient (on some rank) and its direction from ``.grad``
         (averaged), running the step's correction round; None when ``skip_nonfinite`` and
         ``ḡ`` is not finite.
@@ -353,18 +382,22 @@ class Round(ABC):
     def _check(self, params: Sequence[Tensor]) -> None:
         for p in params:
             if p.grad is not None and p.grad.is_sparse:
-                raise ValueError("SENG does not support sparse gradients (use "
-                                 "nn.Embedding(sparse=False))")
+                raise ValueError(
+                    "SENG does not support sparse gradients (use nn.Embedding(sparse=False))"
+                )
             if not p.requires_grad and "<frozen>" not in self._warned:
                 self._warned.add("<frozen>")
-                warn("SENG: parameters were frozen (requires_grad=False) after the optimizer "
-                     "was built; they get no gradient and stay unchanged, but their layers' "
-                     "curvature is kept. Build SENG after freezing (or pass skip_layers) to "
-                     "leave them out")
+                warn(
+                    "SENG: parameters were frozen (requires_grad=False) after the optimizer "
+                    "was built; they get no gradient and stay unchanged, but their layers' "
+                    "curvature is kept. Build SENG after freezing (or pass skip_layers) to "
+                    "leave them out"
+                )
 
     @abstractmethod
-    def _exchange(self, gs: list[Tensor], fgs: list[Tensor], agreed: Agreed,
-                  hyper: StepSettings) -> Exchanged | None:
+    def _exchange(
+        self, gs: list[Tensor], fgs: list[Tensor], agreed: Agreed, hyper: StepSettings
+    ) -> Exchanged | None:
         """The step's corrections for the averaged gradients ``gs`` (blocks) and ``fgs``
         (fallback), with their collective and flags."""
 
@@ -372,8 +405,9 @@ class Round(ABC):
         """Per block, whether this rank can precondition it this step."""
         return [c.ready for c in self.curvatures]
 
-    def _corrected(self, slots: list[list[Tensor]], agreed: Agreed
-                   ) -> tuple[list[Agreement], list[Agreement]]:
+    def _corrected(
+        self, slots: list[list[Tensor]], agreed: Agreed
+    ) -> tuple[list[Agreement], list[Agreement]]:
         """The correction round: ``slots`` averaged in place with the flags still to agree on
         (each block's readiness; each unit's gradient too when no gradient round ran).
         Returns the agreed ``present`` and ``ready``."""
@@ -381,8 +415,7 @@ class Round(ABC):
         local = ([v.anywhere for v in agreed.present] if agreed.local else []) + mine
         flags = self.agreement.pack(local)
         if self.multi:
-            self._allreduce(_flat(slots) + ([flags] if flags is not None else []),
-                            self.CORRECTS)
+            self._allreduce(_flat(slots) + ([flags] if flags is not None else []), self.CORRECTS)
         values = self.agreement.decode(flags, local)
         if agreed.local:
             n = len(self.units)
@@ -394,8 +427,10 @@ class Round(ABC):
         if not curvature.ready:
             return "it was not called with gradients on a curvature step"
         return "it has curvature here but not on every rank"
-    def _averaged(self, gs: list[Tensor], fgs: list[Tensor], hyper: StepSettings
-                  ) -> list[Tensor] | None:
+
+    def _averaged(
+        self, gs: list[Tensor], fgs: list[Tensor], hyper: StepSettings
+    ) -> list[Tensor] | None:
         """After ``ḡ`` is known: None if it must be skipped (``skip_nonfinite``; every rank
         sees the same ``ḡ``, so every rank skips together); else clip it to
         ``max_grad_norm`` (no host sync) and add ``l2·θ`` to the block gradients in place (the
@@ -412,19 +447,20 @@ class Round(ABC):
             fgs = list(torch._foreach_mul(fgs, factor)) if fgs else fgs
         for c, g in zip(self.curvatures, gs, strict=True):
             b = c.block
-            c.block.add_params_(g, hyper.l2[id(b.weight)],
-                                hyper.l2[id(b.bias)] if b.bias is not None else 0.0)
+            c.block.add_params_(
+                g, hyper.l2[id(b.weight)], hyper.l2[id(b.bias)] if b.bias is not None else 0.0
+            )
         return fgs
 
     def _allreduce(self, tensors: list[Tensor], name: str) -> None:
-        self.comm.allreduce_mean_(tensors, name=name,
-                                  comm_dtype=self.config.distributed.buffer_dtype)
+        self.comm.allreduce_mean_(
+            tensors, name=name, comm_dtype=self.config.distributed.buffer_dtype
+        )
 
-    def _finish(self, done: Exchanged, hyper: StepSettings
-                ) -> tuple[list[Tensor], list[Tensor]]:
+    def _finish(self, done: Exchanged, hyper: StepSettings) -> tuple[list[Tensor], list[Tensor]]:
         """Every present parameter's direction from the averaged result."""
         nb, nf = len(self.curvatures), len(self.fallback)
-        present, ready = done.flags[:nb + nf], done.flags[nb + nf:]
+        present, ready = done.flags[: nb + nf], done.flags[nb + nf :]
         params: list[Tensor] = []
         dirs: list[Tensor] = []
         for i, (c, z, slot) in enumerate(zip(self.curvatures, done.zs, done.slots, strict=True)):
@@ -459,35 +495,38 @@ class Round(ABC):
         name = curvature.block.name
         if name not in self._warned:
             self._warned.add(name)
-            warn(f"SENG: layer {name!r} has no curvature yet ({self._missing(curvature)}); it "
-                 f"follows the fallback rule {FALLBACK_RULE} until it has")
-
-
+            warn(
+                f"SENG: layer {name!r} has no curvature yet ({self._missing(curvature)}); it "
+                f"follows the fallback rule {FALLBACK_RULE} until it has"
+            )
 
 
 class BlockDiagonalRound(Round):
     """eq. 26: ``d = -(ḡ - mean_w U_w b_w)/λ`` with ``b_w`` from ``ḡ``; two collectives."""
 
-    def _exchange(self, gs: list[Tensor], fgs: list[Tensor], agreed: Agreed,
-                  hyper: StepSettings) -> Exchanged | None:
+    def _exchange(
+        self, gs: list[Tensor], fgs: list[Tensor], agreed: Agreed, hyper: StepSettings
+    ) -> Exchanged | None:
         averaged = self._averaged(gs, fgs, hyper)
         if averaged is None:
             return None
         nb = len(self.curvatures)
         here = agreed.present[:nb]
         ws = self._whitenings(gs, here)
-        slots = [c.correction(_whiten(z, w) if h.anywhere else None,
-                              hyper.damping[id(c.block.weight)])
-                 for c, z, w, h in zip(self.curvatures, gs, ws, here, strict=True)]
+        slots = [
+            c.correction(_whiten(z, w) if h.anywhere else None, hyper.damping[id(c.block.weight)])
+            for c, z, w, h in zip(self.curvatures, gs, ws, here, strict=True)
+        ]
         present, ready = self._corrected(slots, agreed)
         return Exchanged(gs, slots, averaged, present + ready, ws)
 
-    def _whitenings(self, zs: list[Tensor], present: Sequence[Agreement]
-                    ) -> list[Tensor | None]:
+    def _whitenings(self, zs: list[Tensor], present: Sequence[Agreement]) -> list[Tensor | None]:
         """Each present block's ``W`` after folding in its averaged ``z`` (the same on every
         rank: every rank folds the same ``z``)."""
-        return [self.diagonal.update(c.block.weight, z) if h.anywhere else None
-                for c, z, h in zip(self.curvatures, zs, present, strict=True)]
+        return [
+            self.diagonal.update(c.block.weight, z) if h.anywhere else None
+            for c, z, h in zip(self.curvatures, zs, present, strict=True)
+        ]
 
 
 class LaggedRound(BlockDiagonalRound):
@@ -512,8 +551,7 @@ class LaggedRound(BlockDiagonalRound):
         self._stale = False
 
     def _previous(self, curvature: BlockCurvature) -> Tensor | None:
-        prev: Tensor | None = self._param_state.get(curvature.block.weight, {}).get(
-            self.PREVIOUS)
+        prev: Tensor | None = self._param_state.get(curvature.block.weight, {}).get(self.PREVIOUS)
         return prev
 
     @property
@@ -522,18 +560,16 @@ class LaggedRound(BlockDiagonalRound):
 
     def _ready(self) -> list[bool]:
         lagging = self._lagging
-        return [c.ready and (not lagging or self._previous(c) is not None)
-                for c in self.curvatures]
+        return [c.ready and (not lagging or self._previous(c) is not None) for c in self.curvatures]
 
     def _missing(self, curvature: BlockCurvature) -> str:
         if curvature.ready and self._lagging and self._previous(curvature) is None:
             return "the lagged variant has no previous averaged gradient for it yet"
         return super()._missing(curvature)
 
-    def _finish(self, done: Exchanged, hyper: StepSettings
-                ) -> tuple[list[Tensor], list[Tensor]]:
+    def _finish(self, done: Exchanged, hyper: StepSettings) -> tuple[list[Tensor], list[Tensor]]:
         out = super()._finish(done, hyper)
-        present = done.flags[:len(self.curvatures)]
+        present = done.flags[: len(self.curvatures)]
         for c, z, p in zip(self.curvatures, done.zs, present, strict=True):
             if p.anywhere:
                 self._param_state[c.block.weight][self.PREVIOUS] = z
@@ -557,6 +593,7 @@ class LaggedRound(BlockDiagonalRound):
             if self._launched is None:
                 self._launched = settings()
             return self._payloads(units, self._launched)
+
         self._payload = self._checked(early)
 
     def window_opened(self) -> None:
@@ -580,30 +617,40 @@ class LaggedRound(BlockDiagonalRound):
                 out.append([])
                 continue
             c = self.curvatures[u]
-            out.append(c.correction(_whiten_previous(self._previous(c),
-                                                     self.diagonal.current(c.block.weight)),
-                                    hyper.damping[id(c.block.weight)]))
+            out.append(
+                c.correction(
+                    _whiten_previous(self._previous(c), self.diagonal.current(c.block.weight)),
+                    hyper.damping[id(c.block.weight)],
+                )
+            )
         return out
 
     def _payloads(self, units: Sequence[int], hyper: StepSettings) -> list[list[Tensor]]:
         """Each unit's gradient and correction slot, sent together."""
-        return [g + s for g, s in zip(self._gradients(units), self._slots(units, hyper),
-                                      strict=True)]
+        return [
+            g + s for g, s in zip(self._gradients(units), self._slots(units, hyper), strict=True)
+        ]
 
     @property
     def _slots_sent(self) -> bool:
         return self._with_slots
 
-    def _exchange(self, gs: list[Tensor], fgs: list[Tensor], agreed: Agreed,
-                  hyper: StepSettings) -> Exchanged | None:
+    def _exchange(
+        self, gs: list[Tensor], fgs: list[Tensor], agreed: Agreed, hyper: StepSettings
+    ) -> Exchanged | None:
         if not self._lagging:
             return super()._exchange(gs, fgs, agreed, hyper)
         averaged = self._averaged(gs, fgs, hyper)
         if averaged is None:
             return None
         sent, ready_sent = agreed.slots, agreed.ready
-        if (sent is not None and ready_sent is not None and not self._stale
-                and self._launched is not None and self._launched.damping == hyper.damping):
+        if (
+            sent is not None
+            and ready_sent is not None
+            and not self._stale
+            and self._launched is not None
+            and self._launched.damping == hyper.damping
+        ):
             slots, present, ready = sent, agreed.present, ready_sent
         else:
             # The engine averaged the gradients (or one process), a curvature step, or stale
@@ -611,18 +658,32 @@ class LaggedRound(BlockDiagonalRound):
             slots = self._slots(range(len(self.curvatures)), hyper)
             present, ready = self._corrected(slots, agreed)
         nb = len(self.curvatures)
-        return Exchanged(gs, slots, averaged, present + ready,
-                         self._whitenings(gs, present[:nb]))
+        return Exchanged(gs, slots, averaged, present + ready, self._whitenings(gs, present[:nb]))
 
 
-def make_round(config: SENGConfig, curvatures: list[BlockCurvature],
-               fallback: list[Tensor], comm: Communicator, *, grads_averaged: bool,
-               state: ParamState, order: Sequence[Tensor] = (),
-               passes: BackwardPasses | None = None) -> Round:
+def make_round(
+    config: SENGConfig,
+    curvatures: list[BlockCurvature],
+    fallback: list[Tensor],
+    comm: Communicator,
+    *,
+    grads_averaged: bool,
+    state: ParamState,
+    order: Sequence[Tensor] = (),
+    passes: BackwardPasses | None = None,
+) -> Round:
     """The round of ``config.distributed.variant``."""
     cls = _round_class(config.distributed.variant)
-    return cls(config, curvatures, fallback, comm, grads_averaged=grads_averaged,
-               state=state, order=order, passes=passes)
+    return cls(
+        config,
+        curvatures,
+        fallback,
+        comm,
+        grads_averaged=grads_averaged,
+        state=state,
+        order=order,
+        passes=passes,
+    )
 
 
 def _round_class(variant: Variant) -> type[Round]:

@@ -15,10 +15,15 @@ StepFn = Callable[[int], float]
 
 
 def _check(name: str, value: float, *, positive: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-            value) or (value <= 0 if positive else value < 0):
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, "
-                         f"got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or (value <= 0 if positive else value < 0)
+    ):
+        raise ValueError(
+            f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}"
+        )
 
 
 def cosine(base: float, max_epochs: int, steps_per_epoch: int, final: float = 0.001) -> StepFn:
@@ -31,11 +36,13 @@ def cosine(base: float, max_epochs: int, steps_per_epoch: int, final: float = 0.
     def f(step: int) -> float:
         epoch = min(step // steps_per_epoch, max_epochs)
         return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * epoch / max_epochs))
+
     return f
 
 
-def exponential(base: float, max_epochs: int, steps_per_epoch: int,
-                decay_rate: float = 6.0) -> StepFn:
+def exponential(
+    base: float, max_epochs: int, steps_per_epoch: int, decay_rate: float = 6.0
+) -> StepFn:
     """The paper's "exp" schedule: ``base · (1 - epoch / max_epochs)^decay_rate``."""
     _check("base", base)
     _check("max_epochs", max_epochs)
@@ -45,6 +52,7 @@ def exponential(base: float, max_epochs: int, steps_per_epoch: int,
     def f(step: int) -> float:
         epoch = min(step // steps_per_epoch, max_epochs)
         return base * (1.0 - epoch / max_epochs) ** decay_rate
+
     return f
 
 
@@ -59,6 +67,7 @@ def linear_warmup(schedule: StepFn | float, warmup_steps: int, start: float) -> 
         if step >= warmup_steps:
             return target(step)
         return start + (target(warmup_steps) - start) * step / warmup_steps
+
     return f
 
 
@@ -70,4 +79,5 @@ def damping_decay(initial: float, rho: float, steps_per_epoch: int) -> StepFn:
 
     def f(step: int) -> float:
         return initial * rho ** ((step // steps_per_epoch) / 10.0)
+
     return f

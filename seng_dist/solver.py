@@ -23,9 +23,15 @@ from torch import Tensor
 Sketch = tuple[Tensor, Tensor]
 
 
-def sample_rows(n: int, q: int | None, method: str, replacement: bool,
-                generator: torch.Generator, weights: Tensor | None = None,
-                device: torch.device | None = None) -> Sketch | None:
+def sample_rows(
+    n: int,
+    q: int | None,
+    method: str,
+    replacement: bool,
+    generator: torch.Generator,
+    weights: Tensor | None = None,
+    device: torch.device | None = None,
+) -> Sketch | None:
     """Row sampling of eq. 14: ``q`` of ``n`` rows with scales ``1/√(q p_j)``.
 
     ``method`` is ``"uniform"`` or ``"leverage"`` (``p_j ∝ weights_j``, the squared row norms).
@@ -80,6 +86,7 @@ def inclusion_probabilities(p: Tensor, q: int) -> Tensor:
 
 # --------------------------------------------------------------------------- explicit path
 
+
 def per_sample_grads(G_hat: Tensor, A_hat: Tensor) -> Tensor:
     """``Uᵀ`` rows before normalisation: ``vec(Ĝ_iᵀ Â_i)``, shape ``(ϱ, n_G·n_A)``."""
     return torch.bmm(G_hat.transpose(1, 2), A_hat).reshape(G_hat.shape[0], -1)
@@ -112,9 +119,15 @@ def explicit_uc(Ut: Tensor, c: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- implicit path
 
-def low_rank_factors(G_hat: Tensor, A_hat: Tensor, rank: int | None,
-                     generator: torch.Generator | None = None, oversample: int = 4,
-                     power_iters: int = 1) -> tuple[Tensor, Tensor]:
+
+def low_rank_factors(
+    G_hat: Tensor,
+    A_hat: Tensor,
+    rank: int | None,
+    generator: torch.Generator | None = None,
+    oversample: int = 4,
+    power_iters: int = 1,
+) -> tuple[Tensor, Tensor]:
     """Factors ``G (ϱ, r, n_G)``, ``A (ϱ, r, n_A)`` with ``G_iᵀ A_i ≈ Ĝ_iᵀ Â_i`` (eq. 15).
 
     Exact when ``rank`` is None or at least ``m = min(κ, n_G, n_A)``: the factors are ``Ĝ, Â``
@@ -128,8 +141,9 @@ def low_rank_factors(G_hat: Tensor, A_hat: Tensor, rank: int | None,
     """
     if G_hat.dtype.itemsize < 4:
         # CPU LAPACK has no 16-bit QR/SVD, and their rounding would swamp the factors anyway.
-        G, A = low_rank_factors(G_hat.float(), A_hat.float(), rank, generator, oversample,
-                                power_iters)
+        G, A = low_rank_factors(
+            G_hat.float(), A_hat.float(), rank, generator, oversample, power_iters
+        )
         return G.to(G_hat.dtype), A.to(A_hat.dtype)
     rho, kappa, n_g = G_hat.shape
     n_a = A_hat.shape[2]
@@ -160,16 +174,20 @@ def low_rank_factors(G_hat: Tensor, A_hat: Tensor, rank: int | None,
     return (left * root).transpose(1, 2), (right * root).transpose(1, 2)
 
 
-def _randomized_svd(G_hat: Tensor, A_hat: Tensor, rank: int, k: int,
-                    generator: torch.Generator | None, power_iters: int
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+def _randomized_svd(
+    G_hat: Tensor,
+    A_hat: Tensor,
+    rank: int,
+    k: int,
+    generator: torch.Generator | None,
+    power_iters: int,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Top-``rank`` singular triplets ``(left (ϱ, n_G, rank), σ (ϱ, k), right (ϱ, n_A, rank))``
     of each ``u_i = Ĝ_iᵀ Â_i`` from a ``k``-column Gaussian range sketch, never forming ``u``."""
     Gt, At = G_hat.transpose(1, 2), A_hat.transpose(1, 2)  # (ϱ, n_G, κ), (ϱ, n_A, κ)
     # Products with Â are written as (k×κ)·Â or (k×n_A)·Âᵀ: with unfold's layout these are
     # the fast orientations for batched GEMM (measured ~2× over Â·(n_A×k)).
-    omega = torch.randn(k, A_hat.shape[2], generator=generator,
-                        dtype=G_hat.dtype).to(G_hat.device)
+    omega = torch.randn(k, A_hat.shape[2], generator=generator, dtype=G_hat.dtype).to(G_hat.device)
     y = Gt @ (omega @ At).transpose(1, 2)  # u Ω, (ϱ, n_G, k)
     for _ in range(power_iters):
         q = torch.linalg.qr(y).Q
@@ -190,8 +208,9 @@ def implicit_gram(XG: Tensor, XA: Tensor, r: int) -> Tensor:
     return m.view(rho, r, rho, r).sum(dim=(1, 3))
 
 
-def implicit_utz(YG: Tensor, YA: Tensor, z: Tensor, r: int, idx_g: Tensor | None,
-                 idx_a: Tensor | None) -> Tensor:
+def implicit_utz(
+    YG: Tensor, YA: Tensor, z: Tensor, r: int, idx_g: Tensor | None, idx_a: Tensor | None
+) -> Tensor:
     """``Uᵀz`` by eq. 19 for ``z`` as an ``(n_G, n_A)`` matrix: ``Ξ_z = Ω_G z Ω_Aᵀ``.
 
     ``YG, YA = sketch_columns(Gf, Ω_G, 2), sketch_columns(Af, Ω_A, 2)`` carry both sides'
@@ -221,8 +240,9 @@ def partial_factors(Gf: Tensor, Af: Tensor, c: Tensor, r: int) -> tuple[Tensor, 
     w = c.abs().sqrt()
     rho = c.shape[0]
     gc = torch.einsum("i,irg->rg", w, Gf.view(rho, r, -1))
-    ac = torch.einsum("i,ira->ra", c / w.sum().clamp_min(torch.finfo(c.dtype).tiny),
-                      Af.view(rho, r, -1))
+    ac = torch.einsum(
+        "i,ira->ra", c / w.sum().clamp_min(torch.finfo(c.dtype).tiny), Af.view(rho, r, -1)
+    )
     return gc, ac
 
 
@@ -233,6 +253,7 @@ def implicit_uc_factored(Gf: Tensor, Af: Tensor, c: Tensor, r: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- the small solve
+
 
 def gram_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the Gram matrix ``K`` of factors in ``dtype`` is computed and kept in: at least

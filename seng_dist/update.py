@@ -13,24 +13,42 @@ from torch import Tensor
 MOMENTUM = "momentum_buffer"
 
 
-def apply_update(state: MutableMapping[Any, dict[str, Any]], groups: list[dict[str, Any]],
-                 params: list[Tensor], dirs: list[Tensor], decoupled: bool) -> None:
+def apply_update(
+    state: MutableMapping[Any, dict[str, Any]],
+    groups: list[dict[str, Any]],
+    params: list[Tensor],
+    dirs: list[Tensor],
+    decoupled: bool,
+) -> None:
     """Update ``params`` along ``dirs``, group by group (``state`` holds the buffers)."""
     if len(groups) == 1:
         g = groups[0]
-        _heavy_ball(state, params, dirs, g["lr"], g["momentum"],
-                    g["weight_decay"] if decoupled else 0.0)
+        _heavy_ball(
+            state, params, dirs, g["lr"], g["momentum"], g["weight_decay"] if decoupled else 0.0
+        )
         return
     direction = {id(p): d for p, d in zip(params, dirs, strict=True)}
     for group in groups:
         ps = [p for p in group["params"] if id(p) in direction]
         if ps:
-            _heavy_ball(state, ps, [direction[id(p)] for p in ps], group["lr"],
-                        group["momentum"], group["weight_decay"] if decoupled else 0.0)
+            _heavy_ball(
+                state,
+                ps,
+                [direction[id(p)] for p in ps],
+                group["lr"],
+                group["momentum"],
+                group["weight_decay"] if decoupled else 0.0,
+            )
 
 
-def _heavy_ball(state: MutableMapping[Any, dict[str, Any]], params: list[Tensor],
-                dirs: list[Tensor], lr: float, mu: float, decoupled_wd: float) -> None:
+def _heavy_ball(
+    state: MutableMapping[Any, dict[str, Any]],
+    params: list[Tensor],
+    dirs: list[Tensor],
+    lr: float,
+    mu: float,
+    decoupled_wd: float,
+) -> None:
     if decoupled_wd:
         torch._foreach_mul_(params, 1.0 - lr * decoupled_wd)
     if mu:

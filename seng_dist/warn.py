@@ -8,8 +8,10 @@ import warnings
 
 import torch
 
-_INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
-             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+_INTERNAL = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
 
 
 class SENGWarning(UserWarning):

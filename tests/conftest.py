@@ -28,9 +28,9 @@ class MixedNet(nn.Module):
         self.head = nn.Linear(width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.bn(self.conv(x)))        # (B, C, 4, 4)
-        tokens = h.flatten(2).transpose(1, 2)       # (B, 16, C): a sequence of 16 tokens
-        t = torch.relu(self.seq(tokens))            # sequence Linear, κ = 16
+        h = self.act(self.bn(self.conv(x)))  # (B, C, 4, 4)
+        tokens = h.flatten(2).transpose(1, 2)  # (B, 16, C): a sequence of 16 tokens
+        t = torch.relu(self.seq(tokens))  # sequence Linear, κ = 16
         return self.head(t.mean(1))
 
 
@@ -54,8 +54,9 @@ class TinyEncoder(nn.Module):
         super().__init__()
         self.batch_first = batch_first
         self.embed = nn.Linear(5, 8)
-        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
-                                           batch_first=batch_first, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            8, 2, dim_feedforward=16, dropout=0.0, batch_first=batch_first, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.head = nn.Linear(8, 3)
 
@@ -97,8 +98,9 @@ def train_steps(model: nn.Module, opt: SENG, ks: range, rank: int) -> None:
         opt.step()
 
 
-def seng_directions(opt: SENG, model: nn.Module, x: torch.Tensor, y: torch.Tensor
-                    ) -> dict[str, torch.Tensor]:
+def seng_directions(
+    opt: SENG, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The direction SENG takes on (x, y), per block, read off an update with lr=1 from θ=0.
 
     The parameters are zeroed after the backward pass so that θ_new = 0 + d holds d exactly
@@ -112,8 +114,13 @@ def seng_directions(opt: SENG, model: nn.Module, x: torch.Tensor, y: torch.Tenso
             p.zero_()
     opt.step()
     out = {b.name: b.param_matrix() for b in opt.blocks}
-    out.update({n: p.detach().clone() for n, p in model.named_parameters()
-                if n.rsplit(".", 1)[0] not in out})
+    out.update(
+        {
+            n: p.detach().clone()
+            for n, p in model.named_parameters()
+            if n.rsplit(".", 1)[0] not in out
+        }
+    )
     with torch.no_grad():
         for p, s in zip(model.parameters(), saved, strict=True):
             p.copy_(s)
@@ -121,22 +128,28 @@ def seng_directions(opt: SENG, model: nn.Module, x: torch.Tensor, y: torch.Tenso
 
 
 #: exact solves on one path, as the reference computes them (damping 0.3, one step of lr 1)
-EXACT_EXPLICIT = dict(explicit_threshold=10**9, sketch_size=None, lr=1.0, damping=0.3,
-                      momentum=0.0)
-EXACT_IMPLICIT = dict(explicit_threshold=0, sketch_size=None, factor_rank=None,
-                      factor_sketch_size=None, uc="exact", lr=1.0, damping=0.3, momentum=0.0)
+EXACT_EXPLICIT = dict(explicit_threshold=10**9, sketch_size=None, lr=1.0, damping=0.3, momentum=0.0)
+EXACT_IMPLICIT = dict(
+    explicit_threshold=0,
+    sketch_size=None,
+    factor_rank=None,
+    factor_sketch_size=None,
+    uc="exact",
+    lr=1.0,
+    damping=0.3,
+    momentum=0.0,
+)
 
 
 #: float32's unit roundoff
-U32 = 2.0 ** -24
+U32 = 2.0**-24
 #: The relative rounding of a float32 sum of up to 1,024 terms, as long as these tests' sums
 #: get (a weight gradient over a batch's positions, a Gram matrix over a block's entries):
 #: rounding errors of random sign grow like √n·u (Higham & Mary, 2019), 32u at n = 1,024.
 SUM_ROUNDING = 32 * U32
 
 
-def solve_bound(u: torch.Tensor, damping: float, diagonal: torch.Tensor | None = None
-                ) -> float:
+def solve_bound(u: torch.Tensor, damping: float, diagonal: torch.Tensor | None = None) -> float:
     """How far SENG's float32 direction ``-(UUᵀ + λD)⁻¹g`` of a block can be from the float64
     reference, relatively: ``u`` the block's float64 per-sample gradients (B, ...), every
     sample in the curvature; ``diagonal`` D (a sample's shape), or I.
@@ -156,8 +169,9 @@ def solve_bound(u: torch.Tensor, damping: float, diagonal: torch.Tensor | None =
     return 4 * SUM_ROUNDING * (1 + float(torch.linalg.eigvalsh(gram).max()) / damping)
 
 
-def check_exact(model: nn.Module, layers: list[str], x: torch.Tensor, y: torch.Tensor,
-                **settings: object) -> SENG:
+def check_exact(
+    model: nn.Module, layers: list[str], x: torch.Tensor, y: torch.Tensor, **settings: object
+) -> SENG:
     """SENG built with ``settings`` (default: :data:`EXACT_EXPLICIT`) takes the float64
     reference's direction on every named block, to float32's rounding (:func:`solve_bound`);
     returns the optimizer."""
@@ -167,6 +181,7 @@ def check_exact(model: nn.Module, layers: list[str], x: torch.Tensor, y: torch.T
         reference_directions,
         relative_error,
     )
+
     opt = SENG(model, **(settings or EXACT_EXPLICIT))
     assert {b.name for b in opt.blocks} >= set(layers)
     ref = reference_directions(model, x, y, layers, 0.3)
@@ -190,26 +205,37 @@ def requires_engine(module: str, install: str) -> pytest.MarkDecorator:
     """Skip (saying how to install it) when an engine package is missing; ci/test.sh sets
     SENG_REQUIRE_ENGINES=1, and there a missing engine fails instead."""
     missing = importlib.util.find_spec(module) is None
-    return pytest.mark.skipif(missing and os.environ.get("SENG_REQUIRE_ENGINES") != "1",
-                              reason=f"{module} is not installed (bash {install})")
+    return pytest.mark.skipif(
+        missing and os.environ.get("SENG_REQUIRE_ENGINES") != "1",
+        reason=f"{module} is not installed (bash {install})",
+    )
 
 
 def python_output(code: str) -> str:
     """Standard output of ``code`` run by a fresh interpreter that sees tests/ and the repo."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, env=env).stdout
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    ).stdout
 
 
-def launch_jobs(launcher: list[str], worker: str, jobs: dict, tmp: Path, np: int,
-                extra_env: dict | None = None, timeout: float = 300) -> list[dict]:
+def launch_jobs(
+    launcher: list[str],
+    worker: str,
+    jobs: dict,
+    tmp: Path,
+    np: int,
+    extra_env: dict | None = None,
+    timeout: float = 300,
+) -> list[dict]:
     """Run ``launcher + [python, tests/<worker>, jobs.pt, tmp]`` (an engine's own launcher
     starting ``np`` ranks that each save ``tmp/<rank>.pt``), bounded by ``timeout``; return
     every rank's result. A failure shows the launcher's output."""
     torch.save(jobs, tmp / "jobs.pt")
     cmd = launcher + [sys.executable, str(TESTS / worker), str(tmp / "jobs.pt"), str(tmp)]
-    env = dict(os.environ, **(extra_env or {}),
-               PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
+    env = dict(
+        os.environ, **(extra_env or {}), PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)])
+    )
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as err:

@@ -27,13 +27,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, outdir: str, fn: Callable,
-               args: tuple) -> None:
+def _rank_main(
+    rank: int, world_size: int, port: int, outdir: str, fn: Callable, args: tuple
+) -> None:
     """One rank: join the Gloo group, run ``fn``, and save its result (or traceback) in
     ``outdir``."""
     import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -52,8 +59,9 @@ def _rank_main(rank: int, world_size: int, port: int, outdir: str, fn: Callable,
     os._exit(0)
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0
-              ) -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0
+) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` new processes joined by Gloo.
 
     ``fn`` must be importable (a module-level function). Returns each rank's result. A rank
@@ -62,11 +70,16 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     deadlocks a collective fails a test instead of hanging it.
     """
     import torch.multiprocessing as mp
+
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as outdir:
         port = free_port()
-        procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, outdir, fn, args),
-                             daemon=True) for r in range(world_size)]
+        procs = [
+            ctx.Process(
+                target=_rank_main, args=(r, world_size, port, outdir, fn, args), daemon=True
+            )
+            for r in range(world_size)
+        ]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
@@ -86,10 +99,13 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         if errors:
             raise RuntimeError("\n".join(errors))
         if alive:
-            raise TimeoutError(f"ranks {alive} of {world_size} still running after "
-                               f"{timeout:.0f} s; killed")
+            raise TimeoutError(
+                f"ranks {alive} of {world_size} still running after {timeout:.0f} s; killed"
+            )
         bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
         if bad:
             raise RuntimeError(f"ranks exited abnormally (rank, exit code): {bad}")
-        return [torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False)
-                for r in range(world_size)]
+        return [
+            torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False)
+            for r in range(world_size)
+        ]

@@ -22,6 +22,7 @@ def main() -> None:
     rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
     # All ranks run on this host: the local rank and size are the world's.
     from seng_dist.comm.mpi import MPICommunicator
+
     mpi = MPICommunicator()
     assert (mpi.local_rank, mpi.local_size) == (rank, size), (mpi.local_rank, mpi.local_size)
     result = _jobs(rank, size, torch.load(jobs_path, weights_only=False))

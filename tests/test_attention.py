@@ -23,13 +23,22 @@ class SelfAttention(nn.Module):
     """Self-attention over (B, T, E) tokens, the last token channel a padding flag; the module
     runs in either batch layout (the model transposes for batch_first=False)."""
 
-    def __init__(self, batch_first: bool, mask: str, need_weights: bool, kdim: int | None = None,
-                 embed: int = 8, heads: int = 2, classes: int = 3) -> None:
+    def __init__(
+        self,
+        batch_first: bool,
+        mask: str,
+        need_weights: bool,
+        kdim: int | None = None,
+        embed: int = 8,
+        heads: int = 2,
+        classes: int = 3,
+    ) -> None:
         super().__init__()
         self.batch_first, self.mask, self.need_weights = batch_first, mask, need_weights
         self.embed = nn.Linear(5, embed)
-        self.attn = nn.MultiheadAttention(embed, heads, batch_first=batch_first, kdim=kdim,
-                                          vdim=kdim)
+        self.attn = nn.MultiheadAttention(
+            embed, heads, batch_first=batch_first, kdim=kdim, vdim=kdim
+        )
         self.kv = nn.Linear(embed, kdim) if kdim else None
         self.head = nn.Linear(embed, classes)
 
@@ -45,18 +54,19 @@ class SelfAttention(nn.Module):
         elif self.mask == "causal":
             kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
             kw["is_causal"] = True
-        out, _ = self.attn(h, kv, kv if self.kv is not None else h,
-                           need_weights=self.need_weights, **kw)
+        out, _ = self.attn(
+            h, kv, kv if self.kv is not None else h, need_weights=self.need_weights, **kw
+        )
         if not self.batch_first:
             out = out.transpose(0, 1)
         return self.head(out.mean(1))
 
 
-@pytest.mark.parametrize("settings", [EXACT_EXPLICIT, EXACT_IMPLICIT],
-                         ids=["explicit", "implicit"])
+@pytest.mark.parametrize("settings", [EXACT_EXPLICIT, EXACT_IMPLICIT], ids=["explicit", "implicit"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
-@pytest.mark.parametrize("mask,need_weights", [("padding", True), ("causal", False),
-                                               ("none", False)])
+@pytest.mark.parametrize(
+    "mask,need_weights", [("padding", True), ("causal", False), ("none", False)]
+)
 def test_attention_projections_are_exact(settings, batch_first, mask, need_weights):
     torch.manual_seed(0)
     model = SelfAttention(batch_first, mask, need_weights)
@@ -68,11 +78,14 @@ def test_attention_with_kdim_has_a_block_per_projection_and_its_bias_on_the_fall
     torch.manual_seed(0)
     model = SelfAttention(True, "padding", False, kdim=4)
     x, y = tokens()
-    opt = check_exact(model, ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj",
-                              "kv"], x, y)
+    opt = check_exact(
+        model, ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "kv"], x, y
+    )
     rows = {line.split()[0]: line for line in opt.describe().splitlines()[2:]}
-    assert "fallback" in rows["attn.in_proj_bias"] and "shared by the q/k/v" in \
-        rows["attn.in_proj_bias"]
+    assert (
+        "fallback" in rows["attn.in_proj_bias"]
+        and "shared by the q/k/v" in rows["attn.in_proj_bias"]
+    )
 
 
 class CrossAttention(nn.Module):
@@ -103,8 +116,11 @@ def test_transformer_encoder_layers_are_preconditioned_and_exact(batch_first, re
     torch.manual_seed(0)
     model = TinyEncoder(batch_first).train()
     x, y = tokens(n=4, t=6)
-    layers = [f"encoder.layers.{i}.{name}" for i in range(2)
-              for name in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")]
+    layers = [
+        f"encoder.layers.{i}.{name}"
+        for i in range(2)
+        for name in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")
+    ]
     opt = check_exact(model, layers + ["embed", "head"], x, y)
     # every Linear and projection has curvature, and nothing warned of a missing one
     assert all(c.ready for c in opt.curvature.curvatures)
@@ -121,8 +137,9 @@ class TinyTransformer(nn.Module):
         super().__init__()
         self.batch_first = batch_first
         self.embed = nn.Linear(5, 8)
-        self.transformer = nn.Transformer(8, 2, 1, 1, dim_feedforward=16, dropout=0.0,
-                                          batch_first=batch_first, norm_first=True)
+        self.transformer = nn.Transformer(
+            8, 2, 1, 1, dim_feedforward=16, dropout=0.0, batch_first=batch_first, norm_first=True
+        )
         self.head = nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,24 +149,40 @@ class TinyTransformer(nn.Module):
         causal = nn.Transformer.generate_square_subsequent_mask(3)
         if not self.batch_first:
             src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
-        out = self.transformer(src, tgt, tgt_mask=causal, tgt_is_causal=True,
-                               src_key_padding_mask=pad, memory_key_padding_mask=pad)
+        out = self.transformer(
+            src,
+            tgt,
+            tgt_mask=causal,
+            tgt_is_causal=True,
+            src_key_padding_mask=pad,
+            memory_key_padding_mask=pad,
+        )
         return self.head(out.mean(1 if self.batch_first else 0))
 
 
-@pytest.mark.parametrize("settings", [EXACT_EXPLICIT, EXACT_IMPLICIT],
-                         ids=["explicit", "implicit"])
+@pytest.mark.parametrize("settings", [EXACT_EXPLICIT, EXACT_IMPLICIT], ids=["explicit", "implicit"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
 def test_transformer_decoder_and_cross_attention_are_preconditioned_and_exact(
-        settings, batch_first, recwarn):
+    settings, batch_first, recwarn
+):
     torch.manual_seed(0)
     model = TinyTransformer(batch_first).train()
     x, y = tokens(n=4, t=6)
-    encoder = [f"transformer.encoder.layers.0.{name}"
-               for name in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")]
-    decoder = [f"transformer.decoder.layers.0.{name}"
-               for name in ("self_attn.in_proj", "self_attn.out_proj", "multihead_attn.in_proj",
-                            "multihead_attn.out_proj", "linear1", "linear2")]
+    encoder = [
+        f"transformer.encoder.layers.0.{name}"
+        for name in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")
+    ]
+    decoder = [
+        f"transformer.decoder.layers.0.{name}"
+        for name in (
+            "self_attn.in_proj",
+            "self_attn.out_proj",
+            "multihead_attn.in_proj",
+            "multihead_attn.out_proj",
+            "linear1",
+            "linear2",
+        )
+    ]
     opt = check_exact(model, encoder + decoder + ["embed", "head"], x, y, **settings)
     assert all(c.ready for c in opt.curvature.curvatures)
     assert not [w for w in recwarn if "no curvature" in str(w.message)]
@@ -201,8 +234,11 @@ def test_a_misread_batch_dimension_is_an_error_and_batch_first_false_is_exact():
     y = torch.randint(0, 3, (6,))
     opt = SENG(model)
     F.cross_entropy(model(x), y).backward()
-    with pytest.raises(ValueError, match=r"different batch sizes in one forward \('mix': 5, "
-                                         r"'head': 6\).*batch_first=False"):
+    with pytest.raises(
+        ValueError,
+        match=r"different batch sizes in one forward \('mix': 5, "
+        r"'head': 6\).*batch_first=False",
+    ):
         opt.step()
     check_exact(model, ["mix", "head"], x, y, **EXACT_EXPLICIT, batch_first=False)
 
@@ -214,8 +250,9 @@ def test_batch_first_must_be_a_bool():
 
 def _attention_calls(opt: SENG) -> dict[str, int]:
     """How many calls of each attention block the capture holds."""
-    return {b.name: len(r.inputs) for b, r in opt.curvature.capture.records.items()
-            if b.via is not None}
+    return {
+        b.name: len(r.inputs) for b, r in opt.curvature.capture.records.items() if b.via is not None
+    }
 
 
 def test_another_thread_calling_linear_during_an_armed_attention_forward_is_unaffected():
@@ -251,8 +288,9 @@ def test_a_users_patch_of_linear_is_called_during_attention_and_kept(when, monke
     torch.manual_seed(0)
     calls = []
 
-    def patched(input: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+    def patched(
+        input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         calls.append(weight.shape)
         return STOCK_LINEAR(input, weight, bias)
 
@@ -288,8 +326,13 @@ def test_torch_compile_runs_and_leaves_the_attention_projections_to_the_fallback
             opt.step()
             losses.append(loss.item())
     assert losses[-1] < losses[0]
-    has_curvature = {c.block.name: "K" in opt.state[c.block.weight]
-                     for c in opt.curvature.curvatures}
-    assert has_curvature == {"embed": True, "attn.in_proj": False, "attn.out_proj": False,
-                             "head": True}
+    has_curvature = {
+        c.block.name: "K" in opt.state[c.block.weight] for c in opt.curvature.curvatures
+    }
+    assert has_curvature == {
+        "embed": True,
+        "attn.in_proj": False,
+        "attn.out_proj": False,
+        "head": True,
+    }
     assert F.linear is STOCK_LINEAR

@@ -19,8 +19,9 @@ def test_plan_fills_buckets_in_ready_order_and_keeps_the_last_one_small():
     # The last bucket holds at least one unit, however large.
     assert BucketPlan.build([10, 500], order=[0, 1], cap=250).buckets == ((0,), (1,))
     # It is never larger than a bucket.
-    assert BucketPlan.build([100] * 3, order=[2, 1, 0], cap=150, last_cap=LAST_BUCKET_BYTES
-                            ).buckets == ((2, 1), (0,))
+    assert BucketPlan.build(
+        [100] * 3, order=[2, 1, 0], cap=150, last_cap=LAST_BUCKET_BYTES
+    ).buckets == ((2, 1), (0,))
     assert BucketPlan.single(3).buckets == ((0, 1, 2),)
     assert BucketPlan.build([], order=[], cap=10).buckets == ((),)
 
@@ -45,8 +46,17 @@ class Recorder:
 
     def __call__(self, units: Sequence[int]) -> list[list[Tensor]]:
         self.taken.append(tuple(units))
-        return [[torch.cat([torch.zeros_like(p).reshape(-1) if p.grad is None else
-                            p.grad.reshape(-1) for p in self.units[u]])] for u in units]
+        return [
+            [
+                torch.cat(
+                    [
+                        torch.zeros_like(p).reshape(-1) if p.grad is None else p.grad.reshape(-1)
+                        for p in self.units[u]
+                    ]
+                )
+            ]
+            for u in units
+        ]
 
 
 class Driver:
@@ -90,8 +100,9 @@ def test_buckets_start_during_backward_in_plan_order_the_last_in_finish():
     out = buckets.finish(late, None)
     assert late.taken == [(0,)]
     assert [len(p) for p in out] == [1] * 4
-    assert torch.equal(out[3][0], torch.cat([p.grad.reshape(-1)
-                                             for p in model.layers[3].parameters()]))
+    assert torch.equal(
+        out[3][0], torch.cat([p.grad.reshape(-1) for p in model.layers[3].parameters()])
+    )
     assert buckets.started == 0  # finish resets: the next pass starts from the first bucket
 
 

@@ -32,18 +32,28 @@ def _data(shape, n=10, classes=4, seed=0):
 
 def test_inplace_relu_directly_on_layer_outputs():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Flatten(),
-                          nn.Linear(3 * 4 * 4, 8), nn.ReLU(inplace=True), nn.Linear(8, 4))
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 8),
+        nn.ReLU(inplace=True),
+        nn.Linear(8, 4),
+    )
     x, y = _data((2, 6, 6))
     _check_exact(model, ["0", "3", "5"], x, y)
 
 
-@pytest.mark.parametrize("conv", [
-    dict(kernel_size=3, stride=2, padding=1),
-    dict(kernel_size=3, dilation=2, padding=2, bias=False),
-    dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 0)),
-    dict(kernel_size=4, padding="same"),  # even kernel: asymmetric padding
-], ids=["stride-pad", "dilation-nobias", "rect", "same-even"])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=3, dilation=2, padding=2, bias=False),
+        dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 0)),
+        dict(kernel_size=4, padding="same"),  # even kernel: asymmetric padding
+    ],
+    ids=["stride-pad", "dilation-nobias", "rect", "same-even"],
+)
 def test_conv2d_variants_are_exact(conv):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, **conv), nn.Flatten(), nn.LazyLinear(4))
@@ -66,14 +76,22 @@ def _random_running_stats(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("shape,layers", [
-    ((5,), [nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4)]),
-    ((3, 5), [nn.Conv1d(3, 6, 1), nn.BatchNorm1d(6), nn.ReLU(), nn.Flatten(),
-              nn.Linear(30, 4)]),
-    ((2, 5, 5), [nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-                 nn.Linear(27, 4)]),
-    ((1, 3, 4, 4), [nn.BatchNorm3d(1), nn.Flatten(), nn.Linear(48, 4)]),
-], ids=["bn1d", "bn1d-seq", "bn2d", "bn3d"])
+@pytest.mark.parametrize(
+    "shape,layers",
+    [
+        ((5,), [nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4)]),
+        (
+            (3, 5),
+            [nn.Conv1d(3, 6, 1), nn.BatchNorm1d(6), nn.ReLU(), nn.Flatten(), nn.Linear(30, 4)],
+        ),
+        (
+            (2, 5, 5),
+            [nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 4)],
+        ),
+        ((1, 3, 4, 4), [nn.BatchNorm3d(1), nn.Flatten(), nn.Linear(48, 4)]),
+    ],
+    ids=["bn1d", "bn1d-seq", "bn2d", "bn3d"],
+)
 def test_batchnorm_in_eval_mode_is_exact(shape, layers):
     torch.manual_seed(0)
     model = _random_running_stats(nn.Sequential(*layers))
@@ -87,8 +105,9 @@ def test_batchnorm_in_eval_mode_is_exact(shape, layers):
 
 def test_batchnorm_with_frozen_shift_is_exact_on_its_scale():
     torch.manual_seed(0)
-    model = _random_running_stats(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6),
-                                                nn.ReLU(), nn.Linear(6, 4)))
+    model = _random_running_stats(
+        nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4))
+    )
     model[1].bias.requires_grad_(False)
     x, y = _data((5,))
     opt = _check_exact(model, ["1"], x, y)
@@ -99,8 +118,9 @@ def test_batchnorm_per_sample_gradients_in_train_mode_sum_to_the_batch_gradient(
     # x̂ with the whole batch's statistics, of which the curvature batch is a part: the
     # per-sample rows of γ and β (statistics held constant) add up to autograd's gradient.
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(27, 4))
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 4)
+    )
     x, y = _data((2, 5, 5), n=16)
     twin = copy.deepcopy(model)
     opt = SENG(model, curvature_batch_size=None, sketch_size=None)
@@ -111,7 +131,7 @@ def test_batchnorm_per_sample_gradients_in_train_mode_sum_to_the_batch_gradient(
     opt.step()
     rows = opt.state[bn.weight]["U"]
     assert rows.shape == (16, 6)
-    total = rows.sum(0).view(3, 2) * 16 ** 0.5 / 16  # rows are ∇ψ_i/√ϱ
+    total = rows.sum(0).view(3, 2) * 16**0.5 / 16  # rows are ∇ψ_i/√ϱ
     assert relative_error(total, grad) < 1e-5
     # with a curvature batch of 4 the rows are the first 4 samples', normalised as above
     opt = SENG(twin, curvature_batch_size=4, sketch_size=None)
@@ -224,8 +244,12 @@ def test_uncalled_layer_falls_back_with_warning():
 
 
 def test_reflect_padded_conv_and_skip_layers_go_to_fallback():
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
-                          nn.Linear(4 * 3 * 3, 2), nn.Linear(2, 2))
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 2),
+        nn.Linear(2, 2),
+    )
     with pytest.warns(UserWarning, match="padding_mode='reflect'"):
         opt = SENG(model, skip_layers=["3"])
     assert [b.name for b in opt.blocks] == ["2"]
@@ -277,10 +301,11 @@ class Stack(nn.Module):
 STACK = ["body", "mid", "head"]
 
 
-@pytest.mark.parametrize("model", [Stack("reentrant"), Stack("non-reentrant"),
-                                   Stack(extra_call=True)],
-                         ids=["reentrant-checkpoint", "non-reentrant-checkpoint",
-                              "detached-extra-call"])
+@pytest.mark.parametrize(
+    "model",
+    [Stack("reentrant"), Stack("non-reentrant"), Stack(extra_call=True)],
+    ids=["reentrant-checkpoint", "non-reentrant-checkpoint", "detached-extra-call"],
+)
 def test_checkpointed_layers_and_extra_calls_keep_their_exact_curvature(model):
     torch.manual_seed(0)
     model.load_state_dict(Stack().state_dict())

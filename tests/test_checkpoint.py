@@ -33,14 +33,15 @@ def release():
 
 
 #: float32's unit roundoff
-U32 = 2.0 ** -24
+U32 = 2.0**-24
 #: The longest sum of a tail step: the conv's and the sequence Linear's weight gradients, over
 #: 16 samples × 16 positions (the curvature's sums are shorter: ϱ = 10, 24 sketched columns).
 LONGEST_SUM = 16 * 16
 
 
-def _rounding_bound(norm: float, steps: list[float], cond: float, settings: dict[str, Any],
-                    tail: int) -> float:
+def _rounding_bound(
+    norm: float, steps: list[float], cond: float, settings: dict[str, Any], tail: int
+) -> float:
     """How far a parameter tensor's end of the release's tail, run in float32 on two machines
     whose kernels round differently, can be apart: ``norm`` its ‖θ‖ before the tail, ``steps``
     its moves ‖lr·v‖ (the checkpoint's momentum, then each step's), ``cond`` the largest
@@ -64,7 +65,8 @@ def _rounding_bound(norm: float, steps: list[float], cond: float, settings: dict
     """
     path = sum(steps)
     per_machine = tail * U32 * (norm + path) + (
-        tail * LONGEST_SUM * U32 * cond * (1 + settings["momentum"]) * path)
+        tail * LONGEST_SUM * U32 * cond * (1 + settings["momentum"]) * path
+    )
     return 2 * per_machine
 
 
@@ -76,6 +78,7 @@ def _damped_condition(grams: list[torch.Tensor], damping: float) -> float:
 @pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
 def test_a_release_checkpoint_resumes_as_that_release_did(release, variant):
     from make_release_checkpoint import train  # the release's own training loop (data/)
+
     run = release["runs"][variant]
     settings, head, tail = release["settings"], release["head"], release["tail"]
     model = MixedNet().train()
@@ -89,13 +92,19 @@ def test_a_release_checkpoint_resumes_as_that_release_did(release, variant):
     assert opt.step_count == head and opt.curvature_updates == 2
     weight = opt.blocks[0].weight
     assert opt.state[weight]["K"].dtype == torch.float32
-    indices = [t for b in opt.blocks for t in opt.state[b.weight].values()
-               if torch.is_tensor(t) and not t.is_floating_point()]
+    indices = [
+        t
+        for b in opt.blocks
+        for t in opt.state[b.weight].values()
+        if torch.is_tensor(t) and not t.is_floating_point()
+    ]
     assert indices and all(t.dtype == torch.int64 for t in indices)
     params = dict(model.named_parameters())
     norms = {n: float(p.detach().norm()) for n, p in params.items()}
-    steps = {n: [settings["lr"] * float(opt.state[p]["momentum_buffer"].norm())]
-             for n, p in params.items()}
+    steps = {
+        n: [settings["lr"] * float(opt.state[p]["momentum_buffer"].norm())]
+        for n, p in params.items()
+    }
     grams = [opt.state[b.weight]["K"] for b in opt.blocks]
     for k in range(head, head + tail):
         before = {n: p.detach().clone() for n, p in params.items()}
@@ -103,8 +112,9 @@ def test_a_release_checkpoint_resumes_as_that_release_did(release, variant):
         for n, p in params.items():
             steps[n].append(float((p.detach() - before[n]).norm()))
     assert opt.curvature_updates == 3  # the tail's last step rebuilds the curvature
-    cond = _damped_condition(grams + [opt.state[b.weight]["K"] for b in opt.blocks],
-                             settings["damping"])
+    cond = _damped_condition(
+        grams + [opt.state[b.weight]["K"] for b in opt.blocks], settings["damping"]
+    )
     # The release ran on another machine, whose kernels round otherwise: its parameters are
     # matched to float32's rounding over the tail (_rounding_bound), not bit for bit (the
     # next test holds a resume on one machine to that). The rebuild's discrete choices are
@@ -120,12 +130,12 @@ def test_a_release_checkpoint_resumes_as_that_release_did(release, variant):
 
 
 @pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
-def test_a_run_resumed_from_a_release_checkpoint_resumes_bit_exactly_once_saved(release,
-                                                                                variant):
+def test_a_run_resumed_from_a_release_checkpoint_resumes_bit_exactly_once_saved(release, variant):
     # On one machine a resume is bit-exact: the release's checkpoint run through the tail, and
     # run one step, saved, loaded into a new model and optimizer and run through the rest (the
     # curvature rebuilt at the last step), end at the same parameters bit for bit.
     from make_release_checkpoint import train
+
     head, tail = release["head"], release["tail"]
     straight = _resumed(release, variant, variant)
     train(*straight, range(head, head + tail))
@@ -134,30 +144,37 @@ def test_a_run_resumed_from_a_release_checkpoint_resumes_bit_exactly_once_saved(
     saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
     again = MixedNet().train()
     again.load_state_dict(saved["model"])
-    again_opt = SENG(again, variant=variant, uc="factored", skip_layers="bn",
-                     **release["settings"])
+    again_opt = SENG(again, variant=variant, uc="factored", skip_layers="bn", **release["settings"])
     again_opt.load_state_dict(saved["opt"])
     train(again, again_opt, range(head + 1, head + tail))
     assert again_opt.curvature_updates == 3
     assert _equal(_params(straight[0]), _params(again))
 
 
-@pytest.mark.parametrize("setting, message", [
-    (dict(sketch_method="uniform"), "sketch_method='leverage' \\(here 'uniform'\\)"),
-    # a setting newer than the release: the checkpoint was written with its default then
-    (dict(damping_diagonal="adam"), "damping_diagonal='identity' \\(here 'adam'\\)"),
-])
-def test_a_release_checkpoint_is_refused_for_other_curvature_settings(release, setting,
-                                                                      message):
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (dict(sketch_method="uniform"), "sketch_method='leverage' \\(here 'uniform'\\)"),
+        # a setting newer than the release: the checkpoint was written with its default then
+        (dict(damping_diagonal="adam"), "damping_diagonal='identity' \\(here 'adam'\\)"),
+    ],
+)
+def test_a_release_checkpoint_is_refused_for_other_curvature_settings(release, setting, message):
     run = release["runs"]["lagged"]
-    opt = SENG(MixedNet(), variant="lagged", uc="factored", skip_layers="bn",
-               **dict(release["settings"], **setting))
+    opt = SENG(
+        MixedNet(),
+        variant="lagged",
+        uc="factored",
+        skip_layers="bn",
+        **dict(release["settings"], **setting),
+    )
     with pytest.raises(ValueError, match=message):
         opt.load_state_dict(run["opt"])
 
 
-def _resumed(release: dict, saved: str, variant: str, state: dict | None = None,
-             uc: str = "factored") -> tuple[MixedNet, SENG]:
+def _resumed(
+    release: dict, saved: str, variant: str, state: dict | None = None, uc: str = "factored"
+) -> tuple[MixedNet, SENG]:
     """The release's ``saved`` run (or ``state`` of that model) resumed under ``variant``."""
     run = release["runs"][saved]
     model = MixedNet().train()
@@ -214,15 +231,20 @@ def test_a_checkpoint_resumes_under_the_other_uc_mode(release):
     assert opt.curvature_updates == 2
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     after = _step(model, opt)
-    assert all(torch.isfinite(p).all() and not torch.equal(p, before[n])
-               for n, p in after.items())
+    assert all(torch.isfinite(p).all() and not torch.equal(p, before[n]) for n, p in after.items())
 
 
 def test_a_checkpoint_naming_a_setting_by_its_old_name_resumes_bit_exactly():
     # A checkpoint written before a setting was renamed holds it under the old name (release
     # 0.1.0's holds rank): one saved now, its settings renamed back, resumes as saved.
-    settings = dict(explicit_threshold=32, sketch_size=12, factor_rank=2, factor_sketch_size=10,
-                    sketch_method="leverage", curvature_update_interval=3)
+    settings = dict(
+        explicit_threshold=32,
+        sketch_size=12,
+        factor_rank=2,
+        factor_sketch_size=10,
+        sketch_method="leverage",
+        curvature_update_interval=3,
+    )
     model = make_mixed().train()
     opt = SENG(model, **settings)
     train_steps(model, opt, range(2), 0)
@@ -264,8 +286,9 @@ def _compiled_and_plain_state(compiled_first: bool) -> tuple[dict, SENG]:
     return opt.state_dict(), SENG(forms[1](make_mixed().train()), curvature_update_interval=1)
 
 
-@pytest.mark.parametrize("compiled_first", [True, False], ids=["compiled->plain",
-                                                                "plain->compiled"])
+@pytest.mark.parametrize(
+    "compiled_first", [True, False], ids=["compiled->plain", "plain->compiled"]
+)
 def test_states_move_between_a_compiled_and_a_plain_model(compiled_first):
     state, other = _compiled_and_plain_state(compiled_first)
     assert [b[0] for b in state["seng"]["blocks"]] == ["conv", "bn", "seq", "head"]
@@ -297,22 +320,32 @@ def _resume_rank_zeros_state(rank: int, world: int, config: dict) -> dict[str, A
             opt.curvature.drop()
         before = opt.curvature_updates
         train_steps(model, opt, range(2, 4), rank)
-        return {"warnings": [str(w.message) for w in said if "curvature of rank" in str(
-                    w.message)],
-                "rebuilt": opt.curvature_updates - before,
-                "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+        return {
+            "warnings": [str(w.message) for w in said if "curvature of rank" in str(w.message)],
+            "rebuilt": opt.curvature_updates - before,
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        }
 
-    return {"foreign": resume(zeros, False), "expected": resume(own, rank != 0),
-            "legacy": resume(legacy, False)}
+    return {
+        "foreign": resume(zeros, False),
+        "expected": resume(own, rank != 0),
+        "legacy": resume(legacy, False),
+    }
 
 
 @pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
 def test_one_ranks_state_loaded_on_every_rank_is_said_and_rebuilt_on_the_others(variant):
     # Overlapped in tiny buckets: rank 1 rebuilds at step 2, rank 0 does not; what their early
     # buckets carry follows the schedule, the same on both.
-    config = dict(variant=variant, bucket_size_mb=2e-4,
-                  explicit_threshold=32, sketch_size=12, factor_rank=2, factor_sketch_size=10,
-                  sketch_method="leverage")
+    config = dict(
+        variant=variant,
+        bucket_size_mb=2e-4,
+        explicit_threshold=32,
+        sketch_size=12,
+        factor_rank=2,
+        factor_sketch_size=10,
+        sketch_method="leverage",
+    )
     ranks = run_ranks(_resume_rank_zeros_state, 2, config, timeout=240)
     assert ranks[0]["foreign"]["warnings"] == [] and ranks[0]["foreign"]["rebuilt"] == 0
     [said] = ranks[1]["foreign"]["warnings"]

@@ -21,8 +21,9 @@ def test_pack_and_unpack_round_trip_shapes_and_dtypes():
     half = _pack(tensors, torch.bfloat16)
     assert half.dtype == torch.bfloat16
     _unpack(half, targets)  # back into float32 tensors, rounded through bf16
-    assert all(torch.allclose(a, b, rtol=1e-2, atol=1e-2)
-               for a, b in zip(tensors, targets, strict=True))
+    assert all(
+        torch.allclose(a, b, rtol=1e-2, atol=1e-2) for a, b in zip(tensors, targets, strict=True)
+    )
 
 
 def test_object_bytes_round_trip_from_a_gathered_row_without_numpy(monkeypatch):
@@ -35,8 +36,8 @@ def test_object_bytes_round_trip_from_a_gathered_row_without_numpy(monkeypatch):
     data = _to_bytes(obj)
     # allgather_object decodes a row of the gathered table: a view at an offset, with padding.
     rows = torch.full((2, data.numel() + 5), 7, dtype=torch.uint8)
-    rows[1, :data.numel()] = data
-    back = _from_bytes(rows[1, :data.numel()])
+    rows[1, : data.numel()] = data
+    back = _from_bytes(rows[1, : data.numel()])
     assert torch.equal(back["t"], obj["t"]) and back["s"] == ["x", 1]
 
 
@@ -86,8 +87,15 @@ def _collectives(rank: int, world: int) -> dict:
     first.wait()
     second.wait()
     comm.allreduce_mean_([k], name="r2")
-    buckets = (g_before, g.clone(), h.clone(), k.clone(), comm.collectives, comm.rounds,
-               [c.round for c in comm.calls])
+    buckets = (
+        g_before,
+        g.clone(),
+        h.clone(),
+        k.clone(),
+        comm.collectives,
+        comm.rounds,
+        [c.round for c in comm.calls],
+    )
     comm.reset()
     f = torch.full((3,), float(rank))
     comm.broadcast_([f], name="bcast", src=world - 1)
@@ -97,8 +105,14 @@ def _collectives(rank: int, world: int) -> dict:
         mismatch = ""
     except ValueError as err:
         mismatch = str(err)
-    return {"mixed": mixed, "cast": cast, "buckets": buckets, "bcast": f,
-            "gathered": gathered, "mismatch": mismatch}
+    return {
+        "mixed": mixed,
+        "cast": cast,
+        "buckets": buckets,
+        "bcast": f,
+        "gathered": gathered,
+        "mismatch": mismatch,
+    }
 
 
 def test_fused_collectives_on_three_gloo_ranks():

@@ -15,8 +15,10 @@ from seng_dist.deepspeed import seng_params
 from seng_dist.diagonal import AdamDiagonal, IdentityDiagonal
 from seng_dist.rounds import BlockDiagonalRound, LaggedRound
 
-RANK_RENAMED = ("SENG: the setting 'rank' was renamed 'factor_rank'; rank=2 was taken as "
-                "factor_rank=2. The old name will be removed in a future release")
+RANK_RENAMED = (
+    "SENG: the setting 'rank' was renamed 'factor_rank'; rank=2 was taken as "
+    "factor_rank=2. The old name will be removed in a future release"
+)
 
 
 def _net() -> nn.Module:
@@ -54,8 +56,10 @@ def test_a_setting_given_under_both_names_is_refused_naming_both():
 
 
 def test_a_ds_config_may_name_the_old_setting():
-    cfg = {"train_micro_batch_size_per_gpu": 8,
-           "optimizer": {"type": "SENG", "params": {"rank": 2, "lr": 0.1}}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 8,
+        "optimizer": {"type": "SENG", "params": {"rank": 2, "lr": 0.1}},
+    }
     with pytest.warns(SENGDeprecationWarning, match="renamed 'factor_rank'"):
         params = seng_params(cfg)
     assert params == {"factor_rank": 2, "lr": 0.1, "gradient_accumulation_steps": 1}
@@ -64,8 +68,9 @@ def test_a_ds_config_may_name_the_old_setting():
         seng_params(cfg)
 
 
-@pytest.mark.parametrize("setting, kind", [("variant", Variant),
-                                           ("damping_diagonal", DampingDiagonal)])
+@pytest.mark.parametrize(
+    "setting, kind", [("variant", Variant), ("damping_diagonal", DampingDiagonal)]
+)
 def test_named_choices_are_enums_that_compare_and_save_as_their_strings(setting, kind):
     for choice in kind:
         config = SENGConfig.from_settings(**{setting: choice.value})
@@ -84,7 +89,10 @@ def test_each_variant_and_diagonal_has_its_class():
     model = _net()
     rounds = {v: type(SENG(model, variant=v.value).round) for v in Variant}
     assert rounds == {Variant.BLOCKDIAG: BlockDiagonalRound, Variant.LAGGED: LaggedRound}
-    diagonals = {d: type(SENG(model, damping_diagonal=d.value).round.diagonal)
-                 for d in DampingDiagonal}
-    assert diagonals == {DampingDiagonal.IDENTITY: IdentityDiagonal,
-                         DampingDiagonal.ADAM: AdamDiagonal}
+    diagonals = {
+        d: type(SENG(model, damping_diagonal=d.value).round.diagonal) for d in DampingDiagonal
+    }
+    assert diagonals == {
+        DampingDiagonal.IDENTITY: IdentityDiagonal,
+        DampingDiagonal.ADAM: AdamDiagonal,
+    }

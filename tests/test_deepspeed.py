@@ -21,8 +21,11 @@ from seng_dist.deepspeed import SENG_PARAMS, seng_params
 
 needs_ds = requires_engine("deepspeed", "ci/install_deepspeed.sh")
 
-BASE = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 0}}
+BASE = {
+    "train_micro_batch_size_per_gpu": 8,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 0},
+}
 
 
 def ds_config(**seng) -> dict:
@@ -33,6 +36,7 @@ def _ds_train(rank: int, world: int, configs: dict) -> dict:
     import deepspeed
 
     import seng_dist.deepspeed as plugin
+
     deepspeed.init_distributed(dist_backend="gloo")
     out: dict[str, Any] = {}
     for name, cfg in configs.items():
@@ -47,36 +51,54 @@ def _ds_train(rank: int, world: int, configs: dict) -> dict:
                 engine.backward(loss)
                 engine.step()
             params.append({n: p.detach().clone() for n, p in engine.module.named_parameters()})
-        out[name] = {"params": params, "backward_allreduce": engine.enable_backward_allreduce,
-                     "type": type(opt).__name__}
+        out[name] = {
+            "params": params,
+            "backward_allreduce": engine.enable_backward_allreduce,
+            "type": type(opt).__name__,
+        }
     # A config whose optimizer is not SENG goes to deepspeed.initialize untouched.
-    engine, opt, _, _ = plugin.initialize(model=make_mixed(), config=dict(
-        BASE, optimizer={"type": "SGD", "params": {"lr": 0.1}}))
+    engine, opt, _, _ = plugin.initialize(
+        model=make_mixed(), config=dict(BASE, optimizer={"type": "SGD", "params": {"lr": 0.1}})
+    )
     out["passthrough"] = type(opt).__name__
     return out
 
 
 # test_distributed's configs but the Adam-diagonal ones: those run in float64 there, and this
 # engine trains in float32 (the plugin builds the same SENG whatever its damping).
-PLAIN = [f"{path}-{variant}" for path in ("explicit", "factored", "sketched")
-         for variant in ("blockdiag", "lagged", "lagged-overlap")]
+PLAIN = [
+    f"{path}-{variant}"
+    for path in ("explicit", "factored", "sketched")
+    for variant in ("blockdiag", "lagged", "lagged-overlap")
+]
 JOBS = {name: ds_config(**CONFIGS[name]) for name in PLAIN}
 
 
 def _accumulated(variant: str) -> tuple[dict, dict]:
     seng = dict(CONFIGS[f"factored-{variant}"], curvature_batch_size=4)  # variant-overlap too
-    return (dict(ds_config(**seng), train_micro_batch_size_per_gpu=4,
-                 gradient_accumulation_steps=2), seng)
+    return (
+        dict(ds_config(**seng), train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2),
+        seng,
+    )
 
 
 ACCUMULATED = ("blockdiag", "lagged", "lagged-overlap")
 JOBS.update({f"accumulated-{v}": _accumulated(v)[0] for v in ACCUMULATED})
 # A norm the averaged gradient exceeds, so every step is clipped.
-JOBS.update({f"clipped-{v}": dict(ds_config(**CONFIGS[f"factored-{v}"]), gradient_clipping=0.05)
-             for v in ("blockdiag", "lagged")})
-EMULATED = dict(CONFIGS, **{f"accumulated-{v}": _accumulated(v)[1] for v in ACCUMULATED},
-                **{f"clipped-{v}": dict(CONFIGS[f"factored-{v}"], max_grad_norm=0.05)
-                   for v in ("blockdiag", "lagged")})
+JOBS.update(
+    {
+        f"clipped-{v}": dict(ds_config(**CONFIGS[f"factored-{v}"]), gradient_clipping=0.05)
+        for v in ("blockdiag", "lagged")
+    }
+)
+EMULATED = dict(
+    CONFIGS,
+    **{f"accumulated-{v}": _accumulated(v)[1] for v in ACCUMULATED},
+    **{
+        f"clipped-{v}": dict(CONFIGS[f"factored-{v}"], max_grad_norm=0.05)
+        for v in ("blockdiag", "lagged")
+    },
+)
 
 
 @needs_ds
@@ -87,8 +109,10 @@ def test_plugin_built_seng_equals_the_emulation_and_the_torch_run_for_both_varia
     for rank, res in enumerate(ranks):
         assert res["passthrough"] != "SENG"
         for name in PLAIN:
-            assert _displacement_error(res[name]["params"], torch_runs[rank][name]["params"],
-                                       start) <= 1e-6, name
+            assert (
+                _displacement_error(res[name]["params"], torch_runs[rank][name]["params"], start)
+                <= 1e-6
+            ), name
     for name in JOBS:
         ref = _emulated(2, EMULATED[name])
         for res in ranks:
@@ -99,18 +123,30 @@ def test_plugin_built_seng_equals_the_emulation_and_the_torch_run_for_both_varia
             assert _displacement_error(run["params"], ref, start) <= 1e-6, name
 
 
-@pytest.mark.parametrize("cfg, message", [
-    (ds_config(damping=1.0, dampening=0.1), "unknown params \\['dampening'\\]; valid params"),
-    (dict(ds_config(), zero_optimization={"stage": 1}),
-     'stage=1: SENG needs stage 0.* Set "zero_optimization": {"stage": 0}'),
-    (dict(ds_config(), fp16={"enabled": True}), 'fp16.enabled=true is not supported.*Replace '
-     'the "fp16" section by "torch_autocast": {"enabled": true, "dtype": "float16"}'),
-    (dict(ds_config(), bf16={"enabled": True}), 'bf16.enabled=true is not supported.*'
-     '"dtype": "bfloat16"'),
-    (dict(ds_config(gradient_accumulation_steps=2), gradient_accumulation_steps=4),
-     "gradient_accumulation_steps=2 differs from the config's gradient_accumulation_steps=4"),
-    (dict(ds_config(max_grad_norm=2.0), gradient_clipping=1.0), "give the clipping norm once"),
-])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (ds_config(damping=1.0, dampening=0.1), "unknown params \\['dampening'\\]; valid params"),
+        (
+            dict(ds_config(), zero_optimization={"stage": 1}),
+            'stage=1: SENG needs stage 0.* Set "zero_optimization": {"stage": 0}',
+        ),
+        (
+            dict(ds_config(), fp16={"enabled": True}),
+            "fp16.enabled=true is not supported.*Replace "
+            'the "fp16" section by "torch_autocast": {"enabled": true, "dtype": "float16"}',
+        ),
+        (
+            dict(ds_config(), bf16={"enabled": True}),
+            'bf16.enabled=true is not supported.*"dtype": "bfloat16"',
+        ),
+        (
+            dict(ds_config(gradient_accumulation_steps=2), gradient_accumulation_steps=4),
+            "gradient_accumulation_steps=2 differs from the config's gradient_accumulation_steps=4",
+        ),
+        (dict(ds_config(max_grad_norm=2.0), gradient_clipping=1.0), "give the clipping norm once"),
+    ],
+)
 def test_config_errors_name_the_key(cfg, message):
     with pytest.raises(ValueError, match=message):
         seng_params(cfg)
@@ -120,14 +156,20 @@ def test_other_optimizers_pass_through_and_valid_params_are_listed():
     assert seng_params(dict(BASE, optimizer={"type": "Adam", "params": {"lr": 1e-3}})) is None
     assert seng_params(BASE) is None
     assert seng_params(ds_config(lr=0.1, variant="lagged")) == {
-        "lr": 0.1, "variant": "lagged", "gradient_accumulation_steps": 1}
+        "lr": 0.1,
+        "variant": "lagged",
+        "gradient_accumulation_steps": 1,
+    }
     assert "curvature_update_interval" in SENG_PARAMS and "comm" not in SENG_PARAMS
 
 
 AUTOCAST = {
-    f"{dtype}-{variant}": dict(ds_config(**CONFIGS[f"factored-{variant}"]),
-                               torch_autocast={"enabled": True, "dtype": dtype})
-    for dtype, variant in (("bfloat16", "blockdiag"), ("bfloat16", "lagged"))}
+    f"{dtype}-{variant}": dict(
+        ds_config(**CONFIGS[f"factored-{variant}"]),
+        torch_autocast={"enabled": True, "dtype": dtype},
+    )
+    for dtype, variant in (("bfloat16", "blockdiag"), ("bfloat16", "lagged"))
+}
 
 
 @needs_ds
@@ -147,6 +189,7 @@ def _ds_fp16(rank: int, world: int, cfg: dict, steps: int) -> dict:
     import deepspeed
 
     import seng_dist.deepspeed as plugin
+
     deepspeed.init_distributed(dist_backend="gloo")
     engine, opt, _, _ = plugin.initialize(model=make_mixed(), config=cfg)
     scales = []
@@ -155,19 +198,29 @@ def _ds_fp16(rank: int, world: int, cfg: dict, steps: int) -> dict:
         engine.backward(F.cross_entropy(engine(x), y))
         scales.append(engine.torch_autocast_z0_gradscaler.get_scale())
         engine.step()
-    curvature = [t for b in opt.blocks for t in opt.state[b.weight].values()
-                 if torch.is_tensor(t) and t.is_floating_point()]
-    return {"scales": scales, "step_count": opt.step_count, "updates": opt.curvature_updates,
-            "finite": all(bool(torch.isfinite(t).all()) for t in curvature)
-            and all(bool(torch.isfinite(p).all()) for p in engine.module.parameters()),
-            "params": [p.detach().clone() for p in engine.module.parameters()]}
+    curvature = [
+        t
+        for b in opt.blocks
+        for t in opt.state[b.weight].values()
+        if torch.is_tensor(t) and t.is_floating_point()
+    ]
+    return {
+        "scales": scales,
+        "step_count": opt.step_count,
+        "updates": opt.curvature_updates,
+        "finite": all(bool(torch.isfinite(t).all()) for t in curvature)
+        and all(bool(torch.isfinite(p).all()) for p in engine.module.parameters()),
+        "params": [p.detach().clone() for p in engine.module.parameters()],
+    }
 
 
 @needs_ds
 @pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
 def test_fp16_autocast_skips_overflow_steps_and_keeps_the_curvature_finite(variant):
-    cfg = dict(ds_config(**CONFIGS[f"factored-{variant}"]),
-               torch_autocast={"enabled": True, "dtype": "float16"})
+    cfg = dict(
+        ds_config(**CONFIGS[f"factored-{variant}"]),
+        torch_autocast={"enabled": True, "dtype": "float16"},
+    )
     steps = 24
     ranks = run_ranks(_ds_fp16, 2, cfg, steps, timeout=300)
     for res in ranks:
@@ -175,14 +228,16 @@ def test_fp16_autocast_skips_overflow_steps_and_keeps_the_curvature_finite(varia
         skipped = sum(1 for a, b in pairwise(res["scales"]) if b < a)
         assert skipped >= 1 and res["step_count"] == steps - skipped
         assert res["updates"] >= 1 and res["finite"]
-    assert all(torch.equal(a, b)
-               for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True)
+    )
 
 
 def _ds_resume(rank: int, world: int, cfg: dict, ckpt: str) -> dict:
     import deepspeed
 
     import seng_dist.deepspeed as plugin
+
     deepspeed.init_distributed(dist_backend="gloo")
 
     def train(engine, ks):
@@ -201,8 +256,11 @@ def _ds_resume(rank: int, world: int, cfg: dict, ckpt: str) -> dict:
     engine.load_checkpoint(ckpt, tag="step2")
     resumed_step = opt.step_count
     train(engine, range(2, STEPS))
-    return {"straight": straight, "step": resumed_step,
-            "resumed": {n: p.detach().clone() for n, p in engine.module.named_parameters()}}
+    return {
+        "straight": straight,
+        "step": resumed_step,
+        "resumed": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+    }
 
 
 @needs_ds
@@ -224,12 +282,20 @@ def test_train_script_under_the_deepspeed_launcher_with_the_json_config(tmp_path
     cfg["train_micro_batch_size_per_gpu"] = 32
     cfg["scheduler"]["params"].update(total_num_steps=48, warmup_num_steps=4)
     (tmp_path / "ds.json").write_text(json.dumps(cfg))
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-           str(root / "examples" / "train.py"), "--deepspeed_config", str(tmp_path / "ds.json"),
-           "--train-limit", "3072"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        str(root / "examples" / "train.py"),
+        "--deepspeed_config",
+        str(tmp_path / "ds.json"),
+        "--train-limit",
+        "3072",
+    ]
     env = dict(os.environ, PYTHONPATH=str(root))
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                          cwd=tmp_path)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     lines = [ln for ln in done.stdout.splitlines() if "test accuracy:" in ln]
     assert len(lines) == 1 and "(seng, cnn, 1 epoch(s), 2 rank(s))" in lines[0], done.stdout
@@ -237,15 +303,17 @@ def test_train_script_under_the_deepspeed_launcher_with_the_json_config(tmp_path
 
 
 def test_missing_deepspeed_says_how_to_install_and_import_still_works():
-    code = ("import sys; sys.modules['deepspeed'] = None\n"
-            "import seng_dist, seng_dist.deepspeed as p\n"
-            "from conftest import make_mixed, python_output, requires_engine\n"
-            "for call in (lambda: seng_dist.SENG(make_mixed(), comm='deepspeed'),\n"
-            "             lambda: p.initialize(model=make_mixed(), config={})):\n"
-            "    try:\n"
-            "        call()\n"
-            "    except ImportError as e:\n"
-            "        print(e)\n")
+    code = (
+        "import sys; sys.modules['deepspeed'] = None\n"
+        "import seng_dist, seng_dist.deepspeed as p\n"
+        "from conftest import make_mixed, python_output, requires_engine\n"
+        "for call in (lambda: seng_dist.SENG(make_mixed(), comm='deepspeed'),\n"
+        "             lambda: p.initialize(model=make_mixed(), config={})):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ImportError as e:\n"
+        "        print(e)\n"
+    )
     out = python_output(code)
     assert out.count("ci/install_deepspeed.sh") == 2, out
 
@@ -253,6 +321,7 @@ def test_missing_deepspeed_says_how_to_install_and_import_still_works():
 @needs_ds
 def test_deepspeed_engine_without_init_says_to_initialise():
     from seng_dist import SENG
+
     with pytest.raises(ValueError, match="deepspeed.init_distributed"):
         SENG(make_mixed(), comm="deepspeed")
 
@@ -263,11 +332,19 @@ CLIENT = Path(__file__).resolve().parent / "clients" / "ds_cifar10.py"
 def _ds_client(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     """DeepSpeedExamples' CIFAR example with the SENG diff, under the deepspeed launcher on 2
     CPU ranks (``tests/clients/ds_cifar10.py``)."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", str(CLIENT),
-           "--out", str(tmp_path), *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        str(CLIENT),
+        "--out",
+        str(tmp_path),
+        *flags,
+    ]
     env = dict(os.environ, PYTHONPATH=str(CLIENT.parents[2]))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                          cwd=tmp_path)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
 
 
 @needs_ds
@@ -275,8 +352,10 @@ def test_the_official_cifar_example_with_seng_trains_and_says_where_lr_comes_fro
     done = _ds_client(tmp_path, "--max-steps", "60")
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     output = done.stdout + done.stderr
-    assert output.count('the learning rate comes from the ds_config "scheduler" section '
-                        "(WarmupLR") == 1, output[-3000:]  # rank 0, once
+    assert (
+        output.count('the learning rate comes from the ds_config "scheduler" section (WarmupLR')
+        == 1
+    ), output[-3000:]  # rank 0, once
     for rank in range(2):
         report = json.loads((tmp_path / f"{rank}.json").read_text())
         assert report["after_first_step"] == 1  # curvature from step 0

@@ -31,8 +31,12 @@ def test_describe_lists_every_parameter_with_its_path_and_why():
     torch.manual_seed(0)
     model = Net()
     with pytest.warns(UserWarning, match=r"'stem' \(ConvTranspose1d\) is not preconditioned"):
-        opt = SENG(model, explicit_threshold=200, factor_rank=2, param_groups=[
-            {"params": [model.bn.weight, model.bn.bias], "weight_decay": 0.0}])
+        opt = SENG(
+            model,
+            explicit_threshold=200,
+            factor_rank=2,
+            param_groups=[{"params": [model.bn.weight, model.bn.bias], "weight_decay": 0.0}],
+        )
     x, y = torch.randn(4, 1, 6, 6), torch.randint(0, 5, (4,))
     F.cross_entropy(model(x), y).backward()
     opt.step()
@@ -44,8 +48,10 @@ def test_describe_lists_every_parameter_with_its_path_and_why():
     bn = rows["bn.weight"].split()
     assert bn[1:4] == ["BatchNorm2d", "4x2", "explicit"] and bn[-3] == "0"  # own param group
     assert "(with the weight)" in rows["bn.bias"]
-    assert "explicit" in rows["conv.weight"] and "n = 40 < explicit_threshold 200" in \
-        rows["conv.weight"]
+    assert (
+        "explicit" in rows["conv.weight"]
+        and "n = 40 < explicit_threshold 200" in rows["conv.weight"]
+    )
     fc = rows["fc.weight"].split()
     curvature = next(c for c in opt.curvature.curvatures if c.block.name == "fc")
     assert fc[2:4] == ["32x65", "implicit"] and fc[-2] == "2"  # factor rank

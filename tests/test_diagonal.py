@@ -46,18 +46,24 @@ def _fallback_bound(u: torch.Tensor) -> float:
     """
     g = u.mean(0)
     diagonal = g.abs() + EPS
-    sensitivity = (u.abs().mean(0) * EPS / diagonal ** 2).norm() / (g / diagonal).norm()
+    sensitivity = (u.abs().mean(0) * EPS / diagonal**2).norm() / (g / diagonal).norm()
     return SUM_ROUNDING * float(sensitivity) + ELEMENTWISE_ROUNDING
 
 
-def _directions_at_a_still_second_moment(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                                         eps: float = EPS, **settings: Any
-                                         ) -> tuple[SENG, dict]:
+def _directions_at_a_still_second_moment(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = EPS, **settings: Any
+) -> tuple[SENG, dict]:
     """SENG's direction on (x, y) at its second step, the first taken with lr 0 on the same
     batch: ``v̂`` is then exactly ``g²`` both when the curvature is rebuilt and when it is
     applied, so ``D = |g| + ε``."""
-    opt = SENG(model, damping_diagonal="adam", damping_beta2=0.9, damping_epsilon=eps,
-               curvature_update_interval=1, **settings)
+    opt = SENG(
+        model,
+        damping_diagonal="adam",
+        damping_beta2=0.9,
+        damping_epsilon=eps,
+        curvature_update_interval=1,
+        **settings,
+    )
     for group in opt.param_groups:
         group["lr"] = 0.0
     F.cross_entropy(model(x), y).backward()
@@ -98,8 +104,7 @@ def test_implicit_whitening_is_exact_when_the_diagonal_is_rank_one():
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
     x = torch.randn(1, 5, generator=torch.Generator().manual_seed(3))
     y = torch.tensor([2])
-    ref = reference_directions(model, x, y, ["0", "2"], 0.3,
-                               diagonal=lambda g: g.abs() + TINY_EPS)
+    ref = reference_directions(model, x, y, ["0", "2"], 0.3, diagonal=lambda g: g.abs() + TINY_EPS)
     grads = per_sample_gradients(model, x, y)
     opt, d = _directions_at_a_still_second_moment(model, x, y, TINY_EPS, **EXACT_IMPLICIT)
     assert {b.path for b in opt.blocks} == {"implicit"}
@@ -109,11 +114,14 @@ def test_implicit_whitening_is_exact_when_the_diagonal_is_rank_one():
         assert relative_error(d[layer], ref[layer]) < bound, layer
 
 
-@pytest.mark.parametrize("setting,value,message", [
-    ("damping_diagonal", "diag", "damping_diagonal must be one of 'identity', 'adam'"),
-    ("damping_beta2", 1.0, r"damping_beta2 must be a number in \[0, 1\)"),
-    ("damping_epsilon", 0.0, "damping_epsilon must be a finite number > 0"),
-])
+@pytest.mark.parametrize(
+    "setting,value,message",
+    [
+        ("damping_diagonal", "diag", "damping_diagonal must be one of 'identity', 'adam'"),
+        ("damping_beta2", 1.0, r"damping_beta2 must be a number in \[0, 1\)"),
+        ("damping_epsilon", 0.0, "damping_epsilon must be a finite number > 0"),
+    ],
+)
 def test_bad_diagonal_settings_are_named(setting, value, message):
     with pytest.raises(ValueError, match=message):
         SENG(make_mixed(), **{setting: value})

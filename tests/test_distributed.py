@@ -20,8 +20,15 @@ from seng_dist.comm import CountingCommunicator, make_communicator
 from seng_dist.reference import block_matrix, emulate_distributed, per_sample_gradients
 
 STEPS = 4
-COMMON: dict[str, Any] = dict(lr=0.1, damping=0.5, momentum=0.9, weight_decay=1e-3,
-              curvature_update_interval=2, curvature_batch_size=None, overlap=False)
+COMMON: dict[str, Any] = dict(
+    lr=0.1,
+    damping=0.5,
+    momentum=0.9,
+    weight_decay=1e-3,
+    curvature_update_interval=2,
+    curvature_batch_size=None,
+    overlap=False,
+)
 # Buckets of ~200 bytes: MixedNet's units (52 to 448 bytes) go in several buckets, every one but
 # the last started during backward.
 TINY_BUCKETS = 2e-4
@@ -29,21 +36,46 @@ TINY_BUCKETS = 2e-4
 PATHS: dict[str, dict[str, Any]] = {
     "explicit": dict(sketch_size=None, factor_rank=None, factor_sketch_size=None),
     # conv and head implicit with exact factors and eq. 23/28; seq explicit.
-    "factored": dict(explicit_threshold=32, sketch_size=None, factor_rank=None,
-                     factor_sketch_size=None, uc="factored"),
+    "factored": dict(
+        explicit_threshold=32,
+        sketch_size=None,
+        factor_rank=None,
+        factor_sketch_size=None,
+        uc="factored",
+    ),
     # every path sketched: row sketch on the explicit seq block, randomized rank-2 factors
     # and leverage row sketches on the implicit blocks.
-    "sketched": dict(explicit_threshold=32, sketch_size=12, factor_rank=2, factor_sketch_size=10,
-                     sketch_method="leverage", uc="exact"),
+    "sketched": dict(
+        explicit_threshold=32,
+        sketch_size=12,
+        factor_rank=2,
+        factor_sketch_size=10,
+        sketch_method="leverage",
+        uc="exact",
+    ),
     # the same, damped by Adam's diagonal: whitened curvature on both paths (in float64)
-    "diagonal": dict(explicit_threshold=32, sketch_size=12, factor_rank=2, factor_sketch_size=10,
-                     sketch_method="leverage", uc="exact", damping_diagonal="adam"),
+    "diagonal": dict(
+        explicit_threshold=32,
+        sketch_size=12,
+        factor_rank=2,
+        factor_sketch_size=10,
+        sketch_method="leverage",
+        uc="exact",
+        damping_diagonal="adam",
+    ),
 }
-CONFIGS = {f"{path}-{variant}": dict(COMMON, **kw, variant=variant)
-           for path, kw in PATHS.items() for variant in ("blockdiag", "lagged")}
+CONFIGS = {
+    f"{path}-{variant}": dict(COMMON, **kw, variant=variant)
+    for path, kw in PATHS.items()
+    for variant in ("blockdiag", "lagged")
+}
 # The same, overlapped with backward.
-CONFIGS.update({f"{name}-overlap": dict(cfg, overlap=True, bucket_size_mb=TINY_BUCKETS)
-                for name, cfg in list(CONFIGS.items())})
+CONFIGS.update(
+    {
+        f"{name}-overlap": dict(cfg, overlap=True, bucket_size_mb=TINY_BUCKETS)
+        for name, cfg in list(CONFIGS.items())
+    }
+)
 # A sequence-first Transformer (attention projections, feed-forward Linears) on every path.
 ENCODER_CONFIGS = {f"encoder-{name}": cfg for name, cfg in CONFIGS.items()}
 
@@ -64,16 +96,16 @@ def _in_float64(config: dict) -> bool:
     return config.get("damping_diagonal") == "adam"
 
 
-def _data(encoder: bool, config: dict, step: int, rank: int
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def _data(encoder: bool, config: dict, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = (token_shard if encoder else shard)(step, rank)
     return (x.double() if _in_float64(config) else x), y
 
 
 def _train(rank: int, world: int, job: dict) -> dict:
     encoder = job.get("model") == "encoder"
-    model: nn.Module = make_encoder() if encoder else \
-        make_mixed(seed=rank if job.get("seed_by_rank") else 0)
+    model: nn.Module = (
+        make_encoder() if encoder else make_mixed(seed=rank if job.get("seed_by_rank") else 0)
+    )
     if _in_float64(job["config"]):
         model = model.double()
     if rank in job.get("width_by_rank", {}):
@@ -85,14 +117,17 @@ def _train(rank: int, world: int, job: dict) -> dict:
     opt = SENG(model, comm=comm, **config)
     if job.get("hvd_wrap"):
         import horovod.torch as hvd
+
         opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
     # A DDP wrapper added after SENG (Lightning's ddp strategy, Accelerate's prepare).
     forward: Any = DistributedDataParallel(model) if job.get("ddp_after") else model
     if "checkpoint" in job:  # activation checkpointing of the whole model
         reentrant = job["checkpoint"] == "reentrant"
         net = forward
-        forward = lambda x: checkpoint(net, x.requires_grad_(reentrant),  # noqa: E731
-                                       use_reentrant=reentrant)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return checkpoint(net, x.requires_grad_(reentrant), use_reentrant=reentrant)
+
     # A GradScaler on fp32 (its powers of two scale exactly): the scale on .grad, its
     # overflow check, and the step skipped on every rank when one rank overflows.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if job.get("scaler") else None
@@ -133,10 +168,16 @@ def _train(rank: int, world: int, job: dict) -> dict:
         rounds.append(comm.rounds)
         params.append({n: p.detach().clone() for n, p in opt.model.named_parameters()})
     caught.__exit__(None, None, None)
-    return {"params": params, "calls": calls, "early": early, "rounds": rounds,
-            "warnings": [str(w.message) for w in said], "steps": opt.step_count,
-            "skipped": opt.nonfinite_steps,
-            "scale": None if scaler is None else scaler.get_scale()}
+    return {
+        "params": params,
+        "calls": calls,
+        "early": early,
+        "rounds": rounds,
+        "warnings": [str(w.message) for w in said],
+        "steps": opt.step_count,
+        "skipped": opt.nonfinite_steps,
+        "scale": None if scaler is None else scaler.get_scale(),
+    }
 
 
 def _jobs(rank: int, world: int, jobs: dict) -> dict:
@@ -149,8 +190,9 @@ def _jobs(rank: int, world: int, jobs: dict) -> dict:
     return out
 
 
-def _emulated(world: int, config: dict, encoder: bool = False, batches: Any = range(STEPS)
-              ) -> list[dict[str, torch.Tensor]]:
+def _emulated(
+    world: int, config: dict, encoder: bool = False, batches: Any = range(STEPS)
+) -> list[dict[str, torch.Tensor]]:
     """The emulation's parameters after each step, step ``i`` on the ``batches[i]``-th
     shards."""
     # One thread, as on the ranks: BLAS results then match bit for bit, and only the order
@@ -159,9 +201,11 @@ def _emulated(world: int, config: dict, encoder: bool = False, batches: Any = ra
     torch.set_num_threads(1)
     model = make_encoder() if encoder else make_mixed()
     try:
-        return emulate_distributed(model.double() if _in_float64(config) else model,
-                                   [[_data(encoder, config, k, w) for w in range(world)]
-                                    for k in batches], **config)
+        return emulate_distributed(
+            model.double() if _in_float64(config) else model,
+            [[_data(encoder, config, k, w) for w in range(world)] for k in batches],
+            **config,
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -179,8 +223,9 @@ def _displacement_error(run: list[dict], ref: list[dict], start: dict) -> float:
 def runs(request):
     world = request.param
     jobs = {name: {"config": cfg} for name, cfg in CONFIGS.items()}
-    jobs.update({name: {"config": cfg, "model": "encoder"}
-                 for name, cfg in ENCODER_CONFIGS.items()})
+    jobs.update(
+        {name: {"config": cfg, "model": "encoder"} for name, cfg in ENCODER_CONFIGS.items()}
+    )
     return world, run_ranks(_jobs, world, jobs, timeout=300)
 
 
@@ -217,8 +262,7 @@ def assert_rounds(run: dict, name: str) -> None:
         sends = [call for call in c if call.round != "seng.correction"]
         assert started == len(sends) and len(c) - len(sends) <= 1
         assert len(sends) >= 3 if name.endswith("overlap") else len(sends) == 1
-        assert [call.name.split("/")[1] for call in sends] == \
-            [f"b{j}" for j in range(len(sends))]
+        assert [call.name.split("/")[1] for call in sends] == [f"b{j}" for j in range(len(sends))]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -245,8 +289,11 @@ def test_blockdiag_first_step_is_the_mean_of_each_workers_exact_direction():
         d = 0
         for u in us:
             U = u.T / u.shape[0] ** 0.5
-            d = d - torch.linalg.solve(U @ U.T + 0.5 * torch.eye(U.shape[0],
-                                                                  dtype=U.dtype), g) / world
+            d = (
+                d
+                - torch.linalg.solve(U @ U.T + 0.5 * torch.eye(U.shape[0], dtype=U.dtype), g)
+                / world
+            )
         w = got[f"{layer}.weight"] - getattr(model, layer).weight.detach()
         b = got[f"{layer}.bias"] - getattr(model, layer).bias.detach()
         mine = torch.cat([w.reshape(shape[0], -1), b.reshape(-1, 1)], 1).double()
@@ -271,7 +318,7 @@ def _world_one(rank: int, world: int, config: dict) -> list[dict]:
 @pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
 def test_world_size_one_equals_the_single_process_optimizer_exactly(variant):
     config = dict(CONFIGS[f"factored-{variant}"])
-    (torch_run, local_run), = run_ranks(_world_one, 1, config, timeout=120)
+    ((torch_run, local_run),) = run_ranks(_world_one, 1, config, timeout=120)
     for name, p in local_run.items():
         assert torch.equal(torch_run[name], p), name
 
@@ -282,28 +329,37 @@ EXTRAS: dict[str, dict[str, Any]] = {
     "fp32-lagged": {"config": CONFIGS["factored-lagged"]},
     "bf16-lagged": {"config": dict(CONFIGS["factored-lagged"], comm_dtype=torch.bfloat16)},
     "init-broadcast": {"config": CONFIGS["explicit-blockdiag"], "seed_by_rank": True},
-    "damping-mismatch": {"config": CONFIGS["explicit-blockdiag"],
-                         "config_by_rank": {1: {"damping": 0.25}}},
-    "variant-mismatch": {"config": CONFIGS["explicit-blockdiag"],
-                         "config_by_rank": {0: {"variant": "lagged"}}},
+    "damping-mismatch": {
+        "config": CONFIGS["explicit-blockdiag"],
+        "config_by_rank": {1: {"damping": 0.25}},
+    },
+    "variant-mismatch": {
+        "config": CONFIGS["explicit-blockdiag"],
+        "config_by_rank": {0: {"variant": "lagged"}},
+    },
     "model-mismatch": {"config": CONFIGS["explicit-blockdiag"], "width_by_rank": {1: 7}},
 }
 # What users do between backward and step, overlapped and not: two backward passes per step
 # told to SENG (accumulation) or not, a damping changed after the corrections were sent, a
 # rank whose backward leaves a layer without a gradient.
 TRIP_UPS: dict[str, dict[str, Any]] = {
-    "accumulation": {"config": dict(CONFIGS["factored-lagged"],
-                                    gradient_accumulation_steps=2), "backwards": 2},
+    "accumulation": {
+        "config": dict(CONFIGS["factored-lagged"], gradient_accumulation_steps=2),
+        "backwards": 2,
+    },
     "untold-accumulation": {"config": CONFIGS["factored-lagged"], "backwards": 2},
     "damping-changed": {"config": CONFIGS["factored-lagged"], "damping_before_step": 0.25},
     "rank-without-seq": {"config": CONFIGS["factored-lagged"], "skip_seq_by_rank": (1,)},
-    "blockdiag-rank-without-seq": {"config": CONFIGS["factored-blockdiag"],
-                                   "skip_seq_by_rank": (1,)},
+    "blockdiag-rank-without-seq": {
+        "config": CONFIGS["factored-blockdiag"],
+        "skip_seq_by_rank": (1,),
+    },
 }
 for _name, _job in TRIP_UPS.items():
     EXTRAS[_name] = _job
-    EXTRAS[f"{_name}-overlap"] = dict(_job, config=dict(_job["config"], overlap=True,
-                                                         bucket_size_mb=TINY_BUCKETS))
+    EXTRAS[f"{_name}-overlap"] = dict(
+        _job, config=dict(_job["config"], overlap=True, bucket_size_mb=TINY_BUCKETS)
+    )
 # Edits of .grad between backward and step: clipping, a GradScaler (with unscale_ and
 # clipping), one rank's overflow; and a DDP wrapper added after SENG.
 CLIP = 0.05
@@ -317,11 +373,15 @@ for _edit, _options in GRAD_EDITS.items():
     for _config in ("blockdiag", "lagged", "blockdiag-overlap", "lagged-overlap"):
         EXTRAS[f"{_edit}-{_config}"] = dict(_options, config=CONFIGS[f"factored-{_config}"])
 for _variant in ("blockdiag", "lagged"):
-    EXTRAS[f"ddp-after-{_variant}"] = {"config": CONFIGS[f"factored-{_variant}-overlap"],
-                                       "ddp_after": True}
+    EXTRAS[f"ddp-after-{_variant}"] = {
+        "config": CONFIGS[f"factored-{_variant}-overlap"],
+        "ddp_after": True,
+    }
     for _kind in ("reentrant", "non-reentrant"):
         EXTRAS[f"checkpoint-{_kind}-{_variant}"] = {
-            "config": CONFIGS[f"sketched-{_variant}-overlap"], "checkpoint": _kind}
+            "config": CONFIGS[f"sketched-{_variant}-overlap"],
+            "checkpoint": _kind,
+        }
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +415,7 @@ def test_a_ddp_wrapped_model_is_not_averaged_twice(extras, job, variant):
         assert _displacement_error(run["params"], ref, start) <= 1e-6
         told = [w for w in run["warnings"] if "DistributedDataParallel wraps the model" in w]
         assert len(told) == after
-        calls = run["calls"][int(after):]
+        calls = run["calls"][int(after) :]
         assert [len(c) for c in calls] == [1] * len(calls)
         assert {c.round for step in calls for c in step} == {"seng.correction"}
 
@@ -372,8 +432,7 @@ def test_bf16_buffer_halves_the_bytes_and_stays_close(extras):
 
 
 @pytest.mark.parametrize("name", list(TRIP_UPS))
-def test_overlap_equals_the_round_at_the_end_of_backward_whatever_happens_before_step(
-        extras, name):
+def test_overlap_equals_the_round_at_the_end_of_backward_whatever_happens_before_step(extras, name):
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
     for res in extras:
         ran, want = res[f"{name}-overlap"], res[name]
@@ -381,12 +440,12 @@ def test_overlap_equals_the_round_at_the_end_of_backward_whatever_happens_before
     lagged = not name.startswith("blockdiag")
     for overlap in (False, True):
         ran = extras[0][name + ("-overlap" if overlap else "")]
-        corrections = [sum(c.round == "seng.correction" for c in calls)
-                       for calls in ran["calls"]]
+        corrections = [sum(c.round == "seng.correction" for c in calls) for calls in ran["calls"]]
         # Lagged: its first and curvature steps, and a step whose damping changed after its
         # corrections travelled with the gradients.
-        assert corrections == ([1, 0, 1, int(name == "damping-changed")] if lagged
-                               else [1] * STEPS), corrections
+        assert corrections == (
+            [1, 0, 1, int(name == "damping-changed")] if lagged else [1] * STEPS
+        ), corrections
         sends = [len(c) - n for c, n in zip(ran["calls"], corrections, strict=True)]
         # Every gradient bucket went during backward; an untold second pass averages again.
         assert ran["early"] == sends and len(set(sends)) == 1
@@ -417,8 +476,10 @@ def check_grad_edit(name: str, ranks: list[dict]) -> None:
         assert _displacement_error(res[name]["params"], ref, start) <= bound
         assert not [w for w in res[name]["warnings"] if "SENG" in w]
     if clipped:  # the clipping bites
-        assert _displacement_error(ranks[0][name]["params"], _emulated(len(ranks), config),
-                                   start) > 0.1
+        assert (
+            _displacement_error(ranks[0][name]["params"], _emulated(len(ranks), config), start)
+            > 0.1
+        )
 
 
 def check_overflow(name: str, ranks: list[dict]) -> None:
@@ -452,11 +513,14 @@ def test_ranks_start_from_rank_zeros_parameters(extras):
         assert _displacement_error(res["init-broadcast"]["params"], ref, start) <= 1e-6
 
 
-@pytest.mark.parametrize("job, names", [
-    ("damping-mismatch", ["setting damping", "rank 0: 0.5", "rank 1: 0.25"]),
-    ("variant-mismatch", ["setting variant", "'lagged'", "'blockdiag'"]),
-    ("model-mismatch", ["preconditioned layer 2", "seq (6x5", "seq (7x5"]),
-])
+@pytest.mark.parametrize(
+    "job, names",
+    [
+        ("damping-mismatch", ["setting damping", "rank 0: 0.5", "rank 1: 0.25"]),
+        ("variant-mismatch", ["setting variant", "'lagged'", "'blockdiag'"]),
+        ("model-mismatch", ["preconditioned layer 2", "seq (6x5", "seq (7x5"]),
+    ],
+)
 def test_inconsistent_ranks_raise_on_every_rank_naming_the_difference(extras, job, names):
     for res in extras:
         message = res[job].get("error", "")
@@ -487,9 +551,13 @@ def _resume_from_rank_zero(rank: int, world: int, config: dict) -> dict:
     momentum = {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()}
     before = opt.curvature_updates
     train_steps(model, opt, range(2, STEPS), rank)
-    return {"momentum": momentum, "params": dict(model.named_parameters()),
-            "rebuilt": opt.curvature_updates - before, "step": opt.step_count,
-            "checkpoint": checkpoint if rank == 0 else None}
+    return {
+        "momentum": momentum,
+        "params": dict(model.named_parameters()),
+        "rebuilt": opt.curvature_updates - before,
+        "step": opt.step_count,
+        "checkpoint": checkpoint if rank == 0 else None,
+    }
 
 
 @pytest.mark.parametrize("variant", ["blockdiag", "lagged"])

@@ -23,8 +23,11 @@ from seng_dist import SENG, SENGConfig, SENGWarning, supported_layer_types
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 #: the documents whose paths must exist
-DOCS = [README, *sorted((ROOT / "docs").glob("*.md")),
-        *sorted((ROOT / "integrations").glob("**/README.md"))]
+DOCS = [
+    README,
+    *sorted((ROOT / "docs").glob("*.md")),
+    *sorted((ROOT / "integrations").glob("**/README.md")),
+]
 #: a path in backticks or a Markdown link that starts at one of these folders is checked
 _TOP = ("seng_dist/", "examples/", "tests/", "ci/", "docs/", "integrations/")
 
@@ -41,16 +44,22 @@ def describe_block() -> str:
     torch.manual_seed(0)
     model = Net()
     with pytest.warns(SENGWarning):
-        opt = SENG(model, explicit_threshold=200, factor_rank=2, param_groups=[
-            {"params": [model.bn.weight, model.bn.bias], "weight_decay": 0.0}])
+        opt = SENG(
+            model,
+            explicit_threshold=200,
+            factor_rank=2,
+            param_groups=[{"params": [model.bn.weight, model.bn.bias], "weight_decay": 0.0}],
+        )
     x, y = torch.randn(4, 1, 6, 6), torch.randint(0, 5, (4,))
     F.cross_entropy(model(x), y).backward()
     opt.step()
     return "```\n" + opt.describe() + "\n```"
 
 
-GENERATED: dict[str, Callable[[], str]] = {"supported-types": supported_block,
-                                           "describe": describe_block}
+GENERATED: dict[str, Callable[[], str]] = {
+    "supported-types": supported_block,
+    "describe": describe_block,
+}
 
 
 def block(text: str, name: str) -> tuple[int, int]:
@@ -89,8 +98,10 @@ def settings_rows(text: str) -> dict[str, str]:
 
 def test_generated_blocks_match_the_code() -> None:
     stale = stale_blocks(README.read_text())
-    assert not stale, (f"README.md's generated blocks {stale} are stale: run "
-                       "'python3 tests/test_docs.py --write' and read the diff")
+    assert not stale, (
+        f"README.md's generated blocks {stale} are stale: run "
+        "'python3 tests/test_docs.py --write' and read the diff"
+    )
 
 
 def test_a_stale_example_is_caught() -> None:
@@ -108,8 +119,10 @@ def config_defaults() -> dict[str, object]:
     for part in (config, config.sketch, config.distributed, config.diagonal):
         values.update({f.name: getattr(part, f.name) for f in dataclasses.fields(part)})
     # A named choice (an enum) is documented as the string users pass.
-    return {name: v.value if isinstance(v, Enum) else v
-            for name, v in ((n, values[n]) for n in SENGConfig.setting_names())}
+    return {
+        name: v.value if isinstance(v, Enum) else v
+        for name, v in ((n, values[n]) for n in SENGConfig.setting_names())
+    }
 
 
 def test_settings_table_lists_every_setting_with_its_default() -> None:

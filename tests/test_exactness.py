@@ -9,8 +9,9 @@ from seng_dist import SENG
 from seng_dist.reference import per_sample_gradients, reference_directions, relative_error
 
 EXACT_EXPLICIT = dict(explicit_threshold=10**9, sketch_size=None)
-EXACT_IMPLICIT = dict(explicit_threshold=0, sketch_size=None, factor_rank=None,
-                      factor_sketch_size=None, uc="exact")
+EXACT_IMPLICIT = dict(
+    explicit_threshold=0, sketch_size=None, factor_rank=None, factor_sketch_size=None, uc="exact"
+)
 
 
 def _setup(damping=0.5, rho=None, **kw):
@@ -67,10 +68,21 @@ def _mean_error(make_opt, seeds=range(8)):
 def test_explicit_sketch_error_shrinks_as_sketch_grows(method, replacement):
     # Block sizes here: conv 4×28 = 112, seq 6×5 = 30, head 5×7 = 35.
     errors = [
-        _mean_error(lambda m, s, q=q: SENG(
-            m, lr=1.0, damping=0.5, momentum=0.0, explicit_threshold=10**9, sketch_size=q,
-            sketch_method=method, sketch_replacement=replacement, seed=s))
-        for q in (8, 16, 29)]
+        _mean_error(
+            lambda m, s, q=q: SENG(
+                m,
+                lr=1.0,
+                damping=0.5,
+                momentum=0.0,
+                explicit_threshold=10**9,
+                sketch_size=q,
+                sketch_method=method,
+                sketch_replacement=replacement,
+                seed=s,
+            )
+        )
+        for q in (8, 16, 29)
+    ]
     assert errors[0] > errors[1] > errors[2] > 0, errors
 
 
@@ -78,10 +90,23 @@ def test_explicit_sketch_error_shrinks_as_sketch_grows(method, replacement):
 def test_factor_sketch_error_shrinks_as_sketch_grows(method):
     # Factor rows: conv n_G 4 / n_A 28, seq 6 / 5, head 5 / 7.
     errors = [
-        _mean_error(lambda m, s, q=q: SENG(
-            m, lr=1.0, damping=0.5, momentum=0.0, explicit_threshold=0, sketch_size=None,
-            factor_rank=None, uc="exact", factor_sketch_size=q, sketch_method=method, seed=s))
-        for q in (2, 3, 4)]
+        _mean_error(
+            lambda m, s, q=q: SENG(
+                m,
+                lr=1.0,
+                damping=0.5,
+                momentum=0.0,
+                explicit_threshold=0,
+                sketch_size=None,
+                factor_rank=None,
+                uc="exact",
+                factor_sketch_size=q,
+                sketch_method=method,
+                seed=s,
+            )
+        )
+        for q in (2, 3, 4)
+    ]
     assert errors[0] > errors[1] > errors[2] > 0, errors
 
 
@@ -92,8 +117,17 @@ def test_truncated_rank_error_is_reported_and_shrinks_with_rank(record_property)
     ref = reference_directions(model, x, y, LAYERS, 0.5)
     errs = {}
     for rank in (1, 2, 3, 4):
-        opt = SENG(model, lr=1.0, damping=0.5, momentum=0.0, explicit_threshold=0,
-                   sketch_size=None, factor_rank=rank, factor_sketch_size=None, uc="exact")
+        opt = SENG(
+            model,
+            lr=1.0,
+            damping=0.5,
+            momentum=0.0,
+            explicit_threshold=0,
+            sketch_size=None,
+            factor_rank=rank,
+            factor_sketch_size=None,
+            uc="exact",
+        )
         d = seng_directions(opt, model, x, y)
         errs[rank] = relative_error(d["seq"], ref["seq"])
         assert relative_error(d["head"], ref["head"]) < 1e-5  # κ = 1: rank 1 is exact
@@ -108,8 +142,17 @@ def test_factored_uc_error_is_reported(record_property):
     ref = reference_directions(model, x, y, LAYERS, 0.5)
     errs = {}
     for uc in ("exact", "factored"):
-        opt = SENG(model, lr=1.0, damping=0.5, momentum=0.0, explicit_threshold=0,
-                   sketch_size=None, factor_rank=None, factor_sketch_size=None, uc=uc)
+        opt = SENG(
+            model,
+            lr=1.0,
+            damping=0.5,
+            momentum=0.0,
+            explicit_threshold=0,
+            sketch_size=None,
+            factor_rank=None,
+            factor_sketch_size=None,
+            uc=uc,
+        )
         d = seng_directions(opt, model, x, y)
         errs[uc] = {k: relative_error(d[k], ref[k]) for k in LAYERS}
     record_property("uc_errors", errs)

@@ -16,7 +16,8 @@ from examples.plot import read_metrics
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").exists(),
     reason="Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist; "
-           "ci/install.sh does it)")
+    "ci/install.sh does it)",
+)
 
 
 def test_loader_shapes_and_cifar_style_padding():
@@ -46,8 +47,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _torchrun(args: list[str], cwd: Path) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", str(ROOT / "examples" / "train.py"), "--no-progress"] + args
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "examples" / "train.py"),
+        "--no-progress",
+    ] + args
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
@@ -57,16 +66,37 @@ def _torchrun(args: list[str], cwd: Path) -> str:
 
 
 def test_train_script_under_torchrun_writes_metrics_checkpoint_and_plot(tmp_path: Path):
-    args = ["--train-limit", "2048", "--test-limit", "2000", "--batch-size", "32",
-            "--curvature-interval", "5", "--variant", "lagged", "--epochs", "2"]
-    line = _torchrun(args + ["--metrics", "m.csv", "--checkpoint", "c.pt", "--plot", "p.png"],
-                     tmp_path)
+    args = [
+        "--train-limit",
+        "2048",
+        "--test-limit",
+        "2000",
+        "--batch-size",
+        "32",
+        "--curvature-interval",
+        "5",
+        "--variant",
+        "lagged",
+        "--epochs",
+        "2",
+    ]
+    line = _torchrun(
+        args + ["--metrics", "m.csv", "--checkpoint", "c.pt", "--plot", "p.png"], tmp_path
+    )
     assert float(line.split()[2]) > 0.6  # 64 steps of global batch 64; chance is 0.1
 
     rows = read_metrics(tmp_path / "m.csv")
     assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["step"] == 64
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "damping",
-                "train_time_s", "wall_s"):
+    for key in (
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "lr",
+        "damping",
+        "train_time_s",
+        "wall_s",
+    ):
         assert key in rows[0]
     assert rows[1]["test_acc"] == float(line.split()[2])
     assert rows[1]["train_time_s"] > rows[0]["train_time_s"] > 0
@@ -79,17 +109,32 @@ def test_train_script_under_torchrun_writes_metrics_checkpoint_and_plot(tmp_path
 
 
 def test_two_rank_resume_matches_the_uninterrupted_run(tmp_path: Path):
-    args = ["--train-limit", "1024", "--test-limit", "1000", "--batch-size", "32",
-            "--curvature-interval", "3", "--schedule", "constant", "--no-overlap", "--epochs"]
-    _torchrun(args + ["2", "--checkpoint", "straight.pt", "--metrics", "straight.jsonl"],
-              tmp_path)
+    args = [
+        "--train-limit",
+        "1024",
+        "--test-limit",
+        "1000",
+        "--batch-size",
+        "32",
+        "--curvature-interval",
+        "3",
+        "--schedule",
+        "constant",
+        "--no-overlap",
+        "--epochs",
+    ]
+    _torchrun(args + ["2", "--checkpoint", "straight.pt", "--metrics", "straight.jsonl"], tmp_path)
     _torchrun(args + ["1", "--checkpoint", "first.pt"], tmp_path)
-    _torchrun(args + ["2", "--resume", "first.pt", "--checkpoint", "resumed.pt",
-                      "--metrics", "resumed.jsonl"], tmp_path)
+    _torchrun(
+        args
+        + ["2", "--resume", "first.pt", "--checkpoint", "resumed.pt", "--metrics", "resumed.jsonl"],
+        tmp_path,
+    )
     straight, resumed = (read_metrics(tmp_path / f"{n}.jsonl") for n in ("straight", "resumed"))
     drop = ("epoch_time_s", "train_time_s", "wall_s")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in straight] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in resumed]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in straight] == [
+        {k: v for k, v in r.items() if k not in drop} for r in resumed
+    ]
     a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("straight", "resumed"))
     for name, p in a["model"].items():
         assert torch.equal(p, b["model"][name]), name
@@ -99,8 +144,21 @@ def test_two_rank_resume_matches_the_uninterrupted_run(tmp_path: Path):
 def test_train_script_runs_the_baselines(optimizer: str, capsys):
     from examples.train import main
 
-    acc = main(["--optimizer", optimizer, "--train-limit", "1024", "--test-limit", "1000",
-                "--batch-size", "64", "--curvature-interval", "5", "--no-progress"])
+    acc = main(
+        [
+            "--optimizer",
+            optimizer,
+            "--train-limit",
+            "1024",
+            "--test-limit",
+            "1000",
+            "--batch-size",
+            "64",
+            "--curvature-interval",
+            "5",
+            "--no-progress",
+        ]
+    )
     assert f"({optimizer}, cnn, 1 epoch(s), 1 rank(s))" in capsys.readouterr().out
     assert acc > 0.45  # 16 steps; chance is 0.1
 
@@ -114,7 +172,7 @@ def test_augment_is_a_shifted_crop_or_its_mirror():
     assert torch.equal(out, augment(x, torch.Generator().manual_seed(0)))
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4), value=-MEAN / STD)
     for i in range(len(x)):
-        crops = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        crops = [padded[i, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)]
         assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(2)) for c in crops)
     assert not torch.equal(out, x)
 
@@ -123,34 +181,62 @@ def test_benchmark_interpolates_the_time_to_target_and_picks_the_soonest_point()
     from examples.bench_converge import best, to_target
 
     def rows(*accs):
-        return [{"epoch": e + 1, "test_acc": a, "train_time_s": 10.0 * (e + 1)}
-                for e, a in enumerate(accs)]
+        return [
+            {"epoch": e + 1, "test_acc": a, "train_time_s": 10.0 * (e + 1)}
+            for e, a in enumerate(accs)
+        ]
+
     # between the evaluation at 80% (epoch 1, 10 s) and the one at 91% (epoch 2, 20 s)
     assert to_target(rows(0.8, 0.91, 0.93), 0.9) == pytest.approx((1 + 1 / 1.1, 10 + 10 / 1.1))
     assert to_target(rows(0.92), 0.9) == (1.0, 10.0)  # the first evaluation: its own point
     assert to_target(rows(0.8, 0.85), 0.9) is None
-    grid = {"slow": rows(0.8, 0.91, 0.95), "fast": rows(0.92, 0.93, 0.94),
-            "never": rows(0.5, 0.6, 0.89)}
+    grid = {
+        "slow": rows(0.8, 0.91, 0.95),
+        "fast": rows(0.92, 0.93, 0.94),
+        "never": rows(0.5, 0.6, 0.89),
+    }
     assert best(grid, 0.9)[0] == "fast"
     assert best({"a": rows(0.5, 0.7), "b": rows(0.8, 0.6)}, 0.9)[0] == "b"  # most accurate
     # a loss is reached from above: between 3.0 (step 50, 10 s) and 2.0 (step 100, 20 s)
-    losses = [{"step": 50 * (i + 1), "val_loss": v, "train_time_s": 10.0 * (i + 1)}
-              for i, v in enumerate((3.0, 2.0, 1.5))]
+    losses = [
+        {"step": 50 * (i + 1), "val_loss": v, "train_time_s": 10.0 * (i + 1)}
+        for i, v in enumerate((3.0, 2.0, 1.5))
+    ]
     assert to_target(losses, 2.5, "val_loss", "step") == pytest.approx((75.0, 15.0))
     assert to_target(losses, 1.0, "val_loss", "step") is None
 
 
-@pytest.mark.parametrize("flags", [("--lr", "0.1"),
-                                   ("--lr", "4e-4", "--damping-diagonal", "adam")],
-                         ids=["identity", "adam-diagonal"])
+@pytest.mark.parametrize(
+    "flags",
+    [("--lr", "0.1"), ("--lr", "4e-4", "--damping-diagonal", "adam")],
+    ids=["identity", "adam-diagonal"],
+)
 def test_language_model_example_reads_the_python_docs_and_learns(tmp_path: Path, flags):
     # 40 steps of lm.py: the corpus split by file, a loss that falls from ln 256 (2.9 after
     # 40 steps here with λI, 2.8 with Adam's diagonal).
     out = tmp_path / "lm.jsonl"
-    subprocess.run([sys.executable, "examples/lm.py", "--optimizer", "seng", *flags,
-                    "--steps", "40", "--eval-every", "20", "--eval-windows", "64",
-                    "--curvature-interval", "10", "--metrics", str(out)],
-                   cwd=ROOT, check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "examples/lm.py",
+            "--optimizer",
+            "seng",
+            *flags,
+            "--steps",
+            "40",
+            "--eval-every",
+            "20",
+            "--eval-windows",
+            "64",
+            "--curvature-interval",
+            "10",
+            "--metrics",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+    )
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 20, 40]
     assert rows[0]["val_loss"] > 5.0 and rows[-1]["val_loss"] < 4.0  # ln 256 = 5.55
@@ -171,8 +257,9 @@ def test_benchmark_names_runs_by_every_flag_that_differs():
     sgd, large = METHODS[0], REGIMES[1]
     tried = points(large, sgd.grid[:1])
     assert len(tried) == len(large.lr_scales) * len(large.epochs)
-    assert [float(dict(p)["--lr"]) for p in tried[::len(large.epochs)]] == pytest.approx(
-        [float(dict(sgd.grid[0])["--lr"]) * x for x in large.lr_scales])
+    assert [float(dict(p)["--lr"]) for p in tried[:: len(large.epochs)]] == pytest.approx(
+        [float(dict(sgd.grid[0])["--lr"]) * x for x in large.lr_scales]
+    )
     assert dict(tried[0])["--epochs"] == str(large.epochs[0])
 
 
@@ -180,6 +267,7 @@ def test_resnet20_is_he_et_al_s_size_and_seng_preconditions_every_layer():
     from examples.models import resnet20
     from examples.train import skip_layers
     from seng_dist import SENG
+
     model = resnet20(in_channels=1)
     assert 0.26e6 < sum(p.numel() for p in model.parameters()) < 0.28e6
     convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
@@ -195,16 +283,27 @@ def test_resnet20_is_he_et_al_s_size_and_seng_preconditions_every_layer():
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank_rebuilding_the_curvature(tmp_path: Path):
-    common = ["--train-limit", "1024", "--test-limit", "1000", "--curvature-interval", "5",
-              "--no-progress"]
-    _torchrun(common + ["--batch-size", "32", "--epochs", "1", "--checkpoint", "c.pt"],
-              tmp_path)
+    common = [
+        "--train-limit",
+        "1024",
+        "--test-limit",
+        "1000",
+        "--curvature-interval",
+        "5",
+        "--no-progress",
+    ]
+    _torchrun(common + ["--batch-size", "32", "--epochs", "1", "--checkpoint", "c.pt"], tmp_path)
     # One rank with twice the per-rank batch keeps the global batch of 64.
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "train.py")] + common
-                          + ["--batch-size", "64", "--epochs", "2", "--resume", "c.pt",
-                             "--checkpoint", "c.pt"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train.py")]
+        + common
+        + ["--batch-size", "64", "--epochs", "2", "--resume", "c.pt", "--checkpoint", "c.pt"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "holds the curvature of 2 ranks and this job has 1" in done.stderr
     assert "(seng, cnn, 2 epoch(s), 1 rank(s))" in done.stdout
@@ -213,17 +312,24 @@ def test_two_rank_checkpoint_resumes_on_one_rank_rebuilding_the_curvature(tmp_pa
     assert ckpt["history"][1]["test_acc"] > 0.6
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "0"], "--batch-size must be a positive integer"),
-    (["--epochs", "-1"], "--epochs must be a positive integer"),
-    (["--timeout", "0"], "--timeout must be a positive number of seconds"),
-    (["--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
-    (["--engine", "nccl"], "invalid choice: 'nccl'"),
-    (["--train-limit", "100", "--batch-size", "128"],
-     "--batch-size 128 on 1 rank(s) needs at least 128 training images, got 100"),
-    (["--optimizer", "sgd", "--lr", "1e12", "--train-limit", "256"],
-     "training diverged in epoch 1: "),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--epochs", "-1"], "--epochs must be a positive integer"),
+        (["--timeout", "0"], "--timeout must be a positive number of seconds"),
+        (["--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
+        (["--engine", "nccl"], "invalid choice: 'nccl'"),
+        (
+            ["--train-limit", "100", "--batch-size", "128"],
+            "--batch-size 128 on 1 rank(s) needs at least 128 training images, got 100",
+        ),
+        (
+            ["--optimizer", "sgd", "--lr", "1e12", "--train-limit", "256"],
+            "training diverged in epoch 1: ",
+        ),
+    ],
+)
 def test_train_script_rejects_bad_arguments_naming_them(argv, message, capsys):
     from examples.train import main
 
@@ -237,10 +343,13 @@ def test_resume_with_other_seng_settings_names_them(tmp_path: Path):
 
     args = ["--train-limit", "256", "--test-limit", "200", "--no-progress"]
     main(args + ["--checkpoint", str(tmp_path / "c.pt")])
-    with pytest.raises(ValueError, match="saved with other SENG settings: "
-                                         "explicit_threshold=65536 \\(here 0\\)"):
-        main(args + ["--resume", str(tmp_path / "c.pt"), "--explicit-threshold", "0",
-                     "--epochs", "2"])
+    with pytest.raises(
+        ValueError, match="saved with other SENG settings: explicit_threshold=65536 \\(here 0\\)"
+    ):
+        main(
+            args
+            + ["--resume", str(tmp_path / "c.pt"), "--explicit-threshold", "0", "--epochs", "2"]
+        )
     # the variant does not shape the curvature: a blockdiag run resumes as lagged
     main(args + ["--resume", str(tmp_path / "c.pt"), "--variant", "lagged", "--epochs", "2"])
 
@@ -249,6 +358,7 @@ def test_direction_diagnostic_compares_every_layer_with_its_gradient(tmp_path: P
     import json
 
     from examples.diagnose_direction import main
+
     main(["--damping", "1", "--train-limit", "512", "--every", "2", "--out", str(tmp_path)])
     rows = [json.loads(line) for line in (tmp_path / "direction.jsonl").read_text().splitlines()]
     layers = {r["layer"] for r in rows}
@@ -264,14 +374,37 @@ def test_direction_diagnostic_compares_every_layer_with_its_gradient(tmp_path: P
 def test_communication_benchmark_counts_overlapped_rounds_and_writes_its_table(tmp_path: Path):
     import json
 
-    done = subprocess.run([sys.executable, "examples/bench_comm.py", "--worlds", "2", "--reps",
-                           "1", "--steps", "1", "--warmup", "1", "--width", "8",
-                           "--batch-size", "8", "--bucket-size-mb", "0.05", "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=600,
-                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "examples/bench_comm.py",
+            "--worlds",
+            "2",
+            "--reps",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--width",
+            "8",
+            "--batch-size",
+            "8",
+            "--bucket-size-mb",
+            "0.05",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = {r["setup"]: r for r in json.loads(
-        (tmp_path / "bench_comm_2ranks.json").read_text())["rows"]}
+    rows = {
+        r["setup"]: r for r in json.loads((tmp_path / "bench_comm_2ranks.json").read_text())["rows"]
+    }
     assert (rows["SENG lagged"]["rounds"], rows["SENG lagged"]["collectives"]) == (1, 1)
     overlapped = rows["SENG lagged, overlap"]
     assert overlapped["rounds"] == 1 and overlapped["collectives"] > 1
@@ -286,9 +419,31 @@ def test_qkv_diagnostic_compares_one_block_with_three(tmp_path: Path):
     import json
 
     from examples.diagnose_qkv import main
-    main(["--at", "0", "--steps", "10", "--context", "16", "--eval-windows", "8",
-          "--dampings", "1", "--adam-dampings", "1", "--steps-grid", "1", "10",
-          "--adam-steps-grid", "1e-3", "1e-2", "--out", str(tmp_path)])
+
+    main(
+        [
+            "--at",
+            "0",
+            "--steps",
+            "10",
+            "--context",
+            "16",
+            "--eval-windows",
+            "8",
+            "--dampings",
+            "1",
+            "--adam-dampings",
+            "1",
+            "--steps-grid",
+            "1",
+            "10",
+            "--adam-steps-grid",
+            "1e-3",
+            "1e-2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     rows = [json.loads(line) for line in (tmp_path / "qkv.jsonl").read_text().splitlines()]
     assert [(r["step"], r["D"]) for r in rows] == [(0, "I"), (0, "Adam's")]
     for r in rows:
@@ -303,6 +458,7 @@ def test_the_language_model_has_every_linear_and_projection_preconditioned(recwa
 
     from examples.lm import ByteLM
     from seng_dist import SENG
+
     torch.manual_seed(0)
     model = ByteLM(width=32, layers=2, context=16)
     opt = SENG(model, curvature_update_interval=1)

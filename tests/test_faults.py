@@ -29,8 +29,9 @@ def _mlp(seed: int = 0) -> nn.Sequential:
 
 def _batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)
+    ]
 
 
 def _poison(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -55,8 +56,7 @@ def test_a_skipped_non_finite_step_leaves_the_run_as_if_it_never_happened(varian
     runs = []
     for batches in (good, good[:2] + bad + good[2:]):
         model = _mlp()
-        opt = SENG(model, lr=0.1, curvature_update_interval=3, variant=variant,
-                   skip_nonfinite=True)
+        opt = SENG(model, lr=0.1, curvature_update_interval=3, variant=variant, skip_nonfinite=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             _train(model, opt, batches)
@@ -76,8 +76,7 @@ def test_a_skipped_non_finite_step_leaves_the_run_as_if_it_never_happened(varian
 
 def test_a_non_finite_curvature_step_keeps_the_old_curvature_and_retries():
     model = _mlp()
-    opt = SENG(model, lr=0.1, curvature_update_interval=1, sketch_size=None,
-               skip_nonfinite=True)
+    opt = SENG(model, lr=0.1, curvature_update_interval=1, sketch_size=None, skip_nonfinite=True)
     (x, y), (x2, y2) = _batches(2)
     _train(model, opt, [(x, y)])
     kept = opt.state[model[0].weight]["U"]
@@ -102,6 +101,7 @@ def test_without_skip_the_update_follows_the_gradient_but_curvature_stays_finite
 
 def _digits():
     from sklearn.datasets import load_digits
+
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     return x, torch.tensor(data.target)
@@ -115,8 +115,14 @@ def test_training_with_poisoned_batches_reaches_the_clean_accuracy(bf16):
     for poison in (False, True):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-        opt = SENG(model, lr=0.1, damping=0.5, curvature_update_interval=5,
-                   sketch_size=None, skip_nonfinite=True)
+        opt = SENG(
+            model,
+            lr=0.1,
+            damping=0.5,
+            curvature_update_interval=5,
+            sketch_size=None,
+            skip_nonfinite=True,
+        )
         order = torch.randperm(1400, generator=torch.Generator().manual_seed(1))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -145,8 +151,7 @@ def _skip_together(rank: int, world: int, variant: str) -> list[torch.Tensor]:
     out = []
     for poison in (False, True):
         model = _mlp()
-        opt = SENG(model, lr=0.1, curvature_update_interval=3, variant=variant,
-                   skip_nonfinite=True)
+        opt = SENG(model, lr=0.1, curvature_update_interval=3, variant=variant, skip_nonfinite=True)
         batches = _batches(5, seed=10 + rank)
         if poison and rank == 1:  # one rank's bad batch: every rank must skip the step
             batches.insert(2, (_poison(batches[2][0], "nan"), batches[2][1]))
@@ -225,16 +230,28 @@ def _launch(launcher: str, fault: str, timeout_s: float = 600.0) -> tuple[int, s
     """Start fault_worker.py on 2 ranks under ``launcher`` and wait for the job to end: its
     exit code, combined output and seconds from start to end."""
     worker = [sys.executable, str(TESTS / "fault_worker.py"), fault, str(timeout_s)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        OMP_NUM_THREADS="1",
+    )
     start = time.monotonic()
     if launcher == "no agent":
         # Two bare processes joined by Gloo, nothing watching them: the survivor itself has
         # to notice and fail.
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
-        procs = [subprocess.Popen(worker, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for r in range(2)]
+        procs = [
+            subprocess.Popen(
+                worker,
+                env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for r in range(2)
+        ]
         try:
             out, _ = procs[0].communicate(timeout=120)
             return procs[0].returncode, out, time.monotonic() - start
@@ -242,11 +259,25 @@ def _launch(launcher: str, fault: str, timeout_s: float = 600.0) -> tuple[int, s
             for p in procs:
                 p.kill()
                 p.communicate()
-    cmd = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node", "2"],
-           "horovodrun": [shutil.which("horovodrun") or "horovodrun", "-np", "2", "-H",
-                          "localhost:2", "--gloo"],
-           "mpirun": ["mpirun", "-np", "2", "--oversubscribe"]}[launcher]
+    cmd = {
+        "torchrun": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+        ],
+        "horovodrun": [
+            shutil.which("horovodrun") or "horovodrun",
+            "-np",
+            "2",
+            "-H",
+            "localhost:2",
+            "--gloo",
+        ],
+        "mpirun": ["mpirun", "-np", "2", "--oversubscribe"],
+    }[launcher]
     if launcher == "torchrun":
         worker = worker[1:]  # torchrun starts the Python script itself
     done = subprocess.run(cmd + worker, env=env, capture_output=True, text=True, timeout=120)
@@ -255,14 +286,25 @@ def _launch(launcher: str, fault: str, timeout_s: float = 600.0) -> tuple[int, s
 
 # What the job says when rank 1 is killed (SIGKILL) at step 5.
 LOST_RANK = [
-    pytest.param("no agent", r"CommunicationError: SENG: allreduce 'seng\.[\w/]+' failed on rank "
-                 r"0 of 2 \(TorchCommunicator\).*another rank died", id="no agent"),
-    pytest.param("torchrun", r"exitcode\s*: -9 \(pid: \d+\)|Signal 9 \(SIGKILL\)",
-                 id="torchrun"),
-    pytest.param("horovodrun", r"Process name: 1.*Exit code: 137|exit code 137|signal 9",
-                 marks=requires_engine("horovod", "ci/install_horovod.sh"), id="horovodrun"),
-    pytest.param("mpirun", r"rank 1 with PID \d+ on node \S+ exited on signal 9",
-                 marks=requires_engine("mpi4py", "ci/install_mpi.sh"), id="mpirun"),
+    pytest.param(
+        "no agent",
+        r"CommunicationError: SENG: allreduce 'seng\.[\w/]+' failed on rank "
+        r"0 of 2 \(TorchCommunicator\).*another rank died",
+        id="no agent",
+    ),
+    pytest.param("torchrun", r"exitcode\s*: -9 \(pid: \d+\)|Signal 9 \(SIGKILL\)", id="torchrun"),
+    pytest.param(
+        "horovodrun",
+        r"Process name: 1.*Exit code: 137|exit code 137|signal 9",
+        marks=requires_engine("horovod", "ci/install_horovod.sh"),
+        id="horovodrun",
+    ),
+    pytest.param(
+        "mpirun",
+        r"rank 1 with PID \d+ on node \S+ exited on signal 9",
+        marks=requires_engine("mpi4py", "ci/install_mpi.sh"),
+        id="mpirun",
+    ),
 ]
 
 
@@ -277,17 +319,24 @@ def test_a_lost_rank_ends_the_job_with_an_error_naming_the_cause(launcher, expec
 def test_a_hung_rank_fails_the_others_after_the_timeout():
     code, out, seconds = _launch("no agent", "stop", timeout_s=5)
     assert code != 0
-    assert re.search(r"CommunicationError: SENG: allreduce .* failed on rank 0 of 2", out), \
-        out[-3000:]
+    assert re.search(r"CommunicationError: SENG: allreduce .* failed on rank 0 of 2", out), out[
+        -3000:
+    ]
     assert 5 <= seconds < 60, seconds
 
 
 # ---------------------------------------------------------------- soak
 def test_soak_keeps_resident_memory_flat():
-    done = subprocess.run([sys.executable, str(ROOT / "ci" / "soak.py"), "--steps", "600"],
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "ci" / "soak.py"), "--steps", "600"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r"resident memory after warm-up: [\d.]+ MiB -> [\d.]+ MiB "
-                     r"\([-+][\d.]+%, limit \+5%\)", done.stdout), done.stdout
-
+    assert re.search(
+        r"resident memory after warm-up: [\d.]+ MiB -> [\d.]+ MiB "
+        r"\([-+][\d.]+%, limit \+5%\)",
+        done.stdout,
+    ), done.stdout

@@ -47,10 +47,14 @@ def test_each_group_steps_as_a_one_group_seng_with_its_values():
     one-group SENG with its group's values; only the second group keeps momentum."""
     a, b = (0.3, 2.0, 0.0), (0.05, 0.5, 0.9)
     model = _mlp()
-    opt = SENG(model, param_groups=[
-        {"params": model[0].parameters(), "lr": a[0], "damping": a[1], "momentum": a[2]},
-        {"params": model[2].parameters(), "lr": b[0], "damping": b[1], "momentum": b[2]}],
-        **SETTINGS)
+    opt = SENG(
+        model,
+        param_groups=[
+            {"params": model[0].parameters(), "lr": a[0], "damping": a[1], "momentum": a[2]},
+            {"params": model[2].parameters(), "lr": b[0], "damping": b[1], "momentum": b[2]},
+        ],
+        **SETTINGS,
+    )
     moved = _moves(model, lambda: _step(model, opt))
     for layer, (lr, damping, momentum) in (("0", a), ("2", b)):
         ref = _mlp()
@@ -70,9 +74,15 @@ def test_no_weight_decay_on_biases_is_l2_on_the_weights_only():
     model = _mlp()
     weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
     biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
-    opt = SENG(model, param_groups=[{"params": weights, "weight_decay": wd},
-                                    {"params": biases, "weight_decay": 0.0}],
-               momentum=0.0, **SETTINGS)
+    opt = SENG(
+        model,
+        param_groups=[
+            {"params": weights, "weight_decay": wd},
+            {"params": biases, "weight_decay": 0.0},
+        ],
+        momentum=0.0,
+        **SETTINGS,
+    )
     moved = _moves(model, lambda: _step(model, opt))
     ref = _mlp()
     ref_opt = SENG(ref, momentum=0.0, **SETTINGS)
@@ -96,24 +106,37 @@ def test_a_group_with_lr_zero_stays_put_and_torch_schedulers_drive_each_group():
     opt = SENG(model, param_groups=[{"params": model[2].parameters(), "lr": 0.0}], lr=0.1)
     assert [g["lr"] for g in opt.param_groups] == [0.0, 0.1]  # the rest: a group of its own
     head = [p.detach().clone() for p in model[2].parameters()]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 1.0, lambda s: 0.5 ** s])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 1.0, lambda s: 0.5**s])
     for s in range(3):
         _step(model, opt, s)
         sched.step()
     assert all(torch.equal(a, b) for a, b in zip(head, model[2].parameters(), strict=True))
-    assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * 0.5**3)
 
 
 @pytest.mark.parametrize("key", ["lr", "damping"])
 def test_weight_and_bias_of_one_layer_in_groups_with_different_lr_or_damping_is_refused(key):
     model = _mlp()
-    with pytest.raises(ValueError, match=f"layer '0' has its weight in param group 0 and its "
-                                         f"bias in param group 1 with a different {key}"):
-        SENG(model, param_groups=[{"params": [model[0].weight], key: 0.5},
-                                  {"params": [model[0].bias], key: 0.25}])
+    with pytest.raises(
+        ValueError,
+        match=f"layer '0' has its weight in param group 0 and its "
+        f"bias in param group 1 with a different {key}",
+    ):
+        SENG(
+            model,
+            param_groups=[
+                {"params": [model[0].weight], key: 0.5},
+                {"params": [model[0].bias], key: 0.25},
+            ],
+        )
     # weight decay and momentum may differ
-    SENG(model, param_groups=[{"params": [model[0].weight], "weight_decay": 1e-4},
-                              {"params": [model[0].bias], "momentum": 0.0}])
+    SENG(
+        model,
+        param_groups=[
+            {"params": [model[0].weight], "weight_decay": 1e-4},
+            {"params": [model[0].bias], "momentum": 0.0},
+        ],
+    )
 
 
 def test_a_scheduler_that_splits_a_layers_lr_is_refused_at_the_step():
@@ -124,12 +147,15 @@ def test_a_scheduler_that_splits_a_layers_lr_is_refused_at_the_step():
         _step(model, opt)
 
 
-@pytest.mark.parametrize("group, message", [
-    ({"params": [], "weight_deacy": 0.0}, "param group 0 has unknown key.s. weight_deacy"),
-    ({"params": [], "damping": 0.0}, "param group 0's damping must be > 0"),
-    ({"params": [], "lr": -1.0}, "param group 0's lr must be >= 0"),
-    ({"lr": 0.1}, "param group 0 must be a dict with a 'params' entry"),
-])
+@pytest.mark.parametrize(
+    "group, message",
+    [
+        ({"params": [], "weight_deacy": 0.0}, "param group 0 has unknown key.s. weight_deacy"),
+        ({"params": [], "damping": 0.0}, "param group 0's damping must be > 0"),
+        ({"params": [], "lr": -1.0}, "param group 0's lr must be >= 0"),
+        ({"lr": 0.1}, "param group 0 must be a dict with a 'params' entry"),
+    ],
+)
 def test_bad_groups_are_refused_naming_the_group_and_key(group, message):
     with pytest.raises(ValueError, match=message):
         SENG(_mlp(), param_groups=[group])
@@ -155,8 +181,12 @@ def test_add_param_group_follows_the_fallback_rule_and_says_so():
 
 def test_group_schedules_and_state_round_trip():
     model = _mlp()
-    opt = SENG(model, param_groups=[{"params": model[0].parameters(),
-                                     "lr": lambda s: 0.1 / (s + 1)}], lr=0.05, **SETTINGS)
+    opt = SENG(
+        model,
+        param_groups=[{"params": model[0].parameters(), "lr": lambda s: 0.1 / (s + 1)}],
+        lr=0.05,
+        **SETTINGS,
+    )
     for s in range(3):
         _step(model, opt, s)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 3)
@@ -165,8 +195,12 @@ def test_group_schedules_and_state_round_trip():
     buf.seek(0)
     state = torch.load(buf, weights_only=True)  # numbers only: the callable stays here
     twin = copy.deepcopy(model)
-    opt2 = SENG(twin, param_groups=[{"params": twin[0].parameters(),
-                                     "lr": lambda s: 0.1 / (s + 1)}], lr=0.05, **SETTINGS)
+    opt2 = SENG(
+        twin,
+        param_groups=[{"params": twin[0].parameters(), "lr": lambda s: 0.1 / (s + 1)}],
+        lr=0.05,
+        **SETTINGS,
+    )
     opt2.load_state_dict(state)
     a = _moves(model, lambda: _step(model, opt, 3))
     b = _moves(twin, lambda: _step(twin, opt2, 3))
@@ -200,6 +234,9 @@ def test_a_refused_add_param_group_leaves_the_optimizer_as_it_was():
 
 def test_a_group_schedule_that_does_not_take_the_step_is_refused_by_name():
     model = nn.Linear(3, 2)
-    with pytest.raises(ValueError, match=r"param group 0's lr must be a number or a callable "
-                                         r"of the step"):
+    with pytest.raises(
+        ValueError,
+        match=r"param group 0's lr must be a number or a callable "
+        r"of the step",
+    ):
         SENG(model, param_groups=[{"params": [model.weight], "lr": lambda: 0.1}])

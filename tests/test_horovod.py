@@ -30,20 +30,33 @@ from seng_dist import SENG
 HERE = Path(__file__).resolve().parent
 needs_hvd = requires_engine("horovod", "ci/install_horovod.sh")
 
-JOBS: dict[str, dict[str, Any]] = {name: {"config": cfg, "engine": "horovod"}
-                                   for name, cfg in CONFIGS.items()}
-JOBS.update({
-    "hvd-wrapped-blockdiag": {"config": CONFIGS["factored-blockdiag"], "engine": "horovod",
-                              "hvd_wrap": True},
-    "hvd-wrapped-lagged": {"config": CONFIGS["factored-lagged"], "engine": "horovod",
-                           "hvd_wrap": True},
-    "auto-engine": {"config": CONFIGS["explicit-lagged"], "engine": None},
-    "damping-mismatch": dict(EXTRAS["damping-mismatch"], engine="horovod"),
-    "bf16": {"config": dict(CONFIGS["factored-lagged"], comm_dtype="bfloat16"),
-             "engine": "horovod"},
-    "fp16": {"config": dict(CONFIGS["factored-lagged"], comm_dtype="float16"),
-             "engine": "horovod"},
-})
+JOBS: dict[str, dict[str, Any]] = {
+    name: {"config": cfg, "engine": "horovod"} for name, cfg in CONFIGS.items()
+}
+JOBS.update(
+    {
+        "hvd-wrapped-blockdiag": {
+            "config": CONFIGS["factored-blockdiag"],
+            "engine": "horovod",
+            "hvd_wrap": True,
+        },
+        "hvd-wrapped-lagged": {
+            "config": CONFIGS["factored-lagged"],
+            "engine": "horovod",
+            "hvd_wrap": True,
+        },
+        "auto-engine": {"config": CONFIGS["explicit-lagged"], "engine": None},
+        "damping-mismatch": dict(EXTRAS["damping-mismatch"], engine="horovod"),
+        "bf16": {
+            "config": dict(CONFIGS["factored-lagged"], comm_dtype="bfloat16"),
+            "engine": "horovod",
+        },
+        "fp16": {
+            "config": dict(CONFIGS["factored-lagged"], comm_dtype="float16"),
+            "engine": "horovod",
+        },
+    }
+)
 # Clipping and a GradScaler between backward and step, and one rank's overflow.
 EDITS = ("clip-lagged-overlap", "scaler-clip-blockdiag", "scaler-lagged-overlap")
 OVERFLOWS = ("overflow-blockdiag", "overflow-lagged-overlap")
@@ -51,8 +64,14 @@ JOBS.update({name: dict(EXTRAS[name], engine="horovod") for name in EDITS + OVER
 
 
 def horovodrun(jobs: dict, tmp: Path, np: int = 2) -> list[dict]:
-    launcher = [shutil.which("horovodrun") or "horovodrun", "-np", str(np), "-H",
-                f"localhost:{np}", "--gloo"]
+    launcher = [
+        shutil.which("horovodrun") or "horovodrun",
+        "-np",
+        str(np),
+        "-H",
+        f"localhost:{np}",
+        "--gloo",
+    ]
     return launch_jobs(launcher, "horovod_worker.py", jobs, tmp, np)
 
 
@@ -71,14 +90,12 @@ START = {n: p.detach() for n, p in make_mixed().named_parameters()}
 
 @needs_hvd
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_horovod_equals_the_emulation_and_the_torch_distributed_run(hvd_runs, torch_runs,
-                                                                     name):
+def test_horovod_equals_the_emulation_and_the_torch_distributed_run(hvd_runs, torch_runs, name):
     ref = _emulated(2, CONFIGS[name])
     for rank in range(2):
         run = hvd_runs[rank][name]
         assert _displacement_error(run["params"], ref, START) <= 1e-6
-        assert _displacement_error(run["params"], torch_runs[rank][name]["params"],
-                                   START) <= 1e-6
+        assert _displacement_error(run["params"], torch_runs[rank][name]["params"], START) <= 1e-6
     assert_rounds(hvd_runs[0][name], name)
 
 
@@ -110,8 +127,10 @@ def test_fp16_buffer_works_and_bf16_is_refused_up_front(hvd_runs):
     ref = _emulated(2, CONFIGS["factored-lagged"])
     for res in hvd_runs:
         assert _displacement_error(res["fp16"]["params"], ref, START) < 2e-2
-        assert "comm_dtype='bfloat16' is not supported by the HorovodCommunicator engine; " \
-               "use one of 'float32', 'float16'" in res["bf16"]["error"]
+        assert (
+            "comm_dtype='bfloat16' is not supported by the HorovodCommunicator engine; "
+            "use one of 'float32', 'float16'" in res["bf16"]["error"]
+        )
 
 
 @needs_hvd
@@ -121,13 +140,15 @@ def test_horovod_engine_without_init_says_to_call_it():
 
 
 def test_missing_horovod_says_how_to_install_and_import_still_works():
-    code = ("import sys; sys.modules['horovod'] = None\n"
-            "import seng_dist\n"
-            "from conftest import launch_jobs, make_mixed, python_output, requires_engine\n"
-            "try:\n"
-            "    seng_dist.SENG(make_mixed(), comm='horovod')\n"
-            "except ImportError as e:\n"
-            "    print(e)\n")
+    code = (
+        "import sys; sys.modules['horovod'] = None\n"
+        "import seng_dist\n"
+        "from conftest import launch_jobs, make_mixed, python_output, requires_engine\n"
+        "try:\n"
+        "    seng_dist.SENG(make_mixed(), comm='horovod')\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
     out = python_output(code)
     assert "ci/install_horovod.sh" in out and "--no-build-isolation" in out
 
@@ -135,20 +156,47 @@ def test_missing_horovod_says_how_to_install_and_import_still_works():
 @needs_hvd
 def test_train_script_under_horovodrun_matches_torchrun(tmp_path):
     root = HERE.parent
-    args = ["--train-limit", "3072", "--batch-size", "32", "--curvature-interval", "5",
-            "--variant", "lagged"]
+    args = [
+        "--train-limit",
+        "3072",
+        "--batch-size",
+        "32",
+        "--curvature-interval",
+        "5",
+        "--variant",
+        "lagged",
+    ]
     env = dict(os.environ, PYTHONPATH=str(root))
-    hvd_cmd = ["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
-               str(root / "examples" / "train.py")] + args
-    torch_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 "--nproc_per_node", "2", str(root / "examples" / "train.py")] + args
+    hvd_cmd = [
+        "horovodrun",
+        "-np",
+        "2",
+        "-H",
+        "localhost:2",
+        "--gloo",
+        sys.executable,
+        str(root / "examples" / "train.py"),
+    ] + args
+    torch_cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(root / "examples" / "train.py"),
+    ] + args
     outputs = []
     for cmd in (hvd_cmd, torch_cmd):
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                              cwd=tmp_path)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+        )
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-        lines = [ln.split("test accuracy:")[1] for ln in done.stdout.splitlines()
-                 if "test accuracy:" in ln]
+        lines = [
+            ln.split("test accuracy:")[1]
+            for ln in done.stdout.splitlines()
+            if "test accuracy:" in ln
+        ]
         assert len(lines) == 1, done.stdout  # rank 0 only
         outputs.append(lines[0].strip())
     assert "2 rank(s)" in outputs[0]
@@ -162,14 +210,28 @@ def _hvd_client(tmp: Path, pattern: str) -> tuple[str, list[dict]]:
     """Horovod's MNIST example with the SENG diff (``tests/clients/hvd_pytorch_mnist.py``)
     under ``horovodrun -np 2 --gloo``, 300 steps; its output and each rank's report."""
     tmp.mkdir()
-    cmd = [shutil.which("horovodrun") or "horovodrun", "-np", "2", "-H", "localhost:2",
-           "--gloo", sys.executable, str(CLIENT), "--pattern", pattern, "--max-steps", "300",
-           "--out", str(tmp)]
+    cmd = [
+        shutil.which("horovodrun") or "horovodrun",
+        "-np",
+        "2",
+        "-H",
+        "localhost:2",
+        "--gloo",
+        sys.executable,
+        str(CLIENT),
+        "--pattern",
+        pattern,
+        "--max-steps",
+        "300",
+        "--out",
+        str(tmp),
+    ]
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    return done.stdout + done.stderr, [json.loads((tmp / f"{r}.json").read_text())
-                                       for r in range(2)]
+    return done.stdout + done.stderr, [
+        json.loads((tmp / f"{r}.json").read_text()) for r in range(2)
+    ]
 
 
 @needs_hvd
@@ -201,33 +263,37 @@ def test_horovod_overflow_on_one_rank_skips_the_step_on_every_rank(hvd_runs, nam
 
 @needs_hvd
 def test_hvd_distributed_optimizer_takes_seng_over_and_retires_the_original():
-    code = ("import warnings; warnings.simplefilter('ignore')\n"
-            "import torch, torch.nn.functional as F, horovod.torch as hvd\n"
-            "from seng_dist import SENG\n"
-            "from conftest import batch, make_mixed\n"
-            "hvd.init()\n"
-            "model = make_mixed()\n"
-            "opt = SENG(model, curvature_update_interval=1)\n"
-            "wrapped = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())\n"
-            "x, y = batch()\n"
-            "def train():\n"
-            "    wrapped.zero_grad()\n"
-            "    F.cross_entropy(model(x), y).backward()\n"
-            "    wrapped.step()\n"
-            "train()\n"
-            "print('seng', isinstance(wrapped, SENG), wrapped.step_count, "
-            "wrapped.curvature_updates, wrapped.round.grads_averaged)\n"
-            "try:\n"
-            "    opt.step()\n"
-            "except RuntimeError as e:\n"
-            "    print('retired', e)\n"
-            "wrapped.param_groups[0]['lr'] = 0.0  # a param group edit on the wrapper\n"
-            "before = [p.detach().clone() for p in model.parameters()]\n"
-            "train()\n"
-            "print('lr0', all(torch.equal(p, q) for p, q in zip(model.parameters(), before)),"
-            " wrapped.step_count)\n")
+    code = (
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "import torch, torch.nn.functional as F, horovod.torch as hvd\n"
+        "from seng_dist import SENG\n"
+        "from conftest import batch, make_mixed\n"
+        "hvd.init()\n"
+        "model = make_mixed()\n"
+        "opt = SENG(model, curvature_update_interval=1)\n"
+        "wrapped = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())\n"
+        "x, y = batch()\n"
+        "def train():\n"
+        "    wrapped.zero_grad()\n"
+        "    F.cross_entropy(model(x), y).backward()\n"
+        "    wrapped.step()\n"
+        "train()\n"
+        "print('seng', isinstance(wrapped, SENG), wrapped.step_count, "
+        "wrapped.curvature_updates, wrapped.round.grads_averaged)\n"
+        "try:\n"
+        "    opt.step()\n"
+        "except RuntimeError as e:\n"
+        "    print('retired', e)\n"
+        "wrapped.param_groups[0]['lr'] = 0.0  # a param group edit on the wrapper\n"
+        "before = [p.detach().clone() for p in model.parameters()]\n"
+        "train()\n"
+        "print('lr0', all(torch.equal(p, q) for p, q in zip(model.parameters(), before)),"
+        " wrapped.step_count)\n"
+    )
     out = python_output(code)
     assert "seng True 1 1 True" in out
-    assert "retired SENG: this optimizer was taken over by the wrapper that " \
-           "horovod.torch.optimizer built" in out
+    assert (
+        "retired SENG: this optimizer was taken over by the wrapper that "
+        "horovod.torch.optimizer built" in out
+    )
     assert "lr0 True 2" in out

@@ -19,23 +19,31 @@ def _check(model: nn.Module, layers: list[str], shape: tuple[int, ...], settings
 
 
 @pytest.mark.parametrize("settings", [EXACT_EXPLICIT, EXACT_IMPLICIT], ids=["explicit", "implicit"])
-@pytest.mark.parametrize("conv", [
-    dict(kernel_size=3, stride=2, padding=1),
-    dict(kernel_size=4, padding="same", dilation=1, bias=False),
-    dict(kernel_size=2, dilation=2),
-], ids=["stride-pad", "same-even-nobias", "dilation"])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=4, padding="same", dilation=1, bias=False),
+        dict(kernel_size=2, dilation=2),
+    ],
+    ids=["stride-pad", "same-even-nobias", "dilation"],
+)
 def test_conv1d_is_exact(conv, settings):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(3, 4, **conv), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
     _check(model, ["0", "3"], (3, 9), settings)
 
 
-@pytest.mark.parametrize("conv,shape", [
-    (nn.Conv2d(4, 6, 3, padding=1, groups=2), (4, 5, 5)),
-    (nn.Conv2d(4, 4, 3, stride=2, groups=4), (4, 7, 7)),  # depthwise
-    (nn.Conv2d(4, 8, 3, padding="same", groups=4, bias=False), (4, 5, 5)),  # multiplier 2
-    (nn.Conv1d(4, 4, 3, groups=4), (4, 9)),
-], ids=["grouped", "depthwise", "depthwise-x2-nobias", "depthwise-1d"])
+@pytest.mark.parametrize(
+    "conv,shape",
+    [
+        (nn.Conv2d(4, 6, 3, padding=1, groups=2), (4, 5, 5)),
+        (nn.Conv2d(4, 4, 3, stride=2, groups=4), (4, 7, 7)),  # depthwise
+        (nn.Conv2d(4, 8, 3, padding="same", groups=4, bias=False), (4, 5, 5)),  # multiplier 2
+        (nn.Conv1d(4, 4, 3, groups=4), (4, 9)),
+    ],
+    ids=["grouped", "depthwise", "depthwise-x2-nobias", "depthwise-1d"],
+)
 def test_grouped_and_depthwise_convs_are_exact_on_the_explicit_path_at_any_size(conv, shape):
     torch.manual_seed(0)
     model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
@@ -59,9 +67,12 @@ def test_a_kinds_per_sample_gradients_are_the_product_of_its_factors():
     # LayerKind.grads, the per-call gradients a new kind may rely on, against torch.func.
     from seng_dist.kinds import ConvKind, LayerKind
     from seng_dist.reference import per_sample_gradients
+
     torch.manual_seed(0)
-    for module, x in ((nn.Linear(4, 3), torch.randn(5, 2, 4)),
-                      (nn.Conv1d(2, 3, 3, padding=1), torch.randn(5, 2, 6))):
+    for module, x in (
+        (nn.Linear(4, 3), torch.randn(5, 2, 4)),
+        (nn.Conv1d(2, 3, 3, padding=1), torch.randn(5, 2, 6)),
+    ):
         out = module(x)
         gy = torch.randn_like(out)
         kind = LayerKind() if isinstance(module, nn.Linear) else ConvKind()
@@ -76,10 +87,18 @@ def test_the_supported_layer_types_are_one_list_that_messages_and_find_blocks_us
     from seng_dist.layers import find_blocks
 
     types = seng_dist.supported_layer_types()
-    assert types == ("nn.Linear", "nn.Conv1d", "nn.Conv2d", "nn.BatchNorm1d", "nn.BatchNorm2d",
-                     "nn.BatchNorm3d", "nn.MultiheadAttention")
+    assert types == (
+        "nn.Linear",
+        "nn.Conv1d",
+        "nn.Conv2d",
+        "nn.BatchNorm1d",
+        "nn.BatchNorm2d",
+        "nn.BatchNorm3d",
+        "nn.MultiheadAttention",
+    )
     layout = find_blocks(nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, 2)))
-    assert layout.fallback["0"] == ("Embedding is not a supported layer type "
-                                    "(seng_dist.supported_layer_types())")
+    assert layout.fallback["0"] == (
+        "Embedding is not a supported layer type (seng_dist.supported_layer_types())"
+    )
     with pytest.warns(SENGWarning, match=", ".join(types)):
         SENG(nn.Sequential(nn.Embedding(4, 3)))  # the warning lists them

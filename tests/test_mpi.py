@@ -24,13 +24,22 @@ needs_mpi = requires_engine("mpi4py", "ci/install_mpi.sh")
 HERE = Path(__file__).resolve().parent
 START = {n: p.detach() for n, p in make_mixed().named_parameters()}
 # Running as root and more ranks than cores are both normal on CI machines.
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+MPI_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+}
 
 
 def mpirun(jobs: dict, tmp: Path, np: int) -> list[dict]:
-    return launch_jobs([shutil.which("mpirun") or "mpirun", "-np", str(np)], "mpi_worker.py",
-                       jobs, tmp, np, extra_env=MPI_ENV)
+    return launch_jobs(
+        [shutil.which("mpirun") or "mpirun", "-np", str(np)],
+        "mpi_worker.py",
+        jobs,
+        tmp,
+        np,
+        extra_env=MPI_ENV,
+    )
 
 
 # Clipping and a GradScaler between backward and step, and one rank's overflow.
@@ -41,16 +50,20 @@ OVERFLOWS = ("overflow-lagged", "overflow-blockdiag-overlap")
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def mpi_runs(request, tmp_path_factory):
     jobs = {name: {"config": cfg, "engine": "mpi"} for name, cfg in CONFIGS.items()}
-    jobs["bf16"] = {"config": dict(CONFIGS["explicit-lagged"], comm_dtype="bfloat16"),
-                    "engine": "mpi"}
+    jobs["bf16"] = {
+        "config": dict(CONFIGS["explicit-lagged"], comm_dtype="bfloat16"),
+        "engine": "mpi",
+    }
     jobs.update({name: dict(EXTRAS[name], engine="mpi") for name in EDITS + OVERFLOWS})
     return request.param, mpirun(jobs, tmp_path_factory.mktemp("mpi"), request.param)
 
 
 @pytest.fixture(scope="module")
 def torch_runs():
-    return {world: run_ranks(_jobs, world, {n: {"config": c} for n, c in CONFIGS.items()},
-                             timeout=300) for world in (2, 3)}
+    return {
+        world: run_ranks(_jobs, world, {n: {"config": c} for n, c in CONFIGS.items()}, timeout=300)
+        for world in (2, 3)
+    }
 
 
 @needs_mpi
@@ -60,8 +73,10 @@ def test_mpi_equals_the_emulation_and_the_torch_distributed_run(mpi_runs, torch_
     ref = _emulated(world, CONFIGS[name])
     for rank, res in enumerate(ranks):
         assert _displacement_error(res[name]["params"], ref, START) <= 1e-6
-        assert _displacement_error(res[name]["params"], torch_runs[world][rank][name]["params"],
-                                   START) <= 1e-6
+        assert (
+            _displacement_error(res[name]["params"], torch_runs[world][rank][name]["params"], START)
+            <= 1e-6
+        )
     assert_rounds(ranks[0][name], name)
 
 
@@ -80,18 +95,21 @@ def test_mpi_overflow_on_one_rank_skips_the_step_on_every_rank(mpi_runs, name):
 @needs_mpi
 def test_mpi_refuses_16_bit_buffers_up_front(mpi_runs):
     for res in mpi_runs[1]:
-        assert "comm_dtype='bfloat16' is not supported by the MPICommunicator" in \
-            res["bf16"]["error"]
+        assert (
+            "comm_dtype='bfloat16' is not supported by the MPICommunicator" in res["bf16"]["error"]
+        )
 
 
 def test_missing_mpi4py_says_how_to_install():
-    out = python_output("import sys; sys.modules['mpi4py'] = None\n"
-                        "import seng_dist\n"
-                        "from conftest import make_mixed\n"
-                        "try:\n"
-                        "    seng_dist.SENG(make_mixed(), comm='mpi')\n"
-                        "except ImportError as e:\n"
-                        "    print(e)\n")
+    out = python_output(
+        "import sys; sys.modules['mpi4py'] = None\n"
+        "import seng_dist\n"
+        "from conftest import make_mixed\n"
+        "try:\n"
+        "    seng_dist.SENG(make_mixed(), comm='mpi')\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
     assert "ci/install_mpi.sh" in out and "mpi4py" in out
 
 
@@ -102,8 +120,9 @@ def _can_make_namespaces() -> str:
     done = subprocess.run(["ip", "netns", "add", "seng-probe"], capture_output=True, text=True)
     if done.returncode != 0:
         return f"network namespaces cannot be made here: {done.stderr.strip()}"
-    entered = subprocess.run(["ip", "netns", "exec", "seng-probe", "true"], capture_output=True,
-                             text=True)
+    entered = subprocess.run(
+        ["ip", "netns", "exec", "seng-probe", "true"], capture_output=True, text=True
+    )
     subprocess.run(["ip", "netns", "del", "seng-probe"], capture_output=True)
     if entered.returncode != 0:
         return f"a network namespace cannot be entered here: {entered.stderr.strip()}"
@@ -116,13 +135,30 @@ def test_two_hosts_in_network_namespaces_train_over_tcp():
     if why:
         pytest.skip(why)
     root = HERE.parent
-    done = subprocess.run(["bash", str(root / "integrations" / "mpi" / "two_hosts_netns.sh"),
-                           "--variant", "lagged", "--train-limit", "3072", "--batch-size",
-                           "32", "--curvature-interval", "5"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            "bash",
+            str(root / "integrations" / "mpi" / "two_hosts_netns.sh"),
+            "--variant",
+            "lagged",
+            "--train-limit",
+            "3072",
+            "--batch-size",
+            "32",
+            "--curvature-interval",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("test accuracy:")]
     assert len(lines) == 1 and "2 rank(s)" in lines[0], done.stdout
     assert float(lines[0].split()[2]) > 0.6
-    assert subprocess.run(["ip", "netns", "list"], capture_output=True,
-                          text=True).stdout.count("seng-host") == 0  # cleaned up
+    assert (
+        subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.count(
+            "seng-host"
+        )
+        == 0
+    )  # cleaned up

@@ -22,53 +22,70 @@ def _net():
     return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(lr=0.0), "lr must be > 0"),
-    (dict(lr=-1), "lr must be > 0"),
-    (dict(lr=float("nan")), "lr must be finite"),
-    (dict(lr="fast"), "lr must be a number"),
-    (dict(damping=0), "damping must be > 0"),
-    (dict(damping=lambda s: -1.0), "damping schedule returned -1.0 at step 0; it must be > 0"),
-    (dict(lr=lambda: 0.1), "lr must be a number or a callable of the step .*which does not "
-                           "take one argument"),
-    (dict(momentum=lambda s, total: 0.9), "momentum must be a number or a callable of the step"),
-    (dict(momentum=1.0), "momentum must be < 1"),
-    (dict(momentum=-0.1), "momentum must be >= 0"),
-    (dict(weight_decay=-1e-4), "weight_decay must be >= 0"),
-    (dict(curvature_update_interval=0), "curvature_update_interval must be > 0"),
-    (dict(curvature_update_interval=2.5), "curvature_update_interval must be an int"),
-    (dict(curvature_batch_size=0), "curvature_batch_size must be None or an int >= 1"),
-    (dict(explicit_threshold=-1), "explicit_threshold must be an int >= 0"),
-    (dict(sketch_size=0), "sketch_size must be None or an int >= 1"),
-    (dict(sketch_size=10**6, explicit_threshold=1000), "sketch_size must be None or smaller"),
-    (dict(sketch_method="gaussian"), "sketch_method must be one of 'uniform', 'leverage'"),
-    (dict(factor_rank=0), "factor_rank must be None or an int >= 1"),
-    (dict(factor_sketch_size=-3), "factor_sketch_size must be None or an int >= 1"),
-    (dict(uc="approx"), "uc must be one of 'factored', 'exact'"),
-    (dict(variant="async"), "variant must be one of 'blockdiag', 'lagged'"),
-    (dict(loss_reduction="none"), "loss_reduction must be one of 'mean', 'sum'"),
-    (dict(decoupled_weight_decay="yes"), "decoupled_weight_decay must be True or False"),
-    (dict(sketch_replacement=1), "sketch_replacement must be True or False"),
-    (dict(comm="nccl"), "comm must be None, one of 'local', 'torch', 'horovod', 'deepspeed'"),
-    (dict(seed=1.5), "seed must be an int"),
-    (dict(seed=2**64), "seed must be an int from 0 to 18446744073709551615, got "
-                       "18446744073709551616"),
-    # torch would wrap it to 2**64 - 1: two settings for one generator
-    (dict(seed=-1), "seed must be an int from 0 to 18446744073709551615, got -1"),
-    (dict(skip_layers=[""]), "skip_layers holds an empty module name ''"),
-    (dict(skip_layers=""), "skip_layers holds an empty module name ''"),
-    (dict(max_grad_norm=0.0), "max_grad_norm must be > 0"),
-    (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps must be an int from 1 to "
-                                          "65536, got 0"),
-    (dict(gradient_accumulation_steps=10**9), "gradient_accumulation_steps must be an int from 1 "
-                                              "to 65536, got 1000000000"),
-    (dict(gradient_accumulation_steps=None), "gradient_accumulation_steps must be an int from 1"),
-    (dict(comm_dtype="int8"), "comm_dtype must be None .* or one of 'float32', 'bfloat16'"),
-    (dict(comm_dtype=torch.float64), "comm_dtype must be None"),
-    (dict(overlap="yes"), "overlap must be True or False, got 'yes'"),
-    (dict(bucket_size_mb=0), "bucket_size_mb must be a finite number > 0 .MiB., got 0"),
-    (dict(bucket_size_mb=float("inf")), "bucket_size_mb must be a finite number > 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=0.0), "lr must be > 0"),
+        (dict(lr=-1), "lr must be > 0"),
+        (dict(lr=float("nan")), "lr must be finite"),
+        (dict(lr="fast"), "lr must be a number"),
+        (dict(damping=0), "damping must be > 0"),
+        (dict(damping=lambda s: -1.0), "damping schedule returned -1.0 at step 0; it must be > 0"),
+        (
+            dict(lr=lambda: 0.1),
+            "lr must be a number or a callable of the step .*which does not take one argument",
+        ),
+        (
+            dict(momentum=lambda s, total: 0.9),
+            "momentum must be a number or a callable of the step",
+        ),
+        (dict(momentum=1.0), "momentum must be < 1"),
+        (dict(momentum=-0.1), "momentum must be >= 0"),
+        (dict(weight_decay=-1e-4), "weight_decay must be >= 0"),
+        (dict(curvature_update_interval=0), "curvature_update_interval must be > 0"),
+        (dict(curvature_update_interval=2.5), "curvature_update_interval must be an int"),
+        (dict(curvature_batch_size=0), "curvature_batch_size must be None or an int >= 1"),
+        (dict(explicit_threshold=-1), "explicit_threshold must be an int >= 0"),
+        (dict(sketch_size=0), "sketch_size must be None or an int >= 1"),
+        (dict(sketch_size=10**6, explicit_threshold=1000), "sketch_size must be None or smaller"),
+        (dict(sketch_method="gaussian"), "sketch_method must be one of 'uniform', 'leverage'"),
+        (dict(factor_rank=0), "factor_rank must be None or an int >= 1"),
+        (dict(factor_sketch_size=-3), "factor_sketch_size must be None or an int >= 1"),
+        (dict(uc="approx"), "uc must be one of 'factored', 'exact'"),
+        (dict(variant="async"), "variant must be one of 'blockdiag', 'lagged'"),
+        (dict(loss_reduction="none"), "loss_reduction must be one of 'mean', 'sum'"),
+        (dict(decoupled_weight_decay="yes"), "decoupled_weight_decay must be True or False"),
+        (dict(sketch_replacement=1), "sketch_replacement must be True or False"),
+        (dict(comm="nccl"), "comm must be None, one of 'local', 'torch', 'horovod', 'deepspeed'"),
+        (dict(seed=1.5), "seed must be an int"),
+        (
+            dict(seed=2**64),
+            "seed must be an int from 0 to 18446744073709551615, got 18446744073709551616",
+        ),
+        # torch would wrap it to 2**64 - 1: two settings for one generator
+        (dict(seed=-1), "seed must be an int from 0 to 18446744073709551615, got -1"),
+        (dict(skip_layers=[""]), "skip_layers holds an empty module name ''"),
+        (dict(skip_layers=""), "skip_layers holds an empty module name ''"),
+        (dict(max_grad_norm=0.0), "max_grad_norm must be > 0"),
+        (
+            dict(gradient_accumulation_steps=0),
+            "gradient_accumulation_steps must be an int from 1 to 65536, got 0",
+        ),
+        (
+            dict(gradient_accumulation_steps=10**9),
+            "gradient_accumulation_steps must be an int from 1 to 65536, got 1000000000",
+        ),
+        (
+            dict(gradient_accumulation_steps=None),
+            "gradient_accumulation_steps must be an int from 1",
+        ),
+        (dict(comm_dtype="int8"), "comm_dtype must be None .* or one of 'float32', 'bfloat16'"),
+        (dict(comm_dtype=torch.float64), "comm_dtype must be None"),
+        (dict(overlap="yes"), "overlap must be True or False, got 'yes'"),
+        (dict(bucket_size_mb=0), "bucket_size_mb must be a finite number > 0 .MiB., got 0"),
+        (dict(bucket_size_mb=float("inf")), "bucket_size_mb must be a finite number > 0"),
+    ],
+)
 def test_bad_settings_raise_naming_the_setting(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         SENG(_net(), **kwargs)
@@ -108,14 +125,25 @@ def _train(model, opt, batches, scheduler=None):
 
 def _batches(n, size=16, seed=3):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 3, 8, 8, generator=g), torch.randint(0, 5, (size,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(size, 3, 8, 8, generator=g), torch.randint(0, 5, (size,), generator=g))
+        for _ in range(n)
+    ]
 
 
-RESUME_SETTINGS = dict(lr=0.05, damping=0.5, momentum=0.9, weight_decay=1e-3,
-                       curvature_update_interval=3, explicit_threshold=40, sketch_size=24,
-                       sketch_method="leverage", factor_rank=2, factor_sketch_size=4,
-                       curvature_batch_size=10)
+RESUME_SETTINGS = dict(
+    lr=0.05,
+    damping=0.5,
+    momentum=0.9,
+    weight_decay=1e-3,
+    curvature_update_interval=3,
+    explicit_threshold=40,
+    sketch_size=24,
+    sketch_method="leverage",
+    factor_rank=2,
+    factor_sketch_size=4,
+    curvature_batch_size=10,
+)
 
 
 @pytest.mark.parametrize("diagonal", ["identity", "adam"])
@@ -162,8 +190,16 @@ def test_state_dict_of_another_model_or_setting_is_rejected():
 def test_lagged_uses_previous_gradient_for_coefficients():
     model = make_mixed()
     lam = 0.5
-    opt = SENG(model, lr=1.0, damping=lam, momentum=0.0, variant="lagged",
-               curvature_update_interval=1, explicit_threshold=10**9, sketch_size=None)
+    opt = SENG(
+        model,
+        lr=1.0,
+        damping=lam,
+        momentum=0.0,
+        variant="lagged",
+        curvature_update_interval=1,
+        explicit_threshold=10**9,
+        sketch_size=None,
+    )
     (x1, y1), (x2, y2) = batch(seed=1), batch(seed=2)
     seng_directions(opt, model, x1, y1)  # step 0 (blockdiag rule), parameters restored
     d = seng_directions(opt, model, x2, y2)
@@ -207,13 +243,17 @@ def test_decoupled_weight_decay_shrinks_parameters_without_gradient_term():
 
 def test_callable_hyper_parameters_follow_the_step():
     model = _net()
-    opt = SENG(model, lr=lambda s: 0.1 / (s + 1), damping=schedules.damping_decay(2.0, 0.5, 1),
-               momentum=0.0)
+    opt = SENG(
+        model,
+        lr=lambda s: 0.1 / (s + 1),
+        damping=schedules.damping_decay(2.0, 0.5, 1),
+        momentum=0.0,
+    )
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
     _train(model, opt, [(x, y)] * 3)
     group = opt.param_groups[0]
     assert group["lr"] == pytest.approx(0.1 / 3)
-    assert group["damping"] == pytest.approx(2.0 * 0.5 ** 0.2)
+    assert group["damping"] == pytest.approx(2.0 * 0.5**0.2)
 
 
 def test_schedule_turning_invalid_mid_run_raises():
@@ -231,13 +271,13 @@ def test_schedules_match_the_paper():
     assert cos(25) == pytest.approx(0.001 + 0.5 * 0.099 * (1 + math.cos(math.pi * 0.5)))
     assert cos(10**6) == pytest.approx(0.001)
     exp = schedules.exponential(0.2, max_epochs=10, steps_per_epoch=2, decay_rate=6)
-    assert exp(4) == pytest.approx(0.2 * 0.8 ** 6)
+    assert exp(4) == pytest.approx(0.2 * 0.8**6)
     warm = schedules.linear_warmup(exp, warmup_steps=4, start=0.01)
     assert warm(0) == pytest.approx(0.01)
     assert warm(2) == pytest.approx(0.01 + (exp(4) - 0.01) / 2)
     assert warm(6) == exp(6)
     damp = schedules.damping_decay(0.17, 0.9, steps_per_epoch=3)
-    assert damp(30 * 3) == pytest.approx(0.17 * 0.9 ** 3)
+    assert damp(30 * 3) == pytest.approx(0.17 * 0.9**3)
     with pytest.raises(ValueError, match="max_epochs"):
         schedules.cosine(0.1, max_epochs=0, steps_per_epoch=5)
 
@@ -265,8 +305,15 @@ def test_sum_reduction_matches_mean_reduction_curvature():
     curvature = []
     for reduction in ("mean", "sum"):
         model = make_mixed()
-        opt = SENG(model, lr=1.0, damping=0.5, momentum=0.0, loss_reduction=reduction,
-                   explicit_threshold=10**9, sketch_size=None)
+        opt = SENG(
+            model,
+            lr=1.0,
+            damping=0.5,
+            momentum=0.0,
+            loss_reduction=reduction,
+            explicit_threshold=10**9,
+            sketch_size=None,
+        )
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y, reduction=reduction)
         loss.backward()
@@ -276,11 +323,13 @@ def test_sum_reduction_matches_mean_reduction_curvature():
     assert torch.allclose(curvature[0], curvature[1], rtol=1e-5, atol=1e-6)
 
 
-def _scaled_run(init_scale: float | None, steps: int = 3, fp16: bool = False
-                ) -> tuple[SENG, list[torch.Tensor]]:
+def _scaled_run(
+    init_scale: float | None, steps: int = 3, fp16: bool = False
+) -> tuple[SENG, list[torch.Tensor]]:
     """SENG driven by torch.amp.GradScaler (None: no scaler) on fixed batches, with an fp16
     autocast forward if asked."""
     from conftest import batch, make_mixed
+
     model = make_mixed()
     opt = SENG(model, lr=0.1, damping=0.5, curvature_update_interval=2)
     scaler = None
@@ -304,7 +353,7 @@ def _scaled_run(init_scale: float | None, steps: int = 3, fp16: bool = False
 
 def test_grad_scaler_loss_scale_is_divided_out_of_the_curvature():
     plain_opt, plain = _scaled_run(None)
-    scaled_opt, scaled = _scaled_run(2.0 ** 10)  # a power of two: unscaling is exact
+    scaled_opt, scaled = _scaled_run(2.0**10)  # a power of two: unscaling is exact
     assert all(torch.equal(a, b) for a, b in zip(plain, scaled, strict=True))
     for b, c in zip(plain_opt.blocks, scaled_opt.blocks, strict=True):
         assert torch.equal(plain_opt.state[b.weight]["K"], scaled_opt.state[c.weight]["K"])
@@ -313,17 +362,21 @@ def test_grad_scaler_loss_scale_is_divided_out_of_the_curvature():
 def test_overflow_steps_are_skipped_and_never_enter_the_curvature():
     # A loss scale of 2^30 overflows the fp16 backward: GradScaler skips steps (halving its
     # scale) until the gradients fit.
-    opt, params = _scaled_run(2.0 ** 30, steps=30, fp16=True)
+    opt, params = _scaled_run(2.0**30, steps=30, fp16=True)
     assert 0 < opt.step_count < 30
     assert opt.curvature_updates >= 1 and opt.curvature_skips == 0
     assert all(torch.isfinite(p).all() for p in params)
     for b in opt.blocks:
-        assert all(torch.isfinite(t).all() for t in opt.state[b.weight].values()
-                   if torch.is_tensor(t) and t.is_floating_point())
+        assert all(
+            torch.isfinite(t).all()
+            for t in opt.state[b.weight].values()
+            if torch.is_tensor(t) and t.is_floating_point()
+        )
 
 
 def test_bf16_autocast_keeps_float32_curvature_close_to_the_float32_run():
     from conftest import batch, make_mixed
+
     runs = []
     for autocast in (False, True):
         model = make_mixed()
@@ -347,6 +400,7 @@ def test_bf16_autocast_keeps_float32_curvature_close_to_the_float32_run():
 
 def test_max_grad_norm_clips_the_gradient_like_clip_grad_norm():
     from conftest import batch, make_mixed
+
     runs = []
     for own in (True, False):
         model = make_mixed()
@@ -368,8 +422,9 @@ def test_a_step_without_gradients_changes_nothing_and_keeps_the_curvature_step()
     (zero gradients, no forward since the last step): nothing moves, no state is created, the
     step is not counted, and the curvature still comes from the first real step."""
     model = _net()
-    opt = SENG(model, lr=0.1, curvature_update_interval=200, decoupled_weight_decay=True,
-               weight_decay=0.1)
+    opt = SENG(
+        model, lr=0.1, curvature_update_interval=200, decoupled_weight_decay=True, weight_decay=0.1
+    )
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.warns(UserWarning, match="hvd.broadcast_optimizer_state"):
         opt.step()
@@ -466,8 +521,9 @@ def test_an_edit_of_a_param_group_takes_effect_at_the_next_step(key):
             opt.param_groups[0][key] = value
         before = [p.detach().clone() for p in model.parameters()]
         _train_step(opt, model)
-        return torch.cat([(p.detach() - q).flatten()
-                          for p, q in zip(model.parameters(), before, strict=True)])
+        return torch.cat(
+            [(p.detach() - q).flatten() for p, q in zip(model.parameters(), before, strict=True)]
+        )
 
     assert not torch.allclose(direction(None), direction(0.5))
     assert torch.equal(direction(0.1 if key == "lr" else 1.0), direction(None))

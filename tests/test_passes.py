@@ -39,8 +39,7 @@ class Net(nn.Module):
         if self.reentrant is None:
             h = torch.tanh(self.b(h))
         else:  # the middle layer checkpointed
-            h = checkpoint(lambda t: torch.tanh(self.b(t)), h,
-                           use_reentrant=self.reentrant)
+            h = checkpoint(lambda t: torch.tanh(self.b(t)), h, use_reentrant=self.reentrant)
         return self.c(h).sum()
 
 

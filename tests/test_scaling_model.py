@@ -27,15 +27,21 @@ def test_hierarchical_is_the_flat_nvlink_ring_inside_one_node() -> None:
     nv = DGX1.intra
     for p in range(2, DGX1.gpus_per_node + 1):
         assert sm.hierarchical_allreduce(5e7, p, DGX1) == pytest.approx(
-            sm.ring_allreduce(5e7, p, nv.latency, 1 / nv.bandwidth))
+            sm.ring_allreduce(5e7, p, nv.latency, 1 / nv.bandwidth)
+        )
         assert DGX1.allreduce(5e7, p) == pytest.approx(
-            DGX1.base_latency + sm.ring_allreduce(5e7, p, nv.latency, 1 / nv.bandwidth))
+            DGX1.base_latency + sm.ring_allreduce(5e7, p, nv.latency, 1 / nv.bandwidth)
+        )
     # two nodes add the slower network: the nodes' NICs move the whole buffer
     inside = sm.hierarchical_allreduce(5e7, 8, DGX1)
     beta = 1 / (DGX1.nics_per_node * DGX1.inter.bandwidth)
     assert sm.hierarchical_allreduce(5e7, 16, DGX1) == pytest.approx(
-        inside + min(sm.ring_allreduce(5e7, 2, DGX1.inter.latency, beta),
-                     sm.tree_allreduce(5e7, 2, DGX1.inter.latency, beta)))
+        inside
+        + min(
+            sm.ring_allreduce(5e7, 2, DGX1.inter.latency, beta),
+            sm.tree_allreduce(5e7, 2, DGX1.inter.latency, beta),
+        )
+    )
     times = [DGX1.allreduce(5e7, p) for p in sm.GPUS]
     assert times == sorted(times)
     assert DGX1.scaled(bandwidth=0.5).allreduce(5e7, 64) > DGX1.allreduce(5e7, 64)
@@ -69,12 +75,14 @@ def test_exposure_with_an_endless_backward_is_the_last_bucket() -> None:
     queued = [sm.Message(400, 0.0), sm.Message(400, 0.0)]
     assert sm.exposed_seconds(queued, backward_s=0.5, collective=_ms) == pytest.approx(0.3)
     # a bucket ready late waits for its layers, not for the link
-    assert sm.exposed_seconds([sm.Message(100, 0.9)], backward_s=1.0,
-                              collective=_ms) == pytest.approx(0.0)
+    assert sm.exposed_seconds(
+        [sm.Message(100, 0.9)], backward_s=1.0, collective=_ms
+    ) == pytest.approx(0.0)
     # curvature steps every T: the mean step weighs them 1/T
     compute = sm.Compute(sgd_s=1.0, curvature_interval=4)
-    assert sm.amortised_step(sm.StepComm(), sm.StepComm(late=[400]), compute,
-                             _ms) == pytest.approx(1.0 + 0.1)
+    assert sm.amortised_step(sm.StepComm(), sm.StepComm(late=[400]), compute, _ms) == pytest.approx(
+        1.0 + 0.1
+    )
 
 
 def _counted(setup: Any, plain: Any) -> Any:
@@ -92,15 +100,20 @@ def test_predictions_headline_and_sensitivity_from_given_collectives() -> None:
     counted = [sgd, lag, sgd16, lag16, lagf, lagf16]
     compute = sm.Compute(sgd_s=0.2)
     rows = sm.predict(counted, compute, 1.25, DGX1, gpus=(8, 256))
-    assert [r["setup"] for r in rows][:2] == ["DDP SGD, overlap, fp32",
-                                              "SENG lagged, uc=exact, overlap, fp32"]
+    assert [r["setup"] for r in rows][:2] == [
+        "DDP SGD, overlap, fp32",
+        "SENG lagged, uc=exact, overlap, fp32",
+    ]
     assert rows[1]["256"] == {"ms": pytest.approx(250.0), "efficiency": pytest.approx(1.0)}
     assert rows[0]["256"]["ms"] == pytest.approx(1e3 * (0.2 + DGX1.allreduce(10**8, 256)))
     assert rows[0]["8"]["efficiency"] > rows[0]["256"]["efficiency"]
     head = sm.headline(rows)
     assert [(h["dtype"], h["uc"]) for h in head] == [
-        ("float32", "exact"), ("float32", "factored"), ("bfloat16", "exact"),
-        ("bfloat16", "factored")]
+        ("float32", "exact"),
+        ("float32", "factored"),
+        ("bfloat16", "exact"),
+        ("bfloat16", "factored"),
+    ]
     assert head[0]["lagged_over_sgd_time"] == pytest.approx(250.0 / rows[0]["256"]["ms"])
     sens = sm.sensitivity(counted, compute, 1.25, DGX1)
     assert [s["lagged"] for s in sens] == pytest.approx([1.0, 1.0, 1.0])
@@ -111,5 +124,7 @@ def test_predictions_headline_and_sensitivity_from_given_collectives() -> None:
 def test_all_setups_cover_every_method_overlap_and_buffer() -> None:
     setups = sm.all_setups()
     assert len(setups) == len(set(setups)) == 2 * 2 * (1 + 2 * 2)
-    assert sm.Setup("blockdiag", False, "bfloat16", "factored").label == \
-        "SENG blockdiag, uc=factored, no overlap, bf16"
+    assert (
+        sm.Setup("blockdiag", False, "bfloat16", "factored").label
+        == "SENG blockdiag, uc=factored, no overlap, bf16"
+    )

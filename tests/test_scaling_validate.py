@@ -25,15 +25,32 @@ def test_gloo_validation_of_exact_ring_timings_has_no_error() -> None:
 
 def test_bench_comm_rows_against_the_model(tmp_path: Path) -> None:
     assert va.compare_bench_comm(tmp_path, 1e-3, 1e-9) is None
-    rows = [{"setup": "DDP SGD", "waited_ms": None, "collectives": 0, "bytes": 8},
-            {"setup": "SENG lagged", "uc": "exact", "overlap": False, "waited_ms": 10.0,
-             "collectives": 2, "bytes": 2e6, "ms_median": 50.0},
-            {"setup": "SENG lagged, uc=factored", "overlap": True, "waited_ms": 5.0,
-             "collectives": 1, "bytes": 1e6, "ms_median": 40.0}]
+    rows = [
+        {"setup": "DDP SGD", "waited_ms": None, "collectives": 0, "bytes": 8},
+        {
+            "setup": "SENG lagged",
+            "uc": "exact",
+            "overlap": False,
+            "waited_ms": 10.0,
+            "collectives": 2,
+            "bytes": 2e6,
+            "ms_median": 50.0,
+        },
+        {
+            "setup": "SENG lagged, uc=factored",
+            "overlap": True,
+            "waited_ms": 5.0,
+            "collectives": 1,
+            "bytes": 1e6,
+            "ms_median": 40.0,
+        },
+    ]
     (tmp_path / "bench_comm_2ranks.json").write_text(json.dumps({"rows": rows}))
     out = va.compare_bench_comm(tmp_path, 1e-3, 1e-9)
     assert out is not None and [r["setup"] for r in out] == [
-        "SENG lagged, uc=exact", "SENG lagged, uc=factored"]
+        "SENG lagged, uc=exact",
+        "SENG lagged, uc=factored",
+    ]
     # 2 calls of 1 MB at 2 ranks: 2 × (2α + nβ) = 2 × 3 ms; nothing hidden without overlap
     assert out[0]["model_ms"] == pytest.approx(6.0)
     assert out[0]["error_pct"] == pytest.approx(-40.0)
@@ -41,8 +58,11 @@ def test_bench_comm_rows_against_the_model(tmp_path: Path) -> None:
 
 
 def test_table3_with_free_communication_is_ideal_scaling() -> None:
-    setups = [sm.Setup("sgd"), sm.Setup("lagged", comm_dtype="bfloat16"),
-              sm.Setup("lagged", uc="factored")]
+    setups = [
+        sm.Setup("sgd"),
+        sm.Setup("lagged", comm_dtype="bfloat16"),
+        sm.Setup("lagged", uc="factored"),
+    ]
     counted = [sm.Counted(s, sm.StepComm(), sm.StepComm(), 0, 0, 0, "-", None) for s in setups]
     rows = va.validate_table3(counted, sm.CLUSTERS["dgx2"])
     assert [r["setup"] for r in rows] == ["SENG lagged, uc=factored, overlap, fp32"]
@@ -51,6 +71,7 @@ def test_table3_with_free_communication_is_ideal_scaling() -> None:
         ideal = sm.steps_per_epoch(p) * t4 / sm.steps_per_epoch(4)
         assert rows[0][p]["predicted_s"] == pytest.approx(ideal)
         assert rows[0][p]["efficiency"] == pytest.approx(
-            sm.steps_per_epoch(4) * 4 / (sm.steps_per_epoch(p) * p))
+            sm.steps_per_epoch(4) * 4 / (sm.steps_per_epoch(p) * p)
+        )
     # no communication: no link is slow enough; the bisection ends at its lower bound
     assert rows[0]["bandwidth_factor_to_match_8"] < 1e-3

@@ -15,16 +15,21 @@ from seng_dist import SENG, solver
 
 def _factors(rho=6, kappa=9, n_g=5, n_a=7, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(rho, kappa, n_g, generator=g, dtype=torch.float64),
-            torch.randn(rho, kappa, n_a, generator=g, dtype=torch.float64))
+    return (
+        torch.randn(rho, kappa, n_g, generator=g, dtype=torch.float64),
+        torch.randn(rho, kappa, n_a, generator=g, dtype=torch.float64),
+    )
 
 
 def _dense(G, A):
     return torch.einsum("irg,ira->iga", G, A)
 
 
-@pytest.mark.parametrize("shape", [(6, 3, 5, 7), (6, 9, 5, 7), (6, 9, 8, 4)],
-                         ids=["kappa-small", "n_G-small", "n_A-small"])
+@pytest.mark.parametrize(
+    "shape",
+    [(6, 3, 5, 7), (6, 9, 5, 7), (6, 9, 8, 4)],
+    ids=["kappa-small", "n_G-small", "n_A-small"],
+)
 def test_exact_factors_reproduce_per_sample_gradients(shape):
     G_hat, A_hat = _factors(*shape)
     G, A = solver.low_rank_factors(G_hat, A_hat, None)
@@ -65,8 +70,9 @@ def test_factored_uc_is_exact_for_one_rank_one_sample():
     G_hat, A_hat = _factors(rho=1, kappa=1)
     c = torch.tensor([-0.7], dtype=torch.float64)
     Gf, Af = G_hat.reshape(1, -1), A_hat.reshape(1, -1)
-    assert torch.allclose(solver.implicit_uc_factored(Gf, Af, c, 1),
-                          solver.implicit_uc_exact(Gf, Af, c, 1))
+    assert torch.allclose(
+        solver.implicit_uc_factored(Gf, Af, c, 1), solver.implicit_uc_exact(Gf, Af, c, 1)
+    )
     gc, ac = solver.partial_factors(Gf, Af, torch.zeros(1, dtype=torch.float64), 1)
     assert torch.all(torch.isfinite(ac)) and torch.all(gc == 0)  # c = 0 does not divide by 0
 
@@ -82,8 +88,9 @@ def test_sketched_utz_is_unbiased_and_weights_fold_into_factors():
     for _ in range(trials):
         sg = solver.sample_rows(6, 3, "uniform", True, gen)
         sa = solver.sample_rows(8, 4, "uniform", True, gen)
-        acc += solver.implicit_utz(solver.sketch_columns(Gf, sg, 2),
-                                   solver.sketch_columns(Af, sa, 2), z, 2, sg[0], sa[0])
+        acc += solver.implicit_utz(
+            solver.sketch_columns(Gf, sg, 2), solver.sketch_columns(Af, sa, 2), z, 2, sg[0], sa[0]
+        )
     assert torch.allclose(acc / trials, exact, rtol=0.1, atol=0.1 * exact.abs().max())
 
 
@@ -108,23 +115,24 @@ def _low_rank_rows(rho, n, rank, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(rho, rank, generator=g, dtype=torch.float64)
     a = a * torch.exp(-0.05 * torch.arange(rank, dtype=torch.float64))
-    return (a @ torch.randn(rank, n, generator=g, dtype=torch.float64) / n ** 0.5).to(dtype)
+    return (a @ torch.randn(rank, n, generator=g, dtype=torch.float64) / n**0.5).to(dtype)
 
 
 def test_damped_inverse_keeps_k_dtype_while_well_conditioned():
     M = torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     K = (M @ M.T).float()
-    damping = 1.01 * float(K.trace()) * EPS32 ** 0.5  # near the smallest rounded to float32
+    damping = 1.01 * float(K.trace()) * EPS32**0.5  # near the smallest rounded to float32
     inv = solver.damped_inverse(K, damping)
     expected = torch.linalg.inv(K.double() + damping * torch.eye(5, dtype=torch.float64))
     assert inv.dtype == torch.float32
     # float32 rounding of an inverse whose condition number is at most 1/√ε
-    assert torch.allclose(inv.double(), expected, rtol=0, atol=EPS32 ** 0.5 * expected.abs().max())
+    assert torch.allclose(inv.double(), expected, rtol=0, atol=EPS32**0.5 * expected.abs().max())
     assert solver.damped_inverse(K, damping / 2).dtype == torch.float64
 
 
-@pytest.mark.parametrize("dtype, damping", [(torch.float32, 1e-9), (torch.bfloat16, 1e-3)],
-                         ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype, damping", [(torch.float32, 1e-9), (torch.bfloat16, 1e-3)], ids=["float32", "bfloat16"]
+)
 def test_damped_inverse_clamps_a_gram_that_rounding_left_indefinite(dtype, damping):
     # ϱ = 32 samples of a 16-entry block: K has 16 zero eigenvalues, rounded to ±ε·‖K‖.
     X = _low_rank_rows(32, 16, 16, dtype)
@@ -158,13 +166,12 @@ def test_small_damping_direction_keeps_half_of_float32_digits(seed):
     g = (Ut.double().mean(0) * 3 + 0.3 * extra).float()
     damping = 1e-3
     U = Ut.double()
-    b = torch.linalg.solve(U @ U.T + damping * torch.eye(128, dtype=torch.float64),
-                           U @ g.double())
+    b = torch.linalg.solve(U @ U.T + damping * torch.eye(128, dtype=torch.float64), U @ g.double())
     expected = solver.direction(g.double(), b @ U, damping)
     c = solver.apply_inverse(solver.damped_inverse(Ut @ Ut.T, damping), Ut @ g)
     d = solver.direction(g, solver.explicit_uc(Ut, c), damping)
     assert c.dtype == torch.float32
-    assert float((d.double() - expected).norm() / expected.norm()) < EPS32 ** 0.5
+    assert float((d.double() - expected).norm() / expected.norm()) < EPS32**0.5
 
 
 def test_damped_inverse_refuses_what_it_cannot_invert():
@@ -187,15 +194,22 @@ def test_gram_dtype_is_at_least_float32():
 
 # --------------------------------------------------------------------------- issue 27's runs
 
+
 def _cnn_run(damping, dtype=torch.float32, lr=None, steps=3, **settings):
     """A Conv2d (with bias) + BatchNorm + Linear CNN on 64 random 8×8 images, SENG rebuilding
     its curvature every step; ``lr`` defaults to ``0.1·λ`` (a step of 0.1 g outside the
     curvature's span). Returns the optimizer, the losses and the model."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(8 * 6 * 6, 10)).to(dtype)
-    opt = SENG(model, damping=damping, lr=0.1 * damping if lr is None else lr,
-               curvature_update_interval=1, **settings)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)
+    ).to(dtype)
+    opt = SENG(
+        model,
+        damping=damping,
+        lr=0.1 * damping if lr is None else lr,
+        curvature_update_interval=1,
+        **settings,
+    )
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 1, 8, 8, generator=g).to(dtype)
     y = torch.randint(10, (64,), generator=g)
@@ -209,8 +223,11 @@ def _cnn_run(damping, dtype=torch.float32, lr=None, steps=3, **settings):
     return opt, losses, model
 
 
-@pytest.mark.parametrize("dtype, damping", [(torch.float32, 1e-9), (torch.bfloat16, 1e-7)],
-                         ids=["float32-1e-9", "bfloat16-1e-7"])
+@pytest.mark.parametrize(
+    "dtype, damping",
+    [(torch.float32, 1e-9), (torch.bfloat16, 1e-7)],
+    ids=["float32-1e-9", "bfloat16-1e-7"],
+)
 def test_small_damping_trains(dtype, damping):
     # Cholesky raised at step 0: K rounded to negative eigenvalues larger than λ.
     with warnings.catch_warnings():
@@ -224,12 +241,16 @@ def test_small_damping_trains(dtype, damping):
     assert all(opt.state[b.weight]["K"].dtype == torch.float32 for b in opt.blocks)
 
 
-@pytest.mark.parametrize("dtype, damping, lr, settings", [
-    (torch.bfloat16, 1e-3, 3e-3, {}),
-    # the conv bias's gradient is ~0 before BatchNorm, so Adam's W is ~1e4 on it and the
-    # whitened K spans 1e7 down to rounding
-    (torch.float32, 1e-2, 1e-2, {"damping_diagonal": "adam"}),
-], ids=["bfloat16-1e-3", "adam-1e-2"])
+@pytest.mark.parametrize(
+    "dtype, damping, lr, settings",
+    [
+        (torch.bfloat16, 1e-3, 3e-3, {}),
+        # the conv bias's gradient is ~0 before BatchNorm, so Adam's W is ~1e4 on it and the
+        # whitened K spans 1e7 down to rounding
+        (torch.float32, 1e-2, 1e-2, {"damping_diagonal": "adam"}),
+    ],
+    ids=["bfloat16-1e-3", "adam-1e-2"],
+)
 def test_an_indefinite_gram_does_not_stop_training(dtype, damping, lr, settings):
     # Cholesky raised at step 1, once the first (large: lr/λ = 3 and 1) step had moved the
     # parameters; now the steps go on, as large as lr/λ makes them.
@@ -245,14 +266,15 @@ def test_damping_below_the_rounding_level_is_warned_once_per_layer():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, _, model = _cnn_run(1e-12, lr=0.1, steps=4)
-    said = {m.split("'")[1]: m for m in (str(w.message) for w in caught)
-            if "rounding level" in m}
+    said = {m.split("'")[1]: m for m in (str(w.message) for w in caught) if "rounding level" in m}
     assert len(said) == sum("rounding level" in str(w.message) for w in caught)  # once each
     assert set(said) == {"0", "1", "4"}
-    assert re.fullmatch(r"SENG: damping 1e-12 is below the rounding level of layer '4''s "
-                        r"curvature \(float32 ε·tr\(K\) = (\S+)\): .* times 1/λ = 1e\+12\. "
-                        r"Use a damping between \1 and tr\(K\) = \S+, with lr scaled alike",
-                        said["4"])
+    assert re.fullmatch(
+        r"SENG: damping 1e-12 is below the rounding level of layer '4''s "
+        r"curvature \(float32 ε·tr\(K\) = (\S+)\): .* times 1/λ = 1e\+12\. "
+        r"Use a damping between \1 and tr\(K\) = \S+, with lr scaled alike",
+        said["4"],
+    )
     assert not all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -260,15 +282,22 @@ def test_a_gram_that_cannot_be_inverted_names_the_layer_and_damping(monkeypatch)
     opt, _, _ = _cnn_run(0.5, steps=1)
     conv = opt.blocks[0]
     opt.state[conv.weight]["K"][0, 0] = float("nan")  # as a corrupted checkpoint could hold
-    with pytest.raises(ValueError, match=r"layer '0' cannot be preconditioned at damping 0\.25"
-                                         r": its Gram matrix K holds NaN or Inf"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer '0' cannot be preconditioned at damping 0\.25"
+        r": its Gram matrix K holds NaN or Inf",
+    ):
         opt.curvature.curvatures[0].correction(conv.grad_matrix(), 0.25)
 
     def fails(_):
         raise torch.linalg.LinAlgError("did not converge")
+
     monkeypatch.setattr(torch.linalg, "eigh", fails)
-    with pytest.raises(RuntimeError, match=r"layer '4' cannot be preconditioned at damping "
-                                           r"1e-09: the eigendecomposition .*\(did not converge\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"layer '4' cannot be preconditioned at damping "
+        r"1e-09: the eigendecomposition .*\(did not converge\)",
+    ):
         opt.curvature.curvatures[2].correction(opt.blocks[2].grad_matrix(), 1e-9)
 
 
@@ -283,8 +312,9 @@ def test_truncated_factors_of_a_bfloat16_model_are_computed_in_float32():
     u, u32 = torch.bmm(G.float().transpose(1, 2), A.float()), torch.bmm(G32.transpose(1, 2), A32)
     assert float((u - u32).norm() / u32.norm()) < 2 * 2.0**-8  # two bf16 roundings
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(8 * 6 * 6, 4)).to(torch.bfloat16)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).to(
+        torch.bfloat16
+    )
     opt = SENG(model, explicit_threshold=0, factor_rank=2)
     x = torch.randn(16, 3, 8, 8, generator=g).bfloat16()
     F.cross_entropy(model(x).float(), torch.randint(0, 4, (16,), generator=g)).backward()

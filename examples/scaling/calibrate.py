@@ -63,11 +63,12 @@ class ModelSpec:
     seng: dict[str, Any] = field(default_factory=dict)
 
 
-def _images(shape: tuple[int, ...], classes: int, batch: int, seed: int
-            ) -> tuple[Tensor, Tensor]:
+def _images(shape: tuple[int, ...], classes: int, batch: int, seed: int) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, *shape, generator=g),
-            torch.randint(0, classes, (batch,), generator=g))
+    return (
+        torch.randn(batch, *shape, generator=g),
+        torch.randint(0, classes, (batch,), generator=g),
+    )
 
 
 def _tokens(batch: int, seed: int, context: int = 128) -> tuple[Tensor, Tensor]:
@@ -81,16 +82,37 @@ def _lm_loss(out: Tensor, y: Tensor) -> Tensor:
 
 SPECS = {
     # ResNet50 as in the paper's Table 3: per-GPU batch 128, SENG-800.
-    "resnet50": ModelSpec("resnet50", resnet50, lambda s: _images((3, 32, 32), 1000, 2, s),
-                          lambda: _images((3, 224, 224), 1000, 1, 0), F.cross_entropy,
-                          PAPER["per_gpu_batch"], PAPER["curvature_interval"]),
+    "resnet50": ModelSpec(
+        "resnet50",
+        resnet50,
+        lambda s: _images((3, 32, 32), 1000, 2, s),
+        lambda: _images((3, 224, 224), 1000, 1, 0),
+        F.cross_entropy,
+        PAPER["per_gpu_batch"],
+        PAPER["curvature_interval"],
+    ),
     # examples/lm.py's defaults (width 128, 4 layers, context 128, T=50) and Adam's diagonal,
     # the damping README recommends for Transformers; lm.py's global batch 32 per GPU here.
-    "bytelm": ModelSpec("bytelm", ByteLM, lambda s: _tokens(2, s), lambda: _tokens(1, 0),
-                        _lm_loss, 32, 50, {"damping_diagonal": "adam", "damping_beta2": 0.95}),
+    "bytelm": ModelSpec(
+        "bytelm",
+        ByteLM,
+        lambda s: _tokens(2, s),
+        lambda: _tokens(1, 0),
+        _lm_loss,
+        32,
+        50,
+        {"damping_diagonal": "adam", "damping_beta2": 0.95},
+    ),
     # for the tests: small and fast
-    "cnn": ModelSpec("cnn", SmallCNN, lambda s: _images((1, 28, 28), 10, 2, s),
-                     lambda: _images((1, 28, 28), 10, 1, 0), F.cross_entropy, 32, 200),
+    "cnn": ModelSpec(
+        "cnn",
+        SmallCNN,
+        lambda s: _images((1, 28, 28), 10, 2, s),
+        lambda: _images((1, 28, 28), 10, 1, 0),
+        F.cross_entropy,
+        32,
+        200,
+    ),
 }
 
 # ----------------------------------------------------------------------------- counting
@@ -114,8 +136,9 @@ def seng_units(opt: SENG, model: nn.Module) -> list[Unit]:
     return sorted(units, key=lambda u: -u.first)
 
 
-def _ddp_hook(calls: list[tuple[int, int]], index: dict[int, int], itemsize: int
-              ) -> Callable[..., Any]:
+def _ddp_hook(
+    calls: list[tuple[int, int]], index: dict[int, int], itemsize: int
+) -> Callable[..., Any]:
     """A DDP communication hook that records each bucket's bytes and earliest parameter in
     ``calls``, then allreduces it as DDP's default hook does."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -124,14 +147,17 @@ def _ddp_hook(calls: list[tuple[int, int]], index: dict[int, int], itemsize: int
     def hook(process_group, bucket):  # type: ignore[no-untyped-def]
         # bytes as DDP would send them in the buffer dtype (bf16: what bf16_compress_hook
         # sends); the bucket's earliest-registered parameter says when it is ready
-        calls.append((bucket.buffer().numel() * itemsize,
-                      min(index[id(p)] for p in bucket.parameters())))
+        calls.append(
+            (bucket.buffer().numel() * itemsize, min(index[id(p)] for p in bucket.parameters()))
+        )
         return default_hooks.allreduce_hook(process_group, bucket)
+
     return hook
 
 
-def _count_rank(rank: int, world: int, spec_name: str, setups: list[Setup],
-                bucket_mb: float) -> list[dict[str, Any]]:
+def _count_rank(
+    rank: int, world: int, spec_name: str, setups: list[Setup], bucket_mb: float
+) -> list[dict[str, Any]]:
     """On each rank: three steps per setup (0: curvature, 1: plain, 2: curvature with
     ``curvature_update_interval=2``); returns each step's collectives."""
     from torch.nn.parallel import DistributedDataParallel
@@ -153,9 +179,18 @@ def _count_rank(rank: int, world: int, spec_name: str, setups: list[Setup],
         else:
             net = model
             comm = CountingCommunicator(TorchCommunicator())
-            opt = SENG(model, lr=1e-3, comm=comm, variant=s.method, uc=s.uc,
-                       overlap=s.overlap, comm_dtype=s.comm_dtype, bucket_size_mb=bucket_mb,
-                       curvature_update_interval=2, **spec.seng)
+            opt = SENG(
+                model,
+                lr=1e-3,
+                comm=comm,
+                variant=s.method,
+                uc=s.uc,
+                overlap=s.overlap,
+                comm_dtype=s.comm_dtype,
+                bucket_size_mb=bucket_mb,
+                curvature_update_interval=2,
+                **spec.seng,
+            )
         steps = []
         for k in range(3):
             ddp_calls.clear()
@@ -165,9 +200,11 @@ def _count_rank(rank: int, world: int, spec_name: str, setups: list[Setup],
             opt.zero_grad()
             spec.loss(net(x), y).backward()
             opt.step()
-            steps.append([{"name": "ddp", "bytes": b, "first": f} for b, f in ddp_calls]
-                         if comm is None else
-                         [{"name": c.name, "bytes": c.bytes} for c in comm.calls])
+            steps.append(
+                [{"name": "ddp", "bytes": b, "first": f} for b, f in ddp_calls]
+                if comm is None
+                else [{"name": c.name, "bytes": c.bytes} for c in comm.calls]
+            )
         row: dict[str, Any] = {"setup": asdict(s), "steps": steps}
         if isinstance(opt, SENG):
             row["units"] = [asdict(u) for u in seng_units(opt, model)]
@@ -175,8 +212,13 @@ def _count_rank(rank: int, world: int, spec_name: str, setups: list[Setup],
     return out
 
 
-def count_collectives(spec_name: str, setups: list[Setup], world: int = 2,
-                      bucket_mb: float = 25.0, timeout: float = 600.0) -> list[dict[str, Any]]:
+def count_collectives(
+    spec_name: str,
+    setups: list[Setup],
+    world: int = 2,
+    bucket_mb: float = 25.0,
+    timeout: float = 600.0,
+) -> list[dict[str, Any]]:
     """Each setup's collectives per step on ``world`` real Gloo ranks (rank 0's record)."""
     return run_ranks(_count_rank, world, spec_name, setups, bucket_mb, timeout=timeout)[0]
 
@@ -190,15 +232,19 @@ def backward_progress(spec: ModelSpec) -> tuple[list[float], float]:
     with FlopCounterMode(display=False) as counter:
         spec.loss(model(x), y).backward()
     # keys are "<RootClass>.<path>"; the root's is "<RootClass>"
-    counts = {k.split(".", 1)[1] if "." in k else "": sum(v.values())
-              for k, v in counter.get_flop_counts().items() if k != "Global"}
+    counts = {
+        k.split(".", 1)[1] if "." in k else "": sum(v.values())
+        for k, v in counter.get_flop_counts().items()
+        if k != "Global"
+    }
     weights = []
     for name, module in model.named_modules():
         own = list(module.parameters(recurse=False))
         if not own:
             continue
-        children = sum(counts.get(f"{name}.{c}" if name else c, 0)
-                       for c, _ in module.named_children())
+        children = sum(
+            counts.get(f"{name}.{c}" if name else c, 0) for c, _ in module.named_children()
+        )
         flops = max(0, counts.get(name, 0) - children)  # this module's own layer work
         weights += [flops] + [0] * (len(own) - 1)
     # named_modules() lists a module's own parameters in registration order, as parameters()
@@ -220,8 +266,7 @@ def _bucket_of(name: str) -> str:
     return head if head and last.isdigit() else name
 
 
-def _ready_by_bytes(buckets: list[int], units: list[Unit], progress: list[float]
-                    ) -> list[float]:
+def _ready_by_bytes(buckets: list[int], units: list[Unit], progress: list[float]) -> list[float]:
     """Each bucket's ready share: buckets hold whole units in ready order, so bucket j ends at
     the unit where the units' cumulative bytes reach the buckets' cumulative bytes."""
     cum = np.cumsum([u.nbytes for u in units])
@@ -244,18 +289,21 @@ def plans(row: dict[str, Any], progress: list[float], bucket_mb: float) -> Count
     """Step plans of a counted setup: which collectives may start during backward, when."""
     s = Setup(**row["setup"])
     plain_calls, curv_calls = row["steps"][1], row["steps"][2]
-    stats = dict(bytes=sum(c["bytes"] for c in plain_calls), calls=len(plain_calls),
-                 rounds=len({round_of(c["name"]) for c in plain_calls}))
+    stats = dict(
+        bytes=sum(c["bytes"] for c in plain_calls),
+        calls=len(plain_calls),
+        rounds=len({round_of(c["name"]) for c in plain_calls}),
+    )
     if s.method == "sgd":
-        early = [Message(c["bytes"], progress[c["first"]] if s.overlap else 1.0)
-                 for c in plain_calls]
+        early = [
+            Message(c["bytes"], progress[c["first"]] if s.overlap else 1.0) for c in plain_calls
+        ]
         comm = StepComm(early)
         return Counted(s, comm, comm, buckets_from="-", derived_matches=None, **stats)
     units = [Unit(**u) for u in row["units"]]
     main = "seng.step" if s.method == "lagged" else "seng.grad"
 
-    def plan(calls: list[dict[str, Any]], overlapped: bool
-             ) -> tuple[StepComm, str, bool | None]:
+    def plan(calls: list[dict[str, Any]], overlapped: bool) -> tuple[StepComm, str, bool | None]:
         sizes: dict[str, int] = {}
         late = []
         for c in calls:
@@ -268,22 +316,31 @@ def plans(row: dict[str, Any], progress: list[float], bucket_mb: float) -> Count
         derived = derived_buckets(units, int(bucket_mb * 2**20))
         flags = 32 * len(units) + 1024  # the flags (and their complements) ride in the last
         matches = len(buckets) == len(derived) and all(
-            abs(a - b) < flags for a, b in zip(buckets, derived, strict=False))
+            abs(a - b) < flags for a, b in zip(buckets, derived, strict=False)
+        )
         source = "counted"
         if overlapped and len(buckets) == 1 and len(derived) > 1:
             # the counted run sent the round as one collective: split it by the rule
             derived[-1] += buckets[0] - sum(derived)  # the flags go in the last bucket
             buckets, source = derived, "derived"
-        ready = (_ready_by_bytes(buckets, units, progress) if overlapped
-                 else [1.0] * len(buckets))
-        return StepComm([Message(b, r) for b, r in zip(buckets, ready, strict=True)],
-                        late), source, matches
+        ready = _ready_by_bytes(buckets, units, progress) if overlapped else [1.0] * len(buckets)
+        return (
+            StepComm([Message(b, r) for b, r in zip(buckets, ready, strict=True)], late),
+            source,
+            matches,
+        )
 
     plain, source, matches = plan(plain_calls, s.overlap)
     # lagged curvature steps start nothing before step(): the corrections need the new curvature
     curvature, _, _ = plan(curv_calls, s.overlap and s.method != "lagged")
-    return Counted(s, plain, curvature, buckets_from=source if s.overlap else "-",
-                   derived_matches=matches if s.overlap else None, **stats)
+    return Counted(
+        s,
+        plain,
+        curvature,
+        buckets_from=source if s.overlap else "-",
+        derived_matches=matches if s.overlap else None,
+        **stats,
+    )
 
 
 # ----------------------------------------------------------------------------- compute
@@ -314,9 +371,14 @@ def seng_ratio_cpu(spec: ModelSpec, steps: int = 5) -> dict[str, Any]:
     curv = statistics.median([pairs[interval], pairs[2 * interval]])  # step 0 warms up
     plain = statistics.median([r for i, r in enumerate(pairs) if i % interval])
     t = spec.curvature_interval
-    return {"sgd_ms": 1e3 * statistics.median(sgd_t[1:]), "plain_ratio": plain,
-            "curvature_ratio": curv, "ratio": ((t - 1) * plain + curv) / t, "interval": t,
-            "batch": spec.per_gpu_batch}
+    return {
+        "sgd_ms": 1e3 * statistics.median(sgd_t[1:]),
+        "plain_ratio": plain,
+        "curvature_ratio": curv,
+        "ratio": ((t - 1) * plain + curv) / t,
+        "interval": t,
+        "batch": spec.per_gpu_batch,
+    }
 
 
 def calibrate_resnet50(counted: Counted, cluster: Cluster) -> Compute:
@@ -329,8 +391,10 @@ def calibrate_resnet50(counted: Counted, cluster: Cluster) -> Compute:
     sgd = t4 / ratio
     for _ in range(50):  # exposure depends on the backward time: a fixed point
         c = Compute(sgd, ratio, curvature_interval=p["curvature_interval"])
-        comm = amortised_step(counted.plain, counted.curvature, c,
-                              lambda b: cluster.allreduce(b, 4)) - sgd * ratio
+        comm = (
+            amortised_step(counted.plain, counted.curvature, c, lambda b: cluster.allreduce(b, 4))
+            - sgd * ratio
+        )
         sgd = (t4 - comm) / ratio
     return Compute(sgd, ratio, curvature_interval=p["curvature_interval"])
 
@@ -344,6 +408,7 @@ def _sweep_rank(rank: int, world: int, sizes: list[int]) -> list[float]:
     """Seconds per float32 Gloo allreduce of each size (bytes) on this rank: back-to-back
     calls timed together (no barrier skew inside), the median of 5 trials."""
     import torch.distributed as dist
+
     out = []
     for n in sizes:
         buf = torch.ones(n // 4)

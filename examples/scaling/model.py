@@ -47,35 +47,58 @@ class Cluster:
 
     def scaled(self, bandwidth: float = 1.0, latency: float = 1.0) -> Cluster:
         """This cluster with every link's bandwidth and latency multiplied (sensitivity)."""
+
         def s(link: Link) -> Link:
-            return replace(link, bandwidth=link.bandwidth * bandwidth,
-                           latency=link.latency * latency)
-        return replace(self, intra=s(self.intra), inter=s(self.inter),
-                       base_latency=self.base_latency * latency)
+            return replace(
+                link, bandwidth=link.bandwidth * bandwidth, latency=link.latency * latency
+            )
+
+        return replace(
+            self, intra=s(self.intra), inter=s(self.inter), base_latency=self.base_latency * latency
+        )
 
 
 # Public figures, not measured here (no GPU, no network on this machine). Latencies are the
 # per-step figures of NCCL's own cost model for the "Simple" protocol that large allreduces use.
 _NCCL_TUNING = "NCCL src/graph/tuning.cc (NVIDIA/nccl, hwLat/baseLat tables, Simple protocol)"
 LINKS = {
-    "nvlink2": Link("NVLink 2.0 (V100 SXM2)", 150e9, 3.4e-6,
-                    "NVIDIA Tesla V100 datasheet: NVLink 300 GB/s per GPU (6 links, 25 GB/s "
-                    "each way) = 150 GB/s per direction; ring-step latency 3.4 µs: "
-                    + _NCCL_TUNING),
-    "edr": Link("EDR InfiniBand", 12.5e9, 9.6e-6,
-                "Mellanox EDR InfiniBand (ConnectX-5): 100 Gb/s = 12.5 GB/s per port and "
-                "direction; ring-step latency over the network 9.6 µs: " + _NCCL_TUNING),
+    "nvlink2": Link(
+        "NVLink 2.0 (V100 SXM2)",
+        150e9,
+        3.4e-6,
+        "NVIDIA Tesla V100 datasheet: NVLink 300 GB/s per GPU (6 links, 25 GB/s "
+        "each way) = 150 GB/s per direction; ring-step latency 3.4 µs: " + _NCCL_TUNING,
+    ),
+    "edr": Link(
+        "EDR InfiniBand",
+        12.5e9,
+        9.6e-6,
+        "Mellanox EDR InfiniBand (ConnectX-5): 100 Gb/s = 12.5 GB/s per port and "
+        "direction; ring-step latency over the network 9.6 µs: " + _NCCL_TUNING,
+    ),
 }
 NCCL_BASE_LATENCY = 8.4e-6  # per collective, ring/Simple baseLat of the same table
 CLUSTERS = {
-    "dgx1": Cluster("DGX-1 (8× V100, 4× EDR)", 8, 4, LINKS["nvlink2"], LINKS["edr"],
-                    NCCL_BASE_LATENCY,
-                    "NVIDIA DGX-1 with V100 datasheet: 8 V100 SXM2 on NVLink (hybrid cube-mesh), "
-                    "4× 100 Gb/s EDR InfiniBand"),
-    "dgx2": Cluster("DGX-2 (16× V100, 8× EDR)", 16, 8, LINKS["nvlink2"], LINKS["edr"],
-                    NCCL_BASE_LATENCY,
-                    "NVIDIA DGX-2 datasheet: 16 V100 SXM3 on NVSwitch (each GPU 6 NVLinks, "
-                    "2.4 TB/s bisection), 8× 100 Gb/s EDR InfiniBand / 100 GbE"),
+    "dgx1": Cluster(
+        "DGX-1 (8× V100, 4× EDR)",
+        8,
+        4,
+        LINKS["nvlink2"],
+        LINKS["edr"],
+        NCCL_BASE_LATENCY,
+        "NVIDIA DGX-1 with V100 datasheet: 8 V100 SXM2 on NVLink (hybrid cube-mesh), "
+        "4× 100 Gb/s EDR InfiniBand",
+    ),
+    "dgx2": Cluster(
+        "DGX-2 (16× V100, 8× EDR)",
+        16,
+        8,
+        LINKS["nvlink2"],
+        LINKS["edr"],
+        NCCL_BASE_LATENCY,
+        "NVIDIA DGX-2 datasheet: 16 V100 SXM3 on NVSwitch (each GPU 6 NVLinks, "
+        "2.4 TB/s bisection), 8× 100 Gb/s EDR InfiniBand / 100 GbE",
+    ),
 }
 
 # The paper (Yang et al., 2021, Tables 3 and 5), ResNet50 on ImageNet-1k.
@@ -131,13 +154,14 @@ def hierarchical_allreduce(nbytes: float, p: int, cluster: Cluster) -> float:
     if nodes > 1:
         # each of g lanes moves n/g bytes at (nics·B)/g: the node moves n at nics·B
         beta = 1 / (cluster.nics_per_node * cluster.inter.bandwidth)
-        t += min(ring_allreduce(nbytes, nodes, cluster.inter.latency, beta),
-                 tree_allreduce(nbytes, nodes, cluster.inter.latency, beta))
+        t += min(
+            ring_allreduce(nbytes, nodes, cluster.inter.latency, beta),
+            tree_allreduce(nbytes, nodes, cluster.inter.latency, beta),
+        )
     return t
 
 
-def fit_alpha_beta(sizes: Sequence[float], seconds: Sequence[float], p: int
-                   ) -> tuple[float, float]:
+def fit_alpha_beta(sizes: Sequence[float], seconds: Sequence[float], p: int) -> tuple[float, float]:
     """α, β of the ring model from allreduce timings at ``p`` ranks, least squares in relative
     error (so small and large messages count alike)."""
     n = np.asarray(sizes, dtype=float)
@@ -179,8 +203,9 @@ class Compute:
     curvature_interval: int = 1
 
 
-def exposed_seconds(early: Sequence[Message], backward_s: float,
-                    collective: Callable[[int], float]) -> float:
+def exposed_seconds(
+    early: Sequence[Message], backward_s: float, collective: Callable[[int], float]
+) -> float:
     """Communication left after backward ends: each message starts when its layers' backward
     is done and the link is free (one collective at a time), and runs ``collective(bytes)``."""
     free = 0.0
@@ -192,16 +217,22 @@ def exposed_seconds(early: Sequence[Message], backward_s: float,
 def step_seconds(comm: StepComm, compute: Compute, collective: Callable[[int], float]) -> float:
     """Compute (SENG's extra after backward, hiding nothing) plus exposed communication."""
     backward = compute.sgd_s * compute.backward_fraction
-    return (compute.sgd_s * compute.ratio + exposed_seconds(comm.early, backward, collective)
-            + sum(collective(b) for b in comm.late))
+    return (
+        compute.sgd_s * compute.ratio
+        + exposed_seconds(comm.early, backward, collective)
+        + sum(collective(b) for b in comm.late)
+    )
 
 
-def amortised_step(plain: StepComm, curvature: StepComm, compute: Compute,
-                   collective: Callable[[int], float]) -> float:
+def amortised_step(
+    plain: StepComm, curvature: StepComm, compute: Compute, collective: Callable[[int], float]
+) -> float:
     """Mean step over a curvature interval: T-1 plain steps and one curvature step."""
     t = compute.curvature_interval
-    return ((t - 1) * step_seconds(plain, compute, collective)
-            + step_seconds(curvature, compute, collective)) / t
+    return (
+        (t - 1) * step_seconds(plain, compute, collective)
+        + step_seconds(curvature, compute, collective)
+    ) / t
 
 
 # ----------------------------------------------------------------------------- setups
@@ -222,8 +253,10 @@ class Setup:
         name = "DDP SGD" if self.method == "sgd" else f"SENG {self.method}"
         if self.method != "sgd":
             name += f", uc={self.uc}"
-        return (f"{name}, {'overlap' if self.overlap else 'no overlap'}, "
-                f"{'bf16' if self.comm_dtype else 'fp32'}")
+        return (
+            f"{name}, {'overlap' if self.overlap else 'no overlap'}, "
+            f"{'bf16' if self.comm_dtype else 'fp32'}"
+        )
 
 
 def all_setups() -> list[Setup]:
@@ -255,20 +288,24 @@ class Counted:
 # ----------------------------------------------------------------------------- predictions
 
 
-def predict(counted: list[Counted], compute_sgd: Compute, seng_ratio: float,
-            cluster: Cluster, gpus: Sequence[int] = GPUS) -> list[dict[str, Any]]:
+def predict(
+    counted: list[Counted],
+    compute_sgd: Compute,
+    seng_ratio: float,
+    cluster: Cluster,
+    gpus: Sequence[int] = GPUS,
+) -> list[dict[str, Any]]:
     """Step time (ms) and efficiency (one GPU's compute-only step over the step at P) per
     setup and GPU count."""
     rows = []
     for c in counted:
-        compute = compute_sgd if c.setup.method == "sgd" else replace(compute_sgd,
-                                                                      ratio=seng_ratio)
+        compute = compute_sgd if c.setup.method == "sgd" else replace(compute_sgd, ratio=seng_ratio)
         one = compute.sgd_s * compute.ratio
-        row: dict[str, Any] = {"setup": c.setup.label, **asdict(c.setup),
-                               "one_gpu_ms": 1e3 * one}
+        row: dict[str, Any] = {"setup": c.setup.label, **asdict(c.setup), "one_gpu_ms": 1e3 * one}
         for p in gpus:
-            t = amortised_step(c.plain, c.curvature, compute,
-                               lambda b, p=p: cluster.allreduce(b, p))
+            t = amortised_step(
+                c.plain, c.curvature, compute, lambda b, p=p: cluster.allreduce(b, p)
+            )
             row[str(p)] = {"ms": 1e3 * t, "efficiency": one / t}
         rows.append(row)
     return rows
@@ -287,22 +324,35 @@ def headline(rows: list[dict[str, Any]], p: int = 256) -> list[dict[str, Any]]:
         sgd = _at(rows, p, method="sgd", overlap=True, comm_dtype=dtype)
         for uc in ("exact", "factored"):
             lag = _at(rows, p, method="lagged", overlap=True, comm_dtype=dtype, uc=uc)
-            out.append({"dtype": dtype or "float32", "uc": uc, "sgd": sgd, "lagged": lag,
-                        "lagged_over_sgd_time": lag["ms"] / sgd["ms"]})
+            out.append(
+                {
+                    "dtype": dtype or "float32",
+                    "uc": uc,
+                    "sgd": sgd,
+                    "lagged": lag,
+                    "lagged_over_sgd_time": lag["ms"] / sgd["ms"],
+                }
+            )
     return out
 
 
-def sensitivity(counted: list[Counted], compute: Compute, ratio: float, cluster: Cluster,
-                p: int = 256) -> list[dict[str, Any]]:
+def sensitivity(
+    counted: list[Counted], compute: Compute, ratio: float, cluster: Cluster, p: int = 256
+) -> list[dict[str, Any]]:
     """DDP SGD's and SENG lagged's efficiency at ``p`` (fp32, overlap, uc=exact) with links
     slower than the datasheets (achieved bandwidth is below peak; latency above NCCL's
     model)."""
     out = []
     for bw, lat in ((1.0, 1.0), (0.5, 1.0), (0.5, 2.0)):
         rows = predict(counted, compute, ratio, cluster.scaled(bw, lat), gpus=(p,))
-        out.append({"bandwidth_x": bw, "latency_x": lat,
-                    "sgd": _at(rows, p, method="sgd", overlap=True,
-                               comm_dtype=None)["efficiency"],
-                    "lagged": _at(rows, p, method="lagged", overlap=True, comm_dtype=None,
-                                  uc="exact")["efficiency"]})
+        out.append(
+            {
+                "bandwidth_x": bw,
+                "latency_x": lat,
+                "sgd": _at(rows, p, method="sgd", overlap=True, comm_dtype=None)["efficiency"],
+                "lagged": _at(rows, p, method="lagged", overlap=True, comm_dtype=None, uc="exact")[
+                    "efficiency"
+                ],
+            }
+        )
     return out

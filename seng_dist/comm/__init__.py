@@ -26,9 +26,19 @@ from .base import (
 
 ENGINES = ("local", "torch", "horovod", "deepspeed", "mpi")
 
-__all__ = ["COMM_DTYPES", "Call", "CommunicationError", "Communicator",
-           "CountingCommunicator", "LocalCommunicator", "ENGINES", "Pending", "Work",
-           "make_communicator", "round_of"]
+__all__ = [
+    "COMM_DTYPES",
+    "Call",
+    "CommunicationError",
+    "Communicator",
+    "CountingCommunicator",
+    "LocalCommunicator",
+    "ENGINES",
+    "Pending",
+    "Work",
+    "make_communicator",
+    "round_of",
+]
 
 
 def make_communicator(comm: Any) -> Communicator:
@@ -37,6 +47,7 @@ def make_communicator(comm: Any) -> Communicator:
         return comm
     if comm is None:
         from .horovod import horovod_initialized
+
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
             comm = "torch"
@@ -46,15 +57,21 @@ def make_communicator(comm: Any) -> Communicator:
         return LocalCommunicator()
     if comm == "torch":
         from .torch_dist import TorchCommunicator
+
         return TorchCommunicator()
     if comm == "horovod":
         from .horovod import HorovodCommunicator
+
         return HorovodCommunicator()
     if comm == "mpi":
         from .mpi import MPICommunicator
+
         return MPICommunicator()
     if comm == "deepspeed":
         from .deepspeed_comm import DeepSpeedCommunicator
+
         return DeepSpeedCommunicator()
-    raise ValueError(f"comm must be None, one of {', '.join(map(repr, ENGINES))}, or a "
-                     f"seng_dist.comm.Communicator instance, got {comm!r}")
+    raise ValueError(
+        f"comm must be None, one of {', '.join(map(repr, ENGINES))}, or a "
+        f"seng_dist.comm.Communicator instance, got {comm!r}"
+    )

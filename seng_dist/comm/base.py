@@ -70,8 +70,9 @@ class Pending:
     """A fused mean-allreduce in flight (:meth:`Communicator.allreduce_mean_async_`):
     :meth:`wait` finishes it and writes each tensor's mean over the ranks in place."""
 
-    def __init__(self, comm: Communicator, name: str,
-                 parts: list[tuple[Tensor, list[Tensor], Work]]) -> None:
+    def __init__(
+        self, comm: Communicator, name: str, parts: list[tuple[Tensor, list[Tensor], Work]]
+    ) -> None:
         self._comm = comm
         self._name = name
         self._parts = parts
@@ -147,8 +148,9 @@ class Communicator(ABC):
         del work  # most engines progress collectives on their own threads or streams
 
     # ------------------------------------------------------------------ fused public API
-    def allreduce_mean_(self, tensors: Sequence[Tensor], *, name: str,
-                        comm_dtype: torch.dtype | None = None) -> None:
+    def allreduce_mean_(
+        self, tensors: Sequence[Tensor], *, name: str, comm_dtype: torch.dtype | None = None
+    ) -> None:
         """Replace each tensor by its mean over ranks, in place, with one collective.
 
         Tensors are packed into one flat buffer of ``comm_dtype`` (default: their own dtype;
@@ -156,8 +158,9 @@ class Communicator(ABC):
         """
         self.allreduce_mean_async_(tensors, name=name, comm_dtype=comm_dtype).wait()
 
-    def allreduce_mean_async_(self, tensors: Sequence[Tensor], *, name: str,
-                              comm_dtype: torch.dtype | None = None) -> Pending:
+    def allreduce_mean_async_(
+        self, tensors: Sequence[Tensor], *, name: str, comm_dtype: torch.dtype | None = None
+    ) -> Pending:
         """Start :meth:`allreduce_mean_` and return at once; the tensors hold their means
         after the handle's ``wait()``. The tensors are packed now: changing them before the
         wait changes nothing that is sent, and the wait overwrites them."""
@@ -201,7 +204,8 @@ class Communicator(ABC):
             raise CommunicationError(
                 f"SENG: {kind} {name!r} failed on rank {self.rank} of {self.world_size} "
                 f"({self.name}): {err} -- most likely another rank died or timed out; its own "
-                "log names the cause. Restart the job from its last checkpoint") from err
+                "log names the cause. Restart the job from its last checkpoint"
+            ) from err
 
     def broadcast_object(self, obj: Any, *, name: str, src: int = 0) -> Any:
         """Rank ``src``'s ``obj`` on every rank (serialised with ``torch.save``; for start-up
@@ -226,12 +230,15 @@ class Communicator(ABC):
         if self.world_size == 1:
             return [obj]
         data = _to_bytes(obj)
-        lengths = self.allgather(torch.tensor([data.numel()], dtype=torch.int64),
-                                 name=f"{name}/len").view(-1).tolist()
+        lengths = (
+            self.allgather(torch.tensor([data.numel()], dtype=torch.int64), name=f"{name}/len")
+            .view(-1)
+            .tolist()
+        )
         padded = torch.zeros(max(lengths), dtype=torch.uint8)
-        padded[:data.numel()] = data
+        padded[: data.numel()] = data
         rows = self.allgather(padded, name=f"{name}/data")
-        return [_from_bytes(rows[r, :lengths[r]]) for r in range(self.world_size)]
+        return [_from_bytes(rows[r, : lengths[r]]) for r in range(self.world_size)]
 
     def check_consistent(self, settings: dict[str, str], what: str = "SENG") -> None:
         """Raise ``ValueError`` on every rank if ``settings`` differ between ranks.
@@ -245,11 +252,18 @@ class Communicator(ABC):
         keys = sorted(set().union(*views))
         diff = [k for k in keys if len({json.dumps(v.get(k)) for v in views}) > 1]
         if diff:
-            lines = [f"  {k}: " + ", ".join(f"rank {r}: {_short(v.get(k, '<missing>'))}"
-                                            for r, v in enumerate(views)) for k in diff]
-            raise ValueError(f"{what} settings or model structure differ across the "
-                             f"{self.world_size} ranks; every rank must build the same model "
-                             "and pass the same settings:\n" + "\n".join(lines))
+            lines = [
+                f"  {k}: "
+                + ", ".join(
+                    f"rank {r}: {_short(v.get(k, '<missing>'))}" for r, v in enumerate(views)
+                )
+                for k in diff
+            ]
+            raise ValueError(
+                f"{what} settings or model structure differ across the "
+                f"{self.world_size} ranks; every rank must build the same model "
+                "and pass the same settings:\n" + "\n".join(lines)
+            )
 
 
 class LocalCommunicator(Communicator):
@@ -332,16 +346,18 @@ class CountingCommunicator(Communicator):
     def _timed(self, kind: str, name: str, buf: Tensor, call: Callable[[], Any]) -> Any:
         start = time.perf_counter()
         out = call()
-        self.calls.append(Call(kind, name, buf.numel() * buf.element_size(),
-                               time.perf_counter() - start))
+        self.calls.append(
+            Call(kind, name, buf.numel() * buf.element_size(), time.perf_counter() - start)
+        )
         return out
 
     def allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
         self._timed("allreduce", name, buf, lambda: self.inner.allreduce_sum_flat_(buf, name))
 
     def allreduce_sum_flat_async_(self, buf: Tensor, name: str) -> Work:
-        work = self._timed("allreduce", name, buf,
-                           lambda: self.inner.allreduce_sum_flat_async_(buf, name))
+        work = self._timed(
+            "allreduce", name, buf, lambda: self.inner.allreduce_sum_flat_async_(buf, name)
+        )
         self._in_flight[id(work)] = self.calls[-1]
         return work
 
@@ -355,8 +371,7 @@ class CountingCommunicator(Communicator):
         self.inner.progress_flat(work)
 
     def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
-        self._timed("broadcast", name, buf,
-                    lambda: self.inner.broadcast_flat_(buf, src, name))
+        self._timed("broadcast", name, buf, lambda: self.inner.broadcast_flat_(buf, src, name))
 
     def allgather_flat(self, buf: Tensor, name: str) -> Tensor:
         return self._timed("allgather", name, buf, lambda: self.inner.allgather_flat(buf, name))
@@ -365,8 +380,9 @@ class CountingCommunicator(Communicator):
         self.inner.barrier()
 
 
-def _by_dtype(tensors: Sequence[Tensor], comm_dtype: torch.dtype | None
-              ) -> dict[torch.dtype, list[Tensor]]:
+def _by_dtype(
+    tensors: Sequence[Tensor], comm_dtype: torch.dtype | None
+) -> dict[torch.dtype, list[Tensor]]:
     groups: dict[torch.dtype, list[Tensor]] = defaultdict(list)
     for t in tensors:
         groups[comm_dtype or t.dtype].append(t)
@@ -379,8 +395,10 @@ def _pack(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
 
 def _unpack(buf: Tensor, tensors: list[Tensor]) -> None:
     chunks = torch.split(buf, [t.numel() for t in tensors])
-    torch._foreach_copy_([t.detach() for t in tensors],
-                         [c.view(t.shape) for c, t in zip(chunks, tensors, strict=True)])
+    torch._foreach_copy_(
+        [t.detach() for t in tensors],
+        [c.view(t.shape) for c, t in zip(chunks, tensors, strict=True)],
+    )
 
 
 def _to_bytes(obj: Any) -> Tensor:
@@ -395,8 +413,9 @@ def _from_bytes(data: Tensor) -> Any:
     # One copy of host memory into bytes, which BytesIO reads without copying again; not
     # Tensor.numpy(): `import seng_dist` needs only torch, and torch may run without numpy.
     flat = data.detach().cpu().contiguous()
-    return torch.load(io.BytesIO(ctypes.string_at(flat.data_ptr(), flat.nbytes)),
-                      weights_only=False)
+    return torch.load(
+        io.BytesIO(ctypes.string_at(flat.data_ptr(), flat.nbytes)), weights_only=False
+    )
 
 
 def _short(value: object, limit: int = 120) -> str:

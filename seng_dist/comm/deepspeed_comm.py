@@ -12,9 +12,11 @@ from torch import Tensor
 
 from .base import Communicator, Work, import_engine
 
-INSTALL_HINT = ("DeepSpeed is not installed. Install it with `bash ci/install_deepspeed.sh` "
-                "from the seng-dist checkout (DeepSpeed 0.19.8 with DS_BUILD_OPS=0 and its "
-                "CPU shared-memory op prebuilt), or `pip install deepspeed` after torch")
+INSTALL_HINT = (
+    "DeepSpeed is not installed. Install it with `bash ci/install_deepspeed.sh` "
+    "from the seng-dist checkout (DeepSpeed 0.19.8 with DS_BUILD_OPS=0 and its "
+    "CPU shared-memory op prebuilt), or `pip install deepspeed` after torch"
+)
 
 
 class DeepSpeedCommunicator(Communicator):
@@ -23,16 +25,20 @@ class DeepSpeedCommunicator(Communicator):
     def __init__(self) -> None:
         comm = import_engine("deepspeed.comm", INSTALL_HINT)
         if not comm.is_initialized():
-            raise ValueError("comm='deepspeed' needs DeepSpeed's communication initialised: "
-                             "call deepspeed.init_distributed() first, or build SENG through "
-                             "seng_dist.deepspeed.initialize")
+            raise ValueError(
+                "comm='deepspeed' needs DeepSpeed's communication initialised: "
+                "call deepspeed.init_distributed() first, or build SENG through "
+                "seng_dist.deepspeed.initialize"
+            )
         self.comm = comm
         self.rank = comm.get_rank()
         self.world_size = comm.get_world_size()
         backend = str(comm.get_backend() if hasattr(comm, "get_backend") else "").lower()
-        self.device = (torch.device("cuda", torch.cuda.current_device())
-                       if "nccl" in backend and torch.cuda.is_available()
-                       else torch.device("cpu"))
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if "nccl" in backend and torch.cuda.is_available()
+            else torch.device("cpu")
+        )
 
     def allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
         self.comm.all_reduce(buf, op=self.comm.ReduceOp.SUM)
@@ -46,8 +52,7 @@ class DeepSpeedCommunicator(Communicator):
 
     def allgather_flat(self, buf: Tensor, name: str) -> Tensor:
         local = buf.to(self.device)
-        out = torch.empty(self.world_size * local.numel(), dtype=local.dtype,
-                          device=self.device)
+        out = torch.empty(self.world_size * local.numel(), dtype=local.dtype, device=self.device)
         self.comm.all_gather_into_tensor(out, local)
         return out.to(buf.device)
 

@@ -19,7 +19,8 @@ INSTALL_HINT = (
     "Horovod with PyTorch support is not installed. Install it with "
     "`bash ci/install_horovod.sh` from the seng-dist checkout: Horovod 0.28.1 must be built "
     "after torch, with `pip install --no-build-isolation` and C++17 set in both CMakeLists "
-    "(see integrations/horovod/README.md)")
+    "(see integrations/horovod/README.md)"
+)
 
 
 def import_horovod() -> ModuleType:
@@ -37,9 +38,11 @@ class HorovodCommunicator(Communicator):
     def __init__(self) -> None:
         hvd = import_horovod()
         if not hvd.is_initialized():
-            raise ValueError("comm='horovod' needs Horovod initialised: call "
-                             "horovod.torch.init() first and launch with `horovodrun -np N` "
-                             "or `mpirun -np N`")
+            raise ValueError(
+                "comm='horovod' needs Horovod initialised: call "
+                "horovod.torch.init() first and launch with `horovodrun -np N` "
+                "or `mpirun -np N`"
+            )
         self.hvd = hvd
         self.rank = hvd.rank()
         self.world_size = hvd.size()
@@ -48,8 +51,7 @@ class HorovodCommunicator(Communicator):
         self.hvd.allreduce_(buf, op=self.hvd.Sum, name=name)
 
     def allreduce_sum_flat_async_(self, buf: Tensor, name: str) -> Work:
-        return _HorovodWork(self.hvd, self.hvd.allreduce_async_(buf, op=self.hvd.Sum,
-                                                                 name=name))
+        return _HorovodWork(self.hvd, self.hvd.allreduce_async_(buf, op=self.hvd.Sum, name=name))
 
     def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         self.hvd.broadcast_(buf, root_rank=src, name=name)

@@ -16,8 +16,10 @@ from torch import Tensor
 
 from .base import Communicator, Work, import_engine
 
-INSTALL_HINT = ("mpi4py or an MPI library is missing. Install them with `bash ci/install_mpi.sh` "
-                "(Debian: apt-get install openmpi-bin libopenmpi-dev; pip install mpi4py==4.1.2)")
+INSTALL_HINT = (
+    "mpi4py or an MPI library is missing. Install them with `bash ci/install_mpi.sh` "
+    "(Debian: apt-get install openmpi-bin libopenmpi-dev; pip install mpi4py==4.1.2)"
+)
 
 
 def _cuda_aware() -> bool:
@@ -63,8 +65,9 @@ class MPICommunicator(Communicator):
 
     def allreduce_sum_flat_async_(self, buf: Tensor, name: str) -> Work:
         work, staged = self._host(buf)
-        return _MPIWork(self.comm.Iallreduce(self.MPI.IN_PLACE, work, op=self.MPI.SUM),
-                        work if staged else None)
+        return _MPIWork(
+            self.comm.Iallreduce(self.MPI.IN_PLACE, work, op=self.MPI.SUM), work if staged else None
+        )
 
     def progress_flat(self, work: Work) -> None:
         if isinstance(work, _MPIWork):

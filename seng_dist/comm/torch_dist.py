@@ -25,14 +25,17 @@ class TorchCommunicator(Communicator):
             raise ValueError(
                 "comm='torch' needs an initialised torch.distributed process group: call "
                 "torch.distributed.init_process_group('gloo' or 'nccl') first (torchrun sets "
-                "RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for it)")
+                "RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for it)"
+            )
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         backend = str(dist.get_backend(group)).lower()
-        self.device = (torch.device("cuda", torch.cuda.current_device())
-                       if "nccl" in backend and torch.cuda.is_available()
-                       else torch.device("cpu"))
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if "nccl" in backend and torch.cuda.is_available()
+            else torch.device("cpu")
+        )
 
     def allreduce_sum_flat_(self, buf: Tensor, name: str) -> None:
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
@@ -42,13 +45,15 @@ class TorchCommunicator(Communicator):
         return work
 
     def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
-        dist.broadcast(buf, src=dist.get_global_rank(self.group, src)
-                       if self.group is not None else src, group=self.group)
+        dist.broadcast(
+            buf,
+            src=dist.get_global_rank(self.group, src) if self.group is not None else src,
+            group=self.group,
+        )
 
     def allgather_flat(self, buf: Tensor, name: str) -> Tensor:
         local = buf.to(self.device)
-        out = torch.empty(self.world_size * local.numel(), dtype=local.dtype,
-                          device=self.device)
+        out = torch.empty(self.world_size * local.numel(), dtype=local.dtype, device=self.device)
         _all_gather(out, local, group=self.group)
         return out.to(buf.device)
 

@@ -46,21 +46,41 @@ def get_ds_config(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "train_batch_size": 16,
         "steps_per_print": 2000,
-        "optimizer": {"type": "SENG", "params": {"damping": 1.0, "momentum": 0.9,
-                                                 "weight_decay": 3e-7,
-                                                 "curvature_update_interval": 50}},
-        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.05,
-                                                     "warmup_num_steps": 1000}},
+        "optimizer": {
+            "type": "SENG",
+            "params": {
+                "damping": 1.0,
+                "momentum": 0.9,
+                "weight_decay": 3e-7,
+                "curvature_update_interval": 50,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.05, "warmup_num_steps": 1000},
+        },
         "gradient_clipping": 1.0,
         "prescale_gradients": False,
-        "torch_autocast": {"enabled": args.dtype != "fp32",
-                           "dtype": "bfloat16" if args.dtype == "bf16" else "float16"},
-        "fp16": {"enabled": False, "loss_scale": 0, "loss_scale_window": 500,
-                 "hysteresis": 2, "min_loss_scale": 1, "initial_scale_power": 15},
+        "torch_autocast": {
+            "enabled": args.dtype != "fp32",
+            "dtype": "bfloat16" if args.dtype == "bf16" else "float16",
+        },
+        "fp16": {
+            "enabled": False,
+            "loss_scale": 0,
+            "loss_scale_window": 500,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+            "initial_scale_power": 15,
+        },
         "wall_clock_breakdown": False,
-        "zero_optimization": {"stage": args.stage, "allgather_partitions": True,
-                              "reduce_scatter": True, "overlap_comm": True,
-                              "contiguous_gradients": True},
+        "zero_optimization": {
+            "stage": args.stage,
+            "allgather_partitions": True,
+            "reduce_scatter": True,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+        },
     }
 
 
@@ -92,8 +112,12 @@ def main(args: argparse.Namespace) -> None:
     net = Net()
     parameters = filter(lambda p: p.requires_grad, net.parameters())
     model_engine, optimizer, trainloader, __ = seng_dist.deepspeed.initialize(
-        args=args, model=net, model_parameters=parameters, training_data=trainset,
-        config=get_ds_config(args))
+        args=args,
+        model=net,
+        model_parameters=parameters,
+        training_data=trainset,
+        config=get_ds_config(args),
+    )
     criterion = nn.CrossEntropyLoss()
     losses: list[float] = []
     after_first_step = -1
@@ -110,9 +134,12 @@ def main(args: argparse.Namespace) -> None:
                 break
         if len(losses) == args.max_steps:
             break
-    report = {"losses": losses, "curvature_updates": optimizer.curvature_updates,
-              "after_first_step": after_first_step,
-              "lr": [g["lr"] for g in optimizer.param_groups]}
+    report = {
+        "losses": losses,
+        "curvature_updates": optimizer.curvature_updates,
+        "after_first_step": after_first_step,
+        "lr": [g["lr"] for g in optimizer.param_groups],
+    }
     with open(os.path.join(args.out, f"{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump(report, f)
 

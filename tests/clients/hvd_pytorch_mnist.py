@@ -62,18 +62,20 @@ def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     x, y = load_fashion_mnist(train=True)
     train_dataset = torch.utils.data.TensorDataset(x, y)
-    train_sampler: torch.utils.data.distributed.DistributedSampler = \
+    train_sampler: torch.utils.data.distributed.DistributedSampler = (
         torch.utils.data.distributed.DistributedSampler(
-            train_dataset, num_replicas=hvd.size(), rank=hvd.rank())
-    train_loader = torch.utils.data.DataLoader(train_dataset, batch_size=args.batch_size,
-                                               sampler=train_sampler)
+            train_dataset, num_replicas=hvd.size(), rank=hvd.rank()
+        )
+    )
+    train_loader = torch.utils.data.DataLoader(
+        train_dataset, batch_size=args.batch_size, sampler=train_sampler
+    )
     model = Net()
     optimizer = SENG(model, lr=args.lr * hvd.size(), momentum=args.momentum, comm="horovod")
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     if args.pattern == "wrapped":
         hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-        optimizer = hvd.DistributedOptimizer(optimizer,
-                                             named_parameters=model.named_parameters())
+        optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
     losses: list[float] = []
     after_first_step = -1
     model.train()
@@ -88,14 +90,20 @@ def main(args: argparse.Namespace) -> None:
             if after_first_step < 0 and optimizer.step_count == 1:  # the first step taken
                 after_first_step = optimizer.curvature_updates
             if batch_idx % args.log_interval == 0 and hvd.rank() == 0:
-                print(f"Train Epoch: {epoch} [{batch_idx * len(data)}/{len(train_sampler)}]"
-                      f"\tLoss: {loss.item():.6f}")
+                print(
+                    f"Train Epoch: {epoch} [{batch_idx * len(data)}/{len(train_sampler)}]"
+                    f"\tLoss: {loss.item():.6f}"
+                )
             if len(losses) == args.max_steps:
                 break
         if len(losses) == args.max_steps:
             break
-    report = {"losses": losses, "curvature_updates": optimizer.curvature_updates,
-              "after_first_step": after_first_step, "steps": optimizer.step_count}
+    report = {
+        "losses": losses,
+        "curvature_updates": optimizer.curvature_updates,
+        "after_first_step": after_first_step,
+        "steps": optimizer.step_count,
+    }
     with open(os.path.join(args.out, f"{hvd.rank()}.json"), "w") as f:
         json.dump(report, f)
 

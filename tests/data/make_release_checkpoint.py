@@ -24,9 +24,19 @@ from conftest import batch, make_mixed
 
 from seng_dist import SENG
 
-SETTINGS: dict[str, Any] = dict(lr=0.05, damping=0.5, momentum=0.9, weight_decay=1e-3,
-                curvature_update_interval=3, explicit_threshold=40, sketch_size=24,
-                sketch_method="leverage", rank=2, factor_sketch_size=4, curvature_batch_size=10)
+SETTINGS: dict[str, Any] = dict(
+    lr=0.05,
+    damping=0.5,
+    momentum=0.9,
+    weight_decay=1e-3,
+    curvature_update_interval=3,
+    explicit_threshold=40,
+    sketch_size=24,
+    sketch_method="leverage",
+    rank=2,
+    factor_sketch_size=4,
+    curvature_batch_size=10,
+)
 HEAD, TAIL = 4, 3
 
 
@@ -48,8 +58,9 @@ def main(out: Path) -> None:
         # A copy: both state dicts hold the live tensors, which the next steps change in place.
         saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
         train(model, opt, range(HEAD, HEAD + TAIL))
-        data[variant] = dict(saved, after={n: p.detach().clone()
-                                           for n, p in model.named_parameters()})
+        data[variant] = dict(
+            saved, after={n: p.detach().clone() for n, p in model.named_parameters()}
+        )
     torch.save({"settings": SETTINGS, "head": HEAD, "tail": TAIL, "runs": data}, out)
 
 
