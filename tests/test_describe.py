@@ -27,7 +27,9 @@ class Net(nn.Module):
         return self.head(F.relu(self.fc(h.flatten(1))))
 
 
-def test_describe_lists_every_parameter_with_its_path_and_why():
+def described() -> tuple[Net, SENG]:
+    """:class:`Net` with BatchNorm in a group of its own, after one SENG step (the README's
+    ``describe()`` example is this one's table)."""
     torch.manual_seed(0)
     model = Net()
     with pytest.warns(UserWarning, match=r"'stem' \(ConvTranspose1d\) is not preconditioned"):
@@ -40,6 +42,11 @@ def test_describe_lists_every_parameter_with_its_path_and_why():
     x, y = torch.randn(4, 1, 6, 6), torch.randint(0, 5, (4,))
     F.cross_entropy(model(x), y).backward()
     opt.step()
+    return model, opt
+
+
+def test_describe_lists_every_parameter_with_its_path_and_why():
+    model, opt = described()
     table = opt.describe()
     assert "group  factor rank  curvature bytes" in table.splitlines()[0]
     rows = {line.split()[0]: line for line in table.splitlines()[2:]}

@@ -15,10 +15,9 @@ from enum import Enum
 from pathlib import Path
 
 import pytest
-import torch
-import torch.nn.functional as F
+from test_describe import described
 
-from seng_dist import SENG, SENGConfig, SENGWarning, supported_layer_types
+from seng_dist import SENGConfig, supported_layer_types
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -39,21 +38,7 @@ def supported_block() -> str:
 
 def describe_block() -> str:
     """``describe()`` of tests/test_describe.py's model after one step, as a code block."""
-    from test_describe import Net
-
-    torch.manual_seed(0)
-    model = Net()
-    with pytest.warns(SENGWarning):
-        opt = SENG(
-            model,
-            explicit_threshold=200,
-            factor_rank=2,
-            param_groups=[{"params": [model.bn.weight, model.bn.bias], "weight_decay": 0.0}],
-        )
-    x, y = torch.randn(4, 1, 6, 6), torch.randint(0, 5, (4,))
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-    return "```\n" + opt.describe() + "\n```"
+    return "```\n" + described()[1].describe() + "\n```"
 
 
 GENERATED: dict[str, Callable[[], str]] = {
@@ -147,5 +132,4 @@ def test_every_path_the_docs_name_exists(doc: Path) -> None:
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
         sys.exit("usage: python3 tests/test_docs.py --write")
-    sys.path.insert(0, str(Path(__file__).parent))
     README.write_text(write(README.read_text()))
