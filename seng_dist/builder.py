@@ -90,6 +90,10 @@ class CurvatureBuilder:
         else:
             self.capture.disarm()
 
+    def close(self) -> None:
+        """Take the capture hooks off the model for good (the optimizer was retired)."""
+        self.capture.disarm()
+
     def drop(self) -> None:
         """Forget every block's curvature and rebuild it at the next step."""
         for c in self.curvatures:

@@ -22,7 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .builder import CurvatureBuilder
 from .checkpoint import Counters, StateCodec, split_curvature, structure_settings
 from .comm import Communicator, make_communicator
-from .config import GROUP_SETTINGS, SENGConfig, resolve
+from .config import GROUP_SETTINGS, SENGConfig, Variant, resolve
 from .curvature import BlockCurvature
 from .describe import describe_table
 from .groups import GroupSchedules, StepSettings, check_shape, group_params
@@ -62,6 +62,7 @@ class Owners:
 #: the owners of this process's parameters
 OWNERS = Owners()
 
+RETIRED = "SENG: this optimizer was retired (retire() was called); build a new one to train on"
 SUPERSEDED = (
     "SENG: this optimizer was retired when a newer SENG was built on the same "
     "parameters: only one SENG updates a parameter, and the newer one holds the hooks "
@@ -105,6 +106,10 @@ class SENG(torch.optim.Optimizer):
         model: the ``nn.Module`` to train (or the ``DistributedDataParallel`` around it); hooks
             are installed on its supported layers only while a curvature update is due.
         config: a :class:`~seng_dist.SENGConfig` (default: its defaults).
+        param_groups: torch-style param groups (``{"params": ..., "lr": ...}``; a group may
+            set ``lr``, ``damping``, ``momentum`` and ``weight_decay``, each a value or a
+            callable of the step); the trainable parameters they leave out form one more group
+            with the config's values. None: one group.
         comm: the engine for the collectives: None (torch.distributed when a process group
             is initialised, then Horovod when initialised, else one process), ``"local"``,
             ``"torch"``, ``"horovod"``, ``"deepspeed"``, ``"mpi"``, or a Communicator.
@@ -160,6 +165,8 @@ class SENG(torch.optim.Optimizer):
 
     #: Why this SENG may no longer be used, once it is retired: taken over by
     #: ``hvd.DistributedOptimizer``'s wrapper, or replaced by a newer SENG on its parameters.
+    #: A class attribute because torch's ``__init__`` calls the checked ``add_param_group``
+    #: before this class's ``__init__`` could set it; retiring sets it on the instance.
     _retired: str | None = None
 
     def __init__(
@@ -173,7 +180,7 @@ class SENG(torch.optim.Optimizer):
         **settings: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
-            self._take_over(_original_of(model))
+            self._take_over(_original_of(model, type(self)))
             return
         if config is not None and not isinstance(config, SENGConfig):
             raise ValueError(f"config must be a seng_dist.SENGConfig or None, got {config!r}")
@@ -198,7 +205,20 @@ class SENG(torch.optim.Optimizer):
         self.communicator = make_communicator(comm)
         _check_dtype(self.communicator, cfg)
         self.passes = BackwardPasses(model, group_params(self.param_groups))
+        try:
+            self._build(model, grads_averaged)
+        except BaseException:
+            self.passes.close()  # a SENG that failed to build leaves no hooks behind
+            raise
+        # Only a SENG that was built takes the parameters over: a failure above (ranks that
+        # disagree, say) leaves an older SENG on them working.
         self._claim(group_params(self.param_groups))
+        self._arm(0)
+
+    def _build(self, model: nn.Module, grads_averaged: bool) -> None:
+        """The curvature, state, round and the ranks' agreement, once the hooks that count
+        the backward passes are on the model."""
+        cfg = self.config
         self.curvature = CurvatureBuilder(
             self.passes, self.blocks, cfg, self.state, self.communicator.rank
         )
@@ -218,7 +238,6 @@ class SENG(torch.optim.Optimizer):
             self.communicator.broadcast_(
                 [t.detach() for t in model.parameters()] + list(model.buffers()), name="seng.init"
             )
-        self._arm(0)
 
     @_live
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -265,7 +284,7 @@ class SENG(torch.optim.Optimizer):
         previous = getattr(self, "round", None)
         if (
             grads_averaged
-            and self.config.distributed.variant == "lagged"
+            and self.config.distributed.variant is Variant.LAGGED
             and (previous is None or not previous.grads_averaged)
         ):
             warn(
@@ -295,17 +314,17 @@ class SENG(torch.optim.Optimizer):
         built again on the same model) is retired, its hooks taken off the model."""
         for older in OWNERS.of(params):
             if older is not self:
-                self._supersede(older)
+                older.retire(SUPERSEDED)
         OWNERS.claim(params, self)
 
-    @staticmethod
-    def _supersede(older: SENG) -> None:
-        """Take ``older``'s hooks off the model (backward passes, capture, buckets): from now
-        on using it raises :data:`SUPERSEDED`."""
-        older.passes.close()
-        older.round.close()
-        older.curvature.capture.disarm()
-        older._retired = SUPERSEDED
+    def retire(self, reason: str = RETIRED) -> None:
+        """Take this SENG's hooks off the model (backward passes, capture, buckets): from now
+        on using it raises ``RuntimeError(reason)``. A newer SENG built on the same parameters
+        does this to the older one."""
+        self.passes.close()
+        self.round.close()
+        self.curvature.close()
+        self._retired = reason
 
     def _take_over(self, original: SENG) -> None:
         """Continue ``original`` as this object. ``hvd.DistributedOptimizer(original)`` builds
@@ -316,8 +335,13 @@ class SENG(torch.optim.Optimizer):
         :data:`TAKEN_OVER`, so this object is the only one that acts on those pieces. Horovod's
         hooks average the gradients in backward, so from now on SENG averages only its
         corrections."""
-        vars(self).update(vars(original))
-        original._retired = TAKEN_OVER.format(wrapper=type(self).__module__)
+        # Every attribute moves except those that shadow a method on the instance (an lr
+        # scheduler wraps opt.step there): the wrapper's class brings its own methods.
+        cls = type(self)
+        vars(self).update(
+            {k: v for k, v in vars(original).items() if not callable(getattr(cls, k, None))}
+        )
+        original._retired = TAKEN_OVER.format(wrapper=cls.__module__)
         self._retired = None
         OWNERS.claim(group_params(self.param_groups), self)
         self._set_round(grads_averaged=True)
@@ -572,13 +596,18 @@ class SENG(torch.optim.Optimizer):
         return [(index[id(c.block.weight)], c) for c in self.curvature.curvatures]
 
 
-def _original_of(groups: Any) -> SENG:
-    """The SENG whose own ``param_groups`` list ``groups`` is: ``hvd.DistributedOptimizer``
-    builds its wrapper as ``type(opt)(opt.param_groups)``, and that wrapper takes the SENG
-    over (:meth:`SENG._take_over`)."""
+def _original_of(groups: Any, wrapper: type[SENG]) -> SENG:
+    """The SENG whose own ``param_groups`` list ``groups`` is, when ``wrapper`` is a subclass
+    of its class: ``hvd.DistributedOptimizer`` builds its wrapper as an instance of a subclass
+    of ``type(opt)`` on ``opt.param_groups``, and that wrapper takes the SENG over
+    (:meth:`SENG._take_over`)."""
     if isinstance(groups, list) and all(isinstance(g, dict) and "params" in g for g in groups):
         for owner in OWNERS.of([p for g in groups for p in g["params"]]):
-            if owner.param_groups is groups:
+            if (
+                owner.param_groups is groups
+                and wrapper is not type(owner)
+                and issubclass(wrapper, type(owner))
+            ):
                 return owner
     raise ValueError(
         f"model must be a torch.nn.Module, got {type(groups).__name__} (a list "

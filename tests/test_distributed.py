@@ -528,6 +528,36 @@ def test_inconsistent_ranks_raise_on_every_rank_naming_the_difference(extras, jo
             assert text in message, message
 
 
+def _rebuilt_on_disagreeing_ranks(rank: int, world: int) -> dict[str, Any]:
+    """One step with a SENG, a second SENG on the same model that the ranks disagree on (it
+    fails on every rank), then two more steps with the first."""
+    model = make_mixed()
+    config = CONFIGS["explicit-blockdiag"]
+    opt = SENG(model, **config)
+    train_steps(model, opt, range(1), rank)
+    error = ""
+    try:
+        SENG(model, **dict(config, damping=0.25 if rank else 0.5))
+    except ValueError as e:
+        error = str(e)
+    train_steps(model, opt, range(1, 3), rank)
+    return {
+        "error": error,
+        "steps": opt.step_count,
+        "params": {n: p.detach() for n, p in model.named_parameters()},
+    }
+
+
+def test_a_seng_that_fails_to_build_leaves_the_older_one_on_the_model_working():
+    """Only a SENG that was built takes its parameters over: one that the ranks refuse (or
+    that fails otherwise) leaves the older SENG holding its hooks, averaging and stepping."""
+    ranks = run_ranks(_rebuilt_on_disagreeing_ranks, 2, timeout=120)
+    for res in ranks:
+        assert "setting damping" in res["error"] and res["steps"] == 3
+    for n, p in ranks[0]["params"].items():
+        assert torch.equal(p, ranks[1]["params"][n]), n  # still averaged: ranks agree
+
+
 def test_torch_engine_without_a_process_group_says_how_to_start_one():
     with pytest.raises(ValueError, match="init_process_group"):
         SENG(make_mixed(), comm="torch")

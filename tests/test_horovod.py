@@ -271,6 +271,8 @@ def test_hvd_distributed_optimizer_takes_seng_over_and_retires_the_original():
         "hvd.init()\n"
         "model = make_mixed()\n"
         "opt = SENG(model, curvature_update_interval=1)\n"
+        "# built before the wrap: it patches opt.step, which the wrapper must not inherit\n"
+        "sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)\n"
         "wrapped = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())\n"
         "x, y = batch()\n"
         "def train():\n"
@@ -278,6 +280,8 @@ def test_hvd_distributed_optimizer_takes_seng_over_and_retires_the_original():
         "    F.cross_entropy(model(x), y).backward()\n"
         "    wrapped.step()\n"
         "train()\n"
+        "sched.step()\n"
+        "print('scheduled', wrapped.param_groups[0]['lr'])\n"
         "print('seng', isinstance(wrapped, SENG), wrapped.step_count, "
         "wrapped.curvature_updates, wrapped.round.grads_averaged)\n"
         "try:\n"
@@ -291,6 +295,7 @@ def test_hvd_distributed_optimizer_takes_seng_over_and_retires_the_original():
         " wrapped.step_count)\n"
     )
     out = python_output(code)
+    assert "scheduled 0.05" in out  # the scheduler drives the wrapper's groups
     assert "seng True 1 1 True" in out
     assert (
         "retired SENG: this optimizer was taken over by the wrapper that "
