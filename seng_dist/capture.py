@@ -218,6 +218,10 @@ def _rows_of(w: Tensor, param: Tensor) -> tuple[bool, slice | None]:
     return rest == 0, slice(start, start + w.shape[0])
 
 
+#: ``F.linear`` as this module found it at import (torch's, unless patched before)
+_TORCH_LINEAR = F.linear
+
+
 class LinearTap:
     """The recording wrapper of ``torch.nn.functional.linear``: in place only while some
     thread has an armed attention forward running (a process-wide count under a lock), and
@@ -256,7 +260,17 @@ class LinearTap:
         return self._local.stack
 
     def _linear(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        out = self._inner(input, weight, bias)
+        local = self._local
+        if getattr(local, "inside", False):
+            # Re-entered: a patch of F.linear made during an armed forward wrapped this
+            # wrapper, and was kept, then wrapped by it again. Torch's own function ends the
+            # loop; the outer call records.
+            return _TORCH_LINEAR(input, weight, bias)
+        local.inside = True
+        try:
+            out = self._inner(input, weight, bias)
+        finally:
+            local.inside = False
         stack = self._stack()
         if stack:
             stack[-1](input, weight, out)

@@ -309,6 +309,42 @@ def test_a_users_patch_of_linear_is_called_during_attention_and_kept(when, monke
     assert opt.curvature_updates == 1 and F.linear is patched
 
 
+def test_a_patch_of_linear_made_during_an_armed_attention_forward_does_not_loop():
+    """A patch installed while SENG's recorder is in place wraps the recorder and is kept; at
+    the next armed forward the recorder wraps that patch in turn. The calls must still go
+    through once each (not loop) and be recorded once."""
+    torch.manual_seed(0)
+    model = SelfAttention(True, "none", False)
+    opt = SENG(model, curvature_update_interval=1)
+    seen: list[tuple[int, ...]] = []
+
+    def patch_once(module: nn.Module, args: tuple) -> None:
+        if F.linear is not STOCK_LINEAR and not seen:
+            inner = F.linear  # SENG's recorder: this forward is armed
+
+            def patched(
+                input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+            ) -> torch.Tensor:
+                seen.append(tuple(weight.shape))
+                return inner(input, weight, bias)
+
+            F.linear = patched
+
+    model.attn.register_forward_pre_hook(patch_once)  # runs after SENG's own pre-hook
+    try:
+        for step in range(2):
+            opt.zero_grad()
+            x, y = tokens()
+            out = model(x)
+            assert _attention_calls(opt) == {"attn.in_proj": 1, "attn.out_proj": 1}
+            F.cross_entropy(out, y).backward()
+            opt.step()
+            assert seen.count((24, 8)) == step + 1  # the patch ran once per forward
+    finally:
+        F.linear = STOCK_LINEAR
+    assert opt.curvature_updates == 2
+
+
 def test_torch_compile_runs_and_leaves_the_attention_projections_to_the_fallback_rule():
     """Under torch.compile the F.linear calls inside the attention are not seen: its blocks
     have no curvature (warned) and follow the fallback rule; the other layers have theirs."""
