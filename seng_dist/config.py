@@ -255,6 +255,11 @@ class SketchConfig:
         _check_optional_int("factor_sketch_size", self.factor_sketch_size)
         _check_choice("uc", self.uc, UC_MODES)
 
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails: an old setting name read as an attribute
+        # (``config.sketch.rank``) gives today's value, warned.
+        return _renamed_attribute(self, name)
+
     def check_sketch_fits(self) -> None:
         """Reject a ``sketch_size`` that can never sketch: explicit blocks have fewer than
         ``explicit_threshold`` rows. Checked only when the user gave ``sketch_size``: the
@@ -499,6 +504,20 @@ def current_names(settings: Mapping[str, Any]) -> dict[str, Any]:
         )
         out[new] = out.pop(old)
     return out
+
+
+def _renamed_attribute(config: Any, name: str) -> Any:
+    """``config``'s setting whose old name is ``name``, warned; ``AttributeError`` for any
+    other name."""
+    new = RENAMED_SETTINGS.get(name)
+    if new is None or new not in {f.name for f in fields(config)}:
+        raise AttributeError(f"{type(config).__name__!r} object has no attribute {name!r}")
+    warn(
+        f"SENG: the setting {name!r} was renamed {new!r}: read it as .{new}. The old name "
+        "will be removed in a future release",
+        SENGDeprecationWarning,
+    )
+    return getattr(config, new)
 
 
 def saved_names(fingerprint: Mapping[str, Any]) -> dict[str, Any]:

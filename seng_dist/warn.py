@@ -19,9 +19,11 @@ class SENGWarning(UserWarning):
     (``warnings.filterwarnings("ignore", category=seng_dist.SENGWarning)``)."""
 
 
-class SENGDeprecationWarning(SENGWarning, DeprecationWarning):
-    """A deprecated name was used (it still works): a SENGWarning, and a DeprecationWarning so
-    that Python's and pytest's deprecation filters apply to it."""
+class SENGDeprecationWarning(SENGWarning, FutureWarning):
+    """A deprecated name was used (it still works). A ``FutureWarning``, the category Python
+    gives deprecations meant for a library's users: a ``DeprecationWarning`` is hidden by
+    Python's default filters unless the call is in ``__main__``, so a training loop in a
+    module of its own would never show it."""
 
 
 def warn(message: str, category: type[SENGWarning] = SENGWarning) -> None:

@@ -32,13 +32,20 @@ def test_the_old_name_rank_is_factor_rank_with_a_deprecation_warning():
     [warning] = said
     assert str(warning.message) == RANK_RENAMED
     assert warning.filename == __file__  # the user's line, not SENG's
-    assert issubclass(warning.category, DeprecationWarning)
+    # A FutureWarning, shown by Python's default filters wherever SENG is built (a
+    # DeprecationWarning is hidden outside __main__).
+    assert issubclass(warning.category, FutureWarning)
+    assert not issubclass(warning.category, DeprecationWarning)
     assert issubclass(warning.category, SENGWarning)
     assert opt.config.sketch.factor_rank == 2
     with pytest.warns(SENGDeprecationWarning, match="renamed 'factor_rank'"):
         config = SENGConfig.from_settings(rank=2)
     assert config == SENGConfig.from_settings(factor_rank=2)
     assert "rank" not in SENGConfig.setting_names()
+    with pytest.warns(SENGDeprecationWarning, match=r"renamed 'factor_rank': read it as"):
+        assert config.sketch.rank == 2  # read under the old name
+    with pytest.raises(AttributeError, match="no attribute 'rnak'"):
+        config.sketch.rnak  # noqa: B018
 
 
 def test_the_new_name_gives_no_warning():
