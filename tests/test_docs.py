@@ -26,6 +26,7 @@ DOCS = [
     README,
     *sorted((ROOT / "docs").glob("*.md")),
     *sorted((ROOT / "integrations").glob("**/README.md")),
+    *sorted((ROOT / "examples" / "results").glob("**/README.md")),
 ]
 #: a path in backticks or a Markdown link that starts at one of these folders is checked
 _TOP = ("seng_dist/", "examples/", "tests/", "ci/", "docs/", "integrations/")

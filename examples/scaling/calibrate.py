@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import copy
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +26,10 @@ from seng_dist.buckets import BucketPlan, first_positions
 from seng_dist.comm import CountingCommunicator, round_of
 from seng_dist.comm.torch_dist import TorchCommunicator
 
+# The Gloo rank launcher lives with the tests, out of the seng_dist wheel; this tool runs from
+# the repository root (python -m examples.scaling), where tests/ is importable.
+from tests.launch import run_ranks
+
 from .model import (
     PAPER,
     Cluster,
@@ -39,10 +41,6 @@ from .model import (
     amortised_step,
     steps_per_epoch,
 )
-
-# The Gloo rank launcher lives with the tests, out of the seng_dist wheel (tests/launch.py).
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from launch import run_ranks  # noqa: E402
 
 # ----------------------------------------------------------------------------- the models
 
