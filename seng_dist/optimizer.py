@@ -29,7 +29,7 @@ from .groups import GroupSchedules, StepSettings, check_shape, group_params
 from .kinds import supported_layer_types
 from .layers import FALLBACK_RULE, Block, find_blocks
 from .passes import BackwardPasses
-from .rounds import make_round
+from .rounds import round_class
 from .update import apply_update
 from .warn import warn
 
@@ -295,7 +295,7 @@ class SENG(torch.optim.Optimizer):
             )
         if previous is not None:
             previous.close()
-        self.round = make_round(
+        self.round = round_class(self.config.distributed.variant)(
             self.config,
             self.curvature.curvatures,
             self._fallback,

@@ -17,7 +17,7 @@ on the averaged gradient, on every rank alike, and ``step()`` reads ``.grad`` as
 With ``overlap`` its buckets start during backward as the gradients arrive; without, it is one
 collective at the end of the pass. It runs in ``step()`` only when no pass completed the
 accumulation (gradients set by hand, or fewer passes than ``gradient_accumulation_steps``).
-:func:`make_round` picks the class from the config's :class:`~seng_dist.config.Variant`. On
+:func:`round_class` picks the class for the config's :class:`~seng_dist.config.Variant`. On
 one process every collective is the identity and both are single-process SENG (lagged with its lag).
 """
 
@@ -661,32 +661,7 @@ class LaggedRound(BlockDiagonalRound):
         return Exchanged(gs, slots, averaged, present + ready, self._whitenings(gs, present[:nb]))
 
 
-def make_round(
-    config: SENGConfig,
-    curvatures: list[BlockCurvature],
-    fallback: list[Tensor],
-    comm: Communicator,
-    *,
-    grads_averaged: bool,
-    state: ParamState,
-    order: Sequence[Tensor] = (),
-    passes: BackwardPasses | None = None,
-) -> Round:
-    """The round of ``config.distributed.variant``."""
-    cls = _round_class(config.distributed.variant)
-    return cls(
-        config,
-        curvatures,
-        fallback,
-        comm,
-        grads_averaged=grads_averaged,
-        state=state,
-        order=order,
-        passes=passes,
-    )
-
-
-def _round_class(variant: Variant) -> type[Round]:
+def round_class(variant: Variant) -> type[Round]:
     """The class that implements ``variant`` (mypy checks that every variant has one)."""
     match variant:
         case Variant.BLOCKDIAG:
