@@ -3,9 +3,9 @@
 ``import seng_dist`` needs only torch.
 """
 
-from . import schedules, solver
+from . import kinds, schedules, solver
 from .config import DiagonalConfig, DistributedConfig, SENGConfig, SketchConfig
-from .kinds import supported_layer_types
+from .kinds import register_layer_kind, supported_layer_types
 from .optimizer import SENG
 from .warn import SENGDeprecationWarning, SENGWarning
 
@@ -17,6 +17,8 @@ __all__ = [
     "DiagonalConfig",
     "SENGWarning",
     "SENGDeprecationWarning",
+    "kinds",
+    "register_layer_kind",
     "schedules",
     "solver",
     "supported_layer_types",

@@ -6,11 +6,15 @@ implicit path needs) or the per-sample gradient itself as an ``(n_G, n_A)`` matr
 explicit path needs). A kind that has no cheap factors (a grouped convolution: its factors
 would be zero everywhere outside one group) is :attr:`~LayerKind.factorable` ``False`` and its
 blocks take the explicit path whatever their size.
+
+:data:`REGISTRY` maps the supported layer types to their kinds: the single list of what SENG
+preconditions. :func:`register_layer_kind` adds a user's type.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar, cast
 
 import torch
@@ -19,22 +23,6 @@ from torch import Tensor, nn
 
 from . import solver
 
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-CONVS = (nn.Conv1d, nn.Conv2d)
-#: the attention module whose projections are blocks: its forward calls ``F.linear`` on their
-#: weights, which the capture reads (``layers.find_blocks``, ``capture.LinearTap``)
-ATTENTION = nn.MultiheadAttention
-#: every layer type SENG preconditions: those :func:`kind_of` tells apart, ``nn.Linear`` (its
-#: default kind, also the attention projections' kind) and the attention module
-SUPPORTED: tuple[type[nn.Module], ...] = (nn.Linear, *CONVS, *BATCHNORMS, ATTENTION)
-
-
-def supported_layer_types() -> tuple[str, ...]:
-    """The layer types SENG preconditions, as ``"nn.Linear"``, ...: the one list that SENG's
-    messages, its docstring and the README give. Every other trainable parameter follows the
-    fallback rule."""
-    return tuple(f"nn.{t.__name__}" for t in SUPPORTED)
-
 
 class LayerKind:
     """``nn.Linear`` (on ``(B, d)`` and on ``(B, *, d)``, κ the product of the middle dims),
@@ -42,6 +30,27 @@ class LayerKind:
 
     #: whether :meth:`factors` is available (else the block is explicit only)
     factorable: ClassVar[bool] = True
+    #: whether the batch may sit second in a sequence input (``batch_first=False``, or a torch.nn
+    #: module around the layer that declares it), as in a Linear's; else it is always first
+    follows_batch_first: ClassVar[bool] = True
+
+    def for_module(self, module: nn.Module) -> LayerKind:
+        """The kind of this module of the registered type (a kind may depend on the module's
+        settings, as a convolution's does on its groups)."""
+        return self
+
+    def refusal(self, module: nn.Module) -> str | None:
+        """Why this module of the registered type cannot be a block (None: it can)."""
+        return None
+
+    def weight_matrix(self, weight: Tensor) -> Tensor:
+        """The weight as the block's columns before the bias's: ``(n_G, n_A - 1)`` with a bias,
+        ``(n_G, n_A)`` without (the rows are the output features)."""
+        return weight.reshape(weight.shape[0], -1)
+
+    def weight_like(self, matrix: Tensor, weight: Tensor) -> Tensor:
+        """:meth:`weight_matrix`'s inverse: a ``(n_G, ·)`` matrix in the weight's shape."""
+        return matrix.reshape(weight.shape)
 
     def batch_first(self, module: nn.Module, batch_dim: int) -> Callable[[Tensor], Tensor]:
         """How a call's input and output gradient get the batch first (a Linear's batch sits
@@ -72,9 +81,45 @@ class LayerKind:
         return solver.per_sample_grads(g, a).view(g.shape[0], g.shape[2], a.shape[2])
 
 
+class TransposedLinearKind(LayerKind):
+    """transformers' ``Conv1D`` (GPT-2): a Linear whose weight is stored transposed, ``(nx, nf)``,
+    and used as ``x @ W + b``; its block is ``[Wᵀ | b]`` ``(nf, nx + 1)``. Recognised by its
+    class name and this shape contract, without importing transformers."""
+
+    def refusal(self, module: nn.Module) -> str | None:
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        nf = getattr(module, "nf", None)
+        if not (
+            isinstance(weight, Tensor)
+            and weight.dim() == 2
+            and weight.shape[1] == nf
+            and (bias is None or (isinstance(bias, Tensor) and bias.shape == (nf,)))
+        ):
+            return (
+                f"{type(module).__name__} lacks transformers' Conv1D contract (a weight "
+                "(nx, nf), a bias (nf,) and nf)"
+            )
+        return None
+
+    def weight_matrix(self, weight: Tensor) -> Tensor:
+        return weight.t()
+
+    def weight_like(self, matrix: Tensor, weight: Tensor) -> Tensor:
+        return matrix.t()
+
+
 class ConvKind(LayerKind):
     """``nn.Conv1d``/``nn.Conv2d`` with one group: ``Â_i = unfold(x_i)``, κ the output
     positions (a Conv1d is a Conv2d of height one)."""
+
+    follows_batch_first = False
+
+    def for_module(self, module: nn.Module) -> LayerKind:
+        return self if cast(nn.Conv2d, module).groups == 1 else GroupedConvKind()
+
+    def refusal(self, module: nn.Module) -> str | None:
+        mode = cast(nn.Conv2d, module).padding_mode
+        return None if mode == "zeros" else f"padding_mode={mode!r}"
 
     def batch_first(self, module: nn.Module, batch_dim: int) -> Callable[[Tensor], Tensor]:
         # A convolution's batch is first, or absent (an unbatched call: one sample).
@@ -99,6 +144,9 @@ class GroupedConvKind(ConvKind):
 
     factorable = False
 
+    def for_module(self, module: nn.Module) -> LayerKind:
+        return self
+
     def factors(
         self, module: nn.Module, x: Tensor, gy: Tensor, bias: bool
     ) -> tuple[Tensor, Tensor]:
@@ -116,11 +164,33 @@ class GroupedConvKind(ConvKind):
         return torch.cat([w, g.sum(3).reshape(b, out, 1)], dim=2)
 
 
-class BatchNormKind(LayerKind):
+class AffineRowsKind(LayerKind):
+    """The base of the affine normalisations: block ``[γ | β]`` ``(n, 2)`` (``(n, 1)`` without
+    β), one row per normalised element, per sample ``[Σ x̂·gy | Σ gy]`` over the positions
+    (:meth:`keep_input` keeps ``x̂``). The two columns are κ = 2 positions: ``Ĝ`` ``(2, n)``
+    holds them and ``Â`` is the 2×2 identity, so both solver paths take the block unchanged."""
+
+    def factors(
+        self, module: nn.Module, x: Tensor, gy: Tensor, bias: bool
+    ) -> tuple[Tensor, Tensor]:
+        b, n = x.shape[0], self.weight_matrix(cast(Tensor, module.weight)).shape[0]
+        x, gy = self._positions(x, b, n), self._positions(gy, b, n)
+        rows = [(x * gy).sum(2)] + ([gy.sum(2)] if bias else [])
+        eye = torch.eye(len(rows), dtype=x.dtype, device=x.device)
+        return eye.expand(b, len(rows), len(rows)), torch.stack(rows, dim=1)
+
+    def _positions(self, t: Tensor, b: int, n: int) -> Tensor:
+        """``t`` as ``(B, n, positions)``."""
+        raise NotImplementedError
+
+
+class BatchNormKind(AffineRowsKind):
     """Affine BatchNorm: block ``[γ | β]`` ``(C, 2)``, per sample ``[Σ x̂·gy | Σ gy]`` over the
     positions. Its two columns are its κ = 2 positions: ``Ĝ`` ``(2, C)`` holds them and ``Â``
     is the 2×2 identity. In train mode ``x̂`` uses the batch statistics, taken as constants
     (the coupling of the samples through them reaches the input gradient, not γ's and β's)."""
+
+    follows_batch_first = False
 
     def keep_input(self, module: nn.Module, x: Tensor, limit: int | None) -> Tensor:
         """``x̂`` of the first ``limit`` samples as the layer computes it (``F.batch_norm``'s
@@ -136,27 +206,160 @@ class BatchNormKind(LayerKind):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return (x[:limit] - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
 
-    def factors(
-        self, module: nn.Module, x: Tensor, gy: Tensor, bias: bool
-    ) -> tuple[Tensor, Tensor]:
-        b, c = x.shape[0], x.shape[1]
-        gy = gy.reshape(b, c, -1)
-        rows = [(x.reshape(b, c, -1) * gy).sum(2)] + ([gy.sum(2)] if bias else [])
-        eye = torch.eye(len(rows), dtype=x.dtype, device=x.device)
-        return eye.expand(b, len(rows), len(rows)), torch.stack(rows, dim=1)
+    def _positions(self, t: Tensor, b: int, n: int) -> Tensor:
+        return t.reshape(b, n, -1)  # the channels second, the positions after
+
+
+class LayerNormKind(AffineRowsKind):
+    """An affine ``nn.LayerNorm`` (with or without its bias): the rows of
+    :class:`AffineRowsKind`, one per element of the normalised shape (flattened), summed over
+    the other positions of a sequence. Its statistics are each position's own, so these are
+    exact per-sample gradients."""
+
+    def weight_matrix(self, weight: Tensor) -> Tensor:
+        return weight.reshape(-1, 1)
+
+    def keep_input(self, module: nn.Module, x: Tensor, limit: int | None) -> Tensor:
+        """``x̂`` of the first ``limit`` samples, normalised over the weight's (trailing) dims."""
+        weight = cast(Tensor, module.weight)
+        x = x[:limit].to(weight.dtype)
+        dims = list(range(x.dim() - weight.dim(), x.dim()))
+        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.eps(module, x))
+
+    def eps(self, module: nn.Module, x: Tensor) -> float:
+        """The layer's ε."""
+        return float(cast(float, module.eps))
+
+    def _positions(self, t: Tensor, b: int, n: int) -> Tensor:
+        return t.reshape(b, -1, n).transpose(1, 2)  # the normalised elements last
+
+
+class RMSNormKind(LayerNormKind):
+    """An affine RMS normalisation, ``y = γ · x / √(mean(x²) + ε)`` over the weight's (trailing)
+    dims: ``nn.RMSNorm``, or a user's (HF's ``LlamaRMSNorm``: ``RMSNormKind("variance_epsilon")``).
+    ``eps_attribute`` names the module's ε; None there means ``torch.finfo(dtype).eps``, as
+    ``nn.RMSNorm``'s default. A β, if the layer has one, is the second column."""
+
+    def __init__(self, eps_attribute: str = "eps") -> None:
+        self.eps_attribute = eps_attribute
+
+    def keep_input(self, module: nn.Module, x: Tensor, limit: int | None) -> Tensor:
+        """``x / √(mean(x²) + ε)`` of the first ``limit`` samples."""
+        weight = cast(Tensor, module.weight)
+        x = x[:limit].to(weight.dtype)
+        dims = list(range(x.dim() - weight.dim(), x.dim()))
+        return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + self.eps(module, x))
+
+    def eps(self, module: nn.Module, x: Tensor) -> float:
+        eps = getattr(module, self.eps_attribute)
+        return torch.finfo(x.dtype).eps if eps is None else float(eps)
 
 
 def _same(t: Tensor) -> Tensor:
     return t
 
 
-def kind_of(module: nn.Module) -> LayerKind:
-    """The kind of a supported layer."""
-    if isinstance(module, BATCHNORMS):
-        return BatchNormKind()
-    if isinstance(module, CONVS):
-        return ConvKind() if module.groups == 1 else GroupedConvKind()
-    return LayerKind()
+@dataclass(frozen=True)
+class Registration:
+    """One supported layer type: what it matches, its kind and its name in messages."""
+
+    #: a class (its subclasses match too), or a class name matched along a module's MRO
+    match: type[nn.Module] | str
+    kind: LayerKind
+    name: str
+
+    def owner(self, module: nn.Module) -> type[nn.Module] | None:
+        """The class of ``module``'s MRO that this registration matches, if any: the class
+        whose ``forward`` the kind expects."""
+        for cls in type(module).__mro__:
+            if cls is self.match or cls.__name__ == self.match:
+                return cls
+        return None
+
+
+class LayerRegistry:
+    """The layer types SENG preconditions and their kinds: the single source that
+    :func:`~seng_dist.layers.find_blocks`, :func:`supported_layer_types` and the messages use.
+    A module takes the entry of the latest registration that matches it."""
+
+    def __init__(self) -> None:
+        self._entries: list[Registration] = []
+
+    def register(
+        self, match: type[nn.Module] | str, kind: LayerKind, name: str | None = None
+    ) -> None:
+        """Add ``match`` with ``kind``; registering it again replaces its entry in place."""
+        if name is None:
+            name = match if isinstance(match, str) else _display_name(match)
+        entry = Registration(match, kind, name)
+        for i, old in enumerate(self._entries):
+            if old.match == match:
+                self._entries[i] = entry
+                return
+        self._entries.append(entry)
+
+    def unregister(self, match: type[nn.Module] | str) -> None:
+        """Remove ``match``'s entry (its modules then follow the fallback rule)."""
+        self._entries = [e for e in self._entries if e.match != match]
+
+    def lookup(self, module: nn.Module) -> Registration | None:
+        """The registration ``module`` matches, or None."""
+        for entry in reversed(self._entries):
+            if entry.owner(module) is not None:
+                return entry
+        return None
+
+    def names(self) -> tuple[str, ...]:
+        """The registered types' names, in registration order."""
+        return tuple(e.name for e in self._entries)
+
+
+def _display_name(cls: type) -> str:
+    """``nn.Linear`` for torch.nn's own classes, else the class's module and name."""
+    if cls.__module__.startswith("torch.nn."):
+        return f"nn.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+#: the layer types of this process (:func:`register_layer_kind` adds to it)
+REGISTRY = LayerRegistry()
+REGISTRY.register(nn.Linear, LayerKind())
+REGISTRY.register(nn.Conv1d, ConvKind())
+REGISTRY.register(nn.Conv2d, ConvKind())
+REGISTRY.register(nn.BatchNorm1d, BatchNormKind())
+REGISTRY.register(nn.BatchNorm2d, BatchNormKind())
+REGISTRY.register(nn.BatchNorm3d, BatchNormKind())
+#: its projections are blocks of the Linear kind: its forward calls ``F.linear`` on their
+#: weights, which the capture reads (``layers.find_blocks``, ``capture.LinearTap``)
+REGISTRY.register(nn.MultiheadAttention, LayerKind())
+REGISTRY.register(nn.LayerNorm, LayerNormKind())
+REGISTRY.register(nn.RMSNorm, RMSNormKind())
+REGISTRY.register("Conv1D", TransposedLinearKind(), "Conv1D (transformers, matched by name)")
+
+
+def register_layer_kind(
+    layer_type: type[nn.Module] | str, kind: LayerKind, name: str | None = None
+) -> None:
+    """Teach SENG a layer type: its modules (and its subclasses' that keep its ``forward``)
+    become blocks of ``kind``, e.g. HF's RMSNorm::
+
+        seng_dist.register_layer_kind(LlamaRMSNorm, seng_dist.kinds.RMSNormKind("variance_epsilon"))
+
+    ``layer_type`` is a class, or a class name matched along a module's MRO (a type that
+    cannot be imported here); the module's ``weight`` (and ``bias``, if it has one) form the
+    block. ``name`` is how messages and :func:`supported_layer_types` list it (default:
+    ``nn.X`` for torch.nn's classes, else the class's module and name). Registering a type
+    again replaces its kind. A SENG finds its blocks when it is built: a registration made
+    afterwards affects only the SENGs built later."""
+    REGISTRY.register(layer_type, kind, name)
+
+
+def supported_layer_types() -> tuple[str, ...]:
+    """The layer types SENG preconditions, as ``"nn.Linear"``, ..., in registration order: the
+    one list that SENG's messages, its docstring and the README give. Every other trainable
+    parameter follows the fallback rule."""
+    return REGISTRY.names()
 
 
 def columns(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from . import solver
-from .kinds import ATTENTION, CONVS, SUPPORTED, LayerKind, kind_of
+from .kinds import REGISTRY, LayerKind
 from .warn import warn
 
 #: layers with a weight that SENG does not precondition and says so about (the rest, e.g.
@@ -106,8 +107,7 @@ class Block:
         """The block's gradient as an ``(n_G, n_A)`` matrix (a new tensor); a missing
         (None) weight or bias gradient counts as zero."""
         w, b = self.weight, self.bias
-        g = torch.zeros_like(w) if w.grad is None else w.grad
-        g = g.reshape(self.n_G, -1)
+        g = self.kind.weight_matrix(torch.zeros_like(w) if w.grad is None else w.grad)
         if b is None:
             return g.clone()
         gb = torch.zeros_like(b) if b.grad is None else b.grad
@@ -115,7 +115,7 @@ class Block:
 
     def param_matrix(self) -> Tensor:
         """The block's parameters as an ``(n_G, n_A)`` matrix (a new tensor)."""
-        w = self.weight.detach().reshape(self.n_G, -1)
+        w = self.kind.weight_matrix(self.weight.detach())
         if self.bias is None:
             return w.clone()
         return torch.cat([w, self.bias.detach().reshape(self.n_G, 1)], dim=1)
@@ -128,16 +128,15 @@ class Block:
                 mat.add_(self.param_matrix(), alpha=weight_alpha)
             return
         if weight_alpha:
-            mat[:, :-1].add_(self.weight.detach().reshape(self.n_G, -1), alpha=weight_alpha)
+            mat[:, :-1].add_(self.kind.weight_matrix(self.weight.detach()), alpha=weight_alpha)
         if bias_alpha:
-            mat[:, -1].add_(self.bias.detach(), alpha=bias_alpha)
+            mat[:, -1].add_(self.bias.detach().reshape(-1), alpha=bias_alpha)
 
     def split(self, mat: Tensor) -> list[Tensor]:
         """Views of an ``(n_G, n_A)`` matrix shaped like the block's parameters."""
         if self.bias is None:
-            return [mat.view_as(self.weight)]
-        w = mat[:, :-1].reshape(self.weight.shape)
-        return [w, mat[:, -1]]
+            return [self.kind.weight_like(mat, self.weight)]
+        return [self.kind.weight_like(mat[:, :-1], self.weight), mat[:, -1].view_as(self.bias)]
 
     def per_sample_factors(self, calls: list[CapturedCall], scale: float) -> tuple[Tensor, Tensor]:
         """``(Ĝ, Â)`` of shapes ``(ϱ, κ, n_G)`` and ``(ϱ, κ, n_A)`` from captured calls.
@@ -205,13 +204,15 @@ def find_blocks(
     explicit_threshold: int = 0,
     batch_first: bool = True,
 ) -> Layout:
-    """The model's supported, trainable layers as blocks, in module order.
+    """The model's supported, trainable layers as blocks, in module order, each of the kind its
+    type is registered with.
 
     A block of fewer than ``explicit_threshold`` entries takes the explicit path, any other
-    the implicit one (a grouped convolution: always explicit). Supported
-    (:func:`~seng_dist.kinds.supported_layer_types`): ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``
-    (grouped and depthwise too) with zero padding mode, affine ``nn.BatchNorm1d/2d/3d``, and
-    ``nn.MultiheadAttention``: its packed ``in_proj_weight``
+    the implicit one (a grouped convolution: always explicit). Supported: the types of
+    :data:`~seng_dist.kinds.REGISTRY` (:func:`~seng_dist.kinds.supported_layer_types`), built in
+    ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` (grouped and depthwise too) with zero padding
+    mode, affine ``nn.BatchNorm1d/2d/3d``, ``nn.LayerNorm`` and ``nn.RMSNorm``, transformers'
+    ``Conv1D`` (by name and shape) and ``nn.MultiheadAttention``: its packed ``in_proj_weight``
     (Q, K, V) is one block, or with ``kdim``/``vdim`` each of ``q/k/v_proj_weight`` is, and
     ``out_proj`` is one; the attention's forward uses them functionally, so the capture reads
     its calls (:mod:`seng_dist.capture`). Another layer type that is usually trained
@@ -220,7 +221,8 @@ def find_blocks(
     with a warning; so is, silently, any layer named (or whose class is listed) in
     ``skip_layers``. A name in ``skip_layers`` that matches no module raises ``ValueError``.
 
-    ``batch_first`` says where the batch is in a Linear's input and output; a layer inside a
+    ``batch_first`` says where the batch is in a Linear's (and a norm's, a Conv1D's: the kinds
+    that follow it) input and output; a layer inside a
     torch.nn module that declares it (``nn.Transformer``, its encoder and decoder layers,
     ``nn.MultiheadAttention``, the RNNs) follows that module.
     """
@@ -228,7 +230,9 @@ def find_blocks(
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
-    attention_of = {id(m.out_proj): m for m in model.modules() if isinstance(m, ATTENTION)}
+    attention_of = {
+        id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+    }
     declared = _declared_batch_first(model)
     blocks, fallback, skipped = [], {}, set()
     for raw, module in model.named_modules():
@@ -241,25 +245,28 @@ def find_blocks(
         if skip is not None:
             fallback[name] = skip[0]
             continue
-        if isinstance(module, ATTENTION):
-            found, left = _attention_blocks(name, module, explicit_threshold)
+        entry = REGISTRY.lookup(module)
+        if isinstance(module, nn.MultiheadAttention) and entry is not None:
+            projections = entry.kind.for_module(module)
+            found, left = _attention_blocks(name, projections, module, explicit_threshold)
             blocks += found
             if left:
                 fallback[name] = left
             continue
-        why = _unsupported(name, module, owners)
-        if why is not None:
-            fallback[name] = why
+        kind = _kind(name, module, owners)
+        if isinstance(kind, str):
+            fallback[name] = kind
             continue
-        bias = module.bias if module.bias is not None and module.bias.requires_grad else None
-        # Convolutions and BatchNorm always have the batch first; a Linear takes any layout.
-        linear = isinstance(module, nn.Linear)
-        batch_dim = 1 if linear and not declared.get(id(module), batch_first) else 0
+        bias = getattr(module, "bias", None)
+        bias = bias if isinstance(bias, Tensor) and bias.requires_grad else None
+        follows = kind.follows_batch_first
+        batch_dim = 1 if follows and not declared.get(id(module), batch_first) else 0
         blocks.append(
             _block(
                 name or type(module).__name__,
+                kind,
                 module,
-                module.weight,
+                cast(Tensor, module.weight),
                 bias,
                 explicit_threshold,
                 attention_of.get(id(module)),
@@ -268,7 +275,7 @@ def find_blocks(
         )
     unmatched = [s for s in skip_layers if isinstance(s, str) and s not in skipped]
     if unmatched:
-        names = [module_name(n) for n, m in model.named_modules() if isinstance(m, SUPPORTED)]
+        names = [module_name(n) for n, m in model.named_modules() if REGISTRY.lookup(m) is not None]
         raise ValueError(
             f"skip_layers names {', '.join(map(repr, unmatched))}, which match no "
             f"module of the model; its supported layers are "
@@ -279,6 +286,7 @@ def find_blocks(
 
 def _block(
     name: str,
+    kind: LayerKind,
     module: nn.Module,
     weight: Tensor,
     bias: Tensor | None,
@@ -286,9 +294,8 @@ def _block(
     via: nn.Module | None = None,
     batch_dim: int = 0,
 ) -> Block:
-    kind = kind_of(module)
-    n_g = weight.shape[0]
-    n_a = weight[0].numel() + (1 if bias is not None else 0)
+    n_g, n_w = kind.weight_matrix(weight).shape
+    n_a = n_w + (1 if bias is not None else 0)
     if not kind.factorable:
         path, note = "explicit", "grouped convolution: explicit path at any size"
     else:
@@ -298,7 +305,7 @@ def _block(
 
 
 def _attention_blocks(
-    name: str, mha: nn.MultiheadAttention, explicit_threshold: int
+    name: str, kind: LayerKind, mha: nn.MultiheadAttention, explicit_threshold: int
 ) -> tuple[list[Block], str]:
     """The input-projection blocks of an attention module (``out_proj`` is a child module and
     found as one), and why any of its own trainable parameters stays on the fallback rule."""
@@ -312,7 +319,9 @@ def _attention_blocks(
                 if mha.in_proj_bias is not None and id(mha.in_proj_bias) in trainable
                 else None
             )
-            blocks.append(_block(f"{name}.in_proj", mha, packed, bias, explicit_threshold, via=mha))
+            blocks.append(
+                _block(f"{name}.in_proj", kind, mha, packed, bias, explicit_threshold, via=mha)
+            )
         elif mha.in_proj_bias is not None and id(mha.in_proj_bias) in trainable:
             left.append("in_proj_bias (its weight is frozen)")
     else:
@@ -320,7 +329,15 @@ def _attention_blocks(
             w = getattr(mha, f"{side}_proj_weight")
             if id(w) in trainable:
                 blocks.append(
-                    _block(f"{name}.{side}_proj", mha, w, None, explicit_threshold, via=mha)
+                    _block(
+                        f"{name}.{side}_proj",
+                        kind,
+                        mha,
+                        w,
+                        None,
+                        explicit_threshold,
+                        via=mha,
+                    )
                 )
         if mha.in_proj_bias is not None and id(mha.in_proj_bias) in trainable:
             left.append("in_proj_bias (shared by the q/k/v projections)")
@@ -372,30 +389,34 @@ def _skip_reason(
     return None
 
 
-#: the forwards whose calls the kinds know (a subclass that overrides them is not a block)
-_FORWARDS = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.BatchNorm2d.forward)
-
-
-def _unsupported(name: str, module: nn.Module, owners: dict[int, int]) -> str | None:
-    """Why a module with trainable parameters is not a block (warned where the user may not
-    expect it), or None for a supported layer."""
-    kind = type(module).__name__
-    if not isinstance(module, SUPPORTED):
+def _kind(name: str, module: nn.Module, owners: dict[int, int]) -> LayerKind | str:
+    """The kind of a module with trainable parameters, or why it is not a block (warned where
+    the user may not expect it)."""
+    cls = type(module).__name__
+    entry = REGISTRY.lookup(module)
+    if entry is None:
         # Short, for describe()'s column: the list itself is one call away.
-        why = f"{kind} is not a supported layer type (seng_dist.supported_layer_types())"
+        why = f"{cls} is not a supported layer type (seng_dist.supported_layer_types())"
         if isinstance(module, _UNSUPPORTED_WARNED):
-            warn(f"SENG: layer {name!r} ({kind}) is not preconditioned; {_FALLBACK}")
+            warn(f"SENG: layer {name!r} ({cls}) is not preconditioned; {_FALLBACK}")
         return why
-    weight = module.weight
-    if not weight.requires_grad:
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor) and not weight.requires_grad:
         return "its weight is frozen (requires_grad=False)"
-    if type(module).forward not in _FORWARDS:
-        why = f"{kind} overrides forward"
+    kind = entry.kind.for_module(module)
+    refusal = kind.refusal(module)
+    # The kind knows the calls of the registered class's forward: a subclass that overrides
+    # it computes something else.
+    owner = entry.owner(module)
+    if owner is None or type(module).forward is not owner.forward:
+        why = f"{cls} overrides forward"
+    elif refusal is not None:
+        why = refusal
+    elif not isinstance(weight, Tensor):
+        why = f"{cls} has no weight tensor"
     elif owners[id(weight)] > 1:
         why = "it shares its weight with another module"
-    elif isinstance(module, CONVS) and module.padding_mode != "zeros":
-        why = f"padding_mode={module.padding_mode!r}"
     else:
-        return None
+        return kind
     warn(f"SENG: layer {name!r} ({why}) is not preconditioned; {_FALLBACK}")
     return why
