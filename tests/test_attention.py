@@ -81,11 +81,8 @@ def test_attention_with_kdim_has_a_block_per_projection_and_its_bias_on_the_fall
     opt = check_exact(
         model, ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "kv"], x, y
     )
-    rows = {line.split()[0]: line for line in opt.describe().splitlines()[2:]}
-    assert (
-        "fallback" in rows["attn.in_proj_bias"]
-        and "shared by the q/k/v" in rows["attn.in_proj_bias"]
-    )
+    row = next(line for line in opt.describe().splitlines() if line.startswith("attn.in_proj_b"))
+    assert "fallback" in row and "shared by the q/k/v" in row
 
 
 class CrossAttention(nn.Module):
@@ -111,18 +108,36 @@ def test_cross_attention_uses_the_packed_weight_in_two_row_blocks_and_is_exact()
         check_exact(CrossAttention(), ["attn.in_proj", "attn.out_proj"], x, y, **settings)
 
 
+@pytest.mark.parametrize("settings", [EXACT_EXPLICIT, EXACT_IMPLICIT], ids=["explicit", "implicit"])
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-LN", "post-LN"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
-def test_transformer_encoder_layers_are_preconditioned_and_exact(batch_first, recwarn):
+def test_transformer_encoder_layers_are_preconditioned_and_exact(
+    batch_first, norm_first, settings, recwarn
+):
     torch.manual_seed(0)
     model = TinyEncoder(batch_first).train()
+    for layer in model.encoder.layers:
+        layer.norm_first = norm_first  # read by each forward
+        for norm in (layer.norm1, layer.norm2):  # not γ = 1, β = 0
+            nn.init.normal_(norm.weight, 1.0, 0.5)
+            nn.init.normal_(norm.bias, 0.0, 0.5)
     x, y = tokens(n=4, t=6)
     layers = [
         f"encoder.layers.{i}.{name}"
         for i in range(2)
-        for name in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")
+        for name in (
+            "self_attn.in_proj",
+            "self_attn.out_proj",
+            "linear1",
+            "linear2",
+            "norm1",
+            "norm2",
+        )
     ]
-    opt = check_exact(model, layers + ["embed", "head"], x, y)
-    # every Linear and projection has curvature, and nothing warned of a missing one
+    opt = check_exact(model, layers + ["embed", "head"], x, y, **settings)
+    # every Linear, projection and LayerNorm is a block with curvature, and nothing warned of
+    # a missing one
+    assert len(opt.blocks) == len(layers) + 2
     assert all(c.ready for c in opt.curvature.curvatures)
     assert not [w for w in recwarn if "no curvature" in str(w.message)]
 
