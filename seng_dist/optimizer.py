@@ -22,11 +22,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .builder import CurvatureBuilder
 from .checkpoint import Counters, StateCodec, split_curvature, structure_settings
 from .comm import Communicator, make_communicator
-from .config import GROUP_SETTINGS, SENGConfig, Variant, resolve
+from .config import GROUP_SETTINGS, DampingDiagonal, SENGConfig, Variant, resolve
 from .curvature import BlockCurvature
-from .describe import describe_table
+from .describe import describe_table, first_order_warning, placements
 from .groups import GroupSchedules, StepSettings, check_shape, group_params
-from .kinds import supported_layer_types
 from .layers import FALLBACK_RULE, Block, find_blocks
 from .passes import BackwardPasses
 from .rounds import round_class
@@ -195,12 +194,12 @@ class SENG(torch.optim.Optimizer):
             model, cfg.skip_layers, cfg.sketch.explicit_threshold, cfg.batch_first
         )
         self.blocks: list[Block] = self.layout.blocks
-        if not self.blocks:
-            warn(
-                f"SENG: the model has no supported layer ({', '.join(supported_layer_types())})"
-                f" to precondition (or skip_layers names them all): every parameter follows "
-                f"{FALLBACK_RULE}"
-            )
+        mostly_first_order = first_order_warning(
+            placements(model, self.layout, self.param_groups),
+            cfg.diagonal.damping_diagonal is DampingDiagonal.ADAM,
+        )
+        if mostly_first_order is not None:
+            warn(mostly_first_order)
         GroupSchedules.check_blocks(self.blocks, self.param_groups)
         self.communicator = make_communicator(comm)
         _check_dtype(self.communicator, cfg)
@@ -522,12 +521,11 @@ class SENG(torch.optim.Optimizer):
     @_live
     def describe(self) -> str:
         """A table of every parameter: layer, layer type, block shape, path
-        (explicit/implicit/fallback) and why, param group, factor rank, curvature bytes."""
+        (explicit/implicit/fallback) and why, param group, factor rank, curvature bytes; then
+        per path the parameters, elements and share of the elements."""
         return describe_table(
-            self.model,
-            self.layout,
+            placements(self.model, self.layout, self.param_groups),
             self.curvature.curvatures,
-            self.param_groups,
             self.config.sketch.explicit_threshold,
         )
 

@@ -181,8 +181,8 @@ def test_skip_nonfinite_must_be_a_bool():
 
 
 def test_a_model_without_preconditionable_layers_warns_and_still_trains():
-    model = nn.Sequential(nn.LayerNorm(6))
-    with pytest.warns(UserWarning, match="no supported layer .* to precondition"):
+    model = nn.Sequential(nn.PReLU(6))  # a layer type SENG does not precondition
+    with pytest.warns(UserWarning, match=r"100.0% .* \(SENG preconditions no layer\)"):
         opt = SENG(model, lr=0.1)
     before = model[0].weight.detach().clone()
     x = torch.randn(8, 6)
