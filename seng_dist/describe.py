@@ -139,8 +139,9 @@ def first_order_warning(places: list[Placement], adam_diagonal: bool) -> str | N
         f"SENG: {_percent(_elements(fallback), total)} of the trainable elements{scope} "
         f"({_elements(fallback):,} of {total:,}) follow the first-order fallback rule, not "
         f"SENG's preconditioner{nothing}. Largest fallback layer types: {largest}. To "
-        "precondition them, register the layer type (seng_dist.supported_layer_types() lists "
-        f"the supported ones){adam}; to leave layers to it on purpose (and silence this), name "
+        "precondition them, register their type with seng_dist.register_layer_kind "
+        f"(seng_dist.supported_layer_types() lists the supported ones){adam}; to leave "
+        "layers to it on purpose (and silence this), name "
         "them in skip_layers. opt.describe() gives each parameter's path and why"
     )
 

@@ -120,7 +120,7 @@ def test_a_mostly_first_order_model_warns_once_with_the_share_the_largest_types_
     (message,) = first_order_warnings(model)  # 10 elements preconditioned, 94 not
     assert "90.4% of the trainable elements (94 of 104) follow the first-order fallback" in message
     assert "Largest fallback layer types: Gain (60), Shift (20), PReLU (14)." in message
-    assert "register the layer type (seng_dist.supported_layer_types()" in message
+    assert "register their type with seng_dist.register_layer_kind" in message
     assert "set damping_diagonal='adam'" in message and "skip_layers" in message
     (adam,) = first_order_warnings(model, damping_diagonal="adam")
     assert "damping_diagonal" not in adam  # already set: not offered
