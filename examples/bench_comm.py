@@ -231,6 +231,7 @@ def rank_main(args: argparse.Namespace) -> None:
             (out / f"bench_comm_{world}ranks.json").write_text(
                 json.dumps({"world": world, "args": vars(args), "rows": rows}, indent=1) + "\n"
             )
+    dist.barrier()  # no rank tears its group down while rank 0 still writes
     dist.destroy_process_group()
 
 
@@ -253,7 +254,11 @@ def main() -> None:
     args = ap.parse_args()
     if "RANK" in os.environ:
         rank_main(args)
-        return
+        # The tables are written: leave without the interpreter's C++ teardown, where Gloo's
+        # threads sometimes abort the process ("terminate called without an active
+        # exception", once in a CI run) and would fail a run that succeeded.
+        sys.stdout.flush()
+        os._exit(0)
     for world in (int(w) for w in args.worlds.split(",")):  # plain start: the launcher
         cmd = [
             sys.executable,
