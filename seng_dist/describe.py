@@ -55,18 +55,13 @@ class Placement:
     block: Block | None
     #: why it follows the fallback rule ("" for a block's parameter)
     why: str
+    #: whether ``skip_layers`` put it on the fallback rule (the user's choice)
+    skipped: bool = False
 
     @property
     def path(self) -> str:
         """``"explicit"``, ``"implicit"`` or ``"fallback"``."""
         return "fallback" if self.block is None else self.block.path
-
-    @property
-    def skipped(self) -> bool:
-        """Whether ``skip_layers`` put it on the fallback rule (the user's choice)."""
-        # find_blocks records skip_layers' choice only in its reason ("named in skip_layers
-        # (...)", "its class is in skip_layers (...)"), and no other reason names the setting.
-        return self.block is None and "skip_layers" in self.why
 
 
 def placements(model: nn.Module, layout: Layout, groups: list[dict[str, Any]]) -> list[Placement]:
@@ -83,7 +78,8 @@ def placements(model: nn.Module, layout: Layout, groups: list[dict[str, Any]]) -
             block = block_of.get(id(p))
             why = "" if block is not None else _fallback_why(layout, layer, id(p) in named)
             layer_type = type(modules[layer]).__name__ if layer in modules else "-"
-            found.append(Placement(p, name, layer_type, group_of[id(p)], block, why))
+            skipped = block is None and layer in layout.skipped
+            found.append(Placement(p, name, layer_type, group_of[id(p)], block, why, skipped))
     return found
 
 

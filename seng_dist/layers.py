@@ -196,6 +196,8 @@ class Layout:
 
     blocks: list[Block]
     fallback: dict[str, str]
+    #: the modules of ``fallback`` that ``skip_layers`` left out (the user's choice)
+    skipped: frozenset[str] = frozenset()
 
 
 def find_blocks(
@@ -234,7 +236,7 @@ def find_blocks(
         id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)
     }
     declared = _declared_batch_first(model)
-    blocks, fallback, skipped = [], {}, set()
+    blocks, fallback, skipped, left_out = [], {}, set(), set()
     for raw, module in model.named_modules():
         name = module_name(raw)
         skip = _skip_reason(name, module, skip_layers)
@@ -244,6 +246,7 @@ def find_blocks(
             continue
         if skip is not None:
             fallback[name] = skip[0]
+            left_out.add(name)
             continue
         entry = REGISTRY.lookup(module)
         if isinstance(module, nn.MultiheadAttention) and entry is not None:
@@ -281,7 +284,7 @@ def find_blocks(
             f"module of the model; its supported layers are "
             f"{', '.join(map(repr, names[:20]))}{' ...' if len(names) > 20 else ''}"
         )
-    return Layout(blocks, fallback)
+    return Layout(blocks, fallback, frozenset(left_out))
 
 
 def _block(
