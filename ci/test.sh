@@ -16,4 +16,5 @@ bash ci/torch_only.sh
 bash ci/install_horovod.sh
 bash ci/install_deepspeed.sh
 bash ci/install_mpi.sh
+bash ci/install_frameworks.sh
 SENG_REQUIRE_ENGINES=1 python3 -m pytest -q -p no:cacheprovider tests

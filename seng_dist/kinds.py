@@ -13,8 +13,10 @@ preconditions. :func:`register_layer_kind` adds a user's type.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import ClassVar, cast
 
 import torch
@@ -237,12 +239,33 @@ class LayerNormKind(AffineRowsKind):
 
 class RMSNormKind(LayerNormKind):
     """An affine RMS normalisation, ``y = γ · x / √(mean(x²) + ε)`` over the weight's (trailing)
-    dims: ``nn.RMSNorm``, or a user's (HF's ``LlamaRMSNorm``: ``RMSNormKind("variance_epsilon")``).
-    ``eps_attribute`` names the module's ε; None there means ``torch.finfo(dtype).eps``, as
-    ``nn.RMSNorm``'s default. A β, if the layer has one, is the second column."""
+    dims, called on one tensor: ``nn.RMSNorm``, transformers' ``*RMSNorm`` classes (registered
+    by name), or a user's. ``eps_attributes`` name the module's ε, the first one it has is
+    read (``"eps"``: torch's and Gemma's, ``"variance_epsilon"``: Llama's and most of HF's);
+    None there means ``torch.finfo(dtype).eps``, as ``nn.RMSNorm``'s default. A β, if the
+    layer has one, is the second column. A weight used as ``1 + γ`` (Gemma's) has the same
+    gradient, so the same block."""
 
-    def __init__(self, eps_attribute: str = "eps") -> None:
-        self.eps_attribute = eps_attribute
+    def __init__(self, *eps_attributes: str) -> None:
+        self.eps_attributes = eps_attributes or ("eps", "variance_epsilon")
+
+    def refusal(self, module: nn.Module) -> str | None:
+        own = dict(module.named_parameters(recurse=False))
+        weight = own.pop("weight", None)
+        own.pop("bias", None)
+        if weight is None or own or not any(hasattr(module, a) for a in self.eps_attributes):
+            return (
+                f"{type(module).__name__} lacks the RMSNorm contract (parameters weight and "
+                f"an optional bias, an ε attribute among {list(self.eps_attributes)})"
+            )
+        takes = [
+            p
+            for p in inspect.signature(type(module).forward).parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(takes) != 2:  # self and the input
+            return f"{type(module).__name__}.forward takes more than the input"
+        return None
 
     def keep_input(self, module: nn.Module, x: Tensor, limit: int | None) -> Tensor:
         """``x / √(mean(x²) + ε)`` of the first ``limit`` samples."""
@@ -252,8 +275,44 @@ class RMSNormKind(LayerNormKind):
         return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + self.eps(module, x))
 
     def eps(self, module: nn.Module, x: Tensor) -> float:
-        eps = getattr(module, self.eps_attribute)
+        name = next(a for a in self.eps_attributes if hasattr(module, a))
+        eps = getattr(module, name)
         return torch.finfo(x.dtype).eps if eps is None else float(eps)
+
+
+class EmbeddingKind(LayerKind):
+    """``nn.Embedding``, opt-in (``register_layer_kind(nn.Embedding, EmbeddingKind())``): the
+    weight ``(V, d)`` is the block, per sample ``Σ_t e_{x_t} gy_tᵀ`` over its positions, so
+    ``Ĝ`` is the one-hot of the ids ``(κ, V)`` and ``Â`` the output gradient ``(κ, d)``. The
+    one-hot is dense: the capture holds ``V`` numbers per position, fit for byte or character
+    vocabularies, not for a 50k-token one. A padding id's rows are zero, as its gradient is.
+    Every call must see the batch: an embedding called on ids shared by the batch (positions
+    broadcast over it) makes SENG's batch-size check fail; name it in ``skip_layers``."""
+
+    def refusal(self, module: nn.Module) -> str | None:
+        emb = cast(nn.Embedding, module)
+        if emb.max_norm is not None:
+            return "max_norm renormalises the weight in forward"
+        if emb.scale_grad_by_freq or emb.sparse:
+            return "scale_grad_by_freq or sparse gradients"
+        return None
+
+    def batch_first(self, module: nn.Module, batch_dim: int) -> Callable[[Tensor], Tensor]:
+        # The ids (T, B) move as the output gradient (T, B, d) does; (B,) ids give (B, d).
+        if not batch_dim:
+            return _same
+        return lambda t: t.movedim(batch_dim, 0) if t.dim() > 1 + t.is_floating_point() else t
+
+    def factors(
+        self, module: nn.Module, x: Tensor, gy: Tensor, bias: bool
+    ) -> tuple[Tensor, Tensor]:
+        emb = cast(nn.Embedding, module)
+        b = x.shape[0]
+        ids = x.reshape(b, -1)
+        onehot = F.one_hot(ids, emb.num_embeddings).to(gy.dtype)
+        if emb.padding_idx is not None:
+            onehot[ids == emb.padding_idx] = 0.0
+        return gy.reshape(b, ids.shape[1], -1), onehot
 
 
 def _same(t: Tensor) -> Tensor:
@@ -264,7 +323,8 @@ def _same(t: Tensor) -> Tensor:
 class Registration:
     """One supported layer type: what it matches, its kind and its name in messages."""
 
-    #: a class (its subclasses match too), or a class name matched along a module's MRO
+    #: a class (its subclasses match too), or a class name or a pattern of class names
+    #: (``fnmatch``'s: ``"*RMSNorm"``) matched along a module's MRO
     match: type[nn.Module] | str
     kind: LayerKind
     name: str
@@ -273,7 +333,9 @@ class Registration:
         """The class of ``module``'s MRO that this registration matches, if any: the class
         whose ``forward`` the kind expects."""
         for cls in type(module).__mro__:
-            if cls is self.match or cls.__name__ == self.match:
+            if cls is self.match or (
+                isinstance(self.match, str) and fnmatchcase(cls.__name__, self.match)
+            ):
                 return cls
         return None
 
@@ -334,6 +396,9 @@ REGISTRY.register(nn.BatchNorm3d, BatchNormKind())
 #: weights, which the capture reads (``layers.find_blocks``, ``capture.LinearTap``)
 REGISTRY.register(nn.MultiheadAttention, LayerKind())
 REGISTRY.register(nn.LayerNorm, LayerNormKind())
+#: transformers' ~200 RMSNorm classes (LlamaRMSNorm, ...: one per model family, by name, with
+#: RMSNormKind's contract checked), before nn.RMSNorm so that torch's own matches its own entry
+REGISTRY.register("*RMSNorm", RMSNormKind(), "*RMSNorm (transformers' LlamaRMSNorm, ..., by name)")
 REGISTRY.register(nn.RMSNorm, RMSNormKind())
 REGISTRY.register("Conv1D", TransposedLinearKind(), "Conv1D (transformers, matched by name)")
 
@@ -342,14 +407,15 @@ def register_layer_kind(
     layer_type: type[nn.Module] | str, kind: LayerKind, name: str | None = None
 ) -> None:
     """Teach SENG a layer type: its modules (and its subclasses' that keep its ``forward``)
-    become blocks of ``kind``, e.g. HF's RMSNorm::
+    become blocks of ``kind``, e.g. HF's T5 norm, an RMSNorm by another name::
 
-        seng_dist.register_layer_kind(LlamaRMSNorm, seng_dist.kinds.RMSNormKind("variance_epsilon"))
+        seng_dist.register_layer_kind(T5LayerNorm, seng_dist.kinds.RMSNormKind())
 
-    ``layer_type`` is a class, or a class name matched along a module's MRO (a type that
-    cannot be imported here); the module's ``weight`` (and ``bias``, if it has one) form the
-    block. ``name`` is how messages and :func:`supported_layer_types` list it (default:
-    ``nn.X`` for torch.nn's classes, else the class's module and name). Registering a type
+    ``layer_type`` is a class, or a class name or ``fnmatch`` pattern of class names matched
+    along a module's MRO (a type that cannot be imported here); the module's ``weight`` (and
+    ``bias``, if it has one) form the block. ``name`` is how messages and
+    :func:`supported_layer_types` list it (default: ``nn.X`` for torch.nn's classes, else the
+    class's module and name). Registering a type
     again replaces its kind. A SENG finds its blocks when it is built: a registration made
     afterwards affects only the SENGs built later."""
     REGISTRY.register(layer_type, kind, name)

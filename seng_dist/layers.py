@@ -178,9 +178,10 @@ class Block:
 
     def _dtype(self, call: CapturedCall) -> tuple[Tensor, Tensor]:
         # Under autocast the layer sees and returns bf16/fp16; curvature is kept in the
-        # parameters' dtype.
+        # parameters' dtype. An embedding's ids stay integers.
         dtype = self.weight.dtype
-        return call.x.to(dtype), call.gy.to(dtype)
+        x = call.x.to(dtype) if call.x.is_floating_point() else call.x
+        return x, call.gy.to(dtype)
 
 
 def module_name(name: str) -> str:

@@ -615,10 +615,12 @@ def _original_of(groups: Any, wrapper: type[SENG]) -> SENG:
 
 
 def _wrapped_by_ddp(model: nn.Module) -> bool:
-    """Whether some ``DistributedDataParallel`` in this process wraps ``model`` (a scan of the
-    garbage collector's objects: run once)."""
+    """Whether some ``DistributedDataParallel`` in this process wraps ``model``, directly or
+    around a module that holds it (Lightning's DDP wraps a wrapper of the LightningModule):
+    a scan of the garbage collector's objects, run once."""
     return any(
-        isinstance(o, DistributedDataParallel) and o.module is model for o in gc.get_objects()
+        isinstance(o, DistributedDataParallel) and any(m is model for m in o.module.modules())
+        for o in gc.get_objects()
     )
 
 

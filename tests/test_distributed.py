@@ -119,8 +119,13 @@ def _train(rank: int, world: int, job: dict) -> dict:
         import horovod.torch as hvd
 
         opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
-    # A DDP wrapper added after SENG (Lightning's ddp strategy, Accelerate's prepare).
-    forward: Any = DistributedDataParallel(model) if job.get("ddp_after") else model
+    # A DDP wrapper added after SENG: around the model (Accelerate's prepare), or around a
+    # module that holds it (Lightning's ddp strategy wraps a wrapper of the LightningModule).
+    forward: Any = model
+    if job.get("ddp_after"):
+        forward = DistributedDataParallel(
+            nn.Sequential(model) if job["ddp_after"] == "inside" else model
+        )
     if "checkpoint" in job:  # activation checkpointing of the whole model
         reentrant = job["checkpoint"] == "reentrant"
         net = forward
@@ -375,7 +380,8 @@ for _edit, _options in GRAD_EDITS.items():
 for _variant in ("blockdiag", "lagged"):
     EXTRAS[f"ddp-after-{_variant}"] = {
         "config": CONFIGS[f"factored-{_variant}-overlap"],
-        "ddp_after": True,
+        # blockdiag: DDP around the model; lagged: around a module that holds it
+        "ddp_after": "inside" if _variant == "lagged" else "around",
     }
     for _kind in ("reentrant", "non-reentrant"):
         EXTRAS[f"checkpoint-{_kind}-{_variant}"] = {

@@ -1,5 +1,5 @@
 """Layer kinds: Conv1d, grouped and depthwise convolutions, transformers' Conv1D, LayerNorm and
-RMSNorm, exact against the reference; the registry of layer types."""
+the RMSNorms, the opt-in Embedding, exact against the reference; the registry of layer types."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import EXACT_EXPLICIT, EXACT_IMPLICIT, check_exact, seng_directions, solve_bound
+from conftest import (
+    EXACT_EXPLICIT,
+    EXACT_IMPLICIT,
+    check_exact,
+    requires_engine,
+    seng_directions,
+    solve_bound,
+)
 from torch import nn
 
 from seng_dist import SENG, SENGWarning
@@ -100,6 +107,7 @@ BUILT_IN = (
     "nn.BatchNorm3d",
     "nn.MultiheadAttention",
     "nn.LayerNorm",
+    "*RMSNorm (transformers' LlamaRMSNorm, ..., by name)",
     "nn.RMSNorm",
     "Conv1D (transformers, matched by name)",
 )
@@ -244,14 +252,21 @@ def test_a_module_named_conv1d_without_its_contract_is_left_to_the_fallback_rule
     assert [b.name for b in opt.blocks] == ["1"]
 
 
-def test_the_real_transformers_conv1d_is_a_block_and_exact():
-    pytest.importorskip("transformers", reason="transformers is not installed")
+@requires_engine("transformers", "ci/install_frameworks.sh")
+@pytest.mark.parametrize("settings", [EXACT_EXPLICIT, EXACT_IMPLICIT], ids=["explicit", "implicit"])
+def test_transformers_own_conv1d_and_rmsnorms_are_blocks_and_exact(settings):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm as HFGemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm as HFLlamaRMSNorm
     from transformers.pytorch_utils import Conv1D as HFConv1D
 
-    torch.manual_seed(0)
-    model = Sequence(_randomise(HFConv1D(4, 6)), (6,))
     x, y = _tokens()
-    _check_layer(model, x, y, EXACT_EXPLICIT, _transposed)
+    for layer, block_of in (
+        (HFConv1D(4, 6), _transposed),
+        (HFLlamaRMSNorm(6), _affine_rows),
+        (HFGemmaRMSNorm(6), _affine_rows),
+    ):
+        torch.manual_seed(0)
+        _check_layer(Sequence(_randomise(layer), (6,)), x, y, settings, block_of)
 
 
 NORMS = {
@@ -292,22 +307,77 @@ class LlamaRMSNorm(nn.Module):
         return self.weight * hidden_states.to(input_dtype)
 
 
-@pytest.fixture
-def llama_rmsnorm_registered():
-    """LlamaRMSNorm registered as a user would, and unregistered after the test."""
-    import seng_dist
+class GemmaRMSNorm(nn.Module):
+    """HF's ``GemmaRMSNorm``, reproduced: ε is ``eps`` and the weight is used as ``1 + γ``."""
 
-    seng_dist.register_layer_kind(LlamaRMSNorm, seng_dist.kinds.RMSNormKind("variance_epsilon"))
-    yield
-    seng_dist.kinds.REGISTRY.unregister(LlamaRMSNorm)
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
 
 
-def test_a_users_layer_type_is_registered_in_two_lines_and_exact(llama_rmsnorm_registered):
-    import seng_dist
+class T5LayerNorm(nn.Module):
+    """HF's T5 norm: an RMSNorm by another name, its forward Llama's (as in transformers)."""
 
-    assert seng_dist.supported_layer_types() == (*BUILT_IN, f"{__name__}.LlamaRMSNorm")
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    forward = LlamaRMSNorm.forward
+
+
+class GatedRMSNorm(LlamaRMSNorm):
+    """Named like an RMSNorm, but its forward takes a gate too: not RMSNormKind's contract."""
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(hidden_states * torch.sigmoid(gate))
+
+
+@pytest.mark.parametrize("norm", [LlamaRMSNorm, GemmaRMSNorm], ids=["llama", "gemma"])
+def test_transformers_rmsnorms_are_blocks_by_name_and_exact(norm):
     torch.manual_seed(0)
-    model = Sequence(_randomise(LlamaRMSNorm(6)), (6,))
+    model = Sequence(_randomise(norm(6)), (6,))
+    x, y = _tokens()
+    for settings in (EXACT_EXPLICIT, EXACT_IMPLICIT):
+        _check_layer(model, x, y, settings, _affine_rows)
+
+
+def test_a_module_named_rmsnorm_without_its_contract_is_left_to_the_fallback_rule():
+    class ScaledRMSNorm(LlamaRMSNorm):
+        def __init__(self, dim: int) -> None:
+            super().__init__(dim)
+            self.scale = nn.Parameter(torch.ones(()))
+
+    for norm, why in (
+        (GatedRMSNorm, "forward takes more than the input"),
+        (ScaledRMSNorm, "lacks the RMSNorm contract"),
+    ):
+        with pytest.warns(SENGWarning, match=why):
+            opt = SENG(nn.Sequential(nn.Linear(3, 3), norm(3)))
+        assert [b.name for b in opt.blocks] == ["0"]
+
+
+@pytest.fixture
+def t5_layernorm_registered():
+    """T5LayerNorm registered as a user would, and unregistered after the test."""
+    import seng_dist
+
+    seng_dist.register_layer_kind(T5LayerNorm, seng_dist.kinds.RMSNormKind())
+    yield
+    seng_dist.kinds.REGISTRY.unregister(T5LayerNorm)
+
+
+def test_a_users_layer_type_is_registered_in_one_line_and_exact(t5_layernorm_registered):
+    import seng_dist
+
+    assert seng_dist.supported_layer_types() == (*BUILT_IN, f"{__name__}.T5LayerNorm")
+    torch.manual_seed(0)
+    model = Sequence(_randomise(T5LayerNorm(6)), (6,))
     x, y = _tokens()
     for settings in (EXACT_EXPLICIT, EXACT_IMPLICIT):
         _check_layer(model, x, y, settings, _affine_rows)
@@ -316,12 +386,12 @@ def test_a_users_layer_type_is_registered_in_two_lines_and_exact(llama_rmsnorm_r
 def test_a_registration_affects_only_the_sengs_built_after_it():
     import seng_dist
 
-    before = SENG(Sequence(LlamaRMSNorm(6), (6,)))
+    before = SENG(Sequence(T5LayerNorm(6), (6,)))
     try:
-        seng_dist.register_layer_kind(LlamaRMSNorm, seng_dist.kinds.RMSNormKind("variance_epsilon"))
-        after = SENG(Sequence(LlamaRMSNorm(6), (6,)))
+        seng_dist.register_layer_kind(T5LayerNorm, seng_dist.kinds.RMSNormKind())
+        after = SENG(Sequence(T5LayerNorm(6), (6,)))
     finally:
-        seng_dist.kinds.REGISTRY.unregister(LlamaRMSNorm)
+        seng_dist.kinds.REGISTRY.unregister(T5LayerNorm)
     assert [b.name for b in before.blocks] == ["embed", "head"]
     assert [b.name for b in after.blocks] == ["embed", "layer", "head"]
     assert seng_dist.supported_layer_types() == BUILT_IN
@@ -365,3 +435,53 @@ def test_a_checkpoint_from_before_layernorm_was_a_block_resumes_with_it_in_skip_
     with pytest.raises(ValueError, match=r"build SENG with skip_layers=\['layer'\] to resume"):
         SENG(model, curvature_update_interval=1).load_state_dict(saved)
     SENG(model, skip_layers=(nn.LayerNorm,), curvature_update_interval=1).load_state_dict(saved)
+
+
+class Embedded(nn.Module):
+    """Ids ``(B, T)`` (``(T, B)`` with ``batch_first=False``) through an embedding with a padding
+    id, a Linear on the sequence and a head."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.layer = nn.Embedding(7, 4, padding_idx=0)
+        self.embed = nn.Linear(4, 5)  # named as Sequence's, for _check_layer
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.embed(self.layer(ids if self.batch_first else ids.t())))
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+@pytest.fixture
+def embedding_registered():
+    """nn.Embedding as a block (opt-in), unregistered after the test."""
+    import seng_dist
+
+    seng_dist.register_layer_kind(nn.Embedding, seng_dist.kinds.EmbeddingKind())
+    yield
+    seng_dist.kinds.REGISTRY.unregister(nn.Embedding)
+
+
+@pytest.mark.parametrize("settings", [EXACT_EXPLICIT, EXACT_IMPLICIT], ids=["explicit", "implicit"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_an_embedding_registered_as_a_block_is_exact(embedding_registered, settings, batch_first):
+    torch.manual_seed(0)
+    model = Embedded(batch_first)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 7, (6, 5), generator=g)  # id 0, the padding id, among them
+    assert (ids == 0).any()
+    y = torch.randint(0, 3, (6,), generator=g)
+    opt = _check_layer(model, ids, y, settings, lambda grads: grads["layer.weight"])
+    block = next(b for b in opt.blocks if b.name == "layer")
+    assert (block.n_G, block.n_A) == (7, 4)
+
+
+def test_an_embedding_that_renormalises_or_has_sparse_gradients_is_refused(embedding_registered):
+    for emb, why in (
+        (nn.Embedding(5, 3, max_norm=1.0), "max_norm"),
+        (nn.Embedding(5, 3, sparse=True), "sparse"),
+    ):
+        with pytest.warns(SENGWarning, match=why):
+            opt = SENG(nn.Sequential(emb, nn.Linear(3, 2)))
+        assert [b.name for b in opt.blocks] == ["1"]
