@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from seng_dist import SENG, schedules  # noqa: E402
+from seng_dist import SENG, kinds, register_layer_kind, schedules  # noqa: E402
 from seng_dist.config import DampingDiagonal, Variant  # noqa: E402
 
 SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
@@ -111,6 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=[d.value for d in DampingDiagonal],
         help="SENG's damping λI or λ·diag(√v̂ + ε) (Adam's, β₂ as AdamW's)",
     )
+    ap.add_argument(
+        "--embedding",
+        default="fallback",
+        choices=("fallback", "block"),
+        help="SENG's treatment of the byte embedding: the fallback rule (the default) or a "
+        "block (seng_dist.kinds.EmbeddingKind, registered for this run)",
+    )
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-windows", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -137,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     opt: torch.optim.Optimizer
     if args.optimizer == "seng":
+        if args.embedding == "block":
+            register_layer_kind(nn.Embedding, kinds.EmbeddingKind())
         opt = SENG(
             model,
             lr=lr_fn,

@@ -178,3 +178,35 @@ def vgg16_bn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
 
 
 MODELS = {"cnn": SmallCNN, "resnet18": resnet18, "resnet20": resnet20, "vgg16_bn": vgg16_bn}
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer from torch.nn modules: a patch-embedding convolution, a class
+    token and learned positions (bare parameters), pre-LN ``nn.TransformerEncoderLayer``
+    blocks, a final LayerNorm and a linear head."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        image: int = 28,
+        patch: int = 7,
+        width: int = 64,
+        layers: int = 2,
+        in_channels: int = 1,
+    ) -> None:
+        super().__init__()
+        self.patches = nn.Conv2d(in_channels, width, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            width, 4, dim_feedforward=2 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patches(x).flatten(2).transpose(1, 2)  # (B, patches, width)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        h = self.blocks(torch.cat([cls, tokens], dim=1) + self.pos_embed)
+        return self.head(self.norm(h[:, 0]))
