@@ -69,6 +69,63 @@ class TinyEncoder(nn.Module):
         return self.head(out.mean(0))
 
 
+class Conv1D(nn.Module):
+    """transformers' ``Conv1D`` (``transformers.pytorch_utils``), reproduced exactly: a Linear
+    whose weight is stored transposed, ``(nx, nf)``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.nx = nx
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        x = x.view(size_out)
+        return x
+
+
+class GPT2Block(nn.Module):
+    """GPT-2's pre-LN block: ``Conv1D`` projections (a fused query-key-value one), causal
+    attention through ``scaled_dot_product_attention``, a GELU feed-forward."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(width)
+        self.c_attn = Conv1D(3 * width, width)
+        self.attn_proj = Conv1D(width, width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.c_fc = Conv1D(2 * width, width)
+        self.mlp_proj = Conv1D(width, 2 * width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, w = h.shape
+        q, k, v = self.c_attn(self.ln_1(h)).split(w, dim=2)
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.attn_proj(a.transpose(1, 2).reshape(b, t, w))
+        return h + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(h))))
+
+
+class TinyGPT2(nn.Module):
+    """GPT-2's layout from the pieces above, a final ``nn.RMSNorm``; batch first, on the
+    tokens of :func:`tokens`."""
+
+    def __init__(self, width: int = 8, heads: int = 2, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, width)
+        self.blocks = nn.Sequential(*(GPT2Block(width, heads) for _ in range(layers)))
+        self.norm = nn.RMSNorm(width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.blocks(self.embed(x[..., :-1]))).mean(1))
+
+
 def tokens(n: int = 6, t: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, T, 6)`` tokens, the last channel a padding flag (set on every other sample's last
     two tokens), and labels of 3 classes."""

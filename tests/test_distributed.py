@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MixedNet, TinyEncoder, make_mixed, shard, tokens, train_steps
+from conftest import MixedNet, TinyEncoder, TinyGPT2, make_mixed, shard, tokens, train_steps
 from launch import run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -78,6 +79,16 @@ CONFIGS.update(
 )
 # A sequence-first Transformer (attention projections, feed-forward Linears) on every path.
 ENCODER_CONFIGS = {f"encoder-{name}": cfg for name, cfg in CONFIGS.items()}
+# GPT-2's layout (Conv1D projections, LayerNorms, an RMSNorm), batch first, on each path.
+GPT2_CONFIGS = {
+    f"gpt2-{name}": CONFIGS[name]
+    for name in (
+        "explicit-blockdiag",
+        "factored-lagged-overlap",
+        "sketched-lagged",
+        "diagonal-blockdiag",
+    )
+}
 
 
 def token_shard(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +100,15 @@ def make_encoder() -> TinyEncoder:
     return TinyEncoder(batch_first=False).train()
 
 
+def make_gpt2() -> TinyGPT2:
+    torch.manual_seed(0)
+    return TinyGPT2()
+
+
+#: the models of the jobs' "model" key; the token models train on token_shard
+TOKEN_MODELS: dict[str, Callable[[], nn.Module]] = {"encoder": make_encoder, "gpt2": make_gpt2}
+
+
 def _in_float64(config: dict) -> bool:
     """Adam's diagonal amplifies rounding: its whitened Gram matrix is far worse conditioned
     than under λI (reordering 3 workers' sums moves the float32 result by 1e-6 against 7e-8),
@@ -96,15 +116,17 @@ def _in_float64(config: dict) -> bool:
     return config.get("damping_diagonal") == "adam"
 
 
-def _data(encoder: bool, config: dict, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = (token_shard if encoder else shard)(step, rank)
+def _data(model: str, config: dict, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = (token_shard if model in TOKEN_MODELS else shard)(step, rank)
     return (x.double() if _in_float64(config) else x), y
 
 
 def _train(rank: int, world: int, job: dict) -> dict:
-    encoder = job.get("model") == "encoder"
+    kind = job.get("model", "mixed")
     model: nn.Module = (
-        make_encoder() if encoder else make_mixed(seed=rank if job.get("seed_by_rank") else 0)
+        TOKEN_MODELS[kind]()
+        if kind in TOKEN_MODELS
+        else make_mixed(seed=rank if job.get("seed_by_rank") else 0)
     )
     if _in_float64(job["config"]):
         model = model.double()
@@ -144,7 +166,7 @@ def _train(rank: int, world: int, job: dict) -> dict:
     warnings.simplefilter("always")
     for k in range(STEPS):
         comm.reset()
-        x, y = _data(encoder, config, k, rank)
+        x, y = _data(kind, config, k, rank)
         opt.zero_grad()
         for _ in range(job.get("backwards", 1)):
             loss = F.cross_entropy(forward(x), y)
@@ -196,7 +218,7 @@ def _jobs(rank: int, world: int, jobs: dict) -> dict:
 
 
 def _emulated(
-    world: int, config: dict, encoder: bool = False, batches: Any = range(STEPS)
+    world: int, config: dict, kind: str = "mixed", batches: Any = range(STEPS)
 ) -> list[dict[str, torch.Tensor]]:
     """The emulation's parameters after each step, step ``i`` on the ``batches[i]``-th
     shards."""
@@ -204,11 +226,11 @@ def _emulated(
     # of the ranks' sums can differ.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    model = make_encoder() if encoder else make_mixed()
+    model = TOKEN_MODELS[kind]() if kind in TOKEN_MODELS else make_mixed()
     try:
         return emulate_distributed(
             model.double() if _in_float64(config) else model,
-            [[_data(encoder, config, k, w) for w in range(world)] for k in batches],
+            [[_data(kind, config, k, w) for w in range(world)] for k in batches],
             **config,
         )
     finally:
@@ -231,6 +253,7 @@ def runs(request):
     jobs.update(
         {name: {"config": cfg, "model": "encoder"} for name, cfg in ENCODER_CONFIGS.items()}
     )
+    jobs.update({name: {"config": cfg, "model": "gpt2"} for name, cfg in GPT2_CONFIGS.items()})
     return world, run_ranks(_jobs, world, jobs, timeout=300)
 
 
@@ -249,7 +272,18 @@ def test_ranks_equal_the_single_process_emulation(runs, name):
 def test_transformer_ranks_equal_the_single_process_emulation(runs, name):
     world, results = runs
     start = {n: p.detach() for n, p in make_encoder().named_parameters()}
-    ref = _emulated(world, ENCODER_CONFIGS[name], encoder=True)
+    ref = _emulated(world, ENCODER_CONFIGS[name], kind="encoder")
+    for rank, res in enumerate(results):
+        err = _displacement_error(res[name]["params"], ref, start)
+        assert err <= 1e-6, f"rank {rank}: {name} differs from the emulation by {err:.2e}"
+
+
+@pytest.mark.parametrize("name", list(GPT2_CONFIGS))
+def test_gpt2_style_ranks_equal_the_single_process_emulation(runs, name):
+    """Conv1D, LayerNorm and RMSNorm blocks on several ranks, as the other models'."""
+    world, results = runs
+    start = {n: p.detach() for n, p in make_gpt2().named_parameters()}
+    ref = _emulated(world, GPT2_CONFIGS[name], kind="gpt2")
     for rank, res in enumerate(results):
         err = _displacement_error(res[name]["params"], ref, start)
         assert err <= 1e-6, f"rank {rank}: {name} differs from the emulation by {err:.2e}"

@@ -11,6 +11,7 @@ import torch
 from conftest import (
     EXACT_EXPLICIT,
     EXACT_IMPLICIT,
+    Conv1D,
     check_exact,
     requires_engine,
     seng_directions,
@@ -123,25 +124,6 @@ def test_the_supported_layer_types_are_the_registrys_in_order_and_find_blocks_na
     assert layout.fallback["0"] == (
         "Embedding is not a supported layer type (seng_dist.supported_layer_types())"
     )
-
-
-class Conv1D(nn.Module):
-    """transformers' ``Conv1D`` (``transformers.pytorch_utils``), reproduced exactly: a Linear
-    whose weight is stored transposed, ``(nx, nf)``."""
-
-    def __init__(self, nf: int, nx: int) -> None:
-        super().__init__()
-        self.nf = nf
-        self.nx = nx
-        self.weight = nn.Parameter(torch.empty(nx, nf))
-        self.bias = nn.Parameter(torch.zeros(nf))
-        nn.init.normal_(self.weight, std=0.02)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size_out = x.size()[:-1] + (self.nf,)
-        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
-        x = x.view(size_out)
-        return x
 
 
 class Sequence(nn.Module):
