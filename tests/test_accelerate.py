@@ -215,7 +215,8 @@ def test_two_ranks_equal_the_emulation_averaged_once(two_ranks, job):
 def test_save_state_load_state_resumes_bit_exactly_with_every_ranks_curvature(two_ranks):
     """save_state calls SENG's state_dict() on every rank: with state_dict_all_ranks the main
     process's file holds both ranks' curvature and the resumed run is the uninterrupted one
-    bit for bit. Without it rank 1 resumes with rank 0's curvature, and the run differs."""
+    bit for bit. Without it the file holds rank 0's curvature, which rank 1 drops and rebuilds
+    at the next step: the run goes on, but differs."""
     for res in two_ranks:
         whole = res["detected"]["params"]
         assert len(res["first-part-True"]["params"]) == SAVED_AT
@@ -262,7 +263,7 @@ def test_the_example_resumes_bit_exactly_on_two_processes_under_accelerate_launc
     resumed = launch_example(tmp_path, "--resume", "whole/epoch-1", "--checkpoint", "resumed")
     assert "epoch 1:" not in resumed and accuracy[0] in resumed, resumed
     # The checkpoints after the second epoch: a model or momentum off by one rounding (or
-    # rank 1 stepping with rank 0's curvature, as without state_dict_all_ranks) differs.
+    # rank 1 rebuilding its curvature, as without state_dict_all_ranks) differs.
     a, b = tmp_path / "whole" / "epoch-2", tmp_path / "resumed" / "epoch-2"
     models = [load_file(d / "model.safetensors") for d in (a, b)]
     assert models[0].keys() == models[1].keys()
