@@ -27,7 +27,7 @@ from .curvature import BlockCurvature
 from .describe import describe_table, first_order_warning, placements
 from .groups import GroupSchedules, StepSettings, check_shape, group_params
 from .layers import FALLBACK_RULE, Block, find_blocks
-from .passes import BackwardPasses
+from .passes import BackwardPasses, UnsteppedPasses
 from .rounds import round_class
 from .update import apply_update
 from .warn import warn
@@ -204,6 +204,8 @@ class SENG(torch.optim.Optimizer):
         self.communicator = make_communicator(comm)
         _check_dtype(self.communicator, cfg)
         self.passes = BackwardPasses(model, group_params(self.param_groups))
+        self._unstepped = UnsteppedPasses(cfg.gradient_accumulation_steps)
+        self.passes.listeners.append(self._unstepped)
         try:
             self._build(model, grads_averaged)
         except BaseException:
@@ -411,6 +413,7 @@ class SENG(torch.optim.Optimizer):
         finally:
             # The gradients are consumed (or the step is taken again by the next call).
             self.passes.open_window()
+            self._unstepped.stepped()
             self._arm(self._counters.step)
 
     def _take(self, k: int) -> bool:

@@ -33,6 +33,8 @@ from torch.autograd import Variable
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
+from .warn import warn
+
 
 class PassListener(Protocol):
     """What a :class:`BackwardPasses` tells."""
@@ -155,3 +157,38 @@ def _on_output_grad(passes: weakref.ref[BackwardPasses], grad: Tensor) -> None:
     owner = passes()
     if owner is not None and owner.watching:
         owner.queue_end()
+
+
+class UnsteppedPasses:
+    """A :class:`PassListener` that says once when backward passes keep coming and ``step()``
+    does not: another optimizer steps the model (transformers' ``Trainer`` with ``deepspeed=``
+    drops an optimizer passed in ``optimizers=`` and builds its own), or the loop lost its
+    ``step()``. SENG's hooks would otherwise go on quietly with nothing preconditioned."""
+
+    #: passes without a step() before it speaks: far beyond a usual accumulation
+    LIMIT = 64
+
+    def __init__(self, accumulation: int) -> None:
+        self.limit = max(self.LIMIT, 4 * accumulation)
+        self.since_step = 0
+
+    def gradient(self, param: Tensor, passes: int) -> None:
+        pass
+
+    def window_opened(self) -> None:
+        pass
+
+    def pass_ended(self, passes: int) -> None:
+        self.since_step += 1
+        if self.since_step == self.limit:
+            warn(
+                f"SENG: {self.limit} backward passes and no SENG step(): is another optimizer "
+                "stepping this model? (transformers' Trainer with deepspeed= drops the "
+                "optimizer given in optimizers=; build SENG in create_optimizer instead, as "
+                "integrations/transformers/train.py's SENGTrainer does.) Raise "
+                "gradient_accumulation_steps if this many passes per step are intended"
+            )
+
+    def stepped(self) -> None:
+        """``step()`` ran (taken, skipped or empty)."""
+        self.since_step = 0

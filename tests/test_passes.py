@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from seng_dist import SENG
 from seng_dist.passes import BackwardPasses
 
 
@@ -88,3 +91,24 @@ def test_autograd_grad_accumulates_nothing_and_is_no_pass():
     out = model(torch.randn(2, 3))
     torch.autograd.grad(out, list(model.parameters()))
     assert passes.completed == 0 and log.events == []
+
+
+def test_backward_passes_without_a_step_are_told_once():
+    """Another optimizer stepping the model (the Trainer's own, under deepspeed=) leaves
+    SENG's hooks hearing passes that never reach a SENG step: said once, past the limit."""
+    from seng_dist.passes import UnsteppedPasses
+
+    model = nn.Linear(3, 2)
+    opt = SENG(model, gradient_accumulation_steps=2)
+    x = torch.randn(4, 3)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(UnsteppedPasses.LIMIT + 1):  # a pass and a step, many times: quiet...
+            model(x).sum().backward()
+            opt.step()
+        assert not [w for w in seen if "no SENG step()" in str(w.message)]
+        for _ in range(2 * UnsteppedPasses.LIMIT):  # ...passes with no SENG step: said once
+            model.zero_grad()
+            model(x).sum().backward()
+    told = [w for w in seen if "backward passes and no SENG step()" in str(w.message)]
+    assert len(told) == 1
