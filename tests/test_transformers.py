@@ -108,7 +108,9 @@ def test_a_run_resumed_from_the_trainers_checkpoint_is_bit_exact(tmp_path):
 #: large damping: SENG's step is then SGD's within ~‖UUᵀ‖/λ, whatever samples each rank's
 #: curvature saw, so 2 ranks must match 1 process on the same global batch; a gradient summed
 #: over the ranks instead of averaged (or left local) would be off by far more.
-NEAR_SGD = dict(lr=0.1 * 1e6, damping=1e6, curvature_update_interval=2, momentum=0.0)
+NEAR_SGD: dict[str, Any] = dict(
+    lr=0.1 * 1e6, damping=1e6, curvature_update_interval=2, momentum=0.0
+)
 GLOBAL = 8  # the dataset is one global batch: every step sees all of it, in any order
 
 
@@ -137,7 +139,8 @@ def _trainer_job(rank: int, world: int, job: str, out: str) -> dict[str, Any]:
             opt = SENG(model, **NEAR_SGD)
             trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
         trainer.train()
-    seng = trainer.optimizer.optimizer if job == "deepspeed" else opt  # DeepSpeed's wrapper
+    # DeepSpeed's wrapper holds the SENG that SENGTrainer built
+    seng = getattr(trainer.optimizer, "optimizer", None) if job == "deepspeed" else opt
     assert isinstance(seng, SENG)
     return {
         "params": _params(model),
