@@ -479,7 +479,8 @@ class SENG(torch.optim.Optimizer):
         warn(
             "SENG: a DistributedDataParallel wraps the model after SENG was built on it; DDP "
             "averages the gradients, so from now on SENG averages only its corrections (as "
-            "if built with grads_averaged=True). Build SENG on the DDP model to say so"
+            "if built with grads_averaged=True). Build SENG on the DDP model, or with "
+            "grads_averaged=True where a framework wraps it later, to say so"
         )
         self._set_round(grads_averaged=True)
 
