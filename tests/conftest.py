@@ -255,6 +255,17 @@ def mixed():
     return make_mixed()
 
 
+def displacement_error(run: list[dict], ref: list[dict], start: dict) -> float:
+    """The largest relative distance between ``run``'s and ``ref``'s parameters (one dict per
+    step), measured from ``start``: ``‖(run - start) - (ref - start)‖ / ‖ref - start‖``."""
+    worst = 0.0
+    for got, want in zip(run, ref, strict=True):
+        a = torch.cat([(got[n] - start[n]).reshape(-1) for n in start])
+        b = torch.cat([(want[n] - start[n]).reshape(-1) for n in start])
+        worst = max(worst, float((a - b).norm() / b.norm()))
+    return worst
+
+
 TESTS = Path(__file__).resolve().parent
 
 

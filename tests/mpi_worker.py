@@ -1,6 +1,6 @@
 """One MPI rank for tests/test_mpi.py: ``mpirun -np N python mpi_worker.py JOBS.pt OUTDIR``.
 
-Runs the torch.distributed tests' jobs (``test_distributed._jobs``) on mpi4py collectives and
+Runs the torch.distributed tests' jobs (``test_distributed.train_jobs``) on mpi4py collectives and
 saves this rank's results to ``OUTDIR/<rank>.pt``.
 """
 
@@ -13,7 +13,7 @@ import torch
 from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_distributed import _jobs  # noqa: E402
+from test_distributed import train_jobs  # noqa: E402
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
 
     mpi = MPICommunicator()
     assert (mpi.local_rank, mpi.local_size) == (rank, size), (mpi.local_rank, mpi.local_size)
-    result = _jobs(rank, size, torch.load(jobs_path, weights_only=False))
+    result = train_jobs(rank, size, torch.load(jobs_path, weights_only=False))
     torch.save(result, os.path.join(outdir, f"{rank}.pt"))
 
 

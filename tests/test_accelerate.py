@@ -17,9 +17,17 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LAYERS, SUM_ROUNDING, TESTS, make_mixed, requires_engine, shard
+from conftest import (
+    LAYERS,
+    SUM_ROUNDING,
+    TESTS,
+    displacement_error,
+    make_mixed,
+    requires_engine,
+    shard,
+)
 from launch import free_port, run_ranks
-from test_distributed import CONFIGS, _displacement_error, _emulated
+from test_distributed import CONFIGS, emulated
 from torch.utils.data import DataLoader, TensorDataset
 
 from seng_dist import SENG
@@ -182,7 +190,7 @@ def test_one_process_equals_the_plain_loop_with_curvature_on_every_block(acceler
     start = params_of(make_mixed())
     # The same kernels on the same data in one process: only the order of float32 sums may
     # differ, within a sum's rounding per step.
-    assert _displacement_error(ran["params"], want, start) <= steps * SUM_ROUNDING
+    assert displacement_error(ran["params"], want, start) <= steps * SUM_ROUNDING
     assert not [w for w in ran["warnings"] if "SENG" in w]
 
 
@@ -192,7 +200,7 @@ def test_two_ranks_equal_the_emulation_averaged_once(two_ranks, job):
     averaged, lands far from it); SENG averages the gradient itself on its first step at
     most, DDP's wrapper from then on, which SENG finds and says (or was told)."""
     settings = dict(SETTINGS, max_grad_norm=CLIP) if job == "clipped" else SETTINGS
-    ref = _emulated(2, settings, batches=range(STEPS))
+    ref = emulated(2, settings, batches=range(STEPS))
     start = params_of(make_mixed())
     detected = job != "declared"
     for res in two_ranks:
@@ -201,7 +209,7 @@ def test_two_ranks_equal_the_emulation_averaged_once(two_ranks, job):
         assert run["wrapper"] == "DistributedDataParallel"
         # The ranks sum in another order than the emulation: the gradient's mean, and the
         # clipping's norm, each within a float32 sum's rounding.
-        assert _displacement_error(run["params"], ref, start) <= 2 * SUM_ROUNDING
+        assert displacement_error(run["params"], ref, start) <= 2 * SUM_ROUNDING
         assert sorted(run["blocks"]) == sorted(LAYERS) and all(run["curvature_bytes"])
         told = [w for w in run["warnings"] if "DistributedDataParallel wraps the model" in w]
         assert len(told) == detected

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_mixed, python_output, requires_engine
+from conftest import displacement_error, make_mixed, python_output, requires_engine
 from launch import run_ranks
-from test_distributed import CONFIGS, STEPS, _displacement_error, _emulated, _jobs, shard
+from test_distributed import CONFIGS, STEPS, emulated, shard, train_jobs
 
 from seng_dist.deepspeed import SENG_PARAMS, seng_params
 
@@ -105,22 +105,22 @@ EMULATED = dict(
 def test_plugin_built_seng_equals_the_emulation_and_the_torch_run_for_both_variants():
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
     ranks = run_ranks(_ds_train, 2, JOBS, timeout=300)
-    torch_runs = run_ranks(_jobs, 2, {n: {"config": CONFIGS[n]} for n in PLAIN}, timeout=300)
+    torch_runs = run_ranks(train_jobs, 2, {n: {"config": CONFIGS[n]} for n in PLAIN}, timeout=300)
     for rank, res in enumerate(ranks):
         assert res["passthrough"] != "SENG"
         for name in PLAIN:
             assert (
-                _displacement_error(res[name]["params"], torch_runs[rank][name]["params"], start)
+                displacement_error(res[name]["params"], torch_runs[rank][name]["params"], start)
                 <= 1e-6
             ), name
     for name in JOBS:
-        ref = _emulated(2, EMULATED[name])
+        ref = emulated(2, EMULATED[name])
         for res in ranks:
             run = res[name]
             assert run["type"] == "SENG"
             # lagged: the engine's backward allreduce is off, SENG's one round carries g
             assert run["backward_allreduce"] == ("lagged" not in name)
-            assert _displacement_error(run["params"], ref, start) <= 1e-6, name
+            assert displacement_error(run["params"], ref, start) <= 1e-6, name
 
 
 @pytest.mark.parametrize(
@@ -177,10 +177,10 @@ def test_torch_autocast_trains_close_to_the_float32_emulation():
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
     ranks = run_ranks(_ds_train, 2, AUTOCAST, timeout=300)
     for name in AUTOCAST:
-        ref = _emulated(2, CONFIGS["factored-" + name.split("-")[1]])
+        ref = emulated(2, CONFIGS["factored-" + name.split("-")[1]])
         for res in ranks:
             # low-precision forward: close to, not equal to, the fp32 formulas
-            assert _displacement_error(res[name]["params"], ref, start) < 5e-2, name
+            assert displacement_error(res[name]["params"], ref, start) < 5e-2, name
         for a, b in zip(ranks[0][name]["params"], ranks[1][name]["params"], strict=True):
             assert all(torch.equal(a[n], b[n]) for n in a), name  # ranks stay in step
 

@@ -10,7 +10,16 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MixedNet, TinyEncoder, TinyGPT2, make_mixed, shard, tokens, train_steps
+from conftest import (
+    MixedNet,
+    TinyEncoder,
+    TinyGPT2,
+    displacement_error,
+    make_mixed,
+    shard,
+    tokens,
+    train_steps,
+)
 from launch import run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -207,7 +216,7 @@ def _train(rank: int, world: int, job: dict) -> dict:
     }
 
 
-def _jobs(rank: int, world: int, jobs: dict) -> dict:
+def train_jobs(rank: int, world: int, jobs: dict) -> dict:
     out = {}
     for name, job in jobs.items():
         try:
@@ -217,7 +226,7 @@ def _jobs(rank: int, world: int, jobs: dict) -> dict:
     return out
 
 
-def _emulated(
+def emulated(
     world: int, config: dict, kind: str = "mixed", batches: Any = range(STEPS)
 ) -> list[dict[str, torch.Tensor]]:
     """The emulation's parameters after each step, step ``i`` on the ``batches[i]``-th
@@ -237,15 +246,6 @@ def _emulated(
         torch.set_num_threads(threads)
 
 
-def _displacement_error(run: list[dict], ref: list[dict], start: dict) -> float:
-    worst = 0.0
-    for got, want in zip(run, ref, strict=True):
-        a = torch.cat([(got[n] - start[n]).reshape(-1) for n in start])
-        b = torch.cat([(want[n] - start[n]).reshape(-1) for n in start])
-        worst = max(worst, float((a - b).norm() / b.norm()))
-    return worst
-
-
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def runs(request):
     world = request.param
@@ -254,7 +254,7 @@ def runs(request):
         {name: {"config": cfg, "model": "encoder"} for name, cfg in ENCODER_CONFIGS.items()}
     )
     jobs.update({name: {"config": cfg, "model": "gpt2"} for name, cfg in GPT2_CONFIGS.items()})
-    return world, run_ranks(_jobs, world, jobs, timeout=300)
+    return world, run_ranks(train_jobs, world, jobs, timeout=300)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -262,30 +262,22 @@ def test_ranks_equal_the_single_process_emulation(runs, name):
     world, results = runs
     start = dict(make_mixed().named_parameters())
     start = {n: p.detach() for n, p in start.items()}
-    ref = _emulated(world, CONFIGS[name])
+    ref = emulated(world, CONFIGS[name])
     for rank, res in enumerate(results):
-        err = _displacement_error(res[name]["params"], ref, start)
+        err = displacement_error(res[name]["params"], ref, start)
         assert err <= 1e-6, f"rank {rank}: {name} differs from the emulation by {err:.2e}"
 
 
-@pytest.mark.parametrize("name", list(ENCODER_CONFIGS))
+@pytest.mark.parametrize("name", [*ENCODER_CONFIGS, *GPT2_CONFIGS])
 def test_transformer_ranks_equal_the_single_process_emulation(runs, name):
+    """A sequence-first encoder (attention projections) and a GPT-2-style model (Conv1D,
+    LayerNorm and RMSNorm blocks), as the other models."""
     world, results = runs
-    start = {n: p.detach() for n, p in make_encoder().named_parameters()}
-    ref = _emulated(world, ENCODER_CONFIGS[name], kind="encoder")
+    kind = name.split("-")[0]
+    start = {n: p.detach() for n, p in TOKEN_MODELS[kind]().named_parameters()}
+    ref = emulated(world, {**ENCODER_CONFIGS, **GPT2_CONFIGS}[name], kind=kind)
     for rank, res in enumerate(results):
-        err = _displacement_error(res[name]["params"], ref, start)
-        assert err <= 1e-6, f"rank {rank}: {name} differs from the emulation by {err:.2e}"
-
-
-@pytest.mark.parametrize("name", list(GPT2_CONFIGS))
-def test_gpt2_style_ranks_equal_the_single_process_emulation(runs, name):
-    """Conv1D, LayerNorm and RMSNorm blocks on several ranks, as the other models'."""
-    world, results = runs
-    start = {n: p.detach() for n, p in make_gpt2().named_parameters()}
-    ref = _emulated(world, GPT2_CONFIGS[name], kind="gpt2")
-    for rank, res in enumerate(results):
-        err = _displacement_error(res[name]["params"], ref, start)
+        err = displacement_error(res[name]["params"], ref, start)
         assert err <= 1e-6, f"rank {rank}: {name} differs from the emulation by {err:.2e}"
 
 
@@ -316,7 +308,7 @@ def test_blockdiag_first_step_is_the_mean_of_each_workers_exact_direction():
     """Formula check in float64, independent of the solver: d = mean_w -(U_wU_wᵀ+λI)⁻¹ ḡ."""
     world = 2
     cfg = dict(CONFIGS["explicit-blockdiag"], lr=1.0, momentum=0.0, weight_decay=0.0)
-    got = _emulated(world, cfg)[0]
+    got = emulated(world, cfg)[0]
     model = make_mixed()
     shards = [shard(0, w) for w in range(world)]
     grads = [per_sample_gradients(model, x, y) for x, y in shards]
@@ -426,7 +418,7 @@ for _variant in ("blockdiag", "lagged"):
 
 @pytest.fixture(scope="module")
 def extras():
-    return run_ranks(_jobs, 2, EXTRAS, timeout=300)
+    return run_ranks(train_jobs, 2, EXTRAS, timeout=300)
 
 
 @pytest.mark.parametrize("name", [n for n in EXTRAS if n.startswith("checkpoint-")])
@@ -435,9 +427,9 @@ def test_activation_checkpointing_keeps_every_layers_curvature(extras, name):
     their output gradients (the original forward, or the recomputation under reentrant
     checkpointing), so the run equals the emulation of the plain model."""
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
-    ref = _emulated(2, CONFIGS[f"sketched-{name.rsplit('-', 1)[1]}-overlap"])
+    ref = emulated(2, CONFIGS[f"sketched-{name.rsplit('-', 1)[1]}-overlap"])
     for res in extras:
-        assert _displacement_error(res[name]["params"], ref, start) <= 1e-6
+        assert displacement_error(res[name]["params"], ref, start) <= 1e-6
         assert not [w for w in res[name]["warnings"] if "SENG" in w]
 
 
@@ -448,11 +440,11 @@ def test_a_ddp_wrapped_model_is_not_averaged_twice(extras, job, variant):
     Accelerate's prepare: SENG finds it after its first step and says so): DDP averages the
     gradients, SENG sends only its corrections and flags."""
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
-    ref = _emulated(2, CONFIGS[f"factored-{variant}"])
+    ref = emulated(2, CONFIGS[f"factored-{variant}"])
     after = job == "ddp-after"
     for res in extras:
         run = res[f"{job}-{variant}"]
-        assert _displacement_error(run["params"], ref, start) <= 1e-6
+        assert displacement_error(run["params"], ref, start) <= 1e-6
         told = [w for w in run["warnings"] if "DistributedDataParallel wraps the model" in w]
         assert len(told) == after
         calls = run["calls"][int(after) :]
@@ -462,9 +454,9 @@ def test_a_ddp_wrapped_model_is_not_averaged_twice(extras, job, variant):
 
 def test_bf16_buffer_halves_the_bytes_and_stays_close(extras):
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
-    ref = _emulated(2, CONFIGS["factored-lagged"])
+    ref = emulated(2, CONFIGS["factored-lagged"])
     run = extras[0]["bf16-lagged"]
-    assert _displacement_error(run["params"], ref, start) < 2e-2
+    assert displacement_error(run["params"], ref, start) < 2e-2
     fp32 = extras[0]["fp32-lagged"]["calls"]
     assert [len(c) for c in run["calls"]] == [len(c) for c in fp32]
     for bf16_call, fp32_call in zip(run["calls"][1], fp32[1], strict=True):
@@ -476,7 +468,7 @@ def test_overlap_equals_the_round_at_the_end_of_backward_whatever_happens_before
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
     for res in extras:
         ran, want = res[f"{name}-overlap"], res[name]
-        assert _displacement_error(ran["params"], want["params"], start) <= 1e-6
+        assert displacement_error(ran["params"], want["params"], start) <= 1e-6
     lagged = not name.startswith("blockdiag")
     for overlap in (False, True):
         ran = extras[0][name + ("-overlap" if overlap else "")]
@@ -506,19 +498,18 @@ def check_grad_edit(name: str, ranks: list[dict]) -> None:
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
     config = CONFIGS[f"factored-{_plain(name)}"]
     clipped = "clip" in name
-    ref = _emulated(len(ranks), dict(config, max_grad_norm=CLIP) if clipped else config)
+    ref = emulated(len(ranks), dict(config, max_grad_norm=CLIP) if clipped else config)
     # Clipped, the step carries the rounding of the norm: clip_grad_norm_ takes per-tensor
     # norms then their norm, the emulation one norm of everything, over the ranks' sums in
     # another order; each is within √n·ε of the exact norm (n ≈ 300 entries, ε = 6e-8: 1e-6
     # relative) in each of the 4 steps, so 1e-5 (the clipping itself moves the run by > 0.1).
     bound = 1e-5 if clipped else 1e-6
     for res in ranks:
-        assert _displacement_error(res[name]["params"], ref, start) <= bound
+        assert displacement_error(res[name]["params"], ref, start) <= bound
         assert not [w for w in res[name]["warnings"] if "SENG" in w]
     if clipped:  # the clipping bites
         assert (
-            _displacement_error(ranks[0][name]["params"], _emulated(len(ranks), config), start)
-            > 0.1
+            displacement_error(ranks[0][name]["params"], emulated(len(ranks), config), start) > 0.1
         )
 
 
@@ -526,12 +517,12 @@ def check_overflow(name: str, ranks: list[dict]) -> None:
     """Rank 1's loss is Inf at iteration 2 (a curvature step): every rank skips it, its
     GradScaler halves the scale, and step 2 is then taken on iteration 3's batch."""
     start = {n: p.detach() for n, p in make_mixed().named_parameters()}
-    ref = _emulated(len(ranks), CONFIGS[f"factored-{_plain(name)}"], batches=[0, 1, 3])
+    ref = emulated(len(ranks), CONFIGS[f"factored-{_plain(name)}"], batches=[0, 1, 3])
     for res in ranks:
         run = res[name]
         assert (run["steps"], run["skipped"], run["scale"]) == (STEPS - 1, 1, 2.0**9)
         kept = [run["params"][i] for i in (0, 1, 3)]
-        assert _displacement_error(kept, ref, start) <= 1e-6
+        assert displacement_error(kept, ref, start) <= 1e-6
         for n, p in run["params"][2].items():
             assert torch.equal(p, run["params"][1][n]), n
 
@@ -548,9 +539,9 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(extras, name):
 
 def test_ranks_start_from_rank_zeros_parameters(extras):
     start = {n: p.detach() for n, p in make_mixed(seed=0).named_parameters()}
-    ref = _emulated(2, CONFIGS["explicit-blockdiag"])
+    ref = emulated(2, CONFIGS["explicit-blockdiag"])
     for res in extras:
-        assert _displacement_error(res["init-broadcast"]["params"], ref, start) <= 1e-6
+        assert displacement_error(res["init-broadcast"]["params"], ref, start) <= 1e-6
 
 
 @pytest.mark.parametrize(

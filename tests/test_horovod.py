@@ -11,18 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import launch_jobs, make_mixed, python_output, requires_engine
+from conftest import displacement_error, launch_jobs, make_mixed, python_output, requires_engine
 from launch import run_ranks
 from test_distributed import (
     CONFIGS,
     EXTRAS,
     STEPS,
-    _displacement_error,
-    _emulated,
-    _jobs,
     assert_rounds,
     check_grad_edit,
     check_overflow,
+    emulated,
+    train_jobs,
 )
 
 from seng_dist import SENG
@@ -82,7 +81,7 @@ def hvd_runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def torch_runs():
-    return run_ranks(_jobs, 2, {n: {"config": c} for n, c in CONFIGS.items()}, timeout=300)
+    return run_ranks(train_jobs, 2, {n: {"config": c} for n, c in CONFIGS.items()}, timeout=300)
 
 
 START = {n: p.detach() for n, p in make_mixed().named_parameters()}
@@ -91,29 +90,29 @@ START = {n: p.detach() for n, p in make_mixed().named_parameters()}
 @needs_hvd
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_horovod_equals_the_emulation_and_the_torch_distributed_run(hvd_runs, torch_runs, name):
-    ref = _emulated(2, CONFIGS[name])
+    ref = emulated(2, CONFIGS[name])
     for rank in range(2):
         run = hvd_runs[rank][name]
-        assert _displacement_error(run["params"], ref, START) <= 1e-6
-        assert _displacement_error(run["params"], torch_runs[rank][name]["params"], START) <= 1e-6
+        assert displacement_error(run["params"], ref, START) <= 1e-6
+        assert displacement_error(run["params"], torch_runs[rank][name]["params"], START) <= 1e-6
     assert_rounds(hvd_runs[0][name], name)
 
 
 @needs_hvd
 @pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
 def test_hvd_distributed_optimizer_does_not_average_twice(hvd_runs, variant):
-    ref = _emulated(2, CONFIGS[f"factored-{variant}"])
+    ref = emulated(2, CONFIGS[f"factored-{variant}"])
     for rank in range(2):
         run = hvd_runs[rank][f"hvd-wrapped-{variant}"]
-        assert _displacement_error(run["params"], ref, START) <= 1e-6
+        assert displacement_error(run["params"], ref, START) <= 1e-6
         # Horovod's hooks averaged the gradients; SENG sent only its corrections.
         assert [len(c) for c in run["calls"]] == [1] * STEPS
 
 
 @needs_hvd
 def test_comm_none_picks_horovod_when_it_is_initialised(hvd_runs):
-    ref = _emulated(2, CONFIGS["explicit-lagged"])
-    assert _displacement_error(hvd_runs[0]["auto-engine"]["params"], ref, START) <= 1e-6
+    ref = emulated(2, CONFIGS["explicit-lagged"])
+    assert displacement_error(hvd_runs[0]["auto-engine"]["params"], ref, START) <= 1e-6
 
 
 @needs_hvd
@@ -124,9 +123,9 @@ def test_mismatched_settings_raise_on_every_horovod_rank(hvd_runs):
 
 @needs_hvd
 def test_fp16_buffer_works_and_bf16_is_refused_up_front(hvd_runs):
-    ref = _emulated(2, CONFIGS["factored-lagged"])
+    ref = emulated(2, CONFIGS["factored-lagged"])
     for res in hvd_runs:
-        assert _displacement_error(res["fp16"]["params"], ref, START) < 2e-2
+        assert displacement_error(res["fp16"]["params"], ref, START) < 2e-2
         assert (
             "comm_dtype='bfloat16' is not supported by the HorovodCommunicator engine; "
             "use one of 'float32', 'float16'" in res["bf16"]["error"]

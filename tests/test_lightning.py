@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LAYERS, SUM_ROUNDING, batch, make_mixed, requires_engine
+from conftest import LAYERS, SUM_ROUNDING, batch, displacement_error, make_mixed, requires_engine
 from launch import run_ranks
-from test_distributed import CONFIGS, _displacement_error
+from test_distributed import CONFIGS
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -183,7 +183,7 @@ def test_accumulate_grad_batches_equals_a_plain_loop_with_the_same_accumulation(
     # The same float32 operations in the same order: equal up to a kernel that sums in
     # another order (float32's rounding of a sum), not bit for bit on every machine.
     start = {k: v.detach() for k, v in make_mixed().named_parameters()}
-    assert _displacement_error([params(m)], [ref], start) <= SUM_ROUNDING
+    assert displacement_error([params(m)], [ref], start) <= SUM_ROUNDING
 
 
 def test_save_checkpoint_then_ckpt_path_resumes_bit_exactly(tmp_path: Path) -> None:
@@ -350,7 +350,7 @@ def test_ddp_ranks_are_equal_and_average_the_gradient_once(
     assert all(torch.equal(ranks[0]["params"][n], ranks[1]["params"][n]) for n in start)
     # As in tests/test_distributed.py: the ranks' sums in another order than the emulation's
     # (DDP sums halves, the emulation takes means) differ by float32 rounding (8e-8 measured).
-    assert _displacement_error([ranks[0]["params"]], [ref[-1]], start) <= 1e-6
+    assert displacement_error([ranks[0]["params"]], [ref[-1]], start) <= 1e-6
 
 
 def test_ddp_is_found_and_seng_then_sends_only_its_corrections(ddp: list[dict[str, dict]]) -> None:
@@ -381,7 +381,7 @@ def test_ddp_with_accumulation_steps_once_per_window_on_equal_ranks(
         assert run["calls"] == [set(), {"seng.grad", "seng.correction"}] + [set(), CORRECTION] * 3
         assert all(torch.equal(run["params"][n], ddp[0]["accumulate"]["params"][n]) for n in start)
         # DDP's sum of halves against SENG's mean: float32 rounding, as against the emulation
-        assert _displacement_error([run["params"]], [run["plain"]], start) <= 1e-6
+        assert displacement_error([run["params"]], [run["plain"]], start) <= 1e-6
 
 
 def test_ddp_resume_from_one_checkpoint_is_bit_exact_on_every_rank(

@@ -7,17 +7,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import launch_jobs, make_mixed, python_output, requires_engine
+from conftest import displacement_error, launch_jobs, make_mixed, python_output, requires_engine
 from launch import run_ranks
 from test_distributed import (
     CONFIGS,
     EXTRAS,
-    _displacement_error,
-    _emulated,
-    _jobs,
     assert_rounds,
     check_grad_edit,
     check_overflow,
+    emulated,
+    train_jobs,
 )
 
 needs_mpi = requires_engine("mpi4py", "ci/install_mpi.sh")
@@ -61,7 +60,9 @@ def mpi_runs(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def torch_runs():
     return {
-        world: run_ranks(_jobs, world, {n: {"config": c} for n, c in CONFIGS.items()}, timeout=300)
+        world: run_ranks(
+            train_jobs, world, {n: {"config": c} for n, c in CONFIGS.items()}, timeout=300
+        )
         for world in (2, 3)
     }
 
@@ -70,11 +71,11 @@ def torch_runs():
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_mpi_equals_the_emulation_and_the_torch_distributed_run(mpi_runs, torch_runs, name):
     world, ranks = mpi_runs
-    ref = _emulated(world, CONFIGS[name])
+    ref = emulated(world, CONFIGS[name])
     for rank, res in enumerate(ranks):
-        assert _displacement_error(res[name]["params"], ref, START) <= 1e-6
+        assert displacement_error(res[name]["params"], ref, START) <= 1e-6
         assert (
-            _displacement_error(res[name]["params"], torch_runs[world][rank][name]["params"], START)
+            displacement_error(res[name]["params"], torch_runs[world][rank][name]["params"], START)
             <= 1e-6
         )
     assert_rounds(ranks[0][name], name)

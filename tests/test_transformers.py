@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import requires_engine
+from conftest import displacement_error, requires_engine
 from launch import run_ranks
 
 from seng_dist import SENG
@@ -150,12 +150,6 @@ def _trainer_job(rank: int, world: int, job: str, out: str) -> dict[str, Any]:
     }
 
 
-def _displacement(run: dict, ref: dict, start: dict) -> float:
-    a = torch.cat([(run[n] - start[n]).reshape(-1) for n in start])
-    b = torch.cat([(ref[n] - start[n]).reshape(-1) for n in start])
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> dict[str, list[dict]]:
     out = str(tmp_path_factory.mktemp("trainer"))
@@ -175,6 +169,6 @@ def test_two_ranks_average_once_and_agree(ranks, job):
             torch.cat([p.reshape(-1) for p in res["params"].values()]),
             torch.cat([p.reshape(-1) for p in ranks[job][0]["params"].values()]),
         )
-        assert _displacement(res["params"], one["params"], start) < 1e-3
+        assert displacement_error([res["params"]], [one["params"]], start) < 1e-3
     told = [w for w in ranks[job][0]["warnings"] if "DistributedDataParallel wraps" in w]
     assert len(told) == (job == "ddp")  # DeepSpeed's SENG was told grads_averaged=True
