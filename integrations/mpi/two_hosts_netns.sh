@@ -8,6 +8,8 @@
 #   bash integrations/mpi/two_hosts_netns.sh [examples/train.py arguments]
 # e.g. bash integrations/mpi/two_hosts_netns.sh --variant lagged --train-limit 6400
 set -euo pipefail
+# A failing step names itself (some, as ip's, can fail without a word).
+trap 'echo "two_hosts_netns.sh: line $LINENO failed (exit $?): $BASH_COMMAND" >&2' ERR
 cd "$(dirname "$0")/../.."
 NS1=seng-host1 NS2=seng-host2 A=10.77.0.1 B=10.77.0.2
 remove_namespaces() {
