@@ -169,7 +169,9 @@ def build_trainer(args: argparse.Namespace, model: nn.Module) -> Trainer:
         extra = dict(gradient_accumulation_steps=args.accumulate)
         if args.deepspeed:
             return SENGTrainer(**common, seng_settings=seng_settings(args.lr, **extra))
-        opt = SENG(model, **seng_settings(args.lr, **extra))
+        # On several ranks the Trainer wraps the model in DDP, which averages the gradients.
+        many = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        opt = SENG(model, grads_averaged=True if many else None, **seng_settings(args.lr, **extra))
         return Trainer(**common, optimizers=(opt, None))
     if args.optimizer == "sgd":
         sgd = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
