@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -152,6 +153,10 @@ def test_two_hosts_in_network_namespaces_train_over_tcp():
         capture_output=True,
         text=True,
         timeout=300,
+        # os.environ, not the process's C environment: a test that imported mpi4py in this
+        # process (Lightning's MPI detection does) left Open MPI's singleton variables there,
+        # and an mpirun that inherits them takes itself for a rank and exits 1 without a word.
+        env=dict(os.environ),
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("test accuracy:")]
