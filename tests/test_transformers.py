@@ -172,3 +172,40 @@ def test_two_ranks_average_once_and_agree(ranks, job):
         assert displacement_error([res["params"]], [one["params"]], start) < 1e-3
     told = [w for w in ranks[job][0]["warnings"] if "DistributedDataParallel wraps" in w]
     assert len(told) == (job == "ddp")  # DeepSpeed's SENG was told grads_averaged=True
+
+
+def _resume_on_ranks(rank: int, world: int, out: str, callback: bool) -> dict[str, Any]:
+    """4 Trainer steps on 2 ranks saving at step 2, then a fresh model and SENG resumed from
+    that checkpoint; with ``callback`` the Trainer has ``SENGCheckpoints``."""
+    from transformers import Trainer
+
+    train = _integration()
+    finals = []
+    for resume in (False, True):
+        model = train.make_model("gpt2", seed=1 if resume else 0)  # the checkpoint's must win
+        for m in model.modules():  # each process would draw its own dropout masks
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        opt = SENG(model, lr=0.05, momentum=0.9, curvature_update_interval=3, grads_averaged=True)
+        folder = Path(out) / f"resume-{callback}"
+        args = _trainer_args(folder, 4, 4, save_strategy="steps", save_steps=2)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train.DocWindows("train", 32),
+            optimizers=(opt, None),
+            callbacks=[train.SENGCheckpoints()] if callback else [],
+        )
+        trainer.train(resume_from_checkpoint=str(folder / "checkpoint-2") if resume else None)
+        finals.append(_params(model))
+    return {"whole": finals[0], "resumed": finals[1]}
+
+
+@pytest.mark.parametrize("callback", [True, False], ids=["SENGCheckpoints", "plain"])
+def test_a_two_rank_resume_is_bit_exact_with_sengs_checkpoint_callback(tmp_path, callback):
+    """The Trainer saves SENG's state on rank 0 only: without the callback rank 1 rebuilds its
+    curvature and the resumed run differs; with it every rank resumes its own, bit for bit."""
+    runs = run_ranks(_resume_on_ranks, 2, str(tmp_path), callback, timeout=240)
+    for res in runs:
+        same = all(torch.equal(res["whole"][n], res["resumed"][n]) for n in res["whole"])
+        assert same == callback

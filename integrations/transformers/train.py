@@ -35,8 +35,13 @@ from transformers import (
     LlamaConfig,
     LlamaForSequenceClassification,
     Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
     TrainingArguments,
 )
+from transformers.trainer import OPTIMIZER_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from lm import SOURCES  # noqa: E402
@@ -144,6 +149,35 @@ class SENGTrainer(Trainer):
         return self.optimizer
 
 
+class SENGCheckpoints(TrainerCallback):
+    """Makes the ``Trainer``'s checkpoints hold every rank's SENG curvature, so that a run
+    resumed on as many ranks continues bit for bit: the ``Trainer`` saves the optimizer's state
+    on rank 0 only, whose curvature the other ranks would drop and rebuild. After each save,
+    every rank joins one ``state_dict()`` with ``state_dict_all_ranks`` and rank 0 writes it
+    over the checkpoint's optimizer file. Not needed under ``deepspeed=`` (the engine saves on
+    every rank; :class:`SENGTrainer` turns ``state_dict_all_ranks`` on)."""
+
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs: Any,
+    ) -> None:
+        seng = getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's wrapper
+        if not isinstance(seng, SENG) or args.deepspeed or seng.communicator.world_size == 1:
+            return
+        seng.state_dict_all_ranks = True
+        try:
+            saved = seng.state_dict()  # a collective: every rank is here
+        finally:
+            seng.state_dict_all_ranks = False
+        if args.should_save:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            torch.save(saved, folder / OPTIMIZER_NAME)
+
+
 def build_trainer(args: argparse.Namespace, model: nn.Module) -> Trainer:
     """The ``Trainer`` of ``args``: SENG (through ``optimizers=`` or :class:`SENGTrainer`),
     AdamW or SGD, a linear warm-up then cosine schedule."""
@@ -172,7 +206,7 @@ def build_trainer(args: argparse.Namespace, model: nn.Module) -> Trainer:
         # On several ranks the Trainer wraps the model in DDP, which averages the gradients.
         many = int(os.environ.get("WORLD_SIZE", "1")) > 1
         opt = SENG(model, grads_averaged=True if many else None, **seng_settings(args.lr, **extra))
-        return Trainer(**common, optimizers=(opt, None))
+        return Trainer(**common, optimizers=(opt, None), callbacks=[SENGCheckpoints()])
     if args.optimizer == "sgd":
         sgd = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
         return Trainer(**common, optimizers=(sgd, None))
