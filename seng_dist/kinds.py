@@ -258,14 +258,14 @@ class RMSNormKind(LayerNormKind):
                 f"{type(module).__name__} lacks the RMSNorm contract (parameters weight and "
                 f"an optional bias, an ε attribute among {list(self.eps_attributes)})"
             )
-        takes = [
-            p
-            for p in inspect.signature(type(module).forward).parameters.values()
-            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-        if len(takes) != 2:  # self and the input
-            return f"{type(module).__name__}.forward takes more than the input"
-        return None
+        # self and the input, nothing else (a gate, even optional, changes the gradient)
+        takes = list(inspect.signature(type(module).forward).parameters.values())
+        if len(takes) != 2 or takes[1].kind not in (
+            takes[1].POSITIONAL_ONLY,
+            takes[1].POSITIONAL_OR_KEYWORD,
+        ):
+            return f"{type(module).__name__}.forward takes other arguments than one input"
+        return super().refusal(module)
 
     def keep_input(self, module: nn.Module, x: Tensor, limit: int | None) -> Tensor:
         """``x / √(mean(x²) + ε)`` of the first ``limit`` samples."""

@@ -128,7 +128,10 @@ def _trainer_job(rank: int, world: int, job: str, out: str) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if job == "deepspeed":
         extra["deepspeed"] = str(INTEGRATION / "ds_config_zero0.json")
-    args = _trainer_args(Path(out) / f"{job}-{rank}", 2, GLOBAL // world, **extra)
+    # No clipping: the Trainer's default (1.0) would hide a gradient scaled by the ranks.
+    args = _trainer_args(
+        Path(out) / f"{job}-{rank}", 2, GLOBAL // world, max_grad_norm=0.0, **extra
+    )
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         if job == "deepspeed":
@@ -151,26 +154,32 @@ def _trainer_job(rank: int, world: int, job: str, out: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> dict[str, list[dict]]:
-    out = str(tmp_path_factory.mktemp("trainer"))
-    one = _trainer_job(0, 1, "plain", out)
-    runs = {job: run_ranks(_trainer_job, 2, job, out, timeout=240) for job in ("ddp", "deepspeed")}
-    return {"one": [one], **runs}
+def one_process(tmp_path_factory) -> dict[str, Any]:
+    """The 2-step run on one process, the global batch whole."""
+    return _trainer_job(0, 1, "plain", str(tmp_path_factory.mktemp("trainer")))
 
 
-@requires_engine("deepspeed", "ci/install_deepspeed.sh")
-@pytest.mark.parametrize("job", ["ddp", "deepspeed"])
-def test_two_ranks_average_once_and_agree(ranks, job):
+@pytest.mark.parametrize(
+    "job",
+    [
+        "ddp",
+        pytest.param("deepspeed", marks=requires_engine("deepspeed", "ci/install_deepspeed.sh")),
+    ],
+)
+def test_two_ranks_average_once_and_agree(one_process, tmp_path, job):
+    """Measured margin: the ranks are 3e-7 from one process here (λ = 1e6); the Trainer's
+    own scaling of a sequence classifier's loss by the ranks (train.py's make_model turns it
+    off) put them 1.03 away."""
+    runs = run_ranks(_trainer_job, 2, job, str(tmp_path), timeout=240)
     start = _params(_integration().make_model("gpt2"))
-    one = ranks["one"][0]
-    for res in ranks[job]:
+    for res in runs:
         assert res["steps"] == 2 and res["curvature"] == []
         assert torch.equal(
             torch.cat([p.reshape(-1) for p in res["params"].values()]),
-            torch.cat([p.reshape(-1) for p in ranks[job][0]["params"].values()]),
+            torch.cat([p.reshape(-1) for p in runs[0]["params"].values()]),
         )
-        assert displacement_error([res["params"]], [one["params"]], start) < 1e-3
-    told = [w for w in ranks[job][0]["warnings"] if "DistributedDataParallel wraps" in w]
+        assert displacement_error([res["params"]], [one_process["params"]], start) < 1e-3
+    told = [w for w in runs[0]["warnings"] if "DistributedDataParallel wraps" in w]
     assert len(told) == (job == "ddp")  # DeepSpeed's SENG was told grads_averaged=True
 
 
@@ -204,7 +213,9 @@ def _resume_on_ranks(rank: int, world: int, out: str, callback: bool) -> dict[st
 @pytest.mark.parametrize("callback", [True, False], ids=["SENGCheckpoints", "plain"])
 def test_a_two_rank_resume_is_bit_exact_with_sengs_checkpoint_callback(tmp_path, callback):
     """The Trainer saves SENG's state on rank 0 only: without the callback rank 1 rebuilds its
-    curvature and the resumed run differs; with it every rank resumes its own, bit for bit."""
+    curvature and the resumed run differs; with it every rank resumes its own, bit for bit.
+    (The plain case checks that the callback is what makes the difference: it fails if
+    transformers ever saves the optimizer's state on every rank.)"""
     runs = run_ranks(_resume_on_ranks, 2, str(tmp_path), callback, timeout=240)
     for res in runs:
         same = all(torch.equal(res["whole"][n], res["resumed"][n]) for n in res["whole"])

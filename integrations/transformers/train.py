@@ -56,6 +56,16 @@ WIDTH = 64
 
 def make_model(name: str, seed: int = 0) -> nn.Module:
     """A tiny ``*ForSequenceClassification`` of 4 labels over bytes, from its config."""
+    model = _build(name, seed)
+    # The Trainer takes a forward with **kwargs for a loss normalised by the global item
+    # count: it multiplies the loss by the number of processes and skips accumulation's 1/N.
+    # A sequence classifier averages its own loss, so without this its gradient on 2 ranks
+    # is twice the mean (measured against 1 process): AdamW hardly notices, SGD and SENG do.
+    model.accepts_loss_kwargs = False
+    return model
+
+
+def _build(name: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     common: dict[str, Any] = dict(vocab_size=PAD + 1, num_labels=len(PARTS) + 1, pad_token_id=PAD)
     if name == "gpt2":
@@ -153,8 +163,9 @@ class SENGCheckpoints(TrainerCallback):
     """Makes the ``Trainer``'s checkpoints hold every rank's SENG curvature, so that a run
     resumed on as many ranks continues bit for bit: the ``Trainer`` saves the optimizer's state
     on rank 0 only, whose curvature the other ranks would drop and rebuild. After each save,
-    every rank joins one ``state_dict()`` with ``state_dict_all_ranks`` and rank 0 writes it
-    over the checkpoint's optimizer file. Not needed under ``deepspeed=`` (the engine saves on
+    every rank joins one ``state_dict()`` with ``state_dict_all_ranks`` and rank 0 replaces the
+    checkpoint's optimizer file with it (in ``args.output_dir``; a checkpoint pushed to the Hub
+    during the save keeps rank 0's). Not needed under ``deepspeed=`` (the engine saves on
     every rank; :class:`SENGTrainer` turns ``state_dict_all_ranks`` on)."""
 
     def on_save(
@@ -166,16 +177,25 @@ class SENGCheckpoints(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         seng = getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's wrapper
-        if not isinstance(seng, SENG) or args.deepspeed or seng.communicator.world_size == 1:
+        if (
+            not isinstance(seng, SENG)
+            or args.deepspeed
+            or args.save_only_model  # the checkpoint holds no optimizer state
+            or seng.communicator.world_size == 1
+        ):
             return
+        before = seng.state_dict_all_ranks
         seng.state_dict_all_ranks = True
         try:
             saved = seng.state_dict()  # a collective: every rank is here
         finally:
-            seng.state_dict_all_ranks = False
-        if args.should_save:
-            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            torch.save(saved, folder / OPTIMIZER_NAME)
+            seng.state_dict_all_ranks = before
+        target = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        target = target / OPTIMIZER_NAME
+        if args.should_save and target.exists():  # the Trainer's own file, replaced whole
+            partial = target.with_suffix(".partial")
+            torch.save(saved, partial)
+            os.replace(partial, target)
 
 
 def build_trainer(args: argparse.Namespace, model: nn.Module) -> Trainer:
