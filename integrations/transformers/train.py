@@ -115,10 +115,9 @@ class DocWindows(torch.utils.data.Dataset):
         return {"input_ids": ids.long(), "labels": label}
 
 
-#: SENG's recommended setting for Transformers (README, "How to tune"): damped by Adam's
-#: diagonal, lr/λ a tenth of AdamW's lr, AdamW's β₂
 def seng_settings(adamw_lr: float, **extra: Any) -> dict[str, Any]:
-    """SENG's settings for a Transformer whose AdamW lr is ``adamw_lr``."""
+    """SENG's recommended settings for a Transformer whose AdamW lr is ``adamw_lr`` (README,
+    "How to tune"): damped by Adam's diagonal, lr/λ a tenth of AdamW's lr, AdamW's β₂."""
     return dict(
         lr=adamw_lr / 10,
         damping=1.0,
