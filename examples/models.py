@@ -177,6 +177,22 @@ def vgg16_bn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(512, num_classes))
 
 
+#: the deep autoencoder's widths: 8 Linear layers of 30k-314k weights each
+AUTOENCODER_WIDTHS = (784, 400, 300, 200, 150, 200, 300, 400, 784)
+
+
+def autoencoder(widths: tuple[int, ...] = AUTOENCODER_WIDTHS) -> nn.Module:
+    """A deep MLP autoencoder (Hinton & Salakhutdinov's kind, as K-FAC's papers benchmark it):
+    Linear layers with tanh between them, the last one's output the logits of a Bernoulli per
+    pixel (train it with ``binary_cross_entropy_with_logits``)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
 MODELS = {"cnn": SmallCNN, "resnet18": resnet18, "resnet20": resnet20, "vgg16_bn": vgg16_bn}
 
 

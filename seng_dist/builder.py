@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import fisher
 from .capture import Capture
-from .config import SENGConfig, resolve
+from .config import Fisher, SENGConfig, resolve
 from .curvature import BlockCurvature, ParamState, make_curvature
 from .layers import Block, PerSample
 from .passes import BackwardPasses
@@ -101,6 +102,23 @@ class CurvatureBuilder:
         self._rebuild_next = True
         self.capture.arm(self.config.curvature_batch_size)
 
+    def sample(
+        self, output: Tensor, distribution: fisher.Distribution, reduction: str
+    ) -> Tensor | None:
+        """On a curvature step, the captured output gradients of this micro-batch from the
+        negative log-likelihood of targets drawn for the curvature batch's rows of ``output``
+        (:mod:`seng_dist.fisher`); returns those targets (batch first), or None on another
+        step."""
+        if not self.armed or not self.capture.records:
+            return None
+        rows = output if self.config.batch_first else output.transpose(0, 1)
+        rows = rows[: self.config.curvature_batch_size]
+        target = fisher.draw(rows, distribution, self.generator)
+        with torch.enable_grad():
+            loss = fisher.per_sample_loss(rows, target, distribution, reduction).sum()
+        self.capture.sample(loss)
+        return target
+
     def refresh(
         self, loss_scale: float = 1.0, whitening: Callable[[Tensor], Tensor | None] | None = None
     ) -> Rebuilt:
@@ -160,6 +178,16 @@ class CurvatureBuilder:
                 "one sample per step (drop_last=True in the DataLoader or "
                 "DistributedSampler)"
             )
+        if self.config.fisher is Fisher.MC:
+            if not rec.sampled:
+                raise ValueError(
+                    f"SENG: fisher='mc' but no opt.sample_fisher(output, distribution) came "
+                    f"between the forward and backward() of this curvature step (layer "
+                    f"{block.name!r}, rank {self.rank}); call it after every forward, or set "
+                    "fisher='empirical'"
+                )
+            # Gradients of each sample's own negative log-likelihood: no scale to undo.
+            return PerSample(block, rec.calls(), 1.0)
         # The captured gradients are those of loss/accumulation over the last micro-batch: the
         # accumulation is the passes SENG saw (told or not), or the setting's when gradients
         # came without a backward pass it saw.

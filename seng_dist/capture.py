@@ -53,6 +53,9 @@ class Record:
     rows: list[slice | None] = field(default_factory=list)
     #: each call's whole batch (the inputs and gradients keep its first ``limit`` samples)
     sizes: list[int] = field(default_factory=list)
+    #: the gradients are those of a sampled loss (:meth:`Capture.sample`): backward leaves
+    #: them be
+    sampled: bool = False
 
     def complete(self) -> bool:
         """Whether some call got its output gradient."""
@@ -135,9 +138,27 @@ class Capture:
         slot = len(rec.grads) - 1
 
         def grad_hook(grad: Tensor) -> None:
-            rec.grads[slot] = to_batch_first(grad.detach())[:k].clone()
+            if not rec.sampled:
+                rec.grads[slot] = to_batch_first(grad.detach())[:k].clone()
 
         output.register_hook(grad_hook)
+
+    def sample(self, loss: Tensor) -> None:
+        """Take the output gradients of this micro-batch's calls from ``loss`` (a sampled
+        loss over the same forward, :mod:`seng_dist.fisher`) instead of from the coming
+        backward, with the graph kept for that backward.
+
+        One ``autograd.grad`` to the blocks' weights: their gradients are dropped, but on the
+        way the hooks take each layer's output gradient (asking for the outputs' gradients
+        instead would miss a layer whose output a later in-place op changed)."""
+        if self._epoch != self.passes.completed:  # no call since the last pass ended
+            return
+        pending = [b for b, rec in self.records.items() if not rec.sampled]
+        if not pending:
+            return
+        torch.autograd.grad(loss, [b.weight for b in pending], retain_graph=True, allow_unused=True)
+        for b in pending:
+            self.records[b].sampled = True
 
     def _forward_hook(self, block: Block) -> Callable[[nn.Module, tuple, Tensor], None]:
         to_batch_first = block.kind.batch_first(block.module, block.batch_dim)

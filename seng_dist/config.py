@@ -89,6 +89,15 @@ class Variant(Choice):
     LAGGED = "lagged"
 
 
+class Fisher(Choice):
+    """Which Fisher the per-sample gradients in ``U`` estimate (:mod:`seng_dist.fisher`)."""
+
+    #: the paper's: gradients of the user's loss at the true targets
+    EMPIRICAL = "empirical"
+    #: Monte-Carlo: gradients at targets drawn from the model's predictive distribution
+    MC = "mc"
+
+
 class DampingDiagonal(Choice):
     """The diagonal ``D`` of the damping ``λD`` (:mod:`seng_dist.diagonal`)."""
 
@@ -367,6 +376,12 @@ class SENGConfig:
     curvature_batch_size: int | None = setting(32)
     #: ``"mean"`` or ``"sum"``: the reduction of the loss whose gradient the user computes
     loss_reduction: str = setting("mean")
+    #: ``"empirical"`` (the paper's: ``U`` from the gradients of the user's loss) or ``"mc"``:
+    #: from gradients at targets drawn from the model's predictive distribution, which the
+    #: loop names with ``opt.sample_fisher(output, distribution)`` before each ``backward()``
+    #: (:mod:`seng_dist.fisher`). Either builds a valid curvature, so a checkpoint resumes
+    #: under the other
+    fisher: Fisher = setting(Fisher.EMPIRICAL)
     #: micro-batches whose gradients are summed before each ``step()``
     #: (1 to :data:`MAX_ACCUMULATION_STEPS`)
     gradient_accumulation_steps: int = setting(1)
@@ -394,6 +409,7 @@ class SENGConfig:
             _check_bool(name, getattr(self, name))
         _check_optional_int("curvature_batch_size", self.curvature_batch_size)
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+        _set_choice(self, "fisher", Fisher)
         _check_int_in(
             "gradient_accumulation_steps",
             self.gradient_accumulation_steps,

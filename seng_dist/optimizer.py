@@ -22,9 +22,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .builder import CurvatureBuilder
 from .checkpoint import Counters, StateCodec, split_curvature, structure_settings
 from .comm import Communicator, make_communicator
-from .config import GROUP_SETTINGS, DampingDiagonal, SENGConfig, Variant, resolve
+from .config import GROUP_SETTINGS, DampingDiagonal, Fisher, SENGConfig, Variant, resolve
 from .curvature import BlockCurvature
 from .describe import describe_table, first_order_warning, placements
+from .fisher import Distribution, check_reduction
 from .groups import GroupSchedules, StepSettings, check_shape, group_params
 from .layers import FALLBACK_RULE, Block, find_blocks
 from .passes import BackwardPasses, UnsteppedPasses
@@ -521,6 +522,29 @@ class SENG(torch.optim.Optimizer):
             )
             self._settings_key = key
         return self._settings
+
+    @_live
+    def sample_fisher(
+        self, output: Tensor, distribution: str = "categorical", reduction: str = "mean"
+    ) -> Tensor | None:
+        """Name the model's predictive distribution for ``fisher="mc"``: call it after each
+        forward and before its ``backward()``, with the model's ``output`` (logits for
+        ``"categorical"`` (classes last) and ``"bernoulli"``, means for ``"gaussian"``) and
+        the reduction of each sample's loss over its elements (``"mean"`` or ``"sum"``).
+
+        On a curvature step it draws targets for the curvature batch and takes the layers'
+        output gradients from their negative log-likelihood (one extra backward to the
+        layers' outputs, the graph kept for yours) and returns the targets (batch first);
+        on other steps it does nothing and returns None. :mod:`seng_dist.fisher` has the
+        losses; ``torch.utils.checkpoint`` with ``use_reentrant=True`` cannot run it."""
+        if self.config.fisher is not Fisher.MC:
+            raise ValueError(
+                "SENG: sample_fisher() needs fisher='mc' (this optimizer has "
+                f"fisher={str(self.config.fisher)!r}: U is built from your loss's gradients)"
+            )
+        kind = Distribution.parse("sample_fisher's distribution", distribution)
+        check_reduction(reduction)
+        return self.curvature.sample(output, kind, reduction)
 
     @_live
     def describe(self) -> str:

@@ -104,18 +104,30 @@ def reference_directions(
     curvature_batch_size: int | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     diagonal: Callable[[Tensor], Tensor] | None = None,
+    curvature_targets: Tensor | None = None,
+    curvature_loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Exact SENG direction ``-(UUᵀ + λD)⁻¹ g`` of each named layer, ``(n_G, n_A)`` float64.
 
     ``g`` is the mean gradient over the whole batch, ``U = [u_1 … u_ϱ]/√ϱ`` over its first
-    ϱ samples; ``D`` is ``I``, or ``diagonal(g)`` (the block's shape) when given.
+    ϱ samples; ``D`` is ``I``, or ``diagonal(g)`` (the block's shape) when given. For the
+    Monte-Carlo Fisher, ``u_i`` are the gradients of ``curvature_loss_fn`` (default
+    ``loss_fn``) at ``curvature_targets`` (one per curvature sample, as
+    ``SENG.sample_fisher`` returned them).
     """
     grads = per_sample_gradients(model, x, y, loss_fn)
+    sampled = None
+    if curvature_targets is not None:
+        k = curvature_targets.shape[0]
+        sampled = per_sample_gradients(
+            model, x[:k], curvature_targets, curvature_loss_fn or loss_fn
+        )
     out = {}
     for layer in layers:
         u = block_matrix(grads, layer)
         d = None if diagonal is None else diagonal(u.mean(0))
-        out[layer] = exact_direction(u, damping, curvature_batch_size, d)
+        cu = None if sampled is None else block_matrix(sampled, layer)
+        out[layer] = exact_direction(u, damping, curvature_batch_size, d, cu)
     return out
 
 
@@ -124,17 +136,21 @@ def exact_direction(
     damping: float,
     curvature_batch_size: int | None = None,
     diagonal: Tensor | None = None,
+    curvature_u: Tensor | None = None,
 ) -> Tensor:
     """``-(UUᵀ + λD)⁻¹ g`` from per-sample gradients ``u`` (B, ...): ``g`` their mean, ``U``
-    the first ϱ of them over ``√ϱ``, ``D`` the given diagonal (``u[0]``'s shape) or ``I``; by
-    Sherman-Morrison-Woodbury, ``(D⁻¹g - D⁻¹U b)/λ`` with ``b = (λI + UᵀD⁻¹U)⁻¹ UᵀD⁻¹g``, so
-    that a block of any size costs ϱ×ϱ solves."""
+    the first ϱ of them (of ``curvature_u`` when given) over ``√ϱ``, ``D`` the given diagonal
+    (``u[0]``'s shape) or ``I``; by Sherman-Morrison-Woodbury, ``(D⁻¹g - D⁻¹U b)/λ`` with
+    ``b = (λI + UᵀD⁻¹U)⁻¹ UᵀD⁻¹g``, so that a block of any size costs ϱ×ϱ solves."""
     shape = u.shape[1:]
     u = u.reshape(u.shape[0], -1)
     g = u.mean(0)
     inv = torch.ones_like(g) if diagonal is None else 1.0 / diagonal.reshape(-1)
-    rho = u.shape[0] if curvature_batch_size is None else min(curvature_batch_size, u.shape[0])
-    Ut = u[:rho] / rho**0.5
+    rows = u if curvature_u is None else curvature_u.reshape(curvature_u.shape[0], -1)
+    rho = (
+        rows.shape[0] if curvature_batch_size is None else min(curvature_batch_size, rows.shape[0])
+    )
+    Ut = rows[:rho] / rho**0.5
     K = (Ut * inv) @ Ut.T + damping * torch.eye(rho, dtype=u.dtype, device=u.device)
     b = torch.linalg.solve(K, Ut @ (inv * g))
     return -(inv * (g - b @ Ut) / damping).reshape(shape)

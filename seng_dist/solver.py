@@ -313,8 +313,9 @@ def all_finite(tensors: list[Tensor]) -> bool:
 
 
 def direction(g: Tensor, uc: Tensor, damping: float) -> Tensor:
-    """``d = -(g - U b) / λ`` (eq. 8/13/24)."""
-    return (uc - g).div_(damping)
+    """``d = -(g - U b) / λ`` (eq. 8/13/24), written over ``uc`` (a fresh tensor: on a CPU a
+    new tensor of a layer's size costs its page faults every step)."""
+    return uc.sub_(g).div_(damping)
 
 
 def factored_whitening(w: Tensor) -> tuple[Tensor, Tensor]:
