@@ -44,7 +44,7 @@ from models import MODELS  # noqa: E402
 from plot import plot_runs, write_metrics  # noqa: E402
 
 from seng_dist import SENG, SENGConfig, schedules  # noqa: E402
-from seng_dist.config import UC_MODES, Variant  # noqa: E402
+from seng_dist.config import UC_MODES, DampingDiagonal, Fisher, Variant  # noqa: E402
 
 OPTIMIZERS = ("seng", "sgd", "adam", "kfac", "asdl-seng")
 DEFAULT_LR = {"seng": 0.05, "sgd": 0.05, "adam": 1e-3, "kfac": 0.05, "asdl-seng": 0.05}
@@ -81,6 +81,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="ρ of the paper's damping schedule λ0·ρ^(epoch/10) (1: constant)",
+    )
+    ap.add_argument(
+        "--fisher",
+        default=str(SENGConfig().fisher),
+        choices=[str(f) for f in Fisher],
+        help="SENG's Fisher: the empirical one, or 'mc' (targets drawn from the predictions)",
+    )
+    ap.add_argument(
+        "--damping-diagonal",
+        default=str(SENGConfig().diagonal.damping_diagonal),
+        choices=[str(d) for d in DampingDiagonal],
+        help="SENG's damping λI ('identity') or λ·diag(√v̂ + ε) ('adam')",
     )
     ap.add_argument(
         "--curvature-interval",
@@ -222,6 +234,8 @@ def build_optimizer(
             comm=engine.name,
             overlap=not args.no_overlap,
             skip_nonfinite=True,
+            fisher=args.fisher,
+            damping_diagonal=args.damping_diagonal,
         )
         # A checkpoint written by rank 0 then holds every rank's curvature (eq. 26 keeps one
         # per worker), so all ranks resume exactly.
@@ -272,6 +286,8 @@ def build_optimizer(
                 g["lr"] = lr_fn(t)
         opt.zero_grad()
         logits = model(x)
+        if args.optimizer == "seng" and args.fisher == "mc":
+            opt.sample_fisher(logits)
         loss = F.cross_entropy(logits, y)
         loss.backward()
         opt.step()

@@ -226,7 +226,8 @@ def implicit_utz(
 
 def implicit_uc_exact(Gf: Tensor, Af: Tensor, c: Tensor, r: int) -> Tensor:
     """``U c = Σ_i c_i G_iᵀ A_i`` as one matrix product, shape ``(n_G, n_A)``."""
-    w = c.to(Gf.dtype).repeat_interleave(r).unsqueeze(1)
+    w = c.to(Gf.dtype)
+    w = (w if r == 1 else w.repeat_interleave(r)).unsqueeze(1)
     return (Gf * w).T @ Af
 
 

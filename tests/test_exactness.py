@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import LAYERS, batch, make_mixed, seng_directions
+from torch import nn
 
 from seng_dist import SENG
 from seng_dist.reference import per_sample_gradients, reference_directions, relative_error
@@ -162,3 +164,22 @@ def test_factored_uc_error_is_reported(record_property):
     # yet the direction keeps the -g/λ part, so it stays within the same order as the truth.
     assert errs["factored"]["seq"] > 1e-3
     assert max(errs["factored"].values()) < 1.0
+
+
+def test_explicit_blocks_of_one_factor_per_sample_keep_factors_and_stay_exact():
+    # A Linear on flat inputs has u_i = g_i ⊗ a_i: a block wide enough keeps (Gf, Af), the
+    # narrow head keeps U; both are exact, and the factors are the smaller state.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 5))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(12, 40, generator=g), torch.randint(0, 5, (12,), generator=g)
+    opt = SENG(
+        model, lr=1.0, damping=0.5, momentum=0.0, curvature_batch_size=None, **EXACT_EXPLICIT
+    )
+    ref = reference_directions(model, x, y, ["0", "2"], 0.5)
+    d = seng_directions(opt, model, x, y)
+    for layer in ("0", "2"):
+        assert relative_error(d[layer], ref[layer]) < 1e-5, layer
+    wide, head = (opt.state[model[i].weight] for i in (0, 2))
+    assert "Gf" in wide and "U" not in wide and "U" in head and "Gf" not in head
+    assert wide["Gf"].numel() + wide["Af"].numel() < 12 * 30 * 41 / 8
