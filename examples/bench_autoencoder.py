@@ -254,12 +254,16 @@ def main(argv: list[str] | None = None) -> None:
         return out / "runs" / tag
 
     tuned: dict[str, tuple[Point, list[dict]]] = {}
+    tuning: list[str] = []
     for m in methods:
         results = [
             (p, run(m, p, args.tune_seed, data, args, path(m, p, args.tune_seed))) for p in m.grid
         ]
         tuned[m.name] = min(results, key=lambda r: _final(r[1]))
-        print(f"{m.name}: " + ", ".join(f"{p}: {_final(r):.2f}" for p, r in results), flush=True)
+        tuning.append(
+            f"- {m.name}: " + ", ".join(f"(lr, λ) {p}: {_final(r):.2f}" for p, r in results)
+        )
+        print(tuning[-1], flush=True)
     first_order = [_final(tuned[k][1]) for k in ("SGD", "Adam") if k in tuned]
     base = min(first_order)
     targets = (base * 1.02, base * 1.10)
@@ -315,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
                     )
         cells.append(f"{per_epoch(m.name) / per_epoch('SGD'):.2f}" if "SGD" in runs else "—")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Every tuning run (seed {args.tune_seed}): final test loss (inf: diverged)", ""]
+    lines += tuning
     text = "\n".join(lines) + "\n"
     print(text)
     (out / "results.md").write_text(text)

@@ -73,6 +73,21 @@ METHODS = (
         ("--optimizer", "seng", "--damping", "1", "--damping-diagonal", "adam"),
         (2e-4, 4e-4, 8e-4),
     ),
+    # Issue 30: the same with the Monte-Carlo Fisher (next bytes drawn from the predictions).
+    Method(
+        "SENG, Adam diagonal, MC Fisher",
+        (
+            "--optimizer",
+            "seng",
+            "--damping",
+            "1",
+            "--damping-diagonal",
+            "adam",
+            "--fisher",
+            "mc",
+        ),
+        (2e-4, 4e-4, 8e-4),
+    ),
     Method(
         "SENG, Adam diagonal, 2 ranks lagged",
         (

@@ -32,7 +32,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from seng_dist import SENG, kinds, register_layer_kind, schedules  # noqa: E402
-from seng_dist.config import DampingDiagonal, Variant  # noqa: E402
+from seng_dist.config import DampingDiagonal, Fisher, Variant  # noqa: E402
 
 SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
 OPTIMIZERS = ("adamw", "sgd", "seng")
@@ -112,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="SENG's damping λI or λ·diag(√v̂ + ε) (Adam's, β₂ as AdamW's)",
     )
     ap.add_argument(
+        "--fisher",
+        default="empirical",
+        choices=[f.value for f in Fisher],
+        help="SENG's Fisher: the empirical one, or 'mc' (next bytes drawn from the predictions)",
+    )
+    ap.add_argument(
         "--embedding",
         default="fallback",
         choices=("fallback", "block"),
@@ -156,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
             variant=args.variant,
             damping_diagonal=args.damping_diagonal,
             damping_beta2=BETAS[1],
+            fisher=args.fisher,
             comm="torch" if world > 1 else "local",
         )
     elif args.optimizer == "sgd":
@@ -211,7 +218,10 @@ def main(argv: list[str] | None = None) -> None:
                 group["lr"] = lr_fn(step)
         x, y = windows(train, rng.integers(0, len(train) - args.context - 1, local), args.context)
         opt.zero_grad()
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        logits = model(x)
+        if args.optimizer == "seng" and args.fisher == "mc":
+            opt.sample_fisher(logits)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         loss.backward()
         opt.step()
         if not math.isfinite(loss.item()):

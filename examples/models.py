@@ -193,9 +193,6 @@ def autoencoder(widths: tuple[int, ...] = AUTOENCODER_WIDTHS) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-MODELS = {"cnn": SmallCNN, "resnet18": resnet18, "resnet20": resnet20, "vgg16_bn": vgg16_bn}
-
-
 class ViT(nn.Module):
     """A small Vision Transformer from torch.nn modules: a patch-embedding convolution, a class
     token and learned positions (bare parameters), pre-LN ``nn.TransformerEncoderLayer``
@@ -226,3 +223,15 @@ class ViT(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         h = self.blocks(torch.cat([cls, tokens], dim=1) + self.pos_embed)
         return self.head(self.norm(h[:, 0]))
+
+
+MODELS = {
+    "cnn": SmallCNN,
+    "resnet18": resnet18,
+    "resnet20": resnet20,
+    "vgg16_bn": vgg16_bn,
+    "vit": ViT,
+}
+#: the models that take Fashion-MNIST as it is (28×28, one channel); the others take it padded
+#: to 32×32 with 3 channels, as CIFAR-style networks do
+NATIVE_28 = ("cnn", "vit")

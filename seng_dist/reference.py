@@ -54,7 +54,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .builder import CurvatureBuilder
-from .config import SENGConfig, resolve
+from .config import Fisher, SENGConfig, resolve
+from .fisher import Distribution
 from .layers import find_blocks
 from .passes import BackwardPasses
 
@@ -169,6 +170,7 @@ def emulate_distributed(
     model: nn.Module,
     shards: list[list[tuple[Tensor, Tensor]]],
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    distribution: str = "categorical",
     **seng_kwargs: Any,
 ) -> list[dict[str, Tensor]]:
     """Distributed SENG on ``shards[k][w]`` (step k, worker w), emulated in one process.
@@ -187,10 +189,12 @@ def emulate_distributed(
     ``v ← β₂v + (1-β₂)z²`` and ``W = (√(v/(1-β₂ᵗ)) + ε)^-½``; the curvature built from ``W``
     of the step before (none at the first step), the sources ``W z`` (blockdiag) or the
     previous ``z`` times the previous ``W`` (lagged), ``d = W (U c - W z)/λ`` and the
-    fallback ``-W² z/λ``.
+    fallback ``-W² z/λ``. With ``fisher="mc"`` each worker's curvature comes from targets
+    drawn from ``distribution`` (per-sample losses reduced by their mean), as a rank's
+    ``opt.sample_fisher(output, distribution)`` draws them.
     """
     cfg = SENGConfig.from_settings(**seng_kwargs)
-    run = _Emulation(model, cfg, len(shards[0]))
+    run = _Emulation(model, cfg, len(shards[0]), Distribution.parse("distribution", distribution))
     previous: list[Tensor] | None = None
     history = []
     for k, step_shards in enumerate(shards):
@@ -255,8 +259,11 @@ class _Emulation:
     only the order of the ranks' sums can differ from a real run.
     """
 
-    def __init__(self, model: nn.Module, cfg: SENGConfig, workers: int) -> None:
+    def __init__(
+        self, model: nn.Module, cfg: SENGConfig, workers: int, distribution: Distribution
+    ) -> None:
         self.cfg = cfg
+        self.distribution = distribution
         self.replicas = [copy.deepcopy(model) for _ in range(workers)]
         self.builders = []
         for rep in self.replicas:
@@ -289,7 +296,10 @@ class _Emulation:
             for p in rep.parameters():
                 p.grad = None
             builder.passes.open_window()
-            loss_fn(rep(x), y).backward()
+            out = rep(x)
+            if self.cfg.fisher is Fisher.MC:
+                builder.sample(out, self.distribution, "mean")
+            loss_fn(out, y).backward()
             index = {id(c.block.weight): i for i, c in enumerate(builder.curvatures)}
 
             def whitening(weight: Tensor, index: dict[int, int] = index) -> Tensor | None:

@@ -178,7 +178,10 @@ def _train(rank: int, world: int, job: dict) -> dict:
         x, y = _data(kind, config, k, rank)
         opt.zero_grad()
         for _ in range(job.get("backwards", 1)):
-            loss = F.cross_entropy(forward(x), y)
+            out = forward(x)
+            if config.get("fisher") == "mc":
+                opt.sample_fisher(out)
+            loss = F.cross_entropy(out, y)
             if (k, rank) == job.get("overflow_at"):
                 loss = loss * float("inf")
             if scaler is not None:
@@ -244,6 +247,15 @@ def emulated(
         )
     finally:
         torch.set_num_threads(threads)
+
+
+# The Monte-Carlo Fisher: each rank draws its curvature batch's targets (sample_fisher).
+CONFIGS.update(
+    {
+        "mc-sketched-blockdiag": dict(CONFIGS["sketched-blockdiag"], fisher="mc"),
+        "mc-diagonal-lagged-overlap": dict(CONFIGS["diagonal-lagged-overlap"], fisher="mc"),
+    }
+)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])

@@ -208,8 +208,12 @@ def test_benchmark_interpolates_the_time_to_target_and_picks_the_soonest_point()
 
 @pytest.mark.parametrize(
     "flags",
-    [("--lr", "0.1"), ("--lr", "4e-4", "--damping-diagonal", "adam")],
-    ids=["identity", "adam-diagonal"],
+    [
+        ("--lr", "0.1"),
+        ("--lr", "4e-4", "--damping-diagonal", "adam"),
+        ("--lr", "4e-4", "--damping-diagonal", "adam", "--fisher", "mc"),
+    ],
+    ids=["identity", "adam-diagonal", "adam-diagonal-mc"],
 )
 def test_language_model_example_reads_the_python_docs_and_learns(tmp_path: Path, flags):
     # 40 steps of lm.py: the corpus split by file, a loss that falls from ln 256 (2.9 after
@@ -476,3 +480,30 @@ def test_the_language_model_has_every_linear_and_projection_preconditioned(recwa
     # per layer in_proj, out_proj, linear1, linear2, norm1, norm2; the final norm, the head
     assert len(opt.blocks) == 2 * 6 + 2 and all(c.ready for c in opt.curvature.curvatures)
     assert not [w for w in recwarn if "no curvature" in str(w.message)]
+
+
+def test_autoencoder_benchmark_tunes_every_method_and_reads_targets_off_the_first_order_ones(
+    tmp_path: Path,
+):
+    from examples import bench_autoencoder
+
+    bench_autoencoder.main(
+        ["--smoke", "--out", str(tmp_path), "--methods", "SGD", "Adam", "SENG mc adam-diag"]
+    )
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 12  # 4 points per method, the tuning seed only under --smoke
+    best = min(
+        read_metrics(p)[-1]["test_loss"] for p in runs if p.name.startswith(("SGD_", "Adam_"))
+    )
+    table = (tmp_path / "results.md").read_text()
+    assert f"Targets: {best * 1.02:.2f} and {best * 1.10:.2f}" in table
+    assert table.count("\n| SENG mc adam-diag |") == 1
+
+
+def test_plain_step_benchmark_times_every_optimizer_interleaved():
+    from examples import bench_plain_step
+
+    res = bench_plain_step.measure("mlp", reps=2)
+    assert set(res) == {"sgd", "adam", "seng", "seng-adam"}
+    assert all(0 < r["step_only"] < r["step"] for r in res.values())
+    assert "| mlp | seng |" in bench_plain_step.table({"mlp": res}, 2)
