@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -156,15 +157,23 @@ def train_steps(model: nn.Module, opt: SENG, ks: range, rank: int) -> None:
 
 
 def seng_directions(
-    opt: SENG, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+    opt: SENG,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    backward: Callable[[], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The direction SENG takes on (x, y), per block, read off an update with lr=1 from θ=0.
 
-    The parameters are zeroed after the backward pass so that θ_new = 0 + d holds d exactly
-    in fp32, and restored afterwards.
+    ``backward`` runs the forward and backward pass (default: cross-entropy on (x, y)). The
+    parameters are zeroed after it so that θ_new = 0 + d holds d exactly in fp32, and
+    restored afterwards.
     """
     opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
+    if backward is None:
+        F.cross_entropy(model(x), y).backward()
+    else:
+        backward()
     saved = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         for p in model.parameters():

@@ -426,6 +426,20 @@ for _variant in ("blockdiag", "lagged"):
             "config": CONFIGS[f"sketched-{_variant}-overlap"],
             "checkpoint": _kind,
         }
+# The Monte-Carlo Fisher around what users do: a DDP wrapper, non-reentrant activation
+# checkpointing (its extra backward runs through the recomputation), a GradScaler with
+# unscale_ and clipping (the sampled gradients carry no loss scale).
+MC_AROUND: dict[str, dict[str, Any]] = {
+    "mc-ddp": {"config": CONFIGS["mc-sketched-blockdiag"], "ddp": True},
+    "mc-checkpoint": {"config": CONFIGS["mc-sketched-blockdiag"], "checkpoint": "non-reentrant"},
+    "mc-scaler-clip": {
+        "config": CONFIGS["mc-sketched-blockdiag"],
+        "scaler": True,
+        "unscale": True,
+        "clip": CLIP,
+    },
+}
+EXTRAS.update(MC_AROUND)
 
 
 @pytest.fixture(scope="module")
@@ -645,3 +659,16 @@ def test_broadcast_state_gives_every_rank_rank_zeros_state_and_rebuilds_curvatur
             assert torch.equal(m, saved[i]["momentum_buffer"]), name
     for name, p in ranks[0]["params"].items():
         assert torch.equal(ranks[1]["params"][name], p), name
+
+
+@pytest.mark.parametrize("name", list(MC_AROUND))
+def test_mc_fisher_under_ddp_checkpointing_and_a_grad_scaler(extras, name):
+    start = {n: p.detach() for n, p in make_mixed().named_parameters()}
+    clip = MC_AROUND[name].get("clip")
+    config = CONFIGS["mc-sketched-blockdiag"]
+    ref = emulated(2, dict(config, max_grad_norm=clip) if clip else config)
+    # Clipped, the step carries the rounding of the norm (as in the clipping test above).
+    bound = 1e-5 if clip else 1e-6
+    for res in extras:
+        assert displacement_error(res[name]["params"], ref, start) <= bound
+        assert not [w for w in res[name]["warnings"] if "SENG" in w]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LAYERS, batch, make_mixed
+from conftest import LAYERS, batch, make_mixed, seng_directions
 from torch import Tensor, nn
 
 from seng_dist import SENG
@@ -26,23 +26,18 @@ Loss = Callable[[Tensor, Tensor], Tensor]
 def _mc_directions(
     opt: SENG, model: nn.Module, x: Tensor, y: Tensor, loss: Loss, distribution: str, **kw
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """SENG's direction per block with lr=1 from θ=0 (as ``conftest.seng_directions``), and
-    the targets ``sample_fisher`` drew."""
-    opt.zero_grad()
-    out = model(x)
-    targets = opt.sample_fisher(out, distribution, **kw)
-    assert targets is not None
-    loss(out, y).backward()
-    saved = [p.detach().clone() for p in model.parameters()]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-    opt.step()
-    d = {b.name: b.param_matrix() for b in opt.blocks}
-    with torch.no_grad():
-        for p, s in zip(model.parameters(), saved, strict=True):
-            p.copy_(s)
-    return d, targets
+    """SENG's direction per block (``conftest.seng_directions``) with the Monte-Carlo Fisher,
+    and the targets ``sample_fisher`` drew."""
+    drawn: list[Tensor | None] = []
+
+    def backward() -> None:
+        out = model(x)
+        drawn.append(opt.sample_fisher(out, distribution, **kw))
+        loss(out, y).backward()
+
+    d = seng_directions(opt, model, x, y, backward)
+    assert drawn[0] is not None
+    return d, drawn[0]
 
 
 @pytest.mark.parametrize("exact", [EXACT_EXPLICIT, EXACT_IMPLICIT], ids=["explicit", "implicit"])
