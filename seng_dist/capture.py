@@ -154,9 +154,11 @@ class Capture:
         if self._epoch != self.passes.completed:  # no call since the last pass ended
             return
         pending = [b for b, rec in self.records.items() if not rec.sampled]
-        if not pending:
+        # A weight frozen after the optimizer was built gets no gradient, nor its layer's.
+        weights = [b.weight for b in pending if b.weight.requires_grad]
+        if not weights:
             return
-        torch.autograd.grad(loss, [b.weight for b in pending], retain_graph=True, allow_unused=True)
+        torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
         for b in pending:
             self.records[b].sampled = True
 

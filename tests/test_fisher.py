@@ -183,3 +183,17 @@ def test_sample_fisher_refuses_bad_arguments(kw, message):
 def test_fisher_setting_is_checked():
     with pytest.raises(ValueError, match="fisher must be one of 'empirical', 'mc'"):
         SENG(make_mixed(), fisher="true")
+
+
+def test_a_layer_frozen_after_construction_is_left_out_of_the_sampled_backward():
+    model = make_mixed()
+    x, y = batch()
+    opt = SENG(model, fisher="mc")
+    for p in model.head.parameters():
+        p.requires_grad_(False)
+    out = model(x)
+    assert opt.sample_fisher(out) is not None
+    F.cross_entropy(out, y).backward()
+    with pytest.warns(UserWarning, match="frozen"):
+        opt.step()
+    assert opt.curvature_updates == 1
