@@ -55,6 +55,8 @@ class Method:
 # The grids were first AdamW 1e-3..4e-3 and SGD 0.1..1: AdamW was best at its largest point,
 # SGD diverged at 1 and rose at 0.3, so each moved one step toward its best before SENG's
 # runs (those first runs, with weight decay 0.01, stay in results/lm/weight-decay-0.01/runs/).
+#: SENG damped by Adam's diagonal, λ 1
+ADAM_DIAGONAL = ("--optimizer", "seng", "--damping", "1", "--damping-diagonal", "adam")
 METHODS = (
     Method("AdamW", ("--optimizer", "adamw"), (2e-3, 4e-3, 8e-3)),
     Method("SGD", ("--optimizer", "sgd"), (0.01, 0.03, 0.1)),
@@ -68,38 +70,14 @@ METHODS = (
     ),
     # Damped by Adam's diagonal, SENG's step outside the curvature is Adam's over λ: with
     # heavy-ball momentum 0.9 (10× the step) AdamW's grid over 10.
-    Method(
-        "SENG, Adam diagonal",
-        ("--optimizer", "seng", "--damping", "1", "--damping-diagonal", "adam"),
-        (2e-4, 4e-4, 8e-4),
-    ),
+    Method("SENG, Adam diagonal", ADAM_DIAGONAL, (2e-4, 4e-4, 8e-4)),
     # Issue 30: the same with the Monte-Carlo Fisher (next bytes drawn from the predictions).
     Method(
-        "SENG, Adam diagonal, MC Fisher",
-        (
-            "--optimizer",
-            "seng",
-            "--damping",
-            "1",
-            "--damping-diagonal",
-            "adam",
-            "--fisher",
-            "mc",
-        ),
-        (2e-4, 4e-4, 8e-4),
+        "SENG, Adam diagonal, MC Fisher", ADAM_DIAGONAL + ("--fisher", "mc"), (2e-4, 4e-4, 8e-4)
     ),
     Method(
         "SENG, Adam diagonal, 2 ranks lagged",
-        (
-            "--optimizer",
-            "seng",
-            "--damping",
-            "1",
-            "--damping-diagonal",
-            "adam",
-            "--variant",
-            "lagged",
-        ),
+        ADAM_DIAGONAL + ("--variant", "lagged"),
         None,
         ranks=2,
         of="SENG, Adam diagonal",
