@@ -209,7 +209,8 @@ def _set_choice(config: Any, name: str, kind: type[Choice]) -> None:
     object.__setattr__(config, name, kind.parse(name, getattr(config, name)))
 
 
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """``ValueError`` naming the setting ``name`` and the ``allowed`` values."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
@@ -258,11 +259,11 @@ class SketchConfig:
                 f"the implicit path), got {self.explicit_threshold!r}"
             )
         _check_optional_int("sketch_size", self.sketch_size)
-        _check_choice("sketch_method", self.sketch_method, SKETCH_METHODS)
+        check_choice("sketch_method", self.sketch_method, SKETCH_METHODS)
         _check_bool("sketch_replacement", self.sketch_replacement)
         _check_optional_int("factor_rank", self.factor_rank)
         _check_optional_int("factor_sketch_size", self.factor_sketch_size)
-        _check_choice("uc", self.uc, UC_MODES)
+        check_choice("uc", self.uc, UC_MODES)
 
     def __getattr__(self, name: str) -> Any:
         # Only called when normal lookup fails: an old setting name read as an attribute
@@ -408,7 +409,7 @@ class SENGConfig:
         for name in ("decoupled_weight_decay", "skip_nonfinite", "batch_first"):
             _check_bool(name, getattr(self, name))
         _check_optional_int("curvature_batch_size", self.curvature_batch_size)
-        _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+        check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         _set_choice(self, "fisher", Fisher)
         _check_int_in(
             "gradient_accumulation_steps",

@@ -9,7 +9,8 @@ targets ``ŷ ~ p(y | output)``, drawn for the curvature batch: an unbiased one-s
 the true Fisher (K-FAC's usual choice), which for these three losses is also their Gauss-Newton
 matrix. The user names the distribution once per step with :meth:`SENG.sample_fisher`, between
 the forward and ``backward()``; on a curvature step SENG draws the targets and runs one extra
-backward from the output to the preconditioned layers' outputs (no parameter gradient).
+backward of their loss (to the blocks' weights, whose gradients it drops), the layers' output
+gradients taken on the way.
 
 Each distribution's per-sample loss is a torch loss at ``reduction="none"``, reduced over the
 sample's elements (``"mean"`` as torch's default reduction does per sample, or ``"sum"``):
@@ -81,15 +82,6 @@ def per_sample_loss(
             loss = F.mse_loss(output, target, reduction="none")
     loss = loss.reshape(output.shape[0], -1)
     return loss.mean(1) if reduction == "mean" else loss.sum(1)
-
-
-def check_reduction(reduction: str) -> None:
-    """``ValueError`` naming the argument and its allowed values."""
-    if reduction not in ELEMENT_REDUCTIONS:
-        raise ValueError(
-            f"sample_fisher's reduction must be one of "
-            f"{', '.join(map(repr, ELEMENT_REDUCTIONS))}, got {reduction!r}"
-        )
 
 
 def _uniform(shape: torch.Size, generator: torch.Generator, device: torch.device) -> Tensor:

@@ -22,10 +22,18 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .builder import CurvatureBuilder
 from .checkpoint import Counters, StateCodec, split_curvature, structure_settings
 from .comm import Communicator, make_communicator
-from .config import GROUP_SETTINGS, DampingDiagonal, Fisher, SENGConfig, Variant, resolve
+from .config import (
+    GROUP_SETTINGS,
+    DampingDiagonal,
+    Fisher,
+    SENGConfig,
+    Variant,
+    check_choice,
+    resolve,
+)
 from .curvature import BlockCurvature
 from .describe import describe_table, first_order_warning, placements
-from .fisher import Distribution, check_reduction
+from .fisher import ELEMENT_REDUCTIONS, Distribution
 from .groups import GroupSchedules, StepSettings, check_shape, group_params
 from .layers import FALLBACK_RULE, Block, find_blocks
 from .passes import BackwardPasses, UnsteppedPasses
@@ -533,8 +541,8 @@ class SENG(torch.optim.Optimizer):
         the reduction of each sample's loss over its elements (``"mean"`` or ``"sum"``).
 
         On a curvature step it draws targets for the curvature batch and takes the layers'
-        output gradients from their negative log-likelihood (one extra backward to the
-        layers' outputs, the graph kept for yours) and returns the targets (batch first);
+        output gradients from their negative log-likelihood (one extra backward, the graph
+        kept for yours) and returns the targets (batch first);
         on other steps it does nothing and returns None. :mod:`seng_dist.fisher` has the
         losses; ``torch.utils.checkpoint`` with ``use_reentrant=True`` cannot run it."""
         if self.config.fisher is not Fisher.MC:
@@ -543,7 +551,7 @@ class SENG(torch.optim.Optimizer):
                 f"fisher={str(self.config.fisher)!r}: U is built from your loss's gradients)"
             )
         kind = Distribution.parse("sample_fisher's distribution", distribution)
-        check_reduction(reduction)
+        check_choice("sample_fisher's reduction", reduction, ELEMENT_REDUCTIONS)
         return self.curvature.sample(output, kind, reduction)
 
     @_live
