@@ -154,12 +154,6 @@ METHODS = (
         ((1e-4, 0.1), (3e-4, 0.1), (1e-3, 1.0), (3e-3, 1.0)),
         _seng(damping_diagonal="adam", fisher="mc"),
     ),
-    # Issue 30's momentum lever: the same with its momentum on the gradients.
-    Method(
-        "SENG mc adam-diag, momentum on the gradient",
-        ((1e-4, 0.1), (3e-4, 0.1), (1e-3, 1.0), (3e-3, 1.0)),
-        _seng(damping_diagonal="adam", fisher="mc", momentum_on="gradient"),
-    ),
 )
 
 

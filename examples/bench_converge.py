@@ -138,12 +138,6 @@ FIRST_ROUND = ("SGD", "Adam", "ASDL K-FAC", "SENG")
 # SENG with BatchNorm's γ, β left to the fallback rule (the default before BatchNorm blocks).
 VARIANTS = (
     Variant("SENG, BatchNorm by the fallback rule", "SENG", ("--skip-layers", "BatchNorm2d")),
-    # Issue 30's momentum lever: the recommended setting with its momentum on the gradients.
-    Variant(
-        "SENG mc adam-diag, momentum on the gradient",
-        "SENG mc adam-diag",
-        ("--momentum-on", "gradient"),
-    ),
 )
 # The large batch runs each method's batch-128 lr and damping at one 6-epoch budget, the lr
 # scaled linearly with the batch (Goyal et al., 2017) and at a quarter of that (SGD diverges
@@ -435,12 +429,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--regimes", default=",".join(r.name for r in REGIMES))
     ap.add_argument("--only", default=None, help="comma-separated method names")
     ap.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        help="a variant (by name) every regime runs besides its own (repeatable)",
-    )
-    ap.add_argument(
         "--smoke",
         action="store_true",
         help="tiny data and 1-epoch budgets: checks the pipeline, measures nothing",
@@ -485,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             curves[m.name] = rows
         for v in VARIANTS:
-            if v.name not in regime.variants + tuple(args.variant) or v.of not in chosen:
+            if v.name not in regime.variants or v.of not in chosen:
                 continue
             base = next(m for m in methods if m.name == v.of)
             m = replace(base, name=v.name, args=base.args + v.args)

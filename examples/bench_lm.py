@@ -75,13 +75,6 @@ METHODS = (
     Method(
         "SENG, Adam diagonal, MC Fisher", ADAM_DIAGONAL + ("--fisher", "mc"), (2e-4, 4e-4, 8e-4)
     ),
-    # Issue 30's momentum lever: the MC point with its momentum on the gradients.
-    Method(
-        "SENG, Adam diagonal, MC Fisher, momentum on the gradient",
-        ADAM_DIAGONAL + ("--fisher", "mc", "--momentum-on", "gradient"),
-        None,
-        of="SENG, Adam diagonal, MC Fisher",
-    ),
     Method(
         "SENG, Adam diagonal, 2 ranks lagged",
         ADAM_DIAGONAL + ("--variant", "lagged"),

@@ -32,7 +32,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from seng_dist import SENG, kinds, register_layer_kind, schedules  # noqa: E402
-from seng_dist.config import DampingDiagonal, Fisher, MomentumOn, Variant  # noqa: E402
+from seng_dist.config import DampingDiagonal, Fisher, Variant  # noqa: E402
 
 SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
 OPTIMIZERS = ("adamw", "sgd", "seng")
@@ -118,12 +118,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="SENG's Fisher: the empirical one, or 'mc' (next bytes drawn from the predictions)",
     )
     ap.add_argument(
-        "--momentum-on",
-        default="direction",
-        choices=[m.value for m in MomentumOn],
-        help="SENG's momentum on the directions or on the gradients before preconditioning",
-    )
-    ap.add_argument(
         "--embedding",
         default="fallback",
         choices=("fallback", "block"),
@@ -169,7 +163,6 @@ def main(argv: list[str] | None = None) -> None:
             damping_diagonal=args.damping_diagonal,
             damping_beta2=BETAS[1],
             fisher=args.fisher,
-            momentum_on=args.momentum_on,
             comm="torch" if world > 1 else "local",
         )
     elif args.optimizer == "sgd":

@@ -44,13 +44,7 @@ from models import MODELS, NATIVE_28  # noqa: E402
 from plot import plot_runs, write_metrics  # noqa: E402
 
 from seng_dist import SENG, SENGConfig, schedules  # noqa: E402
-from seng_dist.config import (  # noqa: E402
-    UC_MODES,
-    DampingDiagonal,
-    Fisher,
-    MomentumOn,
-    Variant,
-)
+from seng_dist.config import UC_MODES, DampingDiagonal, Fisher, Variant  # noqa: E402
 
 OPTIMIZERS = ("seng", "sgd", "adam", "kfac", "asdl-seng")
 DEFAULT_LR = {"seng": 0.05, "sgd": 0.05, "adam": 1e-3, "kfac": 0.05, "asdl-seng": 0.05}
@@ -93,12 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=str(SENGConfig().fisher),
         choices=[str(f) for f in Fisher],
         help="SENG's Fisher: the empirical one, or 'mc' (targets drawn from the predictions)",
-    )
-    ap.add_argument(
-        "--momentum-on",
-        default=str(SENGConfig().momentum_on),
-        choices=[str(m) for m in MomentumOn],
-        help="SENG's momentum on the directions or on the gradients before preconditioning",
     )
     ap.add_argument(
         "--damping-diagonal",
@@ -248,7 +236,6 @@ def build_optimizer(
             skip_nonfinite=True,
             fisher=args.fisher,
             damping_diagonal=args.damping_diagonal,
-            momentum_on=args.momentum_on,
         )
         # A checkpoint written by rank 0 then holds every rank's curvature (eq. 26 keeps one
         # per worker), so all ranks resume exactly.

@@ -14,11 +14,10 @@ from torch import Tensor, nn
 
 from .builder import CurvatureBuilder
 from .comm import Communicator
-from .config import MomentumOn, SENGConfig, Variant, saved_names
+from .config import SENGConfig, Variant, saved_names
 from .curvature import BlockCurvature
 from .layers import Block, module_name
 from .rounds import LaggedRound
-from .update import MOMENTUM, GradientMomentum
 from .warn import warn
 
 #: ``(index of a block's weight in the state_dict, its curvature)`` per block
@@ -96,14 +95,6 @@ class StateCodec:
             # be kept unused and come back stale if the state were resumed as lagged again.
             for entries in state.values():
                 entries.pop(LaggedRound.PREVIOUS, None)
-        written = saved_names(extra["config"]).get("momentum_on", MomentumOn.DIRECTION)
-        if written != self.config.momentum_on:
-            # Saved with the momentum in the other place: its buffer means nothing here, and a
-            # lagged previous z is (or is not) that buffer, off by up to 1/(1-μ); the momentum
-            # starts afresh and the first step is block-diagonal.
-            for entries in state.values():
-                for key in (LaggedRound.PREVIOUS, MOMENTUM, GradientMomentum.KEY):
-                    entries.pop(key, None)
         torch_part["state"], curvature = split_curvature(state, indexed)
         return torch_part, Saved(extra, curvature)
 

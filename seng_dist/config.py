@@ -98,16 +98,6 @@ class Fisher(Choice):
     MC = "mc"
 
 
-class MomentumOn(Choice):
-    """What the heavy-ball momentum accumulates (:mod:`seng_dist.update`)."""
-
-    #: the preconditioned directions (SGD's momentum on SENG's direction, as the paper)
-    DIRECTION = "direction"
-    #: the averaged gradients, before preconditioning: each step preconditions the momentum
-    #: with the curvature of that step
-    GRADIENT = "gradient"
-
-
 class DampingDiagonal(Choice):
     """The diagonal ``D`` of the damping ``λD`` (:mod:`seng_dist.diagonal`)."""
 
@@ -373,14 +363,8 @@ class SENGConfig:
     lr: Schedule = setting(0.1, schedule=_POSITIVE, group=_NONNEGATIVE)
     #: ``λ`` (scheduled)
     damping: Schedule = setting(1.0, schedule=_POSITIVE, group=_POSITIVE)
-    #: heavy-ball momentum ``μ`` (scheduled)
+    #: heavy-ball momentum on the direction (scheduled)
     momentum: Schedule = setting(0.9, schedule=_MOMENTUM, group=_MOMENTUM)
-    #: ``"direction"`` (``v ← μv + d``, then ``θ ← θ + lr·v``) or ``"gradient"``
-    #: (``m ← μm + z`` on the averaged gradient ``z``, and ``d`` preconditions ``m``): the same
-    #: step under a curvature that does not move; they differ in which curvature preconditions
-    #: the past gradients. A checkpoint saved with the other resumes with the momentum afresh
-    #: (and, lagged, a block-diagonal first step)
-    momentum_on: MomentumOn = setting(MomentumOn.DIRECTION)
     #: L2 added to the gradient before preconditioning (scheduled)
     weight_decay: Schedule = setting(0.0, schedule=_NONNEGATIVE, group=_NONNEGATIVE)
     #: shrink the parameters by ``1 - lr·weight_decay`` instead of adding L2 to the gradient
@@ -427,7 +411,6 @@ class SENGConfig:
         _check_optional_int("curvature_batch_size", self.curvature_batch_size)
         check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         _set_choice(self, "fisher", Fisher)
-        _set_choice(self, "momentum_on", MomentumOn)
         _check_int_in(
             "gradient_accumulation_steps",
             self.gradient_accumulation_steps,

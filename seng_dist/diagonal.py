@@ -49,11 +49,9 @@ class Diagonal(ABC):
         its ``W`` of :meth:`update`."""
 
     @abstractmethod
-    def fallback(
-        self, params: list[Tensor], grads: list[Tensor], steps: list[Tensor], damping: float
-    ) -> list[Tensor]:
-        """The directions of the parameters outside the blocks: ``grads`` update their second
-        moments, ``steps`` (the gradients, or their momentum) are what is preconditioned."""
+    def fallback(self, params: list[Tensor], grads: list[Tensor], damping: float) -> list[Tensor]:
+        """The directions of the parameters outside the blocks (their second moments are
+        updated)."""
 
 
 class IdentityDiagonal(Diagonal):
@@ -69,10 +67,8 @@ class IdentityDiagonal(Diagonal):
     def without_curvature(self, z: Tensor, w: Tensor | None, damping: float) -> Tensor:
         return z.mul(-1.0 / (1.0 + damping))
 
-    def fallback(
-        self, params: list[Tensor], grads: list[Tensor], steps: list[Tensor], damping: float
-    ) -> list[Tensor]:
-        return list(torch._foreach_mul(steps, -1.0 / (1.0 + damping)))
+    def fallback(self, params: list[Tensor], grads: list[Tensor], damping: float) -> list[Tensor]:
+        return list(torch._foreach_mul(grads, -1.0 / (1.0 + damping)))
 
 
 class AdamDiagonal(Diagonal):
@@ -111,12 +107,10 @@ class AdamDiagonal(Diagonal):
         assert w is not None  # update() always returns one
         return (z * w).mul_(w).mul_(-1.0 / damping)
 
-    def fallback(
-        self, params: list[Tensor], grads: list[Tensor], steps: list[Tensor], damping: float
-    ) -> list[Tensor]:
+    def fallback(self, params: list[Tensor], grads: list[Tensor], damping: float) -> list[Tensor]:
         return [
-            self.without_curvature(s, self.update(p, g), damping)
-            for p, g, s in zip(params, grads, steps, strict=True)
+            self.without_curvature(g, self.update(p, g), damping)
+            for p, g in zip(params, grads, strict=True)
         ]
 
 

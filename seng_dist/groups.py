@@ -25,12 +25,10 @@ _OTHER_KEYS = ("params", "name")
 
 @dataclass(frozen=True)
 class StepSettings:
-    """Each parameter's damping, L2 weight decay and momentum for one step, by ``id`` of the
-    tensor."""
+    """Each parameter's damping and L2 weight decay for one step, by ``id`` of the tensor."""
 
     damping: dict[int, float]
     l2: dict[int, float]
-    momentum: dict[int, float]
 
 
 class GroupSchedules:
@@ -81,15 +79,13 @@ class GroupSchedules:
 
     @staticmethod
     def step_settings(groups: list[dict[str, Any]], decoupled: bool) -> StepSettings:
-        """Each parameter's damping, L2 (0 under decoupled weight decay) and momentum from
-        ``groups``."""
-        damping, l2, momentum = {}, {}, {}
+        """Each parameter's damping and L2 (0 under decoupled weight decay) from ``groups``."""
+        damping, l2 = {}, {}
         for group in groups:
             for p in group["params"]:
                 damping[id(p)] = group["damping"]
                 l2[id(p)] = 0.0 if decoupled else group["weight_decay"]
-                momentum[id(p)] = group["momentum"]
-        return StepSettings(damping, l2, momentum)
+        return StepSettings(damping, l2)
 
     @staticmethod
     def check_blocks(blocks: Iterable[Block], groups: list[dict[str, Any]]) -> None:

@@ -26,7 +26,6 @@ from .config import (
     GROUP_SETTINGS,
     DampingDiagonal,
     Fisher,
-    MomentumOn,
     SENGConfig,
     Variant,
     check_choice,
@@ -108,9 +107,8 @@ class SENG(torch.optim.Optimizer):
     bias as one block) ``d = -(U Uᵀ + λI)⁻¹ g`` with ``U`` the per-sample gradients of the
     curvature batch over ``√ϱ`` (``λI`` becomes ``λD``, Adam's diagonal, with
     ``damping_diagonal="adam"``); every other trainable parameter follows ``d = -g/(1 + λ)``
-    (``-g/(λD)``); then heavy-ball momentum (on the directions, or with
-    ``momentum_on="gradient"`` on the gradients before preconditioning) and ``θ ← θ + lr·v``.
-    What is computed, and how: ``docs/design.md``.
+    (``-g/(λD)``); then heavy-ball momentum and ``θ ← θ + lr·v``. What is computed, and how:
+    ``docs/design.md``.
 
     Args:
         model: the ``nn.Module`` to train (or the ``DistributedDataParallel`` around it); hooks
@@ -243,7 +241,7 @@ class SENG(torch.optim.Optimizer):
         self._said_empty = False
         self._wrappers_checked = False
         self._settings_key: tuple = ()
-        self._settings = StepSettings({}, {}, {})
+        self._settings = StepSettings({}, {})
         self._set_round(grads_averaged)
         if self.communicator.world_size > 1:
             self._check_ranks_agree()
@@ -451,13 +449,7 @@ class SENG(torch.optim.Optimizer):
             return True
         if not found[0]:
             return False
-        apply_update(
-            self.state,
-            self.param_groups,
-            *found,
-            self.config.decoupled_weight_decay,
-            momentum=self.config.momentum_on is MomentumOn.DIRECTION,
-        )
+        apply_update(self.state, self.param_groups, *found, self.config.decoupled_weight_decay)
         self._counters.step = k + 1
         self._stop_double_averaging()
         return True
@@ -525,11 +517,10 @@ class SENG(torch.optim.Optimizer):
         return loss
 
     def _step_settings(self) -> StepSettings:
-        """Each parameter's damping, L2 and momentum, rebuilt (and the groups' split layers
-        checked) only when a group's values changed: a scheduler may have moved them."""
+        """Each parameter's damping and L2, rebuilt (and the groups' split layers checked)
+        only when a group's values changed: a scheduler may have moved them."""
         key = tuple(
-            (g["lr"], g["damping"], g["weight_decay"], g["momentum"], len(g["params"]))
-            for g in self.param_groups
+            (g["lr"], g["damping"], g["weight_decay"], len(g["params"])) for g in self.param_groups
         )
         if key != self._settings_key:
             if len(self.param_groups) > 1:

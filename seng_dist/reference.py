@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .builder import CurvatureBuilder
-from .config import Fisher, MomentumOn, SENGConfig, resolve
+from .config import Fisher, SENGConfig, resolve
 from .fisher import Distribution
 from .layers import find_blocks
 from .passes import BackwardPasses
@@ -184,10 +184,7 @@ def emulate_distributed(
     ``U_w c_w`` for ``c_w = (λI + K_w)⁻¹ U_wᵀ z_src`` with ``z_src = z`` (blockdiag, and the
     first lagged step) or the previous step's ``z`` (lagged); ``d = -(z - mean_w U_w c_w)/λ``,
     with eq. 28's ``(mean_w Gᶜ_w)ᵀ (mean_w Aᶜ_w)`` on implicit blocks with ``uc="factored"``;
-    the fallback ``-z/(1+λ)``; heavy-ball momentum and ``θ ← θ + lr·v`` (with
-    ``momentum_on="gradient"``: ``m ← μm + z`` per block and fallback parameter, ``m`` in
-    ``z``'s place from the sources on, the lagged variant's previous ``m`` as its source, and
-    ``θ ← θ + lr·d``). Every gradient must
+    the fallback ``-z/(1+λ)``; heavy-ball momentum and ``θ ← θ + lr·v``. Every gradient must
     be present. With ``damping_diagonal="adam"``: every block's and fallback parameter's
     ``v ← β₂v + (1-β₂)z²`` and ``W = (√(v/(1-β₂ᵗ)) + ε)^-½``; the curvature built from ``W``
     of the step before (none at the first step), the sources ``W z`` (blockdiag) or the
@@ -210,14 +207,13 @@ def emulate_distributed(
         zs, fmeans = run.averaged(l2)
         lagged = cfg.distributed.variant == "lagged" and previous is not None
         ws = [run.moments.update(i, z) for i, z in enumerate(zs)]
-        zs = [run.accumulated(i, z, mu) for i, z in enumerate(zs)]
         if lagged and previous is not None:
             sources = [_times(z, w) for z, w in zip(previous, before, strict=True)]
         else:
             sources = [_times(z, w) for z, w in zip(zs, ws, strict=True)]
-        update = run.directions(zs, fmeans, sources, ws, lam, l2, mu)
+        update = run.directions(zs, fmeans, sources, ws, lam, l2)
         previous = zs
-        run.apply(update, lr, 0.0 if run.on_gradient else mu, wd)
+        run.apply(update, lr, mu, wd)
         for builder in run.builders:
             builder.arm_for(k + 1)
         history.append({n: p.detach().clone() for n, p in run.params[0].items()})
@@ -286,8 +282,6 @@ class _Emulation:
             n for n, p in self.params[0].items() if p.requires_grad and id(p) not in in_blocks
         ]
         self.momentum: dict[str, Tensor] = {}
-        self.on_gradient = cfg.momentum_on is MomentumOn.GRADIENT
-        self.gradient_momentum: dict[Any, Tensor] = {}
         self.moments = _Moments(cfg)
 
     def backward(
@@ -337,10 +331,8 @@ class _Emulation:
         ws: list[Tensor | None],
         lam: float,
         l2: float,
-        mu: float,
     ) -> dict[str, Tensor]:
-        """Every parameter's direction, by name: each worker's correction for ``sources``
-        (``zs``: what each block preconditions)."""
+        """Every parameter's direction, by name: each worker's correction for ``sources``."""
         update: dict[str, Tensor] = {}
         for cs, z, src, w in zip(self.per_block, zs, sources, ws, strict=True):
             parts = [c.correction(src, lam) for c in cs]
@@ -357,17 +349,8 @@ class _Emulation:
         for n, g in zip(self.fallback, fmeans, strict=True):
             g = g.add(self.params[0][n].detach(), alpha=l2)
             w = self.moments.update(n, g)
-            g = self.accumulated(n, g, mu)
             update[n] = g * (-1.0 / (1.0 + lam)) if w is None else g * w * w * (-1.0 / lam)
         return update
-
-    def accumulated(self, key: Any, z: Tensor, mu: float) -> Tensor:
-        """``z``, or under ``momentum_on="gradient"`` its momentum ``m ← μm + z``."""
-        if not self.on_gradient or not mu:
-            return z
-        m = self.gradient_momentum.get(key)
-        m = self.gradient_momentum[key] = z.clone() if m is None else m.mul(mu).add(z)
-        return m
 
     @torch.no_grad()
     def apply(self, update: dict[str, Tensor], lr: float, mu: float, wd: float) -> None:

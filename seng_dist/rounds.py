@@ -35,13 +35,12 @@ from torch import Tensor
 from . import solver
 from .buckets import BucketPlan, Buckets, Payload, first_positions
 from .comm import Communicator
-from .config import MomentumOn, SENGConfig, Variant
+from .config import SENGConfig, Variant
 from .curvature import BlockCurvature, ParamState
 from .diagonal import make_diagonal
 from .groups import StepSettings
 from .layers import FALLBACK_RULE
 from .passes import BackwardPasses
-from .update import GradientMomentum
 from .warn import warn
 
 
@@ -67,10 +66,9 @@ class Agreement(Enum):
 
 @dataclass
 class Exchanged:
-    """A round's averaged result: per block ``z = ḡ + l2·θ`` (its momentum ``m`` under
-    ``momentum_on="gradient"``: what is preconditioned), the averaged slot and the damping
-    diagonal's whitening ``W`` (None for ``λI``); the (clipped) averaged fallback gradients;
-    and the agreed flags (``present`` per unit, then ``ready`` per block)."""
+    """A round's averaged result: per block ``z = ḡ + l2·θ``, the averaged slot and the
+    damping diagonal's whitening ``W`` (None for ``λI``); the (clipped) averaged fallback
+    gradients; and the agreed flags (``present`` per unit, then ``ready`` per block)."""
 
     zs: list[Tensor]
     slots: list[list[Tensor]]
@@ -176,10 +174,6 @@ class Round(ABC):
         self.grads_averaged = grads_averaged
         self._param_state = state
         self.diagonal = make_diagonal(config.diagonal, state)
-        #: the gradients' momentum, when ``momentum_on="gradient"`` (else the update's)
-        self.momentum = (
-            GradientMomentum(state) if config.momentum_on is MomentumOn.GRADIENT else None
-        )
         first = curvatures[0].block.weight if curvatures else fallback[0]
         self.agreement = AgreementFlags(comm, first.device, first.dtype)
         self._warned: set[str] = set()
@@ -493,24 +487,9 @@ class Round(ABC):
             fps, grads = [p for p, _ in kept], [g for _, g in kept]
             if l2:
                 grads = list(torch._foreach_add(grads, fps, alpha=l2))
-            steps = (
-                grads if self.momentum is None else self.momentum.params(fps, grads, hyper.momentum)
-            )
-            dirs.extend(self.diagonal.fallback(fps, grads, steps, damping))
+            dirs.extend(self.diagonal.fallback(fps, grads, damping))
             params.extend(fps)
         return params, dirs
-
-    def _accumulated(
-        self, zs: list[Tensor], present: Sequence[Agreement], hyper: StepSettings
-    ) -> list[Tensor]:
-        """What each block preconditions: its ``z``, or under ``momentum_on="gradient"`` its
-        momentum with ``z`` folded in (a block no rank has keeps its momentum as it is)."""
-        if self.momentum is None:
-            return zs
-        return [
-            self.momentum.block(c.block, z, hyper.momentum) if h.anywhere else z
-            for c, z, h in zip(self.curvatures, zs, present, strict=True)
-        ]
 
     def _warn_no_curvature(self, curvature: BlockCurvature) -> None:
         name = curvature.block.name
@@ -534,13 +513,12 @@ class BlockDiagonalRound(Round):
         nb = len(self.curvatures)
         here = agreed.present[:nb]
         ws = self._whitenings(gs, here)
-        zs = self._accumulated(gs, here, hyper)
         slots = [
             c.correction(_whiten(z, w) if h.anywhere else None, hyper.damping[id(c.block.weight)])
-            for c, z, w, h in zip(self.curvatures, zs, ws, here, strict=True)
+            for c, z, w, h in zip(self.curvatures, gs, ws, here, strict=True)
         ]
         present, ready = self._corrected(slots, agreed)
-        return Exchanged(zs, slots, averaged, present + ready, ws)
+        return Exchanged(gs, slots, averaged, present + ready, ws)
 
     def _whitenings(self, zs: list[Tensor], present: Sequence[Agreement]) -> list[Tensor | None]:
         """Each present block's ``W`` after folding in its averaged ``z`` (the same on every
@@ -594,8 +572,6 @@ class LaggedRound(BlockDiagonalRound):
         present = done.flags[: len(self.curvatures)]
         for c, z, p in zip(self.curvatures, done.zs, present, strict=True):
             if p.anywhere:
-                # Under momentum_on="gradient" z is the momentum buffer itself: the next
-                # step's early corrections read it before its step folds in a new gradient.
                 self._param_state[c.block.weight][self.PREVIOUS] = z
         return out
 
@@ -681,9 +657,8 @@ class LaggedRound(BlockDiagonalRound):
             # corrections: the corrections and flags are a round of their own.
             slots = self._slots(range(len(self.curvatures)), hyper)
             present, ready = self._corrected(slots, agreed)
-        here = present[: len(self.curvatures)]
-        ws = self._whitenings(gs, here)
-        return Exchanged(self._accumulated(gs, here, hyper), slots, averaged, present + ready, ws)
+        nb = len(self.curvatures)
+        return Exchanged(gs, slots, averaged, present + ready, self._whitenings(gs, present[:nb]))
 
 
 def round_class(variant: Variant) -> type[Round]:

@@ -1,71 +1,16 @@
-"""The heavy-ball momentum and the parameter update ``θ ← θ + lr·v``, with each param group's
-``lr``, ``momentum`` and (decoupled) ``weight_decay``.
-
-With ``momentum_on="direction"`` (the paper's) :func:`apply_update` sums the preconditioned
-directions, ``v ← μv + d``. With ``"gradient"`` :class:`GradientMomentum` sums the averaged
-gradients before they are preconditioned, ``m ← μm + z``, so ``d = P_k m`` preconditions every
-past gradient with the current curvature ``P_k``, and :func:`apply_update` steps along ``d``.
-The two agree while ``P`` does not move.
-"""
+"""The parameter update: heavy-ball momentum on the direction, then ``θ ← θ + lr·v``, with each
+param group's ``lr``, ``momentum`` and (decoupled) ``weight_decay``."""
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .layers import Block
-
 #: the per-parameter state key of the momentum buffer (as torch's SGD names it)
 MOMENTUM = "momentum_buffer"
-
-
-class GradientMomentum:
-    """``m ← μm + z`` on the averaged gradients (``momentum_on="gradient"``), kept in the
-    optimizer's state: a block's under its weight (one ``(n_G, n_A)`` matrix, the bias's
-    column with the bias's ``μ``), a fallback parameter's under itself."""
-
-    #: the per-parameter state key of the buffer
-    KEY = "gradient_momentum"
-
-    def __init__(self, state: MutableMapping[Any, dict[str, Any]]) -> None:
-        self._state = state
-
-    def block(self, block: Block, z: Tensor, momentum: dict[int, float]) -> Tensor:
-        """The block's momentum after folding in its averaged gradient matrix ``z``."""
-        mus = [momentum[id(p)] for p in block.params]
-        if not any(mus):
-            return z
-        m = self._state[block.weight].get(self.KEY)
-        if m is None:
-            m = self._state[block.weight][self.KEY] = z.clone()
-            return m
-        if len(set(mus)) == 1:
-            m.mul_(mus[0])
-        else:
-            for piece, mu in zip(block.split(m), mus, strict=True):
-                piece.mul_(mu)
-        return m.add_(z)
-
-    def params(
-        self, params: Sequence[Tensor], grads: Sequence[Tensor], momentum: dict[int, float]
-    ) -> list[Tensor]:
-        """Each parameter's momentum after folding in its averaged gradient."""
-        out = []
-        for p, g in zip(params, grads, strict=True):
-            mu = momentum[id(p)]
-            if not mu:
-                out.append(g)
-                continue
-            m = self._state[p].get(self.KEY)
-            if m is None:
-                m = self._state[p][self.KEY] = g.clone()
-            else:
-                m.mul_(mu).add_(g)
-            out.append(m)
-        return out
 
 
 def apply_update(
@@ -74,19 +19,12 @@ def apply_update(
     params: list[Tensor],
     dirs: list[Tensor],
     decoupled: bool,
-    momentum: bool = True,
 ) -> None:
-    """Update ``params`` along ``dirs``, group by group (``state`` holds the buffers);
-    ``momentum``: whether the directions get the groups' heavy-ball momentum."""
+    """Update ``params`` along ``dirs``, group by group (``state`` holds the buffers)."""
     if len(groups) == 1:
         g = groups[0]
         _heavy_ball(
-            state,
-            params,
-            dirs,
-            g["lr"],
-            g["momentum"] if momentum else 0.0,
-            g["weight_decay"] if decoupled else 0.0,
+            state, params, dirs, g["lr"], g["momentum"], g["weight_decay"] if decoupled else 0.0
         )
         return
     direction = {id(p): d for p, d in zip(params, dirs, strict=True)}
@@ -98,7 +36,7 @@ def apply_update(
                 ps,
                 [direction[id(p)] for p in ps],
                 group["lr"],
-                group["momentum"] if momentum else 0.0,
+                group["momentum"],
                 group["weight_decay"] if decoupled else 0.0,
             )
 

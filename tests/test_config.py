@@ -10,7 +10,7 @@ import pytest
 from torch import nn
 
 from seng_dist import SENG, SENGConfig, SENGDeprecationWarning, SENGWarning
-from seng_dist.config import RENAMED_SETTINGS, DampingDiagonal, MomentumOn, Variant
+from seng_dist.config import RENAMED_SETTINGS, DampingDiagonal, Variant
 from seng_dist.deepspeed import seng_params
 from seng_dist.diagonal import AdamDiagonal, IdentityDiagonal
 from seng_dist.rounds import BlockDiagonalRound, LaggedRound
@@ -76,8 +76,7 @@ def test_a_ds_config_may_name_the_old_setting():
 
 
 @pytest.mark.parametrize(
-    "setting, kind",
-    [("variant", Variant), ("damping_diagonal", DampingDiagonal), ("momentum_on", MomentumOn)],
+    "setting, kind", [("variant", Variant), ("damping_diagonal", DampingDiagonal)]
 )
 def test_named_choices_are_enums_that_compare_and_save_as_their_strings(setting, kind):
     for choice in kind:

@@ -256,16 +256,6 @@ CONFIGS.update(
         "mc-diagonal-lagged-overlap": dict(CONFIGS["diagonal-lagged-overlap"], fisher="mc"),
     }
 )
-# Momentum on the averaged gradients, BatchNorm to the fallback rule: the lagged variant's
-# early corrections read the momentum of the step before.
-CONFIGS.update(
-    {
-        f"gradient-momentum-{name}": dict(
-            CONFIGS[name], momentum_on="gradient", skip_layers=("bn",)
-        )
-        for name in ("sketched-blockdiag", "diagonal-lagged-overlap")
-    }
-)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
