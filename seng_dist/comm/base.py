@@ -2,9 +2,12 @@
 
 The distributed SENG variants talk only to :class:`Communicator`. An engine implements four
 primitives on ONE flat, contiguous buffer (sum-allreduce, broadcast, allgather, barrier), and
-may implement a fifth, the asynchronous sum-allreduce; the public methods here pack a list of
-tensors into that buffer (optionally cast to a lower ``comm_dtype``), run one collective, and
-unpack, so every call is one call to the engine.
+may implement the asynchronous sum-allreduce and the (asynchronous) sum-reduce-scatter, whose
+defaults here run on the four; the public methods here pack a list of tensors into that buffer
+(optionally cast to a lower ``comm_dtype``), run one collective, and unpack, so every call is
+one call to the engine. Sharded state (``shard_state``) uses the two segment methods:
+:meth:`Communicator.reduce_scatter_mean_async_` hands each rank the mean of its own segment
+and :meth:`Communicator.allgather_segments_` gives every rank each rank's segment.
 
 Names: a collective's name is ``"<round>"`` or ``"<round>/<part>"`` (a round sent in several
 buckets: ``"seng.step/b0"``, ``"seng.step/b1"``); :func:`round_of` reads the round back, and
@@ -71,11 +74,16 @@ class Pending:
     :meth:`wait` finishes it and writes each tensor's mean over the ranks in place."""
 
     def __init__(
-        self, comm: Communicator, name: str, parts: list[tuple[Tensor, list[Tensor], Work]]
+        self,
+        comm: Communicator,
+        name: str,
+        parts: list[tuple[Tensor, list[Tensor], Work]],
+        kind: str = "allreduce",
     ) -> None:
         self._comm = comm
         self._name = name
         self._parts = parts
+        self._kind = kind
 
     def progress(self) -> None:
         """Let the engine advance the collective (engines that progress only inside their own
@@ -87,7 +95,7 @@ class Pending:
         """Wait for the engine, then divide and unpack (once; later calls do nothing)."""
         parts, self._parts = self._parts, []
         for buf, group, work in parts:
-            with self._comm.guard("allreduce", self._name):
+            with self._comm.guard(self._kind, self._name):
                 self._comm.wait_flat(work, buf, self._name)
             # Sum then divide (not divide then sum): a mean of equal values stays exact.
             buf.div_(self._comm.world_size)
@@ -147,6 +155,15 @@ class Communicator(ABC):
         """Advance ``work`` without waiting (default: nothing; the engine progresses it)."""
         del work  # most engines progress collectives on their own threads or streams
 
+    def reduce_scatter_sum_flat_async_(self, buf: Tensor, out: Tensor, name: str) -> Work:
+        """Start summing ``buf`` (``world_size`` equal chunks) over all ranks into ``out``, this
+        rank's chunk of the sum; it is there after :meth:`wait_flat` (called with ``out``).
+        The default runs a sum-allreduce now and copies the chunk out (the right result, at an
+        allreduce's cost): engines with a reduce-scatter override it."""
+        self.allreduce_sum_flat_(buf, name)
+        out.copy_(buf.view(self.world_size, -1)[self.rank])
+        return _Done()
+
     # ------------------------------------------------------------------ fused public API
     def allreduce_mean_(
         self, tensors: Sequence[Tensor], *, name: str, comm_dtype: torch.dtype | None = None
@@ -172,6 +189,55 @@ class Communicator(ABC):
             with self.guard("allreduce", name):
                 parts.append((buf, group, self.allreduce_sum_flat_async_(buf, f"{name}/{i}")))
         return Pending(self, name, parts)
+
+    def reduce_scatter_mean_async_(
+        self,
+        segments: Sequence[Sequence[Tensor]],
+        *,
+        name: str,
+        comm_dtype: torch.dtype | None = None,
+    ) -> Pending:
+        """Start averaging ``segments[r]`` (the tensors rank ``r`` receives) over the ranks,
+        each rank receiving only its own: after the handle's ``wait()``, ``segments[rank]``
+        holds the means, in place, and the other segments are as they were. Every rank passes
+        segments of the same shapes; each dtype (or ``comm_dtype``) is one collective, of
+        ``world_size`` chunks as long as the longest segment (shorter ones padded)."""
+        if self.world_size == 1 or not any(segments):
+            return Pending(self, name, [])
+        parts = []
+        for i, per_rank in enumerate(_segments_by_dtype(segments, comm_dtype)):
+            dtype, tensors = per_rank
+            length = max(sum(t.numel() for t in seg) for seg in tensors)
+            first = next(t for seg in tensors for t in seg)
+            buf = torch.zeros(self.world_size, length, dtype=dtype, device=first.device)
+            for r, seg in enumerate(tensors):
+                if seg:
+                    buf[r, : sum(t.numel() for t in seg)] = _pack(seg, dtype)
+            out = buf.new_empty(length)
+            with self.guard("reduce_scatter", name):
+                work = self.reduce_scatter_sum_flat_async_(buf.view(-1), out, f"{name}/{i}")
+            parts.append((out, tensors[self.rank], work))
+        return Pending(self, name, parts, kind="reduce_scatter")
+
+    def allgather_segments_(self, segments: Sequence[Sequence[Tensor]], *, name: str) -> None:
+        """Give every rank every rank's segment: ``segments[rank]`` is sent and each
+        ``segments[r]`` is overwritten, in place, with rank ``r``'s (same shapes on every
+        rank; one collective per dtype, each row as long as the longest segment). Tensors go
+        in their own dtype: what is gathered arrives bit for bit."""
+        if self.world_size == 1 or not any(segments):
+            return
+        for i, (dtype, tensors) in enumerate(_segments_by_dtype(segments, None)):
+            length = max(sum(t.numel() for t in seg) for seg in tensors)
+            first = next(t for seg in tensors for t in seg)
+            row = torch.zeros(length, dtype=dtype, device=first.device)
+            mine = tensors[self.rank]
+            if mine:
+                row[: sum(t.numel() for t in mine)] = _pack(mine, dtype)
+            with self.guard("allgather", name):
+                rows = self.allgather_flat(row, f"{name}/{i}").view(self.world_size, length)
+            for r, seg in enumerate(tensors):
+                if r != self.rank and seg:
+                    _unpack(rows[r], seg)
 
     def broadcast_(self, tensors: Sequence[Tensor], *, name: str, src: int = 0) -> None:
         """Overwrite each tensor with rank ``src``'s copy, in place, one collective per dtype."""
@@ -370,6 +436,16 @@ class CountingCommunicator(Communicator):
     def progress_flat(self, work: Work) -> None:
         self.inner.progress_flat(work)
 
+    def reduce_scatter_sum_flat_async_(self, buf: Tensor, out: Tensor, name: str) -> Work:
+        work = self._timed(
+            "reduce_scatter",
+            name,
+            buf,
+            lambda: self.inner.reduce_scatter_sum_flat_async_(buf, out, name),
+        )
+        self._in_flight[id(work)] = self.calls[-1]
+        return work
+
     def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         self._timed("broadcast", name, buf, lambda: self.inner.broadcast_flat_(buf, src, name))
 
@@ -393,8 +469,25 @@ def _pack(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
 
 
+def _segments_by_dtype(
+    segments: Sequence[Sequence[Tensor]], comm_dtype: torch.dtype | None
+) -> list[tuple[torch.dtype, list[list[Tensor]]]]:
+    """Per buffer dtype (in order of first use), each rank's tensors of that dtype."""
+    dtypes: dict[torch.dtype, None] = {}
+    for seg in segments:
+        for t in seg:
+            dtypes[comm_dtype or t.dtype] = None
+    return [
+        (d, [[t for t in seg if (comm_dtype or t.dtype) == d] for seg in segments]) for d in dtypes
+    ]
+
+
 def _unpack(buf: Tensor, tensors: list[Tensor]) -> None:
-    chunks = torch.split(buf, [t.numel() for t in tensors])
+    """Copy ``buf``'s leading elements into ``tensors`` (a padded buffer's tail is left)."""
+    if not tensors:
+        return
+    sizes = [t.numel() for t in tensors]
+    chunks = torch.split(buf[: sum(sizes)], sizes)
     torch._foreach_copy_(
         [t.detach() for t in tensors],
         [c.view(t.shape) for c, t in zip(chunks, tensors, strict=True)],

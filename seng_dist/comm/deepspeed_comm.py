@@ -47,6 +47,12 @@ class DeepSpeedCommunicator(Communicator):
         work: Work = self.comm.all_reduce(buf, op=self.comm.ReduceOp.SUM, async_op=True)
         return work
 
+    def reduce_scatter_sum_flat_async_(self, buf: Tensor, out: Tensor, name: str) -> Work:
+        work: Work = self.comm.reduce_scatter_tensor(
+            out, buf, op=self.comm.ReduceOp.SUM, async_op=True
+        )
+        return work
+
     def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         self.comm.broadcast(buf, src=src)
 

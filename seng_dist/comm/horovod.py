@@ -53,6 +53,13 @@ class HorovodCommunicator(Communicator):
     def allreduce_sum_flat_async_(self, buf: Tensor, name: str) -> Work:
         return _HorovodWork(self.hvd, self.hvd.allreduce_async_(buf, op=self.hvd.Sum, name=name))
 
+    def reduce_scatter_sum_flat_async_(self, buf: Tensor, out: Tensor, name: str) -> Work:
+        # Horovod splits the first dimension over the ranks: one row each.
+        rows = buf.view(self.world_size, -1)
+        return _HorovodWork(
+            self.hvd, self.hvd.reducescatter_async(rows, name=name, op=self.hvd.Sum), out
+        )
+
     def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
         self.hvd.broadcast_(buf, root_rank=src, name=name)
 
@@ -64,13 +71,16 @@ class HorovodCommunicator(Communicator):
 
 
 class _HorovodWork:
-    """A Horovod handle; ``hvd.synchronize`` waits for it."""
+    """A Horovod handle; ``hvd.synchronize`` waits for it (and returns a reduce-scatter's
+    result, which goes into ``out``)."""
 
-    def __init__(self, hvd: ModuleType, handle: int) -> None:
-        self.hvd, self.handle = hvd, handle
+    def __init__(self, hvd: ModuleType, handle: int, out: Tensor | None = None) -> None:
+        self.hvd, self.handle, self.out = hvd, handle, out
 
     def wait(self) -> None:
-        self.hvd.synchronize(self.handle)
+        result = self.hvd.synchronize(self.handle)
+        if self.out is not None:
+            self.out.copy_(result.reshape(-1))
 
 
 def horovod_initialized() -> bool:

@@ -69,6 +69,15 @@ class MPICommunicator(Communicator):
             self.comm.Iallreduce(self.MPI.IN_PLACE, work, op=self.MPI.SUM), work if staged else None
         )
 
+    def reduce_scatter_sum_flat_async_(self, buf: Tensor, out: Tensor, name: str) -> Work:
+        send, _ = self._host(buf)
+        recv, staged = self._host(out)
+        return _MPIWork(
+            self.comm.Ireduce_scatter_block(send, recv, op=self.MPI.SUM),
+            recv if staged else None,
+            send,
+        )
+
     def progress_flat(self, work: Work) -> None:
         if isinstance(work, _MPIWork):
             work.request.Test()
@@ -101,8 +110,9 @@ class _MPIWork:
     (or on a progress thread where one is configured): ``progress_flat`` tests it, the wait
     finishes it."""
 
-    def __init__(self, request: Any, staged: Tensor | None) -> None:
-        self.request, self.staged = request, staged
+    def __init__(self, request: Any, staged: Tensor | None, send: Tensor | None = None) -> None:
+        # ``send``: a send buffer MPI reads until the request completes (kept alive here).
+        self.request, self.staged, self._send = request, staged, send
 
     def wait(self) -> None:
         self.request.Wait()

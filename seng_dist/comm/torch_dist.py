@@ -8,8 +8,10 @@ from torch import Tensor
 
 from .base import Communicator, Work
 
-# torch 2.13 renamed all_gather_into_tensor (now deprecated); older releases have only it.
+# torch 2.13 renamed all_gather_into_tensor and reduce_scatter_tensor (now deprecated); older
+# releases have only those.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class TorchCommunicator(Communicator):
@@ -42,6 +44,12 @@ class TorchCommunicator(Communicator):
 
     def allreduce_sum_flat_async_(self, buf: Tensor, name: str) -> Work:
         work: Work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        return work
+
+    def reduce_scatter_sum_flat_async_(self, buf: Tensor, out: Tensor, name: str) -> Work:
+        work: Work = _reduce_scatter(
+            out, buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True
+        )
         return work
 
     def broadcast_flat_(self, buf: Tensor, src: int, name: str) -> None:
