@@ -9,6 +9,8 @@ round finishes (at the end of the backward pass, or in ``step()``). Buckets star
 plan order, so every rank runs the same collectives in the same order whatever its backward
 did; a bucket whose gradients never came (an unused parameter) and every bucket after it start
 when the round finishes. The last bucket also carries the 0/1 flags every rank must agree on.
+With sharded gradients (:class:`~seng_dist.shards.ShardPlan`) a bucket is a reduce-scatter:
+each rank receives the means of the units it owns (and of the flags) only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .comm import Communicator, Pending
+from .shards import ShardPlan, with_everywhere
 
 #: Cap of the last bucket, the one that starts only when the round finishes: small, so that
 #: little of the round waits for the end of backward (DDP keeps the bucket it starts first at
@@ -90,6 +93,8 @@ class Buckets:
         comm: the communicator.
         name: the round's name; bucket ``j`` is the collective ``"<name>/b<j>"``.
         comm_dtype: the buffer dtype (None: the tensors' own).
+        shards: the units' owners, when each rank receives only its own units' means (the
+            other units' payloads come back as this rank sent them).
     """
 
     def __init__(
@@ -100,8 +105,10 @@ class Buckets:
         *,
         name: str,
         comm_dtype: torch.dtype | None,
+        shards: ShardPlan | None = None,
     ) -> None:
         self.plan = plan
+        self.shards = shards
         self.comm = comm
         self.name = name
         self.comm_dtype = comm_dtype
@@ -147,14 +154,19 @@ class Buckets:
     def _start(self, payloads: list[list[Tensor]], flags: Tensor | None = None) -> None:
         j = self._next
         units = self.plan.buckets[j]
-        tensors = [t for unit in payloads for t in unit]
-        if flags is not None:
-            tensors.append(flags)
-        self._pending.append(
-            self.comm.allreduce_mean_async_(
-                tensors, name=f"{self.name}/b{j}", comm_dtype=self.comm_dtype
+        name = f"{self.name}/b{j}"
+        shared = [flags] if flags is not None else []
+        if self.shards is not None:
+            segments = with_everywhere(self.shards.segments(units, payloads), shared)
+            pending = self.comm.reduce_scatter_mean_async_(
+                segments, name=name, comm_dtype=self.comm_dtype
             )
-        )
+        else:
+            tensors = [t for unit in payloads for t in unit] + shared
+            pending = self.comm.allreduce_mean_async_(
+                tensors, name=name, comm_dtype=self.comm_dtype
+            )
+        self._pending.append(pending)
         self._payloads.update(zip(units, payloads, strict=True))
         self._next = j + 1
 

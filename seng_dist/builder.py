@@ -63,6 +63,8 @@ class CurvatureBuilder:
         self.capture = Capture(blocks, passes)
         self.passes = passes
         self._rebuild_next = False
+        #: the rebuild asked for by :meth:`drop` happens on every rank at once
+        self._rebuild_all = False
 
     @property
     def armed(self) -> bool:
@@ -95,12 +97,26 @@ class CurvatureBuilder:
         """Take the capture hooks off the model for good (the optimizer was retired)."""
         self.capture.disarm()
 
-    def drop(self) -> None:
-        """Forget every block's curvature and rebuild it at the next step."""
+    def drop(self, everywhere: bool) -> None:
+        """Forget every block's curvature and rebuild it at the next step (``everywhere``:
+        every rank drops its own now, as on a resume on another number of ranks)."""
         for c in self.curvatures:
             c.clear()
         self._rebuild_next = True
+        self._rebuild_all = everywhere
         self.capture.arm(self.config.curvature_batch_size)
+
+    def rebuilds_everywhere(self, step: int) -> bool:
+        """Whether every rank rebuilds its curvature at ``step`` (the same on every rank)."""
+        return self.scheduled(step) or self._rebuild_all
+
+    def postpone(self) -> Rebuilt:
+        """Leave an asked-for rebuild to the next scheduled curvature step (see
+        :meth:`~seng_dist.rounds.Round.rebuild_whitening`); its blocks follow the rule
+        without curvature until then."""
+        self.capture.disarm()
+        self._rebuild_next = False
+        return Rebuilt(updated=False, skipped=0)
 
     def sample(
         self, output: Tensor, distribution: fisher.Distribution, reduction: str
@@ -143,7 +159,7 @@ class CurvatureBuilder:
             else:
                 skipped += 1
         self.capture.disarm()
-        self._rebuild_next = False
+        self._rebuild_next = self._rebuild_all = False
         return Rebuilt(updated=updated, skipped=skipped)
 
     def _check_batch_sizes(self) -> None:

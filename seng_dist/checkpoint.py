@@ -76,6 +76,23 @@ class StateCodec:
         sd["seng"] = extra
         return sd
 
+    def gather(
+        self, state: dict[int, dict[str, Any]], indexed: Indexed
+    ) -> dict[int, dict[str, Any]]:
+        """A sharded state made whole (a collective): every rank's own entries (momentum, the
+        damping diagonal's moments, the lagged gradient of the units it owns) merged, with
+        this rank's curvature. Loaded with sharded state again, each rank keeps its own part
+        (on any number of ranks); loaded without, it is the unsharded state."""
+        rest, curvature = split_curvature(state, indexed)
+        whole: dict[int, dict[str, Any]] = {}
+        for shard in self.comm.allgather_object(rest, name="seng.state_dict/shards"):
+            for i, entries in shard.items():
+                whole.setdefault(i, {}).update(entries)
+        for i, entries in curvature.items():
+            if entries:
+                whole.setdefault(i, {}).update(entries)
+        return dict(sorted(whole.items()))
+
     def unpack(self, state_dict: dict[str, Any], indexed: Indexed) -> tuple[dict[str, Any], Saved]:
         """The part for torch's ``load_state_dict`` (no curvature: the curvature objects load
         their own tensors, since torch would cast the sketches' integer row indices to the
@@ -113,7 +130,7 @@ class StateCodec:
                 f"job has {self.comm.world_size}; every rank rebuilds its curvature at the "
                 "next step"
             )
-            self.builder.drop()
+            self.builder.drop(everywhere=True)
         elif by_rank is None and self._another_ranks(saved):
             rank = self.comm.rank
             warn(
@@ -125,7 +142,7 @@ class StateCodec:
                 "state_dict() that rank saved, or set opt.state_dict_all_ranks = True before "
                 "saving (one checkpoint then holds every rank's curvature)"
             )
-            self.builder.drop()
+            self.builder.drop(everywhere=False)
         return Counters.from_dict(saved.extra)
 
     def _another_ranks(self, saved: Saved) -> bool:

@@ -89,6 +89,19 @@ class Variant(Choice):
     LAGGED = "lagged"
 
 
+class ShardState(Choice):
+    """Which per-parameter state one rank per shard holds (:mod:`seng_dist.shards`)."""
+
+    #: every rank holds all of it (DDP's layout)
+    NONE = "none"
+    #: momentum, the damping diagonal's second moments and the lagged gradient: each on its
+    #: owner rank, which updates its parameters and all-gathers them (ZeRO stage 1)
+    OPTIMIZER = "optimizer"
+    #: that, and the averaged gradients: reduce-scattered to their owners, the other ranks'
+    #: ``.grad`` freed (ZeRO stage 2)
+    GRADIENTS = "gradients"
+
+
 class Fisher(Choice):
     """Which Fisher the per-sample gradients in ``U`` estimate (:mod:`seng_dist.fisher`)."""
 
@@ -300,9 +313,15 @@ class DistributedConfig:
     overlap: bool = setting(True)
     #: size of one bucket of an overlapped round, in MiB (DDP's ``bucket_cap_mb``)
     bucket_size_mb: float = setting(25.0)
+    #: ``"none"``, ``"optimizer"`` (ZeRO stage 1: each layer's optimizer state on one owner
+    #: rank) or ``"gradients"`` (stage 2: its averaged gradient too). Not a curvature setting:
+    #: ``state_dict()`` gathers the shards, so a checkpoint resumes sharded or not, on any
+    #: number of ranks
+    shard_state: ShardState = setting(ShardState.NONE)
 
     def __post_init__(self) -> None:
         _set_choice(self, "variant", Variant)
+        _set_choice(self, "shard_state", ShardState)
         _check_bool("overlap", self.overlap)
         size = self.bucket_size_mb
         if not _is_number(size) or not 0.0 < size < math.inf:

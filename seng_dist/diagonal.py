@@ -33,6 +33,9 @@ from .curvature import ParamState
 class Diagonal(ABC):
     """``D``: its whitening ``W = D^-½`` per block, and the directions without curvature."""
 
+    #: whether ``W`` is ever anything but None (the curvature is kept in ``D``'s coordinates)
+    whitens: bool = False
+
     @abstractmethod
     def current(self, key: Tensor) -> Tensor | None:
         """``W`` from the second moment kept under ``key`` (a block's weight or a fallback
@@ -76,6 +79,7 @@ class AdamDiagonal(Diagonal):
     ``v ← β₂v + (1-β₂)z²`` with its own step count ``t``, ``v̂ = v/(1-β₂ᵗ)``. Without
     curvature (``U = 0``) the direction is ``-z/(λD)``, Adam's step over ``λ``."""
 
+    whitens = True
     #: the per-parameter state keys: the second moment and its step count
     SQUARES = "damping_sq"
     STEPS = "damping_steps"

@@ -314,6 +314,7 @@ class SENG(torch.optim.Optimizer):
             state=self.state,
             order=list(self.model.parameters()),
             passes=self.passes,
+            shards=previous.shards if previous is not None else None,
         )
         if previous is not None:
             self._arm(self._counters.step)
@@ -435,7 +436,11 @@ class SENG(torch.optim.Optimizer):
             self._counters.nonfinite_steps += 1
             return True
         self.schedules.resolve(self.param_groups, k)
-        rebuilt = self.curvature.refresh(loss_scale, self.round.diagonal.current)
+        whitening = self.round.rebuild_whitening(self.curvature.rebuilds_everywhere(k))
+        if whitening is None:
+            rebuilt = self.curvature.postpone()
+        else:
+            rebuilt = self.curvature.refresh(loss_scale, whitening)
         self._counters.curvature_updates += int(rebuilt.updated)
         self._counters.curvature_skips += rebuilt.skipped
         found = self.round.directions(self._step_settings(), agreed)
@@ -450,6 +455,7 @@ class SENG(torch.optim.Optimizer):
         if not found[0]:
             return False
         apply_update(self.state, self.param_groups, *found, self.config.decoupled_weight_decay)
+        self.round.publish()
         self._counters.step = k + 1
         self._stop_double_averaging()
         return True
@@ -580,6 +586,14 @@ class SENG(torch.optim.Optimizer):
         every rank instead. Every rank must call this.
         """
         comm = self.communicator
+        if self.round.shards is not None:
+            raise ValueError(
+                "SENG: broadcast_state() with shard_state="
+                f"{str(self.config.distributed.shard_state)!r}: each rank holds only its own "
+                "shard of the state, so one rank cannot hand it to the others. Load the "
+                "checkpoint's state_dict() on every rank instead: it holds every shard (and "
+                "can be loaded on any number of ranks), and each rank keeps its own"
+            )
         comm.broadcast_(
             [t.detach() for t in self.model.parameters()] + list(self.model.buffers()),
             name="seng.state.model",
@@ -592,7 +606,7 @@ class SENG(torch.optim.Optimizer):
         state = comm.broadcast_object(shared, name="seng.state.optimizer", src=src)
         if comm.rank != src:
             self.load_state_dict(state)
-        self.curvature.drop()
+        self.curvature.drop(everywhere=True)
         self._arm(self._counters.step)
 
     @_live
@@ -603,9 +617,10 @@ class SENG(torch.optim.Optimizer):
         return self._state_dict(self.state_dict_all_ranks)
 
     def _state_dict(self, all_ranks: bool) -> dict[str, Any]:
-        return self._codec.pack(
-            super().state_dict(), self._counters, self._curvature_indices(), all_ranks
-        )
+        sd = super().state_dict()
+        if self.round.shards is not None:
+            sd["state"] = self._codec.gather(sd["state"], self._curvature_indices())
+        return self._codec.pack(sd, self._counters, self._curvature_indices(), all_ranks)
 
     @_live
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -619,6 +634,7 @@ class SENG(torch.optim.Optimizer):
         kept.update(self.state)
         self.state = kept
         self._counters = self._codec.restore(saved, indexed)
+        self.round.adopt_state()
         self._arm(self._counters.step)
 
     def _curvature_indices(self) -> list[tuple[int, BlockCurvature]]:

@@ -105,6 +105,12 @@ class BackwardPasses:
         for listener in self.listeners:
             listener.window_opened()
 
+    def rest_on(self, param: Tensor | None) -> None:
+        """The round freed the gradients of other ranks' parameters (sharded gradients): read
+        a cleared gradient off ``param``, one this rank keeps (None: none is kept), to tell a
+        ``model.zero_grad()`` between passes."""
+        self._last = param
+
     def queue_end(self) -> None:
         """Have the autograd engine call :meth:`_end` when the running backward is over
         (once per pass). Call only from inside a backward pass."""

@@ -35,12 +35,13 @@ from torch import Tensor
 from . import solver
 from .buckets import BucketPlan, Buckets, Payload, first_positions
 from .comm import Communicator
-from .config import SENGConfig, Variant
+from .config import SENGConfig, ShardState, Variant
 from .curvature import BlockCurvature, ParamState
 from .diagonal import make_diagonal
 from .groups import StepSettings
 from .layers import FALLBACK_RULE
 from .passes import BackwardPasses
+from .shards import ShardPlan, with_everywhere
 from .warn import warn
 
 
@@ -66,15 +67,17 @@ class Agreement(Enum):
 
 @dataclass
 class Exchanged:
-    """A round's averaged result: per block ``z = ḡ + l2·θ``, the averaged slot and the
-    damping diagonal's whitening ``W`` (None for ``λI``); the (clipped) averaged fallback
-    gradients; and the agreed flags (``present`` per unit, then ``ready`` per block)."""
+    """A round's averaged result for the units whose directions this rank computes (all of
+    them; with sharded state, those it owns): per block index ``z = ḡ + l2·θ`` and the damping
+    diagonal's whitening ``W`` (None for ``λI``); per fallback index the (clipped) averaged
+    gradient; every block's slot (averaged where this rank computes the direction); and every
+    unit's agreed flags (``present`` per unit, then ``ready`` per block)."""
 
-    zs: list[Tensor]
+    zs: dict[int, Tensor]
     slots: list[list[Tensor]]
-    fallback: list[Tensor]
+    fallback: dict[int, Tensor]
     flags: list[Agreement]
-    whitenings: list[Tensor | None]
+    whitenings: dict[int, Tensor | None]
 
 
 @dataclass
@@ -148,6 +151,8 @@ class Round(ABC):
             ready roughly in reverse, which orders the buckets.
         passes: the backward passes; the gradient round listens to them (None: it runs in
             ``step()``).
+        shards: the owners of the units of the round this one replaces (kept, with owners for
+            units added since), so that sharded state stays where it is.
     """
 
     #: the name of the round that carries the gradients
@@ -166,6 +171,7 @@ class Round(ABC):
         state: ParamState,
         order: Sequence[Tensor] = (),
         passes: BackwardPasses | None = None,
+        shards: ShardPlan | None = None,
     ) -> None:
         self.config = config
         self.curvatures = curvatures
@@ -181,7 +187,11 @@ class Round(ABC):
         self.units: list[list[Tensor]] = [list(c.block.params) for c in curvatures] + [
             [p] for p in fallback
         ]
-        self.buckets = self._buckets(order)
+        self.buckets, self.shards = self._buckets(order, shards)
+        #: the units whose directions and updates this rank computes
+        self.owned: frozenset[int] = frozenset(
+            range(len(self.units)) if self.shards is None else self.shards.owned(comm.rank)
+        )
         self.accumulation = config.gradient_accumulation_steps
         self.passes = passes
         #: the gradient round's outcome, once it ran for this step
@@ -190,17 +200,37 @@ class Round(ABC):
         if passes is not None and self.sends_gradients:
             passes.listeners.append(self)
 
-    def _buckets(self, order: Sequence[Tensor]) -> Buckets:
-        """The buckets of the round that carries the gradients: with ``overlap`` of
-        ``bucket_size_mb`` in the order backward fills them, else one."""
+    def _buckets(
+        self, order: Sequence[Tensor], previous: ShardPlan | None
+    ) -> tuple[Buckets, ShardPlan | None]:
+        """The buckets of the round that carries the gradients (with ``overlap`` of
+        ``bucket_size_mb`` in the order backward fills them, else one) and, with
+        ``shard_state``, the units' owners: ``previous`` extended, or balanced per bucket."""
         dist = self.config.distributed
+        sizes = self.unit_bytes()
         if dist.overlap and self.sends_gradients:
             first = first_positions(self.units, order)
             ready = sorted(range(len(self.units)), key=lambda u: -first[u])
-            plan = BucketPlan.build(self.unit_bytes(), ready, int(dist.bucket_size_mb * 2**20))
+            plan = BucketPlan.build(sizes, ready, int(dist.bucket_size_mb * 2**20))
         else:
             plan = BucketPlan.single(len(self.units))
-        return Buckets(plan, self.units, self.comm, name=self.SENDS, comm_dtype=dist.buffer_dtype)
+        shards = None
+        if self.multi and dist.shard_state is not ShardState.NONE:
+            shards = (
+                previous.extended(sizes)
+                if previous is not None
+                else ShardPlan.build(plan, sizes, self.comm.world_size)
+            )
+        scatter = dist.shard_state is ShardState.GRADIENTS and self.sends_gradients
+        buckets = Buckets(
+            plan,
+            self.units,
+            self.comm,
+            name=self.SENDS,
+            comm_dtype=dist.buffer_dtype,
+            shards=shards if scatter else None,
+        )
+        return buckets, shards
 
     def unit_bytes(self) -> list[int]:
         """Each unit's payload in bytes in the buffer (its gradient's; the lagged round adds
@@ -215,6 +245,7 @@ class Round(ABC):
         """A gradient arrived in pass ``passes + 1``: start the buckets it completes, once the
         pass is one that completes the accumulation."""
         self.synced = None  # a pass after the round: .grad is moving again
+        self._refuse_extra_pass(passes + 1)
         if self.config.distributed.overlap and passes + 1 >= self.accumulation:
             self.buckets.gradient_ready(param, self._payload)
 
@@ -222,6 +253,7 @@ class Round(ABC):
         """A pass ended: the round, if it completes the accumulation (or comes after it)."""
         if passes < self.accumulation:
             return
+        self._refuse_extra_pass(passes)
         if passes > self.accumulation:
             self._warn_once(
                 "extra",
@@ -237,6 +269,19 @@ class Round(ABC):
     def window_opened(self) -> None:
         """The gradients were cleared: the next pass starts a new step."""
         self.synced = None
+
+    def _refuse_extra_pass(self, passes: int) -> None:
+        """``ValueError`` (before any of its collectives, on every rank alike) for a pass past
+        the accumulation when the round freed the gradients of other ranks' units."""
+        if passes > self.accumulation and self.buckets.shards is not None:
+            raise ValueError(
+                f"SENG: backward ran {passes} times before step() but "
+                f"gradient_accumulation_steps={self.accumulation}. With "
+                "shard_state='gradients' the round after the last pass left each rank the "
+                "averaged gradients of its own layers only (the others' .grad were freed), "
+                "so a further pass cannot be added to them. Set "
+                "gradient_accumulation_steps to the backward passes per step"
+            )
 
     def arm(self, curvature_due: bool, settings: Callable[[], StepSettings]) -> None:
         """Set up the coming step's gradient round: called after every step (and whenever the
@@ -278,20 +323,40 @@ class Round(ABC):
         """The gradient round: every bucket not started yet, the flags (each unit's
         gradient, each block's readiness when its correction travels here, a GradScaler's
         overflow) in the last; then the averages into ``.grad`` of every unit some rank has a
-        gradient for."""
+        gradient for (with sharded gradients: of this rank's units, the others' freed)."""
         present = [any(p.grad is not None for p in unit) for unit in self.units]
         # Each block's readiness travels here only with the corrections it vouches for.
         ready = self._ready() if self._slots_sent else []
-        local = present + ready + [overflow]
+        scattered = self.buckets.shards is not None
+        # Sharded gradients: whether this rank's own gradients hold an Inf/NaN (set below,
+        # as a tensor: read with the other flags, without a host sync of its own).
+        local = present + ready + [overflow] + ([False] if scattered else [])
         flags = self.agreement.pack(local)
+        if scattered and flags is not None:
+            bad = self._nonfinite()
+            flags[len(local) - 1], flags[-1] = bad, 1.0 - bad
         payloads = self.buckets.finish(self._payload, flags)
         values = self.agreement.decode(flags, local)
         nu, nb = len(self.units), len(self.curvatures)
         agreed = values[:nu]
         with torch.no_grad():
             for u, (payload, some) in enumerate(zip(payloads, agreed, strict=True)):
-                if some.anywhere:
+                if scattered and u not in self.owned:
+                    # Its owner holds the average: this rank's share of the memory goes.
+                    for p in self.units[u]:
+                        p.grad = None
+                elif some.anywhere:
                     _write_grads(self.units[u], self._split_unit(u, payload[0]))
+        if scattered:
+            kept = [p for u in sorted(self.owned) for p in self.units[u] if p.grad is not None]
+            if values[-1].anywhere and kept:
+                # Some rank's gradient overflowed, so the average is not finite: say so in
+                # every rank's shard, so that a GradScaler on each rank (which reads only its
+                # own shard) finds it and every rank skips and backs off alike.
+                torch._foreach_mul_([g for p in kept if (g := p.grad) is not None], float("nan"))
+            if self.passes is not None:
+                self.passes.rest_on(kept[0] if kept else None)
+            values = values[:-1]
         overflow = values[-1].anywhere
         if not self._slots_sent:
             return Agreed(agreed, local=False, overflow=overflow)
@@ -302,6 +367,23 @@ class Round(ABC):
             slots=[p[1:] for p in payloads[:nb]],
             ready=values[nu : nu + nb],
         )
+
+    def _nonfinite(self) -> Tensor:
+        """1.0 when one of this rank's gradients holds an Inf or NaN, else 0.0 (no host
+        sync; their norms in float32, where a float16 gradient's norm cannot overflow)."""
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for unit in self.units:
+            for p in unit:
+                if p.grad is not None:
+                    by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        norms = [
+            n.to(self.agreement.dtype)
+            for dtype, grads in by_dtype.items()
+            for n in torch._foreach_norm(grads, 2, dtype=torch.promote_types(dtype, torch.float32))
+        ]
+        if not norms:
+            return torch.zeros((), dtype=self.agreement.dtype, device=self.agreement.device)
+        return torch.stack(norms).isfinite().all().logical_not().to(self.agreement.dtype)
 
     def _split_unit(self, u: int, gradient: Tensor) -> list[Tensor]:
         """Unit ``u``'s averaged gradient as one tensor per parameter."""
@@ -368,8 +450,13 @@ class Round(ABC):
         ``hyper`` gives each parameter's damping and the L2 weight decay added to the averaged
         gradient before preconditioning; ``agreed`` is :meth:`agree`'s result.
         """
-        gs = [c.block.grad_matrix() for c in self.curvatures]
-        fgs = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.fallback]
+        nb = len(self.curvatures)
+        gs = {u: c.block.grad_matrix() for u, c in enumerate(self.curvatures) if u in self.owned}
+        fgs = {
+            i: torch.zeros_like(p) if p.grad is None else p.grad
+            for i, p in enumerate(self.fallback)
+            if nb + i in self.owned
+        }
         done = self._exchange(gs, fgs, agreed, hyper)
         return None if done is None else self._finish(done, hyper)
 
@@ -396,10 +483,10 @@ class Round(ABC):
 
     @abstractmethod
     def _exchange(
-        self, gs: list[Tensor], fgs: list[Tensor], agreed: Agreed, hyper: StepSettings
+        self, gs: dict[int, Tensor], fgs: dict[int, Tensor], agreed: Agreed, hyper: StepSettings
     ) -> Exchanged | None:
         """The step's corrections for the averaged gradients ``gs`` (blocks) and ``fgs``
-        (fallback), with their collective and flags."""
+        (fallback) of the units this rank computes, with their collectives and flags."""
 
     def _ready(self) -> list[bool]:
         """Per block, whether this rank can precondition it this step."""
@@ -414,8 +501,16 @@ class Round(ABC):
         mine = self._ready()
         local = ([v.anywhere for v in agreed.present] if agreed.local else []) + mine
         flags = self.agreement.pack(local)
-        if self.multi:
-            self._allreduce(_flat(slots) + ([flags] if flags is not None else []), self.CORRECTS)
+        shared = [flags] if flags is not None else []
+        dtype = self.config.distributed.buffer_dtype
+        if self.multi and self.shards is not None:
+            # Each owner receives the mean of its blocks' slots (and every rank the flags).
+            segments = with_everywhere(self.shards.segments(range(len(slots)), slots), shared)
+            self.comm.reduce_scatter_mean_async_(
+                segments, name=self.CORRECTS, comm_dtype=dtype
+            ).wait()
+        elif self.multi:
+            self._allreduce(_flat(slots) + shared, self.CORRECTS)
         values = self.agreement.decode(flags, local)
         if agreed.local:
             n = len(self.units)
@@ -429,25 +524,46 @@ class Round(ABC):
         return "it has curvature here but not on every rank"
 
     def _averaged(
-        self, gs: list[Tensor], fgs: list[Tensor], hyper: StepSettings
-    ) -> list[Tensor] | None:
+        self, gs: dict[int, Tensor], fgs: dict[int, Tensor], hyper: StepSettings
+    ) -> dict[int, Tensor] | None:
         """After ``ḡ`` is known: None if it must be skipped (``skip_nonfinite``; every rank
         sees the same ``ḡ``, so every rank skips together); else clip it to
         ``max_grad_norm`` (no host sync) and add ``l2·θ`` to the block gradients in place (the
         weight's and the bias's own L2 when their groups differ).
-        Returns the fallback gradients (new tensors when clipped: they may be ``.grad``)."""
-        if self.config.skip_nonfinite and not solver.all_finite(gs + fgs):
+        Returns the fallback gradients (new tensors when clipped: they may be ``.grad``).
+        With sharded state each rank holds its own units' ``ḡ``: the norm's square and the
+        non-finite check are summed over the ranks (one small collective)."""
+        grads = list(gs.values()) + list(fgs.values())
+        max_norm, skip = self.config.max_grad_norm, self.config.skip_nonfinite
+        norm: Tensor | None = None
+        if self.shards is not None and (skip or max_norm is not None):
+            dtype = self.agreement.dtype
+            squares = (
+                torch.stack(torch._foreach_norm(grads)).to(dtype).square().sum()
+                if grads
+                else torch.zeros((), dtype=dtype, device=self.agreement.device)
+            )
+            bad = 0.0 if solver.all_finite(grads) else 1.0
+            stats = torch.stack([squares, squares.new_tensor(bad)])
+            self.comm.allreduce_mean_(list(stats.split(1)), name="seng.norm")
+            # (a mean of the ranks' sums: times the ranks, it is the sum)
+            total, bad_ranks = (stats * self.comm.world_size).unbind()
+            if skip and bool(bad_ranks > 0):
+                return None
+            norm = total.sqrt()
+        elif skip and not solver.all_finite(grads):
             return None
-        max_norm = self.config.max_grad_norm
-        if max_norm is not None and gs + fgs:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs + fgs)))
+        elif max_norm is not None and grads:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if max_norm is not None and norm is not None:
             factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             if gs:
-                torch._foreach_mul_(gs, factor)
-            fgs = list(torch._foreach_mul(fgs, factor)) if fgs else fgs
-        for c, g in zip(self.curvatures, gs, strict=True):
-            b = c.block
-            c.block.add_params_(
+                torch._foreach_mul_(list(gs.values()), factor)
+            if fgs:
+                fgs = dict(zip(fgs, torch._foreach_mul(list(fgs.values()), factor), strict=True))
+        for u, g in gs.items():
+            b = self.curvatures[u].block
+            b.add_params_(
                 g, hyper.l2[id(b.weight)], hyper.l2[id(b.bias)] if b.bias is not None else 0.0
             )
         return fgs
@@ -463,14 +579,15 @@ class Round(ABC):
         present, ready = done.flags[: nb + nf], done.flags[nb + nf :]
         params: list[Tensor] = []
         dirs: list[Tensor] = []
-        for i, (c, z, slot) in enumerate(zip(self.curvatures, done.zs, done.slots, strict=True)):
+        for i, z in sorted(done.zs.items()):
+            c = self.curvatures[i]
             if present[i] is Agreement.NONE:
                 continue
             damping = hyper.damping[id(c.block.weight)]
             w = done.whitenings[i]
             if ready[i] is Agreement.ALL:
                 # In D's coordinates: d = W (Ũb - Wz)/λ (docs/design.md).
-                d = solver.direction(_whiten(z, w), c.combine(slot), damping)
+                d = solver.direction(_whiten(z, w), c.combine(done.slots[i]), damping)
                 if w is not None:
                     d.mul_(w)
             else:
@@ -480,8 +597,9 @@ class Round(ABC):
             dirs.extend(c.block.split(d))
         # The fallback rule, fused over the parameters that share damping and L2.
         alike: dict[tuple[float, float], list[tuple[Tensor, Tensor]]] = {}
-        for p, g, h in zip(self.fallback, done.fallback, present[nb:], strict=True):
-            if h.anywhere:
+        for i, g in sorted(done.fallback.items()):
+            p = self.fallback[i]
+            if present[nb + i].anywhere:
                 alike.setdefault((hyper.damping[id(p)], hyper.l2[id(p)]), []).append((p, g))
         for (damping, l2), kept in alike.items():
             fps, grads = [p for p, _ in kept], [g for _, g in kept]
@@ -490,6 +608,92 @@ class Round(ABC):
             dirs.extend(self.diagonal.fallback(fps, grads, damping))
             params.extend(fps)
         return params, dirs
+
+    # ------------------------------------------------------------------ sharded state
+    def publish(self) -> None:
+        """With sharded state, once the owners updated their units: every rank takes each
+        unit's parameters from its owner, and what the variant keeps on every rank, in one
+        all-gather."""
+        if self.shards is None:
+            return
+        params = self.shards.segments(
+            range(len(self.units)), [[p.detach() for p in unit] for unit in self.units]
+        )
+        extra, keep = self._published()
+        self.comm.allgather_segments_(
+            [a + b for a, b in zip(params, extra, strict=True)], name="seng.params"
+        )
+        keep()
+
+    def _published(self) -> tuple[list[list[Tensor]], Callable[[], None]]:
+        """Per rank, what travels with its parameters, and what to do once it arrived."""
+        return [[] for _ in range(self.comm.world_size)], lambda: None
+
+    def adopt_state(self) -> None:
+        """A whole state was loaded (every unit's): with sharded state each rank keeps its own
+        units' part, and every block's curvature (each rank's own)."""
+        if self.shards is None:
+            return
+        nb = len(self.curvatures)
+        for u, unit in enumerate(self.units):
+            if u in self.owned:
+                continue
+            kept = self.curvatures[u].KEYS if u < nb else ()
+            for p in unit:
+                entries = self._param_state.get(p)
+                if entries is None:
+                    continue
+                for key in [k for k in entries if k not in kept]:
+                    del entries[key]
+                if not entries:
+                    del self._param_state[p]
+
+    def rebuild_whitening(self, everywhere: bool) -> Callable[[Tensor], Tensor | None] | None:
+        """How a curvature rebuild reads each block's ``W`` (by its weight), or None when this
+        rank cannot rebuild now. With sharded state and a damping diagonal ``W`` lives with
+        the block's owner: it is all-gathered (one collective) on steps where every rank
+        rebuilds (``everywhere``, the same on every rank); a rebuild of this rank's alone
+        waits for the next such step."""
+        if self.shards is None or not self.diagonal.whitens:
+            return self.diagonal.current
+        if not everywhere:
+            return None
+        owned: dict[int, Tensor] = {}
+        for u, c in enumerate(self.curvatures):
+            w = self.diagonal.current(c.block.weight) if u in self.owned else None
+            if w is not None:
+                owned[u] = w
+        segments, read = self._block_segments(owned)
+        self.comm.allgather_segments_(segments, name="seng.whitening")
+        table = {id(c.block.weight): w for c, w in zip(self.curvatures, read(), strict=True)}
+        return lambda weight: table[id(weight)]
+
+    def _block_segments(
+        self, values: dict[int, Tensor]
+    ) -> tuple[list[list[Tensor]], Callable[[], list[Tensor | None]]]:
+        """Per-rank segments of an all-gather that carries blocks' ``(n_G, n_A)`` ``values``
+        (this rank's: those of blocks it owns that have one) from their owners, with a 0/1
+        flag per block; and the function that reads every block's value (None where its
+        owner had none) once the all-gather ran."""
+        assert self.shards is not None
+        blocks = [c.block for c in self.curvatures]
+        buffers = [
+            values[u] if u in values else b.weight.new_zeros(b.n_G, b.n_A)
+            for u, b in enumerate(blocks)
+        ]
+        have = torch.tensor(
+            [float(u in values) for u in range(len(blocks))],
+            dtype=self.agreement.dtype,
+            device=self.agreement.device,
+        )
+        segments = self.shards.segments(
+            range(len(blocks)), [[buf, have[u : u + 1]] for u, buf in enumerate(buffers)]
+        )
+
+        def read() -> list[Tensor | None]:
+            return [buf if flag else None for buf, flag in zip(buffers, have.tolist(), strict=True)]
+
+        return segments, read
 
     def _warn_no_curvature(self, curvature: BlockCurvature) -> None:
         name = curvature.block.name
@@ -505,7 +709,7 @@ class BlockDiagonalRound(Round):
     """eq. 26: ``d = -(ḡ - mean_w U_w b_w)/λ`` with ``b_w`` from ``ḡ``; two collectives."""
 
     def _exchange(
-        self, gs: list[Tensor], fgs: list[Tensor], agreed: Agreed, hyper: StepSettings
+        self, gs: dict[int, Tensor], fgs: dict[int, Tensor], agreed: Agreed, hyper: StepSettings
     ) -> Exchanged | None:
         averaged = self._averaged(gs, fgs, hyper)
         if averaged is None:
@@ -513,20 +717,36 @@ class BlockDiagonalRound(Round):
         nb = len(self.curvatures)
         here = agreed.present[:nb]
         ws = self._whitenings(gs, here)
+        whitened = self._everywhere({u: _whiten(z, ws[u]) for u, z in gs.items()}, here)
         slots = [
-            c.correction(_whiten(z, w) if h.anywhere else None, hyper.damping[id(c.block.weight)])
-            for c, z, w, h in zip(self.curvatures, gs, ws, here, strict=True)
+            c.correction(q, hyper.damping[id(c.block.weight)])
+            for c, q in zip(self.curvatures, whitened, strict=True)
         ]
         present, ready = self._corrected(slots, agreed)
         return Exchanged(gs, slots, averaged, present + ready, ws)
 
-    def _whitenings(self, zs: list[Tensor], present: Sequence[Agreement]) -> list[Tensor | None]:
-        """Each present block's ``W`` after folding in its averaged ``z`` (the same on every
-        rank: every rank folds the same ``z``)."""
-        return [
-            self.diagonal.update(c.block.weight, z) if h.anywhere else None
-            for c, z, h in zip(self.curvatures, zs, present, strict=True)
-        ]
+    def _whitenings(
+        self, zs: dict[int, Tensor], present: Sequence[Agreement]
+    ) -> dict[int, Tensor | None]:
+        """Each present block's ``W`` after folding in its averaged ``z`` (every rank that
+        computes a block folds the same ``z``)."""
+        return {
+            u: self.diagonal.update(self.curvatures[u].block.weight, z)
+            if present[u].anywhere
+            else None
+            for u, z in zs.items()
+        }
+
+    def _everywhere(
+        self, qs: dict[int, Tensor], present: Sequence[Agreement]
+    ) -> list[Tensor | None]:
+        """Every present block's whitened ``Wz`` on every rank (each rank's correction needs
+        all of them): with sharded state their owners all-gather them (one collective)."""
+        if self.shards is None:
+            return [qs[u] if h.anywhere else None for u, h in enumerate(present)]
+        segments, read = self._block_segments({u: q for u, q in qs.items() if present[u].anywhere})
+        self.comm.allgather_segments_(segments, name="seng.whitened")
+        return read()
 
 
 class LaggedRound(BlockDiagonalRound):
@@ -543,6 +763,9 @@ class LaggedRound(BlockDiagonalRound):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        #: with sharded state: every block's whitened previous ``W z`` (None: none yet), the
+        #: same on every rank (its owner all-gathers it with the parameters)
+        self._whitened: list[Tensor | None] = [None] * len(self.curvatures)
         #: the settings the step's early corrections were computed with (None: none were)
         self._launched: StepSettings | None = None
         #: whether the payload carries the corrections
@@ -554,26 +777,66 @@ class LaggedRound(BlockDiagonalRound):
         prev: Tensor | None = self._param_state.get(curvature.block.weight, {}).get(self.PREVIOUS)
         return prev
 
+    def _has_prior(self, u: int) -> bool:
+        """Whether block ``u`` has a previous averaged gradient (on every rank alike)."""
+        if self.shards is not None:
+            return self._whitened[u] is not None
+        return self._previous(self.curvatures[u]) is not None
+
+    def _prior(self, u: int) -> Tensor | None:
+        """Block ``u``'s previous ``z`` in the coordinates of the previous step's ``D``
+        (its ``W`` is the current one)."""
+        if self.shards is not None:
+            return self._whitened[u]
+        c = self.curvatures[u]
+        return _whiten_previous(self._previous(c), self.diagonal.current(c.block.weight))
+
     @property
     def _lagging(self) -> bool:
-        return any(self._previous(c) is not None for c in self.curvatures)
+        return any(self._has_prior(u) for u in range(len(self.curvatures)))
 
     def _ready(self) -> list[bool]:
         lagging = self._lagging
-        return [c.ready and (not lagging or self._previous(c) is not None) for c in self.curvatures]
+        return [
+            c.ready and (not lagging or self._has_prior(u)) for u, c in enumerate(self.curvatures)
+        ]
 
     def _missing(self, curvature: BlockCurvature) -> str:
-        if curvature.ready and self._lagging and self._previous(curvature) is None:
+        u = self.curvatures.index(curvature)
+        if curvature.ready and self._lagging and not self._has_prior(u):
             return "the lagged variant has no previous averaged gradient for it yet"
         return super()._missing(curvature)
 
     def _finish(self, done: Exchanged, hyper: StepSettings) -> tuple[list[Tensor], list[Tensor]]:
         out = super()._finish(done, hyper)
         present = done.flags[: len(self.curvatures)]
-        for c, z, p in zip(self.curvatures, done.zs, present, strict=True):
-            if p.anywhere:
-                self._param_state[c.block.weight][self.PREVIOUS] = z
+        for u, z in done.zs.items():
+            if present[u].anywhere:
+                self._param_state[self.curvatures[u].block.weight][self.PREVIOUS] = z
+                if self.shards is not None:
+                    self._whitened[u] = _whiten(z, done.whitenings[u])
         return out
+
+    def _published(self) -> tuple[list[list[Tensor]], Callable[[], None]]:
+        # Every block's whitened z from its owner: the next step's corrections need them all.
+        segments, read = self._block_segments(
+            {u: q for u, q in enumerate(self._whitened) if q is not None and u in self.owned}
+        )
+
+        def keep() -> None:
+            self._whitened = read()
+
+        return segments, keep
+
+    def adopt_state(self) -> None:
+        if self.shards is not None:
+            # Every rank holds the whole loaded state for a moment: each whitens every block's
+            # previous gradient now, as its owner would have sent it.
+            self._whitened = [
+                _whiten_previous(self._previous(c), self.diagonal.current(c.block.weight))
+                for c in self.curvatures
+            ]
+        super().adopt_state()
 
     def arm(self, curvature_due: bool, settings: Callable[[], StepSettings]) -> None:
         if self.synced is not None:
@@ -617,12 +880,7 @@ class LaggedRound(BlockDiagonalRound):
                 out.append([])
                 continue
             c = self.curvatures[u]
-            out.append(
-                c.correction(
-                    _whiten_previous(self._previous(c), self.diagonal.current(c.block.weight)),
-                    hyper.damping[id(c.block.weight)],
-                )
-            )
+            out.append(c.correction(self._prior(u), hyper.damping[id(c.block.weight)]))
         return out
 
     def _payloads(self, units: Sequence[int], hyper: StepSettings) -> list[list[Tensor]]:
@@ -636,7 +894,7 @@ class LaggedRound(BlockDiagonalRound):
         return self._with_slots
 
     def _exchange(
-        self, gs: list[Tensor], fgs: list[Tensor], agreed: Agreed, hyper: StepSettings
+        self, gs: dict[int, Tensor], fgs: dict[int, Tensor], agreed: Agreed, hyper: StepSettings
     ) -> Exchanged | None:
         if not self._lagging:
             return super()._exchange(gs, fgs, agreed, hyper)

@@ -317,7 +317,7 @@ def _resume_rank_zeros_state(rank: int, world: int, config: dict) -> dict[str, A
             warnings.simplefilter("always")
             opt.load_state_dict(copy.deepcopy(state["opt"]))
         if drop:  # what rank 1 is expected to do with a foreign curvature
-            opt.curvature.drop()
+            opt.curvature.drop(everywhere=False)
         before = opt.curvature_updates
         train_steps(model, opt, range(2, 4), rank)
         return {

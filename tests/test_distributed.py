@@ -169,7 +169,7 @@ def _train(rank: int, world: int, job: dict) -> dict:
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if job.get("scaler") else None
     if scaler is not None and job.get("unscale"):
         opt.grad_scaler = scaler  # unscale_ before step: SENG reads the scale from here
-    calls, params, early, rounds = [], [], [], []
+    calls, params, early, rounds, grads = [], [], [], [], []
     caught = warnings.catch_warnings(record=True)
     said = caught.__enter__()
     warnings.simplefilter("always")
@@ -192,6 +192,7 @@ def _train(rank: int, world: int, job: dict) -> dict:
             else:
                 loss.backward()
         early.append(comm.collectives)  # started during backward
+        grads = [n for n, p in opt.model.named_parameters() if p.grad is not None]
         if k == 3 and "damping_before_step" in job:
             opt.param_groups[0]["damping"] = job["damping_before_step"]
         if scaler is not None and job.get("unscale"):
@@ -216,6 +217,12 @@ def _train(rank: int, world: int, job: dict) -> dict:
         "steps": opt.step_count,
         "skipped": opt.nonfinite_steps,
         "scale": None if scaler is None else scaler.get_scale(),
+        # with shard_state: the parameters this rank holds the state of, and those whose .grad
+        # it held after the last backward
+        "owned": [
+            n for n, p in opt.model.named_parameters() if "momentum_buffer" in opt.state.get(p, {})
+        ],
+        "grads": grads,
     }
 
 
@@ -258,10 +265,34 @@ CONFIGS.update(
 )
 
 
+# Sharded state: every config with the averaged gradients sharded too (ZeRO stage 2's layout),
+# and four with the optimizer state only (stage 1's): each equals the unsharded emulation.
+SHARDED: dict[str, dict[str, Any]] = {
+    f"{name}@gradients": dict(cfg, shard_state="gradients") for name, cfg in CONFIGS.items()
+}
+SHARDED.update(
+    {
+        f"{name}@optimizer": dict(CONFIGS[name], shard_state="optimizer")
+        for name in (
+            "explicit-blockdiag",
+            "factored-lagged-overlap",
+            "diagonal-blockdiag-overlap",
+            "mc-diagonal-lagged-overlap",
+        )
+    }
+)
+
+
+def unsharded(name: str) -> str:
+    """The CONFIGS entry a SHARDED job shards."""
+    return name.rpartition("@")[0]
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def runs(request):
     world = request.param
     jobs = {name: {"config": cfg} for name, cfg in CONFIGS.items()}
+    jobs.update({name: {"config": cfg} for name, cfg in SHARDED.items()})
     jobs.update(
         {name: {"config": cfg, "model": "encoder"} for name, cfg in ENCODER_CONFIGS.items()}
     )
@@ -291,6 +322,33 @@ def test_transformer_ranks_equal_the_single_process_emulation(runs, name):
     for rank, res in enumerate(results):
         err = displacement_error(res[name]["params"], ref, start)
         assert err <= 1e-6, f"rank {rank}: {name} differs from the emulation by {err:.2e}"
+
+
+def check_sharded(name: str, ranks: list[dict], start: dict[str, torch.Tensor]) -> None:
+    """A SHARDED job: equal to the unsharded emulation; each parameter's state on exactly one
+    rank; with sharded gradients each rank's .grad held only its own after backward, which
+    was a reduce-scatter; and the owners all-gathered the parameters every step."""
+    ref = emulated(len(ranks), CONFIGS[unsharded(name)])
+    owned = [set(res[name]["owned"]) for res in ranks]
+    for rank, res in enumerate(ranks):
+        run = res[name]
+        err = displacement_error(run["params"], ref, start)
+        assert err <= 1e-6, f"rank {rank}: {name} differs from the emulation by {err:.2e}"
+        assert owned[rank], f"rank {rank} owns nothing"
+        scattered = name.endswith("@gradients")
+        assert set(run["grads"]) == (owned[rank] if scattered else set(start))
+        for calls in run["calls"]:
+            kinds = {c.kind for c in calls if c.round in ("seng.grad", "seng.step")}
+            assert kinds == ({"reduce_scatter"} if scattered else {"allreduce"}), kinds
+            assert [c.kind for c in calls if c.round == "seng.params"] == ["allgather"]
+    assert set().union(*owned) == set(start)
+    assert sum(map(len, owned)) == len(start)  # no parameter's state on two ranks
+
+
+@pytest.mark.parametrize("name", list(SHARDED))
+def test_sharded_state_equals_the_unsharded_emulation(runs, name):
+    world, results = runs
+    check_sharded(name, results, {n: p.detach() for n, p in make_mixed().named_parameters()})
 
 
 def assert_rounds(run: dict, name: str) -> None:
@@ -440,6 +498,50 @@ MC_AROUND: dict[str, dict[str, Any]] = {
     },
 }
 EXTRAS.update(MC_AROUND)
+
+
+def _sharded(name: str, stage: str, **config: Any) -> dict[str, Any]:
+    return dict(CONFIGS[name], shard_state=stage, **config)
+
+
+# Sharded state around what users do: DDP around the model, a GradScaler with unscale_ and
+# clipping and one rank's overflow (the optimizer state sharded: .grad holds the average on
+# every rank), SENG's own clipping and activation checkpointing with the gradients sharded.
+SHARDED_AROUND: dict[str, dict[str, Any]] = {
+    "sharded-ddp-blockdiag": {"config": _sharded("factored-blockdiag", "optimizer"), "ddp": True},
+    "sharded-ddp-lagged": {"config": _sharded("factored-lagged", "gradients"), "ddp": True},
+    "sharded-scaler-clip": {
+        "config": _sharded("factored-lagged-overlap", "optimizer"),
+        "scaler": True,
+        "unscale": True,
+        "clip": CLIP,
+    },
+    "sharded-overflow": {
+        "config": _sharded("factored-blockdiag-overlap", "optimizer"),
+        "scaler": True,
+        "overflow_at": (2, 1),
+    },
+    # each rank's GradScaler reads its own shard: rank 1's overflow reaches every shard
+    "sharded-overflow-gradients": {
+        "config": _sharded("factored-blockdiag-overlap", "gradients"),
+        "scaler": True,
+        "overflow_at": (2, 1),
+    },
+    "sharded-max-norm": {
+        "config": _sharded("factored-lagged-overlap", "gradients", max_grad_norm=CLIP)
+    },
+    "sharded-checkpoint": {
+        "config": _sharded("sketched-blockdiag-overlap", "gradients"),
+        "checkpoint": "non-reentrant",
+    },
+    # refused, on every rank: a backward pass past the accumulation would add to gradients
+    # that were freed
+    "sharded-extra-pass-refused": {
+        "config": _sharded("factored-lagged-overlap", "gradients"),
+        "backwards": 2,
+    },
+}
+EXTRAS.update(SHARDED_AROUND)
 
 
 @pytest.fixture(scope="module")
@@ -672,3 +774,147 @@ def test_mc_fisher_under_ddp_checkpointing_and_a_grad_scaler(extras, name):
     for res in extras:
         assert displacement_error(res[name]["params"], ref, start) <= bound
         assert not [w for w in res[name]["warnings"] if "SENG" in w]
+
+
+@pytest.mark.parametrize(
+    "name, like",
+    [
+        ("sharded-ddp-blockdiag", "factored-blockdiag"),
+        ("sharded-ddp-lagged", "factored-lagged"),
+        ("sharded-checkpoint", "sketched-blockdiag-overlap"),
+    ],
+)
+def test_sharded_state_under_ddp_and_activation_checkpointing(extras, name, like):
+    start = {n: p.detach() for n, p in make_mixed().named_parameters()}
+    ref = emulated(2, CONFIGS[like])
+    for res in extras:
+        assert displacement_error(res[name]["params"], ref, start) <= 1e-6
+        assert not [w for w in res[name]["warnings"] if "SENG" in w]
+
+
+@pytest.mark.parametrize("name", ["sharded-scaler-clip", "sharded-max-norm"])
+def test_sharded_state_clips_the_averaged_gradient(extras, name):
+    """A GradScaler's unscale_ and clip_grad_norm_ on the averaged .grad (optimizer state
+    sharded), or SENG's max_grad_norm over every rank's shard (gradients sharded): both the
+    emulation's clipped step (within the norm's rounding, as in check_grad_edit)."""
+    start = {n: p.detach() for n, p in make_mixed().named_parameters()}
+    ref = emulated(2, dict(CONFIGS["factored-lagged-overlap"], max_grad_norm=CLIP))
+    for res in extras:
+        assert displacement_error(res[name]["params"], ref, start) <= 1e-5
+    unclipped = emulated(2, CONFIGS["factored-lagged-overlap"])
+    assert displacement_error(extras[0][name]["params"], unclipped, start) > 0.1
+
+
+@pytest.mark.parametrize("name", ["sharded-overflow", "sharded-overflow-gradients"])
+def test_sharded_state_skips_one_ranks_overflow_on_every_rank(extras, name):
+    start = {n: p.detach() for n, p in make_mixed().named_parameters()}
+    ref = emulated(2, CONFIGS["factored-blockdiag-overlap"], batches=[0, 1, 3])
+    for res in extras:
+        run = res[name]
+        assert (run["steps"], run["skipped"], run["scale"]) == (STEPS - 1, 1, 2.0**9)
+        kept = [run["params"][i] for i in (0, 1, 3)]
+        assert displacement_error(kept, ref, start) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "name, says",
+    [("sharded-extra-pass-refused", "Set gradient_accumulation_steps to the backward passes")],
+)
+def test_sharded_gradients_refuse_what_they_cannot_honour_on_every_rank(extras, name, says):
+    for res in extras:
+        assert says in res[name].get("error", ""), res[name]
+
+
+def _save_sharded(rank: int, world: int, config: dict, path: str) -> dict[str, Any]:
+    """Two steps, a checkpoint (state_dict(): a collective that gathers every shard and, with
+    state_dict_all_ranks, every rank's curvature), two more steps."""
+    model = make_mixed()
+    opt = SENG(model, **config)
+    opt.state_dict_all_ranks = True
+    train_steps(model, opt, range(2), rank)
+    state = copy.deepcopy(opt.state_dict())
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "opt": state}, path)
+    train_steps(model, opt, range(2, STEPS), rank)
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def _resume_sharded(rank: int, world: int, config: dict, path: str) -> dict[str, Any]:
+    """Every rank loads the checkpoint, gathers its state again and trains two more steps."""
+    saved = torch.load(path, weights_only=False)
+    model = make_mixed(seed=5)
+    model.load_state_dict(saved["model"])
+    opt = SENG(model, **config)
+    opt.state_dict_all_ranks = True
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        opt.load_state_dict(copy.deepcopy(saved["opt"]))
+    again = copy.deepcopy(opt.state_dict())
+    owned = [n for n, p in model.named_parameters() if "momentum_buffer" in opt.state.get(p, {})]
+    train_steps(model, opt, range(2, STEPS), rank)
+    return {
+        "again": again,
+        "owned": owned,
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "warnings": [str(w.message) for w in said],
+    }
+
+
+def _without_curvature(state: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    keys = ("U", "Xz", "sketch_idx", "Gf", "Af", "K", "YG", "YA", "sketch_g_idx", "sketch_a_idx")
+    return {i: {k: v for k, v in e.items() if k not in keys} for i, e in state["state"].items()}
+
+
+@pytest.mark.parametrize("variant", ["blockdiag", "lagged"])
+def test_a_sharded_checkpoint_resumes_exactly_and_reshards_on_any_number_of_ranks(
+    tmp_path, variant
+):
+    """Saved by 2 ranks with the gradients sharded, Adam's diagonal and momentum: resumed
+    bit-exactly on 2 ranks; on 3 ranks, sharded or not, and on one process, every rank keeps
+    its own part of the same state (gathered again it is the saved one, bit for bit) and
+    rebuilds its curvature."""
+    config = dict(CONFIGS[f"diagonal-{variant}-overlap"], shard_state="gradients")
+    path = str(tmp_path / "ckpt.pt")
+    straight = run_ranks(_save_sharded, 2, config, path, timeout=180)
+    saved = _without_curvature(torch.load(path, weights_only=False)["opt"])
+    assert any("damping_sq" in e for e in saved.values())
+    for world, stage in ((2, "gradients"), (3, "gradients"), (3, "none"), (1, "gradients")):
+        ranks = run_ranks(
+            _resume_sharded, world, dict(config, shard_state=stage), path, timeout=180
+        )
+        for rank, res in enumerate(ranks):
+            again = _without_curvature(res["again"])
+            assert again.keys() == saved.keys()
+            for i, entries in saved.items():
+                for key, value in entries.items():
+                    same = (
+                        torch.equal(again[i][key], value)
+                        if torch.is_tensor(value)
+                        else (again[i][key] == value)
+                    )
+                    assert same, (world, stage, i, key)
+            rebuilt = [w for w in res["warnings"] if "rebuilds its curvature" in w]
+            assert len(rebuilt) == (world != 2), res["warnings"]
+            if world == 2:
+                for n, p in res["params"].items():
+                    assert torch.equal(p, straight[rank]["params"][n]), n
+        owned = [set(res["owned"]) for res in ranks]
+        names = set(ranks[0]["params"])
+        if stage == "gradients" and world > 1:
+            assert set().union(*owned) == names and sum(map(len, owned)) == len(names)
+        else:
+            assert all(o == names for o in owned)
+
+
+def _broadcast_sharded(rank: int, world: int) -> str:
+    opt = SENG(make_mixed(), **_sharded("explicit-blockdiag", "optimizer"))
+    try:
+        opt.broadcast_state(0)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def test_broadcast_state_with_sharded_state_says_to_load_on_every_rank():
+    for message in run_ranks(_broadcast_sharded, 2, timeout=120):
+        assert "Load the checkpoint's state_dict() on every rank" in message
