@@ -78,7 +78,8 @@ class BlockCurvature(ABC):
         the same shapes)."""
         if z is None or not self.ready:
             w = self.block.weight
-            return [w.new_zeros(shape) for shape in self.slot_shapes()]
+            dtype = solver.compute_dtype(w.dtype)
+            return [w.new_zeros(shape, dtype=dtype) for shape in self.slot_shapes()]
         return self._correction(z, self._damped_inverse(damping))
 
     @abstractmethod
@@ -94,8 +95,8 @@ class BlockCurvature(ABC):
         return {k: self._state[k] for k in self.KEYS if k in self._state}
 
     def load_state_dict(self, entries: dict[str, Tensor]) -> None:
-        """Take saved curvature tensors: floating ones in the parameter's dtype (``K`` in
-        :func:`~seng_dist.solver.gram_dtype`'s), the sketches' row indices as saved (they must
+        """Take saved curvature tensors: floating ones in the parameter's
+        :func:`~seng_dist.solver.compute_dtype`, the sketches' row indices as saved (they must
         stay integers), all on the parameter's device."""
         unknown = sorted(set(entries) - set(self.KEYS))
         if unknown:
@@ -105,13 +106,11 @@ class BlockCurvature(ABC):
             )
         self.clear()
         w = self.block.weight
-        dtypes = {_GRAM: solver.gram_dtype(w.dtype)}
+        dtype = solver.compute_dtype(w.dtype)
         if entries:
             self._param_state[w].update(
                 {
-                    k: v.to(w.device, dtypes.get(k, w.dtype))
-                    if v.is_floating_point()
-                    else v.to(w.device)
+                    k: v.to(w.device, dtype) if v.is_floating_point() else v.to(w.device)
                     for k, v in entries.items()
                 }
             )
@@ -212,7 +211,7 @@ class ExplicitCurvature(BlockCurvature):
             G_hat, A_hat = sample.factors()
             if G_hat.shape[1] == 1:
                 Gf, Af = G_hat[:, 0].contiguous(), A_hat[:, 0].contiguous()
-                dtype = solver.gram_dtype(Gf.dtype)
+                dtype = solver.compute_dtype(Gf.dtype)
                 return {
                     "Gf": Gf,
                     "Af": Af,
@@ -223,7 +222,7 @@ class ExplicitCurvature(BlockCurvature):
             Ut = Ut * whitening.reshape(1, -1)
         sk = self._sketch(Ut, self.settings.sketch_size)
         X = solver.sketch_columns(Ut, sk)
-        X = X.to(solver.gram_dtype(X.dtype))
+        X = X.to(solver.compute_dtype(X.dtype))
         out = {"U": Ut, _GRAM: X @ X.T}
         if sk is not None:
             out.update(Xz=solver.sketch_columns(Ut, sk, power=2), sketch_idx=sk[0])
@@ -281,7 +280,7 @@ class ImplicitCurvature(BlockCurvature):
             if sk is not None:
                 out[f"Y{side}"] = solver.sketch_columns(F, sk, power=2)
                 out[f"sketch_{side.lower()}_idx"] = sk[0]
-        dtype = solver.gram_dtype(Gf.dtype)
+        dtype = solver.compute_dtype(Gf.dtype)
         out[_GRAM] = solver.implicit_gram(xs[0].to(dtype), xs[1].to(dtype), G.shape[1])
         return out
 

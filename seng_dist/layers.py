@@ -103,15 +103,21 @@ class Block:
     def n(self) -> int:
         return self.n_G * self.n_A
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the block's curvature and math (:func:`~seng_dist.solver.compute_dtype`
+        of its weight's)."""
+        return solver.compute_dtype(self.weight.dtype)
+
     def grad_matrix(self) -> Tensor:
-        """The block's gradient as an ``(n_G, n_A)`` matrix (a new tensor); a missing
-        (None) weight or bias gradient counts as zero."""
+        """The block's gradient as an ``(n_G, n_A)`` matrix (a new tensor, in
+        :attr:`compute_dtype`); a missing (None) weight or bias gradient counts as zero."""
         w, b = self.weight, self.bias
         g = self.kind.weight_matrix(torch.zeros_like(w) if w.grad is None else w.grad)
         if b is None:
-            return g.clone()
+            return g.to(self.compute_dtype, copy=True)
         gb = torch.zeros_like(b) if b.grad is None else b.grad
-        return torch.cat([g, gb.reshape(self.n_G, 1)], dim=1)
+        return torch.cat([g, gb.reshape(self.n_G, 1)], dim=1).to(self.compute_dtype)
 
     def param_matrix(self) -> Tensor:
         """The block's parameters as an ``(n_G, n_A)`` matrix (a new tensor)."""
@@ -177,9 +183,10 @@ class Block:
         return total * scale if scale != 1.0 else total
 
     def _dtype(self, call: CapturedCall) -> tuple[Tensor, Tensor]:
-        # Under autocast the layer sees and returns bf16/fp16; curvature is kept in the
-        # parameters' dtype. An embedding's ids stay integers.
-        dtype = self.weight.dtype
+        # Under autocast the layer sees and returns bf16/fp16, and bf16/fp16 parameters do too:
+        # the curvature is computed and kept in float32 (at least). An embedding's ids stay
+        # integers.
+        dtype = self.compute_dtype
         x = call.x.to(dtype) if call.x.is_floating_point() else call.x
         return x, call.gy.to(dtype)
 

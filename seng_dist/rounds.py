@@ -237,7 +237,8 @@ class Round(ABC):
         its correction slot)."""
         dtype = self.config.distributed.buffer_dtype
         return [
-            sum(p.numel() for p in unit) * (dtype or unit[0].dtype).itemsize for unit in self.units
+            sum(p.numel() for p in unit) * (dtype or solver.compute_dtype(unit[0].dtype)).itemsize
+            for unit in self.units
         ]
 
     # ------------------------------------------------------------------ the backward passes
@@ -316,7 +317,14 @@ class Round(ABC):
                 out.append([self.curvatures[u].block.grad_matrix()])
             else:
                 p = self.fallback[u - nb]
-                out.append([torch.zeros_like(p) if p.grad is None else p.grad.clone()])
+                dtype = solver.compute_dtype(p.dtype)
+                out.append(
+                    [
+                        p.new_zeros(p.shape, dtype=dtype)
+                        if p.grad is None
+                        else p.grad.to(dtype, copy=True)
+                    ]
+                )
         return out
 
     def _sync(self, overflow: bool) -> Agreed:
@@ -453,7 +461,9 @@ class Round(ABC):
         nb = len(self.curvatures)
         gs = {u: c.block.grad_matrix() for u, c in enumerate(self.curvatures) if u in self.owned}
         fgs = {
-            i: torch.zeros_like(p) if p.grad is None else p.grad
+            i: p.new_zeros(p.shape, dtype=solver.compute_dtype(p.dtype))
+            if p.grad is None
+            else p.grad.to(solver.compute_dtype(p.dtype))
             for i, p in enumerate(self.fallback)
             if nb + i in self.owned
         }
@@ -678,7 +688,7 @@ class Round(ABC):
         assert self.shards is not None
         blocks = [c.block for c in self.curvatures]
         buffers = [
-            values[u] if u in values else b.weight.new_zeros(b.n_G, b.n_A)
+            values[u] if u in values else b.weight.new_zeros(b.n_G, b.n_A, dtype=b.compute_dtype)
             for u, b in enumerate(blocks)
         ]
         have = torch.tensor(
@@ -868,7 +878,7 @@ class LaggedRound(BlockDiagonalRound):
         sizes = super().unit_bytes()
         for u, c in enumerate(self.curvatures):
             slot = sum(a * b for a, b in c.slot_shapes())
-            sizes[u] += slot * (dtype or c.block.weight.dtype).itemsize
+            sizes[u] += slot * (dtype or c.block.compute_dtype).itemsize
         return sizes
 
     def _slots(self, units: Sequence[int], hyper: StepSettings) -> list[list[Tensor]]:

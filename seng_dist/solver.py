@@ -256,10 +256,12 @@ def implicit_uc_factored(Gf: Tensor, Af: Tensor, c: Tensor, r: int) -> Tensor:
 # --------------------------------------------------------------------------- the small solve
 
 
-def gram_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the Gram matrix ``K`` of factors in ``dtype`` is computed and kept in: at least
-    float32. Rounded to bf16, ``K`` has eigenvalues down to -5e-4·‖K‖ (measured), below many
-    runs' ``-λ``; products of bf16 or fp16 factors are exact in float32."""
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype SENG computes and keeps in for parameters (or factors) of ``dtype``: at least
+    float32. The Gram matrix ``K``: rounded to bf16 it has eigenvalues down to -5e-4·‖K‖
+    (measured), below many runs' ``-λ``; products of bf16 or fp16 factors are exact in float32.
+    For bf16/fp16 parameters also the captured factors, the curvature, the averaged gradient,
+    the directions, the optimizer state and the master copy of the parameters."""
     return torch.promote_types(dtype, torch.float32)
 
 

@@ -1,5 +1,7 @@
 """The parameter update: heavy-ball momentum on the direction, then ``θ ← θ + lr·v``, with each
-param group's ``lr``, ``momentum`` and (decoupled) ``weight_decay``."""
+param group's ``lr``, ``momentum`` and (decoupled) ``weight_decay``. A bf16 or fp16 parameter
+is updated through a float32 master copy kept in its state (as mixed-precision optimizers do),
+then rounded back into the parameter: updates smaller than its rounding are not lost."""
 
 from __future__ import annotations
 
@@ -9,8 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .solver import compute_dtype
+
 #: the per-parameter state key of the momentum buffer (as torch's SGD names it)
 MOMENTUM = "momentum_buffer"
+#: the per-parameter state key of a low-precision parameter's float32 master copy
+MASTER = "master"
 
 
 def apply_update(
@@ -49,8 +55,9 @@ def _heavy_ball(
     mu: float,
     decoupled_wd: float,
 ) -> None:
+    targets = [_master(state, p) for p in params]
     if decoupled_wd:
-        torch._foreach_mul_(params, 1.0 - lr * decoupled_wd)
+        torch._foreach_mul_(targets, 1.0 - lr * decoupled_wd)
     if mu:
         bufs = [state[p].get(MOMENTUM) for p in params]
         old = [(b, d) for b, d in zip(bufs, dirs, strict=True) if b is not None]
@@ -61,4 +68,19 @@ def _heavy_ball(
             if b is None:
                 state[p][MOMENTUM] = d.clone()
         dirs = [state[p][MOMENTUM] for p in params]
-    torch._foreach_add_(params, dirs, alpha=lr)
+    torch._foreach_add_(targets, dirs, alpha=lr)
+    rounded = [(p, m) for p, m in zip(params, targets, strict=True) if m is not p]
+    if rounded:
+        torch._foreach_copy_([p for p, _ in rounded], [m for _, m in rounded])
+
+
+def _master(state: MutableMapping[Any, dict[str, Any]], param: Tensor) -> Tensor:
+    """What the update writes: ``param`` itself, or for a bf16/fp16 one its float32 master copy
+    (made from the parameter at its first update)."""
+    dtype = compute_dtype(param.dtype)
+    if dtype == param.dtype:
+        return param
+    master: Tensor | None = state[param].get(MASTER)
+    if master is None:
+        master = state[param][MASTER] = param.detach().to(dtype)
+    return master

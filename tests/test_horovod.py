@@ -15,11 +15,14 @@ from conftest import displacement_error, launch_jobs, make_mixed, python_output,
 from launch import run_ranks
 from test_distributed import (
     CONFIGS,
+    ENGINE_SHARDED,
     EXTRAS,
+    SHARDED,
     STEPS,
     assert_rounds,
     check_grad_edit,
     check_overflow,
+    check_sharded,
     emulated,
     train_jobs,
 )
@@ -77,6 +80,18 @@ def horovodrun(jobs: dict, tmp: Path, np: int = 2) -> list[dict]:
 @pytest.fixture(scope="module")
 def hvd_runs(tmp_path_factory):
     return horovodrun(JOBS, tmp_path_factory.mktemp("hvd"))
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def hvd_sharded(request, tmp_path_factory):
+    jobs = {name: {"config": SHARDED[name], "engine": "horovod"} for name in ENGINE_SHARDED}
+    return horovodrun(jobs, tmp_path_factory.mktemp("hvd-sharded"), np=request.param)
+
+
+@needs_hvd
+@pytest.mark.parametrize("name", ENGINE_SHARDED)
+def test_horovod_sharded_state_equals_the_unsharded_emulation(hvd_sharded, name):
+    check_sharded(name, hvd_sharded, START)
 
 
 @pytest.fixture(scope="module")

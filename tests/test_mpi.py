@@ -12,10 +12,13 @@ from conftest import displacement_error, launch_jobs, make_mixed, python_output,
 from launch import run_ranks
 from test_distributed import (
     CONFIGS,
+    ENGINE_SHARDED,
     EXTRAS,
+    SHARDED,
     assert_rounds,
     check_grad_edit,
     check_overflow,
+    check_sharded,
     emulated,
     train_jobs,
 )
@@ -55,6 +58,7 @@ def mpi_runs(request, tmp_path_factory):
         "engine": "mpi",
     }
     jobs.update({name: dict(EXTRAS[name], engine="mpi") for name in EDITS + OVERFLOWS})
+    jobs.update({name: {"config": SHARDED[name], "engine": "mpi"} for name in ENGINE_SHARDED})
     return request.param, mpirun(jobs, tmp_path_factory.mktemp("mpi"), request.param)
 
 
@@ -80,6 +84,12 @@ def test_mpi_equals_the_emulation_and_the_torch_distributed_run(mpi_runs, torch_
             <= 1e-6
         )
     assert_rounds(ranks[0][name], name)
+
+
+@needs_mpi
+@pytest.mark.parametrize("name", ENGINE_SHARDED)
+def test_mpi_sharded_state_equals_the_unsharded_emulation(mpi_runs, name):
+    check_sharded(name, mpi_runs[1], START)
 
 
 @needs_mpi

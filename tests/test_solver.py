@@ -185,11 +185,11 @@ def test_damped_inverse_refuses_what_it_cannot_invert():
         solver.damped_inverse(K, 1.0)
 
 
-def test_gram_dtype_is_at_least_float32():
-    assert solver.gram_dtype(torch.bfloat16) == torch.float32
-    assert solver.gram_dtype(torch.float16) == torch.float32
-    assert solver.gram_dtype(torch.float32) == torch.float32
-    assert solver.gram_dtype(torch.float64) == torch.float64
+def test_compute_dtype_is_at_least_float32():
+    assert solver.compute_dtype(torch.bfloat16) == torch.float32
+    assert solver.compute_dtype(torch.float16) == torch.float32
+    assert solver.compute_dtype(torch.float32) == torch.float32
+    assert solver.compute_dtype(torch.float64) == torch.float64
 
 
 # --------------------------------------------------------------------------- issue 27's runs
