@@ -324,7 +324,7 @@ def evaluate(
     mine = torch.arange(engine.rank, len(x), engine.world)
     with torch.no_grad():
         for idx in mine.split(batch):
-            out = model(x[idx])
+            out = model(x[idx]).float()
             loss += F.cross_entropy(out, y[idx], reduction="sum").item()
             correct += (out.argmax(1) == y[idx]).sum().item()
     model.train()
@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> float:
         accumulation = ds_engine.gradient_accumulation_steps()
         args.batch_size = ds_engine.train_micro_batch_size_per_gpu() * accumulation
         args.optimizer = type(opt).__name__.lower()
+        # a bf16/fp16 section casts the model: its inputs follow, as DeepSpeed's examples do
+        x_train, x_test = (t.to(next(model.parameters()).dtype) for t in (x_train, x_test))
     sampler = DistributedSampler(
         range(len(x_train)),
         num_replicas=world,
@@ -462,7 +464,7 @@ def main(argv: list[str] | None = None) -> float:
                 x = augment(x, aug_gen)
             if ds_engine is not None:
                 for micro in torch.arange(len(idx)).chunk(accumulation):
-                    logits = ds_engine(x[micro])
+                    logits = ds_engine(x[micro]).float()
                     loss = F.cross_entropy(logits, y[micro])
                     ds_engine.backward(loss)
                     ds_engine.step()

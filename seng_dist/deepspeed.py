@@ -12,35 +12,50 @@ gradients in backward and SENG averages only its corrections; with ``variant="la
 engine's backward allreduce is switched off and SENG's single fused round carries the
 gradient.
 
-Supported in this release: ZeRO stage 0; fp32 training or ``torch_autocast`` (bf16 or fp16,
-both variants: the gradients are averaged when backward ends, so the engine's GradScaler finds
-an overflow on every rank alike, and SENG skips that step, its curvature update included, on
-every rank; the loss scale is divided out of the curvature);
-``train_micro_batch_size_per_gpu``; ``gradient_accumulation_steps`` (the curvature comes from
-the last micro-batch of each step, rescaled for the engine's ``1/accumulation`` loss scaling);
-``gradient_clipping`` with both variants (SENG clips the averaged gradient); lr schedulers
-(DeepSpeed's ``scheduler`` section or a client scheduler); checkpoints through
-``engine.save_checkpoint``/``load_checkpoint`` (SENG's state, every rank's curvature included,
-travels in the engine's checkpoint; a resume on the same number of ranks is bit-exact, on
-another number the curvature is rebuilt at the next step). Anything else that SENG cannot honour
-yet is refused with a ``ValueError`` naming the key, before any training.
+Supported: ZeRO stages 0, 1 and 2, run as SENG's own ``shard_state`` (``"none"``,
+``"optimizer"``, ``"gradients"``: each layer's optimizer state, and at stage 2 its averaged
+gradient, on one owner rank; DeepSpeed runs stage 0 underneath, and its bucket keys are not
+used); the ``bf16`` and ``fp16`` sections (the model cast to that dtype, as DeepSpeed casts it;
+SENG keeps float32 master weights, curvature and state; fp16's dynamic loss scaling is torch's
+GradScaler, set from ``initial_scale_power`` and ``loss_scale_window``, and every rank skips an
+overflow step together); ``torch_autocast`` (bf16 or fp16, float32 parameters; the loss scale
+is divided out of the curvature); ``train_micro_batch_size_per_gpu``;
+``gradient_accumulation_steps`` (the curvature comes from the last micro-batch of each step,
+rescaled for the engine's ``1/accumulation`` loss scaling); ``gradient_clipping`` (SENG clips
+the averaged gradient); lr schedulers (DeepSpeed's ``scheduler`` section or a client
+scheduler); checkpoints through ``engine.save_checkpoint``/``load_checkpoint`` (SENG's state,
+its shards gathered and every rank's curvature included, travels in the engine's checkpoint: a
+resume on the same number of ranks is bit-exact, on another number each rank takes its shard
+and rebuilds its curvature at the next step). What SENG cannot honour (ZeRO-3, offloading, a
+static fp16 loss scale, an unresolved ``"auto"``) is refused with a ``ValueError`` naming the
+key, before any training; rank 0 says once how the ZeRO and bf16/fp16 sections run.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from .comm.base import import_engine
 from .comm.deepspeed_comm import INSTALL_HINT, DeepSpeedCommunicator
-from .config import SENGConfig, Variant, current_names
+from .config import SENGConfig, ShardState, Variant, current_names
 from .optimizer import SENG
 from .warn import warn
 
 #: the keys accepted in ``"optimizer": {"type": "SENG", "params": {...}}``: every setting (and,
 #: with a deprecation warning, a renamed setting's old name)
 SENG_PARAMS = SENGConfig.setting_names()
+
+#: the ZeRO stages SENG runs, as its own ``shard_state``
+ZERO_STAGES = {0: ShardState.NONE, 1: ShardState.OPTIMIZER, 2: ShardState.GRADIENTS}
+#: ``zero_optimization`` keys that move state off the accelerator, which SENG does not do
+ZERO_OFFLOAD = ("offload_optimizer", "offload_param", "cpu_offload")
+#: ``fp16`` keys of DeepSpeed's own loss scaler that torch's GradScaler has no counterpart for
+FP16_UNUSED = ("hysteresis", "consecutive_hysteresis", "min_loss_scale")
 
 
 def _read_config(config: Any) -> dict:
@@ -52,11 +67,75 @@ def _read_config(config: Any) -> dict:
 
 def _enabled(cfg: dict, key: str) -> bool:
     section = cfg.get(key)
+    if isinstance(section, dict) and section.get("enabled") == "auto":
+        raise ValueError(
+            f'ds_config {key}.enabled="auto": resolve "auto" by hand (true or false; '
+            "transformers' Trainer fills it from its own arguments)"
+        )
     return isinstance(section, dict) and bool(section.get("enabled", False))
 
 
+def _setting(section: dict, where: str, key: str, default: Any) -> Any:
+    value = section.get(key, default)
+    if value == "auto":
+        raise ValueError(f'ds_config {where}.{key}="auto": resolve "auto" by hand')
+    return value
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What the config's ``bf16``/``fp16`` section asks: the model's dtype (None: as it is)
+    and, for fp16, the ``torch.amp.GradScaler`` of its dynamic loss scaling (its first scale,
+    None without one, and the steps without overflow after which it doubles)."""
+
+    dtype: torch.dtype | None = None
+    init_scale: float | None = None
+    growth_interval: int = 0
+
+    @classmethod
+    def of(cls, cfg: dict) -> Precision:
+        """The ``bf16``/``fp16`` section of ``cfg``, checked (``ValueError`` naming the key)."""
+        fp16, bf16 = _enabled(cfg, "fp16"), _enabled(cfg, "bf16")
+        if fp16 and bf16:
+            raise ValueError("ds_config enables both fp16 and bf16: enable one of them")
+        if (fp16 or bf16) and _enabled(cfg, "torch_autocast"):
+            raise ValueError(
+                f"ds_config enables {'fp16' if fp16 else 'bf16'} and torch_autocast: give one "
+                "(the section casts the model; torch_autocast keeps it float32 and runs the "
+                "forward in low precision)"
+            )
+        if bf16:
+            return cls(torch.bfloat16)
+        if not fp16:
+            return cls()
+        section = cfg["fp16"]
+        if _setting(section, "fp16", "fp16_master_weights_and_grads", False):
+            raise ValueError(
+                "ds_config fp16.fp16_master_weights_and_grads=true is not supported with "
+                "SENG, which keeps float32 master weights; set it to false"
+            )
+        if _setting(section, "fp16", "loss_scale", 0):
+            raise ValueError(
+                f"ds_config fp16.loss_scale={section['loss_scale']!r}: a static loss scale is "
+                "not supported with SENG, whose fp16 loss scaling is torch's dynamic "
+                "GradScaler; set loss_scale to 0 (dynamic)"
+            )
+        power = _setting(section, "fp16", "initial_scale_power", 16)
+        window = _setting(section, "fp16", "loss_scale_window", 1000)
+        return cls(torch.float16, 2.0**power, int(window))
+
+    def scaler(self, device: str) -> torch.amp.GradScaler | None:
+        """The GradScaler of the fp16 section's loss scaling (None: it has none)."""
+        if self.init_scale is None:
+            return None
+        return torch.amp.GradScaler(
+            device, init_scale=self.init_scale, growth_interval=self.growth_interval
+        )
+
+
 def seng_params(cfg: dict) -> dict | None:
-    """The SENG params of a config whose optimizer is SENG (validated), else None."""
+    """The SENG params of a config whose optimizer is SENG (validated; ``zero_optimization``
+    mapped onto ``shard_state``), else None."""
     section = cfg.get("optimizer")
     if not isinstance(section, dict) or str(section.get("type", "")).lower() != "seng":
         return None
@@ -67,23 +146,8 @@ def seng_params(cfg: dict) -> dict | None:
             f"ds_config optimizer SENG: unknown params {unknown}; valid params "
             f"are {', '.join(SENG_PARAMS)}"
         )
-    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
-    if stage not in (0, None):
-        raise ValueError(
-            f"ds_config zero_optimization.stage={stage!r}: SENG needs stage 0. "
-            "ZeRO stages >= 1 hand the optimizer flat partitions, not per-layer "
-            "gradients, and SENG's curvature is per layer. Set "
-            '"zero_optimization": {"stage": 0}'
-        )
-    for key, dtype in (("fp16", "float16"), ("bf16", "bfloat16")):
-        if _enabled(cfg, key):
-            raise ValueError(
-                f"ds_config {key}.enabled=true is not supported with SENG: "
-                "DeepSpeed's fp16/bf16 optimizer wrappers hand the optimizer flat "
-                "fp32 master copies, not the layers' parameters. Replace the "
-                f'"{key}" section by "torch_autocast": {{"enabled": true, '
-                f'"dtype": "{dtype}"}} (fp32 parameters, {dtype} forward)'
-            )
+    params["shard_state"] = _shard_state(cfg, params.get("shard_state"))
+    Precision.of(cfg)
     gas = cfg.get("gradient_accumulation_steps", 1)
     if gas in ("auto", None):
         gas = 1
@@ -105,6 +169,80 @@ def seng_params(cfg: dict) -> dict | None:
         # only the local one.
         params["max_grad_norm"] = float(clip)
     return params
+
+
+def _shard_state(cfg: dict, given: Any) -> str:
+    """The ``shard_state`` the config's ZeRO stage maps onto (``ValueError`` for stage 3, an
+    offload, or a ``shard_state`` param that says otherwise)."""
+    zero = cfg.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    if stage == 3:
+        raise ValueError(
+            "ds_config zero_optimization.stage=3 is not supported with SENG: ZeRO-3 "
+            "partitions the parameters themselves, and SENG's curvature needs each "
+            "preconditioned layer's whole weight, inputs and output gradients on every rank "
+            "at every curvature step. Use stage 2: SENG then keeps each layer's optimizer "
+            "state and averaged gradient on one owner rank (its shard_state='gradients')"
+        )
+    if stage not in ZERO_STAGES:
+        raise ValueError(
+            f"ds_config zero_optimization.stage={stage!r}: with SENG it must be 0, 1 or 2"
+        )
+    for key in ZERO_OFFLOAD:
+        value = zero.get(key)
+        device = value.get("device", "none") if isinstance(value, dict) else value
+        if device not in (None, False, "none"):
+            raise ValueError(
+                f"ds_config zero_optimization.{key}={value!r} is not supported with SENG: "
+                "its state stays on the parameters' device (sharded over the ranks from "
+                "stage 1 on). Remove the key"
+            )
+    mapped = str(ZERO_STAGES[stage])
+    if given is not None and given != mapped:
+        raise ValueError(
+            f"ds_config: SENG param shard_state={given!r} differs from "
+            f"zero_optimization.stage={stage}, which means shard_state={mapped!r}; give it "
+            "once, as the ZeRO stage"
+        )
+    return mapped
+
+
+def _what_runs(cfg: dict, precision: Precision, params: dict[str, Any]) -> str | None:
+    """What the plugin does with the config's ZeRO and bf16/fp16 sections, said once."""
+    zero = cfg.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    parts = []
+    if stage:
+        tuning = sorted(k for k in zero if k not in ("stage", *ZERO_OFFLOAD))
+        parts.append(
+            f"zero_optimization.stage={stage} runs as SENG's shard_state="
+            f"{params['shard_state']!r} (each layer's optimizer state"
+            + (" and averaged gradient" if stage == 2 else "")
+            + " on one owner rank, which all-gathers its updated parameters); DeepSpeed runs "
+            "stage 0 underneath"
+            + (
+                f", and its bucket keys {tuning} are not used (SENG's buckets: bucket_size_mb"
+                f"={SENGConfig().distributed.bucket_size_mb})"
+                if tuning
+                else ""
+            )
+        )
+    if precision.dtype is not None:
+        name = "bf16" if precision.dtype == torch.bfloat16 else "fp16"
+        text = (
+            f"{name}: the model is cast to {str(precision.dtype).removeprefix('torch.')} and "
+            "SENG keeps float32 master weights, curvature and state"
+        )
+        if precision.init_scale is not None:
+            unused = [k for k in FP16_UNUSED if k in cfg["fp16"]]
+            text += (
+                f"; the loss scaling is torch's GradScaler (init_scale "
+                f"{precision.init_scale:g}, growth_interval {precision.growth_interval}), "
+                "its skip decision the same on every rank"
+                + (f" ({unused} have no counterpart there)" if unused else "")
+            )
+        parts.append(text)
+    return "SENG: " + "; ".join(parts) if parts else None
 
 
 def initialize(
@@ -133,21 +271,35 @@ def initialize(
         deepspeed.init_distributed()
     groups = _param_groups(model, kwargs.pop("model_parameters", None))
     settings = SENGConfig.from_settings(**params)
-    # blockdiag: the engine averages the gradients in backward and SENG its corrections only;
-    # lagged: SENG's one fused round per step carries the gradient (eq. 27), so the engine's
-    # backward allreduce is switched off below.
-    lagged = settings.distributed.variant is Variant.LAGGED
+    precision = Precision.of(cfg)
+    if precision.dtype is not None:
+        model.to(precision.dtype)  # as DeepSpeed's engine casts the module for the section
+    # blockdiag in float32 without sharding: the engine averages the gradients in backward
+    # and SENG its corrections only. Otherwise SENG's own round carries the gradient: lagged
+    # sends gradient and correction together (eq. 27), sharded state reduce-scatters them to
+    # their owners, and low-precision gradients are averaged in float32.
+    own_round = (
+        settings.distributed.variant is Variant.LAGGED
+        or settings.distributed.shard_state is not ShardState.NONE
+        or precision.dtype is not None
+    )
     seng = SENG(
         model,
         settings,
         param_groups=groups,
         comm=DeepSpeedCommunicator(),
-        grads_averaged=not lagged,
+        grads_averaged=not own_round,
     )
     # engine.save_checkpoint builds the state on every rank and rank 0 writes it: gather every
     # rank's curvature into it so load_checkpoint resumes each rank bit-exactly.
     seng.state_dict_all_ranks = True
+    said = _what_runs(cfg, precision, params)
+    # DeepSpeed sees a float32 stage-0 config: its ZeRO and bf16/fp16 optimizer wrappers would
+    # hand SENG flat partitions instead of the layers.
     cfg.pop("optimizer")
+    cfg.pop("bf16", None)
+    cfg.pop("fp16", None)
+    cfg["zero_optimization"] = {"stage": 0}
     cfg["gradient_clipping"] = 0.0  # SENG clips (see seng_params)
     if from_args:
         args = copy.copy(args)
@@ -155,13 +307,27 @@ def initialize(
     engine, opt, loader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=seng, config=cfg, **kwargs
     )
-    # fp16 autocast: the engine's GradScaler hands SENG's step() its scale and overflow check
-    # (SENG unscales and skips); told here too, for a caller that unscales first.
+    scaler = precision.scaler(deepspeed.accelerator.get_accelerator().device_name())
+    if scaler is not None:
+        # fp16: the engine scales the loss in backward and steps through this scaler, as it
+        # does for torch_autocast; SENG makes every rank's skip decision the same.
+        engine.torch_autocast_z0_gradscaler = scaler
+    # fp16 (section or autocast): SENG unscales and skips with the engine's GradScaler, and
+    # its state travels in SENG's checkpoint.
     seng.grad_scaler = engine.torch_autocast_z0_gradscaler
-    if lagged:
+    if precision.dtype is not None:
+        # Scripts cast their inputs by what the engine reports (DeepSpeedExamples test
+        # model_engine.bfloat16_enabled() / fp16_enabled()): it reports the user's section.
+        bf16 = precision.dtype == torch.bfloat16
+        engine.bfloat16_enabled = lambda: bf16
+        engine.fp16_enabled = lambda: not bf16
+    if own_round:
         engine.enable_backward_allreduce = False
-    if scheduler is not None and seng.communicator.rank == 0:
-        warn(_lr_source(cfg.get("scheduler"), scheduler, params))
+    if seng.communicator.rank == 0:
+        if said is not None:
+            warn(said)
+        if scheduler is not None:
+            warn(_lr_source(cfg.get("scheduler"), scheduler, params))
     return engine, opt, loader, scheduler
 
 

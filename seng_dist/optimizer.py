@@ -620,11 +620,22 @@ class SENG(torch.optim.Optimizer):
         sd = super().state_dict()
         if self.round.shards is not None:
             sd["state"] = self._codec.gather(sd["state"], self._curvature_indices())
-        return self._codec.pack(sd, self._counters, self._curvature_indices(), all_ranks)
+        sd = self._codec.pack(sd, self._counters, self._curvature_indices(), all_ranks)
+        if self.grad_scaler is not None:
+            # its loss scale resumes with the step (an engine's scaler is not in its checkpoint)
+            sd["seng"]["grad_scaler"] = self.grad_scaler.state_dict()
+        return sd
 
     @_live
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` saved for the same layers and curvature settings."""
+    def load_state_dict(
+        self, state_dict: dict[str, Any], load_optimizer_states: bool = True
+    ) -> None:
+        """Load a :meth:`state_dict` saved for the same layers and curvature settings (and
+        the GradScaler's state, when it holds one and a ``grad_scaler`` is set). With sharded
+        state every rank loads it and keeps its own part. ``load_optimizer_states=False``
+        (DeepSpeed's mixed-precision engines pass the flag) loads nothing."""
+        if not load_optimizer_states:
+            return
         indexed = self._curvature_indices()
         torch_part, saved = self._codec.unpack(state_dict, indexed)
         # torch replaces self.state on load; the blocks and the round keep a reference to it.
@@ -634,6 +645,9 @@ class SENG(torch.optim.Optimizer):
         kept.update(self.state)
         self.state = kept
         self._counters = self._codec.restore(saved, indexed)
+        scaler = saved.extra.get("grad_scaler")
+        if scaler and self.grad_scaler is not None:
+            self.grad_scaler.load_state_dict(scaler)
         self.round.adopt_state()
         self._arm(self._counters.step)
 

@@ -1,8 +1,9 @@
 """DeepSpeedExamples' ``training/cifar/cifar10_deepspeed.py`` as a client writes it, with the
 SENG change of ``integrations/deepspeed/cifar10_deepspeed.diff`` applied.
 
-Shaped like the official example (its ``--dtype`` (default fp16) and ``--stage`` flags, the
-in-code ds_config with ``WarmupLR``, gradient clipping and the ZeRO section,
+Shaped like the official example (its ``--dtype`` (default fp16: its ``fp16`` section; ``bf16``
+its ``bf16`` section) and ``--stage`` flags, the in-code ds_config with ``WarmupLR``, gradient
+clipping and the ZeRO section, the inputs cast by what the engine reports,
 ``deepspeed.init_distributed()``, ``initialize(args=..., model=..., model_parameters=...,
 training_data=..., config=...)`` and its data loader, ``model_engine.backward``/``step``).
 Differences, for a test: Fashion-MNIST padded to 32×32×3 from Debian's package instead of
@@ -61,12 +62,10 @@ def get_ds_config(args: argparse.Namespace) -> dict[str, Any]:
         },
         "gradient_clipping": 1.0,
         "prescale_gradients": False,
-        "torch_autocast": {
-            "enabled": args.dtype != "fp32",
-            "dtype": "bfloat16" if args.dtype == "bf16" else "float16",
-        },
+        "bf16": {"enabled": args.dtype == "bf16"},
         "fp16": {
-            "enabled": False,
+            "enabled": args.dtype == "fp16",
+            "fp16_master_weights_and_grads": False,
             "loss_scale": 0,
             "loss_scale_window": 500,
             "hysteresis": 2,
@@ -78,8 +77,11 @@ def get_ds_config(args: argparse.Namespace) -> dict[str, Any]:
             "stage": args.stage,
             "allgather_partitions": True,
             "reduce_scatter": True,
+            "allgather_bucket_size": 50000000,
+            "reduce_bucket_size": 50000000,
             "overlap_comm": True,
             "contiguous_gradients": True,
+            "cpu_offload": False,
         },
     }
 
@@ -118,12 +120,20 @@ def main(args: argparse.Namespace) -> None:
         training_data=trainset,
         config=get_ds_config(args),
     )
+    # For float32, target_dtype will be None so no datatype conversion needed.
+    target_dtype = None
+    if model_engine.bfloat16_enabled():
+        target_dtype = torch.bfloat16
+    elif model_engine.fp16_enabled():
+        target_dtype = torch.half
     criterion = nn.CrossEntropyLoss()
     losses: list[float] = []
     after_first_step = -1
     for _epoch in range(args.epochs):
         for data in trainloader:
             inputs, labels = data[0], data[1]
+            if target_dtype is not None:
+                inputs = inputs.to(target_dtype)
             loss = criterion(model_engine(inputs), labels)
             model_engine.backward(loss)
             model_engine.step()
@@ -139,6 +149,12 @@ def main(args: argparse.Namespace) -> None:
         "curvature_updates": optimizer.curvature_updates,
         "after_first_step": after_first_step,
         "lr": [g["lr"] for g in optimizer.param_groups],
+        "dtype": str(next(model_engine.module.parameters()).dtype),
+        "shard_state": str(optimizer.config.distributed.shard_state),
+        "owned": sum(
+            "momentum_buffer" in optimizer.state.get(p, {})
+            for p in model_engine.module.parameters()
+        ),
     }
     with open(os.path.join(args.out, f"{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump(report, f)
