@@ -27,6 +27,7 @@ from .config import (
     DampingDiagonal,
     Fisher,
     SENGConfig,
+    ShardState,
     Variant,
     check_choice,
     resolve,
@@ -302,6 +303,19 @@ class SENG(torch.optim.Optimizer):
                 "hvd.DistributedOptimizer); variant='lagged' then costs the engine's "
                 "collectives plus SENG's one per step. Use SENG alone to send gradient and "
                 "correction together"
+            )
+        if (
+            grads_averaged
+            and self.communicator.world_size > 1
+            and self.config.distributed.shard_state is ShardState.GRADIENTS
+            and (previous is None or not previous.grads_averaged)
+        ):
+            warn(
+                "SENG: the engine averages the gradients in backward (DDP, "
+                "hvd.DistributedOptimizer), so every rank holds all of them: "
+                "shard_state='gradients' shards the optimizer state only here, as "
+                "'optimizer' does. Use SENG without the engine's wrapper to shard the "
+                "gradients too"
             )
         if previous is not None:
             previous.close()

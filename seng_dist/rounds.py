@@ -553,8 +553,8 @@ class Round(ABC):
                 if grads
                 else torch.zeros((), dtype=dtype, device=self.agreement.device)
             )
-            bad = 0.0 if solver.all_finite(grads) else 1.0
-            stats = torch.stack([squares, squares.new_tensor(bad)])
+            # an Inf or NaN anywhere makes the sum of squares non-finite (no host sync here)
+            stats = torch.stack([squares, squares.isfinite().logical_not().to(dtype)])
             self.comm.allreduce_mean_(list(stats.split(1)), name="seng.norm")
             # (a mean of the ranks' sums: times the ranks, it is the sum)
             total, bad_ranks = (stats * self.comm.world_size).unbind()
