@@ -136,3 +136,52 @@ def test_fused_collectives_on_three_gloo_ranks():
         assert res["gathered"].tolist() == [[0, 0], [1, 7], [2, 14]]
         assert "rank-dependent: rank 0: r0, rank 1: r1, rank 2: r2" in res["mismatch"]
         assert "same" not in res["mismatch"].split("\n", 1)[1]
+
+
+class _AllreduceOnly(TorchCommunicator):
+    """An engine without a reduce-scatter of its own: the seam's default runs an allreduce."""
+
+    reduce_scatter_sum_flat_async_ = Communicator.reduce_scatter_sum_flat_async_
+
+
+def _segments(rank: int, world: int) -> dict:
+    out = {}
+    for name, engine in (("native", TorchCommunicator()), ("default", _AllreduceOnly())):
+        comm = CountingCommunicator(engine)
+        # Rank r's contribution to what rank s receives: s's shapes, filled with 10·r + s; rank 0
+        # receives two dtypes, rank 2 nothing (segments of uneven length are padded).
+        segments = [
+            [torch.full((1,), 10.0 * rank), torch.full((2,), 10.0 * rank, dtype=torch.float64)],
+            [torch.full((3,), 10.0 * rank + 1)],
+            [],
+        ]
+        comm.reduce_scatter_mean_async_(segments, name="rs").wait()
+        scattered = [[t.clone() for t in seg] for seg in segments]
+        kinds = [(c.kind, c.bytes) for c in comm.calls]
+        comm.reset()
+        rows = [[torch.full((2,), -1.0)], [torch.full((1,), -1.0)], [torch.full((3,), -1.0)]]
+        rows[rank][0].fill_(float(rank))
+        comm.allgather_segments_(rows, name="ag")
+        out[name] = (scattered, kinds, [r[0].tolist() for r in rows], [c.kind for c in comm.calls])
+    return out
+
+
+def test_segment_collectives_on_three_gloo_ranks_natively_and_through_the_default():
+    for rank, res in enumerate(run_ranks(_segments, 3, timeout=120)):
+        for name in ("native", "default"):
+            scattered, kinds, rows, gathered = res[name]
+            mine = scattered[rank]
+            if rank == 0:  # the mean over r of 10·r
+                assert torch.equal(mine[0], torch.full((1,), 10.0))
+                assert torch.equal(mine[1], torch.full((2,), 10.0, dtype=torch.float64))
+            if rank == 1:
+                assert torch.equal(mine[0], torch.full((3,), 11.0))
+            # the other segments are as this rank sent them
+            for s, seg in enumerate(scattered):
+                if s != rank and seg:
+                    assert torch.equal(seg[0], torch.full_like(seg[0], 10.0 * rank + s))
+            kind = "reduce_scatter"
+            # float32: 3 chunks of 3 (the longest segment); float64: 3 chunks of 2
+            assert sorted(kinds) == [(kind, 3 * 3 * 4), (kind, 3 * 2 * 8)], (name, kinds)
+            assert rows == [[0.0, 0.0], [1.0], [2.0, 2.0, 2.0]]
+            assert gathered == ["allgather"]
