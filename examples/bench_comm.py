@@ -75,7 +75,9 @@ class Setup:
     waited: list[float] = field(default_factory=list)
 
 
-def _counting_hook(sizes: list[int]):
+def counting_hook(sizes: list[int]):
+    """A DDP communication hook that allreduces as DDP does and records each bucket's bytes."""
+
     def hook(process_group, bucket):
         buf = bucket.buffer()
         sizes.append(buf.numel() * buf.element_size())
@@ -96,7 +98,7 @@ def build(name: str, settings: dict[str, Any] | None, args: argparse.Namespace) 
             torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4),
             None,
         )
-        model.register_comm_hook(None, _counting_hook(setup.ddp_bytes))
+        model.register_comm_hook(None, counting_hook(setup.ddp_bytes))
         return setup
     comm = CountingCommunicator(TorchCommunicator())
     opt = SENG(
