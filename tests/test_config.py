@@ -69,7 +69,12 @@ def test_a_ds_config_may_name_the_old_setting():
     }
     with pytest.warns(SENGDeprecationWarning, match="renamed 'factor_rank'"):
         params = seng_params(cfg)
-    assert params == {"factor_rank": 2, "lr": 0.1, "gradient_accumulation_steps": 1}
+    assert params == {
+        "factor_rank": 2,
+        "lr": 0.1,
+        "shard_state": "none",
+        "gradient_accumulation_steps": 1,
+    }
     cfg["optimizer"]["params"]["factor_rank"] = 2
     with pytest.raises(ValueError, match="'rank' and 'factor_rank' were both given"):
         seng_params(cfg)

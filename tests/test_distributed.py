@@ -139,15 +139,18 @@ def _train(rank: int, world: int, job: dict) -> dict:
     )
     if _in_float64(job["config"]):
         model = model.double()
-    dtype = getattr(torch, job.get("dtype", "float32"))
-    model = model.to(dtype)  # bf16 parameters: SENG keeps float32 masters and curvature
+    dtype = getattr(torch, job["dtype"]) if "dtype" in job else None
+    if dtype is not None:  # bf16 parameters: SENG keeps float32 masters and curvature
+        model = model.to(dtype)
     if rank in job.get("width_by_rank", {}):
         model = MixedNet(width=job["width_by_rank"][rank]).eval()
     if job.get("ddp"):
         model = DistributedDataParallel(model)
     comm = CountingCommunicator(make_communicator(job.get("engine", "torch")))
     config = dict(job["config"], **job.get("config_by_rank", {}).get(rank, {}))
-    opt = SENG(model, comm=comm, **config)
+    with warnings.catch_warnings(record=True) as built:
+        warnings.simplefilter("always")
+        opt = SENG(model, comm=comm, **config)
     if job.get("hvd_wrap"):
         import horovod.torch as hvd
 
@@ -178,7 +181,7 @@ def _train(rank: int, world: int, job: dict) -> dict:
     for k in range(STEPS):
         comm.reset()
         x, y = _data(kind, config, k, rank)
-        x = x.to(dtype) if x.is_floating_point() else x
+        x = x.to(dtype) if dtype is not None and x.is_floating_point() else x
         opt.zero_grad()
         for _ in range(job.get("backwards", 1)):
             out = forward(x)
@@ -223,7 +226,7 @@ def _train(rank: int, world: int, job: dict) -> dict:
         "calls": calls,
         "early": early,
         "rounds": rounds,
-        "warnings": [str(w.message) for w in said],
+        "warnings": [str(w.message) for w in built + said],
         "steps": opt.step_count,
         "skipped": opt.nonfinite_steps,
         "scale": None if scaler is None else scaler.get_scale(),
