@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,9 +161,10 @@ def measure(
             s.times.append(rep)
 
 
-def rep_medians(s: Setup) -> list[float]:
-    """Per repetition, the median step time of the slowest rank (ms)."""
-    slowest = torch.tensor(s.times, dtype=torch.float64)
+def rep_medians(times: list[list[float]]) -> list[float]:
+    """Per repetition, the median step time (ms) of the slowest rank, from this rank's
+    ``times`` (seconds, per repetition, per step; a collective)."""
+    slowest = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return [1000 * statistics.median(rep) for rep in slowest.tolist()]
 
@@ -221,7 +223,7 @@ def rank_main(args: argparse.Namespace) -> None:
     del x
     setups = [build(name, settings, args) for name, settings in SETUPS.items()]
     measure(setups, data, args)
-    medians = [rep_medians(s) for s in setups]
+    medians = [rep_medians(s.times) for s in setups]
     rows = [summarise(s, m, medians[0]) for s, m in zip(setups, medians, strict=True)]
     if dist.get_rank() == 0:
         text = table(rows, world, args)
@@ -254,21 +256,28 @@ def main() -> None:
     )
     ap.add_argument("--out", default="", help="folder for the tables and JSON (optional)")
     args = ap.parse_args()
+    on_ranks(lambda: rank_main(args), __file__, args.worlds)
+
+
+def on_ranks(rank_main: Callable[[], None], script: str, worlds: str) -> None:
+    """Run ``rank_main`` where torchrun started this process (``RANK`` is set); started plainly,
+    launch ``script`` with the same arguments under torchrun, once per world size in
+    ``worlds`` (comma-separated)."""
     if "RANK" in os.environ:
-        rank_main(args)
+        rank_main()
         # The tables are written: leave without the interpreter's C++ teardown, where Gloo's
         # threads sometimes abort the process ("terminate called without an active
         # exception", once in a CI run) and would fail a run that succeeded.
         sys.stdout.flush()
         os._exit(0)
-    for world in (int(w) for w in args.worlds.split(",")):  # plain start: the launcher
+    for world in (int(w) for w in worlds.split(",")):
         cmd = [
             sys.executable,
             "-m",
             "torch.distributed.run",
             "--standalone",
             f"--nproc_per_node={world}",
-            os.path.abspath(__file__),
+            os.path.abspath(script),
         ] + sys.argv[1:]
         code = subprocess.call(cmd)
         if code:

@@ -30,7 +30,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -46,7 +45,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_comm import counting_hook  # noqa: E402
+from bench_comm import counting_hook, on_ranks, rep_medians  # noqa: E402
 from data import load_fashion_mnist  # noqa: E402
 from lm import ByteLM, load_corpus  # noqa: E402
 from models import resnet20  # noqa: E402
@@ -268,13 +267,6 @@ def ring_bytes(kind: str, counted: int, world: int) -> float:
     }.get(kind, counted)
 
 
-def slowest_medians(m: Method) -> list[float]:
-    """Per repetition, the median step time of the slowest rank (ms)."""
-    times = torch.tensor(m.times, dtype=torch.float64)
-    dist.all_reduce(times, op=dist.ReduceOp.MAX)
-    return [1000 * statistics.median(rep) for rep in times.tolist()]
-
-
 def mib(n: float) -> str:
     return f"{n / 2**20:.2f}"
 
@@ -298,7 +290,7 @@ def rank_main(args: argparse.Namespace) -> None:
         if world > 1:
             methods = [build(name, task, batch) for name in TIMED]
             timed(methods, task, args)
-            medians = [slowest_medians(m) for m in methods]
+            medians = [rep_medians(m.times) for m in methods]
             base = medians[0]
             report["timing"][task.name] = [
                 {
@@ -387,24 +379,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
     ap.add_argument("--out", default="", help="folder for the tables and JSON (optional)")
     args = ap.parse_args()
-    if "RANK" in os.environ:
-        rank_main(args)
-        # The tables are written: leave without the interpreter's C++ teardown (as
-        # bench_comm.py, where Gloo's threads once aborted a finished run).
-        sys.stdout.flush()
-        os._exit(0)
-    for world in (int(w) for w in args.worlds.split(",")):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={world}",
-            os.path.abspath(__file__),
-        ] + sys.argv[1:]
-        code = subprocess.call(cmd)
-        if code:
-            sys.exit(code)
+    on_ranks(lambda: rank_main(args), __file__, args.worlds)
 
 
 if __name__ == "__main__":

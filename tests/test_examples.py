@@ -419,6 +419,35 @@ def test_communication_benchmark_counts_overlapped_rounds_and_writes_its_table(t
     assert "| SENG lagged, overlap |" in (tmp_path / "bench_comm_2ranks.md").read_text()
 
 
+def test_shard_benchmark_counts_halved_state_and_gradients_on_two_ranks(tmp_path: Path):
+    """bench_shard.py's tables on 2 ranks: ZeRO-1 halves SENG's state (whole layers per owner:
+    within a tenth of half), ZeRO-2 its .grad too, and ZeRO-2's lagged step sends the ring bytes
+    of the unsharded one (its flags ride in every segment: within 2%)."""
+    import json
+
+    done = subprocess.run(
+        [sys.executable, "examples/bench_shard.py", "--worlds", "2", "--reps", "1"]
+        + ["--steps", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "shard_2ranks.json").read_text())
+    for model in ("ResNet-20", "byte LM"):
+        rows = {r["method"]: r for r in report["memory"][model][0]}
+        plain, zero1, zero2 = rows["SENG"], rows["SENG ZeRO-1"], rows["SENG ZeRO-2"]
+        assert 0.4 < zero1["state"] / plain["state"] < 0.6, (zero1, plain)
+        assert zero1["grads"] == plain["grads"] and 0.4 < zero2["grads"] / plain["grads"] < 0.6
+        assert zero2["curvature"] == plain["curvature"]  # per rank, never sharded
+        timing = {r["method"]: r for r in report["timing"][model]}
+        assert timing["SENG ZeRO-2"]["wire"] <= 1.02 * timing["SENG"]["wire"]
+        assert timing["SENG ZeRO-1"]["collectives"] == timing["SENG"]["collectives"] + 1
+    assert "| ResNet-20 | SENG ZeRO-2 |" in (tmp_path / "shard_2ranks.md").read_text()
+
+
 def test_qkv_diagnostic_compares_one_block_with_three(tmp_path: Path):
     import json
 
