@@ -178,10 +178,16 @@ def _train(rank: int, world: int, job: dict) -> dict:
     caught = warnings.catch_warnings(record=True)
     said = caught.__enter__()
     warnings.simplefilter("always")
+    spread: list[dict[str, float]] = []  # per step, each parameter's local gradient norm
     for k in range(STEPS):
         comm.reset()
         x, y = _data(kind, config, k, rank)
         x = x.to(dtype) if dtype is not None and x.is_floating_point() else x
+        if job.get("spread"):  # on a copy without SENG's hooks
+            twin = make_mixed().to(next(opt.model.parameters()).dtype)
+            twin.load_state_dict(opt.model.state_dict())
+            F.cross_entropy(twin(x), y).backward()
+            spread.append({n: float(p.grad.norm()) for n, p in twin.named_parameters()})
         opt.zero_grad()
         for _ in range(job.get("backwards", 1)):
             out = forward(x)
@@ -236,8 +242,22 @@ def _train(rank: int, world: int, job: dict) -> dict:
             n for n, p in opt.model.named_parameters() if "momentum_buffer" in opt.state.get(p, {})
         ],
         "grads": grads,
+        "spread": spread,
+        # after the last step's backward: each held .grad's norm (the average's)
+        "grad_norms": {
+            n: float(p.grad.norm()) for n, p in opt.model.named_parameters() if p.grad is not None
+        },
         # bf16 parameters: the float32 master copies this rank holds, after each step
         "masters": masters,
+        # the largest eigenvalue of this rank's Gram matrices K (curvature of the last rebuild)
+        "gram": max(
+            (
+                float(torch.linalg.matrix_norm(opt.state[b.weight]["K"].double(), 2))
+                for b in opt.blocks
+                if "K" in opt.state.get(b.weight, {})
+            ),
+            default=0.0,
+        ),
         "state_dtypes": sorted(
             {
                 str(t.dtype)
@@ -336,7 +356,7 @@ def unsharded(name: str) -> str:
 def runs(request):
     world = request.param
     jobs = {name: {"config": cfg} for name, cfg in CONFIGS.items()}
-    jobs.update({name: {"config": cfg} for name, cfg in SHARDED.items()})
+    jobs.update({name: {"config": cfg, "spread": True} for name, cfg in SHARDED.items()})
     jobs.update(BF16)
     jobs.update(
         {name: {"config": cfg, "model": "encoder"} for name, cfg in ENCODER_CONFIGS.items()}
@@ -369,16 +389,40 @@ def test_transformer_ranks_equal_the_single_process_emulation(runs, name):
         assert err <= 1e-6, f"rank {rank}: {name} differs from the emulation by {err:.2e}"
 
 
+def sharded_bound(config: dict, ranks: list[dict], name: str) -> float:
+    """The distance from the emulation a sharded run may have: 1e-6, as unsharded, where the
+    sums cannot differ (two ranks: a + b = b + a) or run in float64. On 3 float32 ranks a
+    reduce-scatter adds the ranks' gradients in another order than the emulation: M terms in
+    any order agree within (M-1)·u of the sum of their sizes (u = 2^-24), which is ρ times the
+    average's size where the ranks' gradients cancel (ρ = Σ_w ‖g_w‖ / ‖Σ_w g_w‖, read off the
+    last step's gradients); the direction -(UUᵀ+λI)⁻¹z moves by at most 1/λ of a change of z
+    while its size is at least ‖z‖/(λ + ‖K‖), so a relative change of z grows at most
+    κ = 1 + ‖K‖/λ times; over 4 steps."""
+    world = len(ranks)
+    if world == 2 or _in_float64(config) or not name.endswith("@gradients"):
+        return 1e-6
+    kappa = 1.0 + max(res[name]["gram"] for res in ranks) / config["damping"]
+    averaged = {n: v for res in ranks for n, v in res[name]["grad_norms"].items()}
+    rho = max(
+        sum(res[name]["spread"][-1][n] for res in ranks) / (world * norm)
+        for n, norm in averaged.items()
+        if norm > 0
+    )
+    return max(1e-6, STEPS * (world - 1) * 2.0**-24 * kappa * rho)
+
+
 def check_sharded(name: str, ranks: list[dict], start: dict[str, torch.Tensor]) -> None:
     """A SHARDED job: equal to the unsharded emulation; each parameter's state on exactly one
     rank; with sharded gradients each rank's .grad held only its own after backward, which
     was a reduce-scatter; and the owners all-gathered the parameters every step."""
-    ref = emulated(len(ranks), CONFIGS[unsharded(name)])
+    config = CONFIGS[unsharded(name)]
+    ref = emulated(len(ranks), config)
     owned = [set(res[name]["owned"]) for res in ranks]
+    bound = sharded_bound(config, ranks, name)
     for rank, res in enumerate(ranks):
         run = res[name]
         err = displacement_error(run["params"], ref, start)
-        assert err <= 1e-6, f"rank {rank}: {name} differs from the emulation by {err:.2e}"
+        assert err <= bound, f"rank {rank}: {name} differs from the emulation by {err:.2e}"
         assert owned[rank], f"rank {rank} owns nothing"
         scattered = name.endswith("@gradients")
         assert set(run["grads"]) == (owned[rank] if scattered else set(start))

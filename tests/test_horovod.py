@@ -84,7 +84,10 @@ def hvd_runs(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def hvd_sharded(request, tmp_path_factory):
-    jobs = {name: {"config": SHARDED[name], "engine": "horovod"} for name in ENGINE_SHARDED}
+    jobs = {
+        name: {"config": SHARDED[name], "engine": "horovod", "spread": True}
+        for name in ENGINE_SHARDED
+    }
     return horovodrun(jobs, tmp_path_factory.mktemp("hvd-sharded"), np=request.param)
 
 

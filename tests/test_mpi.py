@@ -58,7 +58,12 @@ def mpi_runs(request, tmp_path_factory):
         "engine": "mpi",
     }
     jobs.update({name: dict(EXTRAS[name], engine="mpi") for name in EDITS + OVERFLOWS})
-    jobs.update({name: {"config": SHARDED[name], "engine": "mpi"} for name in ENGINE_SHARDED})
+    jobs.update(
+        {
+            name: {"config": SHARDED[name], "engine": "mpi", "spread": True}
+            for name in ENGINE_SHARDED
+        }
+    )
     return request.param, mpirun(jobs, tmp_path_factory.mktemp("mpi"), request.param)
 
 
