@@ -627,7 +627,8 @@ class SENG(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state (momentum, lagged gradient, curvature per parameter) plus
         SENG's own under ``"seng"``: counters, the sketch generator, the settings and the
-        preconditioned layers (checked on load)."""
+        preconditioned layers (checked on load). With ``shard_state`` it is a collective that
+        every rank calls: it gathers every rank's shard into the unsharded layout."""
         return self._state_dict(self.state_dict_all_ranks)
 
     def _state_dict(self, all_ranks: bool) -> dict[str, Any]:

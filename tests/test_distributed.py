@@ -187,7 +187,13 @@ def _train(rank: int, world: int, job: dict) -> dict:
             twin = make_mixed().to(next(opt.model.parameters()).dtype)
             twin.load_state_dict(opt.model.state_dict())
             F.cross_entropy(twin(x), y).backward()
-            spread.append({n: float(p.grad.norm()) for n, p in twin.named_parameters()})
+            spread.append(
+                {
+                    n: float(g.norm())
+                    for n, p in twin.named_parameters()
+                    if (g := p.grad) is not None
+                }
+            )
         opt.zero_grad()
         for _ in range(job.get("backwards", 1)):
             out = forward(x)
