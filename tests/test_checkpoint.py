@@ -358,3 +358,20 @@ def test_one_ranks_state_loaded_on_every_rank_is_said_and_rebuilt_on_the_others(
             assert torch.equal(ranks[0]["foreign"]["params"][name], p), name
         # a checkpoint that does not say who wrote it loads as before: kept, unsaid
         assert res["legacy"]["warnings"] == [] and res["legacy"]["rebuilt"] == 0
+
+
+def test_the_grad_scalers_state_travels_in_the_checkpoint():
+    """A GradScaler given as opt.grad_scaler (as the DeepSpeed plugin gives the engine's, whose
+    own checkpoint does not keep it): its loss scale and growth tracker resume with the step."""
+    model = make_mixed()
+    opt = SENG(model, lr=0.05)
+    opt.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
+    train_steps(model, opt, range(1), 0)
+    opt.grad_scaler.scale(torch.ones(()))  # the scale exists once a loss was scaled
+    opt.grad_scaler.update(new_scale=2.0**7)
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = SENG(make_mixed(), lr=0.05)
+    resumed.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    resumed.load_state_dict(saved)
+    assert resumed.grad_scaler.get_scale() == 2.0**7
+    assert resumed.grad_scaler.state_dict() == opt.grad_scaler.state_dict()
